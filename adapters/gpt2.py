@@ -1,0 +1,27 @@
+"""GPT-2: ``transformer.h`` blocks, learned position embeddings, ``ln_f`` before the head."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from introspect.hookspecs import hookimpl
+from introspect.spec import AdapterSpec
+
+GPT2 = AdapterSpec(
+    name="gpt2",
+    model_types=("gpt2",),
+    description="GPT-2 (pre-LN, learned positions added to the lookup before block 0)",
+    embed="wte",
+    blocks="h",
+    attn="attn",
+    mlp="mlp",
+    final_norm="ln_f",
+    modules={"pos_embed": "wpe"},
+    parts={"attn_norm": "ln_1", "mlp_norm": "ln_2"},
+    lm_head="lm_head",
+)
+
+
+@hookimpl
+def register_adapters(register: Callable[[AdapterSpec], None]) -> None:
+    register(GPT2)

@@ -1,0 +1,80 @@
+"""One exception tree for the whole package.
+
+::
+
+    IntrospectError                      base: catch this to catch everything we raise
+    ├── LocatorError (ValueError)        a locator string or index is malformed or out of range
+    │   └── MissingPartError             the architecture has no such part (e.g. final_norm on BERT)
+    ├── AdapterError                     no adapter fits, or an adapter is malformed
+    │   ├── NoAdapterError (LookupError) no adapter claims the model
+    │   ├── AdapterConflictError         two plugins claim the same architecture or name
+    │   └── UnsupportedArchitectureError an architecture we refuse rather than answer wrongly
+    ├── PluginLoadError                  a plugin failed to import (reported, never fatal to others)
+    ├── CaptureError                     a capture was asked something it cannot record
+    └── ConformanceError (AssertionError) an adapter disagrees with Hugging Face's own outputs
+
+Every message says what happened, the likely cause and what to do next.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AdapterConflictError",
+    "AdapterError",
+    "CaptureError",
+    "ConformanceError",
+    "IntrospectError",
+    "LocatorError",
+    "MissingPartError",
+    "NoAdapterError",
+    "PluginLoadError",
+    "UnsupportedArchitectureError",
+]
+
+
+class IntrospectError(Exception):
+    """Base of every error introspect raises.
+
+    Example:
+        >>> try:
+        ...     raise LocatorError("bad")
+        ... except IntrospectError as exc:
+        ...     print(type(exc).__name__)
+        LocatorError
+    """
+
+
+class LocatorError(IntrospectError, ValueError):
+    """A locator is malformed, names an unknown part, or its index is out of range."""
+
+
+class MissingPartError(LocatorError):
+    """The architecture has no module for this part (e.g. ``final_norm`` on BERT)."""
+
+
+class AdapterError(IntrospectError):
+    """No adapter fits the model, or an adapter spec is malformed."""
+
+
+class NoAdapterError(AdapterError, LookupError):
+    """No registered adapter claims the model."""
+
+
+class AdapterConflictError(AdapterError):
+    """Two plugins claim the same architecture (or register the same adapter name)."""
+
+
+class UnsupportedArchitectureError(AdapterError):
+    """An architecture introspect refuses rather than answer wrongly."""
+
+
+class PluginLoadError(IntrospectError):
+    """A plugin could not be imported; the other plugins still load."""
+
+
+class CaptureError(IntrospectError):
+    """A capture was asked for something it cannot record."""
+
+
+class ConformanceError(IntrospectError, AssertionError):
+    """An adapter's view of a model disagrees with Hugging Face's own outputs."""

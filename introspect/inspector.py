@@ -1,0 +1,636 @@
+"""Inspector: a model plus its resolved adapter.
+
+It turns locators into modules, builds captures, reproduces Hugging Face's ``hidden_states``
+with hooks, and applies what the model applies after its last block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from introspect.capture import Capture, Target, Transform
+from introspect.errors import (
+    CaptureError,
+    LocatorError,
+    MissingPartError,
+    NoAdapterError,
+    UnsupportedArchitectureError,
+)
+from introspect.locators import Locator
+from introspect.plugins import (
+    IntrospectPluginManager,
+    call_select_adapter,
+    get_plugin_manager,
+    get_registry,
+)
+from introspect.spec import AdapterSpec, LogitOp, StackSpec
+
+__all__ = ["Inspector", "get_hidden_state", "resolve_adapter"]
+
+_DOCS_HINT = "see docs/plugins/tutorial.md to write an adapter plugin"
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, nn.Module) else model
+
+
+def _get_path(root: nn.Module, path: str) -> nn.Module | None:
+    module: Any = root
+    for part in path.split("."):
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and part.lstrip("-").isdigit():
+            module = module[int(part)]
+            continue
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module if isinstance(module, nn.Module) else None
+
+
+def resolve_adapter(
+    model: nn.Module,
+    adapter: str | AdapterSpec | None = None,
+    plugin_manager: IntrospectPluginManager | None = None,
+) -> AdapterSpec:
+    """The AdapterSpec for ``model``: forced by name or spec, else chosen by the plugins.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+        >>> resolve_adapter(model).name
+        'gpt2'
+    """
+    if isinstance(adapter, AdapterSpec):
+        spec = adapter
+    else:
+        pm = plugin_manager or get_plugin_manager()
+        registry = get_registry(pm)
+        if isinstance(adapter, str):
+            if adapter not in registry.specs:
+                raise NoAdapterError(
+                    f"no adapter named {adapter!r}; registered adapters: "
+                    f"{', '.join(sorted(registry.specs))} ({_DOCS_HINT})"
+                )
+            spec = registry.specs[adapter]
+        elif adapter is None:
+            candidates = registry.candidates(model)
+            chosen = call_select_adapter(pm, model, candidates)
+            if chosen is not None:
+                spec = chosen
+            elif len(candidates) == 1:
+                spec = candidates[0]
+            elif candidates:
+                names = ", ".join(c.name for c in candidates)
+                raise NoAdapterError(
+                    f"several adapters claim {type(model).__name__}: {names}; pass "
+                    "Inspector(model, adapter=NAME) or implement select_adapter in a plugin"
+                )
+            else:
+                model_type = getattr(getattr(model, "config", None), "model_type", None)
+                what = type(model).__name__ + (
+                    f" (model_type {model_type!r})" if model_type else " (not a transformers model)"
+                )
+                raise NoAdapterError(
+                    f"no adapter claims {what}. Registered adapters: "
+                    f"{', '.join(sorted(registry.specs))}. Pass Inspector(model, "
+                    f"adapter=AdapterSpec(...)) for your own model, or {_DOCS_HINT}"
+                )
+        else:
+            raise TypeError(
+                f"adapter must be None, an adapter name or an AdapterSpec, got "
+                f"{type(adapter).__name__}"
+            )
+    if spec.unsupported:
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} is not supported by adapter {spec.name!r}: {spec.unsupported}"
+        )
+    return spec
+
+
+class Inspector:
+    """A model and its adapter: modules by locator, captures, hidden states and logits.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+        >>> insp = Inspector(model)
+        >>> insp.adapter.name, insp.num_blocks, insp.path("final_norm")
+        ('gpt2', 2, 'transformer.ln_f')
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: str | AdapterSpec | None = None,
+        *,
+        plugin_manager: IntrospectPluginManager | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Inspector needs a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.adapter = resolve_adapter(model, adapter, plugin_manager)
+        self._base = _base_model(model)
+        self._paths: dict[int, str] | None = None
+        self._blocks: dict[str | None, nn.ModuleList] = {}
+        for stack_name in self.adapter.stack_names:
+            self._blocks[stack_name] = self._block_list(stack_name)
+
+    # -- resolution -------------------------------------------------------------------------
+
+    def _block_list(self, stack_name: str | None) -> nn.ModuleList:
+        stack = self.adapter.stack(stack_name)
+        blocks = _get_path(self._base, stack.blocks)
+        if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+            where = f"{type(self._base).__name__}.{stack.blocks}"
+            found = "no such module" if blocks is None else type(blocks).__name__
+            raise MissingPartError(
+                f"adapter {self.adapter.name!r} expects the blocks at {where}, but "
+                f"{type(self.model).__name__} has {found}: is this the right adapter? "
+                f"({_DOCS_HINT})"
+            )
+        return blocks  # type: ignore[return-value]
+
+    def _stack_key(self, name: str | None) -> str | None:
+        if name is None or name == self.adapter.stack_name:
+            return self.adapter.stack_name
+        self.adapter.stack(name)  # raises a LocatorError naming the valid stacks
+        return name
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of blocks in the main stack (``len`` of the block list)."""
+        return len(self._blocks[self.adapter.stack_name])
+
+    def num_blocks_in(self, stack: str | None = None) -> int:
+        """Number of blocks in ``stack`` (``encoder``/``decoder`` on encoder-decoder models).
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=64))
+            >>> Inspector(m).num_blocks_in()
+            3
+        """
+        return len(self._blocks[self._stack_key(stack)])
+
+    def locator(self, text: str | Locator) -> Locator:
+        """Parse ``text`` and resolve its block index (errors name the valid range).
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=64))
+            >>> str(Inspector(m).locator("block[-1]"))
+            'block[2]'
+        """
+        loc = Locator.parse(text)
+        stack_key = self._stack_key(loc.stack)
+        if loc.stack is not None and stack_key == self.adapter.stack_name:
+            loc = loc.model_copy(update={"stack": self.adapter.stack_name})
+        if loc.is_block and not loc.is_slice:
+            n = len(self._blocks[stack_key])
+            loc = loc.resolve_index(n, f"{self.adapter.name} ({self._stack_label(stack_key)})")
+        return loc
+
+    def _stack_label(self, stack_key: str | None) -> str:
+        return f"{stack_key} stack" if stack_key else "main stack"
+
+    def expand(self, locators: Iterable[str | Locator]) -> list[Locator]:
+        """Every single locator the given ones name (slices expanded, indices resolved).
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=64))
+            >>> [str(x) for x in Inspector(m).expand(["block[1:]", "final_norm"])]
+            ['block[1]', 'block[2]', 'final_norm']
+        """
+        out: list[Locator] = []
+        for text in locators:
+            loc = self.locator(text)
+            if loc.is_slice:
+                n = len(self._blocks[self._stack_key(loc.stack)])
+                out.extend(loc.expand(n))
+            else:
+                out.append(loc)
+        return out
+
+    def _missing(self, loc: Locator, stack: StackSpec, what: str) -> MissingPartError:
+        reason = stack.missing.get(what)
+        if what == "final_norm" and reason is None:
+            reason = (
+                "its Hugging Face implementation applies no norm after the last block, so "
+                "hidden_states[-1] is the raw last block output (e.g. BERT, post-LN OPT)"
+            )
+        valid = self._valid_names(stack, loc.is_block)
+        text = f"{loc} does not exist on adapter {self.adapter.name!r}"
+        if reason:
+            text += f": {reason}"
+        return MissingPartError(f"{text}. Valid here: {', '.join(valid)}")
+
+    def _valid_names(self, stack: StackSpec, in_block: bool) -> list[str]:
+        if in_block:
+            names = [n for n in ("attn", "mlp") if getattr(stack, n)]
+            return [f"block[i].{n}" for n in [*names, *stack.parts]] + ["block[i]"]
+        names = ["block[i]"]
+        if stack.embed:
+            names.insert(0, "embed")
+        if stack.final_norm:
+            names.append("final_norm")
+        names.extend(stack.modules)
+        if self.adapter.lm_head and _get_path(self.model, self.adapter.lm_head) is not None:
+            names.append("lm_head")
+        return names
+
+    def module(self, locator: str | Locator) -> nn.Module:
+        """The torch module a single locator names.
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+            >>> Inspector(m).module("block[-1].attn") is m.transformer.h[1].attn
+            True
+        """
+        loc = self.locator(locator)
+        if loc.is_slice:
+            raise LocatorError(f"{loc} names several modules: use modules({str(loc)!r})")
+        stack_key = self._stack_key(loc.stack)
+        stack = self.adapter.stack(stack_key)
+        if loc.is_block:
+            assert loc.index is not None
+            block = self._blocks[stack_key][loc.index]
+            if loc.sub is None:
+                return block
+            if loc.sub in ("attn", "mlp"):
+                path = getattr(stack, loc.sub)
+            else:
+                path = stack.parts.get(loc.sub)
+                if path is None and loc.sub not in stack.missing:
+                    valid = self._valid_names(stack, True)
+                    raise LocatorError(
+                        f"unknown block part {loc.sub!r} in {loc} for adapter "
+                        f"{self.adapter.name!r}; valid: {', '.join(valid)}"
+                    )
+            found = _get_path(block, path) if path else None
+            if found is None:
+                raise self._missing(loc, stack, loc.sub)
+            return found
+        if loc.part == "lm_head":
+            if loc.stack is not None and stack_key != self.adapter.stack_name:
+                raise LocatorError(f"{loc}: lm_head belongs to the model, not to a stack")
+            head = _get_path(self.model, self.adapter.lm_head) if self.adapter.lm_head else None
+            if head is None:
+                raise MissingPartError(
+                    f"{type(self.model).__name__} has no lm_head: it is a base model without a "
+                    "language-modelling head (load it with AutoModelForCausalLM / "
+                    "AutoModelForMaskedLM / AutoModelForSeq2SeqLM to get one)"
+                )
+            return head
+        if loc.part in ("embed", "final_norm"):
+            path = getattr(stack, loc.part)
+        elif loc.part in stack.modules:
+            path = stack.modules[loc.part]
+        else:
+            valid = self._valid_names(stack, False)
+            raise LocatorError(
+                f"unknown locator {str(loc)!r} for adapter {self.adapter.name!r}; valid: "
+                f"{', '.join(valid)}"
+            )
+        found = _get_path(self._base, path) if path else None
+        if found is None:
+            raise self._missing(loc, stack, loc.part)
+        return found
+
+    def modules(self, locator: str | Locator) -> list[nn.Module]:
+        """Every module a locator names (a slice names several).
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=64))
+            >>> len(Inspector(m).modules("block[:]"))
+            3
+        """
+        return [self.module(loc) for loc in self.expand([locator])]
+
+    def path(self, locator: str | Locator) -> str:
+        """The dotted path of the module a locator names, from the top-level model.
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+            >>> Inspector(m).path("block[-1].mlp")
+            'transformer.h.1.mlp'
+        """
+        module = self.module(locator)
+        if self._paths is None:
+            self._paths = {}
+            for name, mod in self.model.named_modules(remove_duplicate=False):
+                self._paths.setdefault(id(mod), name)
+        return self._paths.get(id(module), "?")
+
+    def locators(self, stack: str | None = None, *, include_head: bool = True) -> list[Locator]:
+        """Every single locator this model has, in forward order (for listings and checks).
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+            >>> [str(x) for x in Inspector(m).locators()]  # doctest: +NORMALIZE_WHITESPACE
+            ['embed', 'block[0]', 'block[0].attn', 'block[0].mlp', 'block[0].attn_norm',
+             'block[0].mlp_norm', 'final_norm', 'pos_embed', 'lm_head']
+        """
+        stack_key = self._stack_key(stack)
+        spec = self.adapter.stack(stack_key)
+        prefix = f"{stack}." if stack else ""
+        names: list[str] = []
+        if spec.embed:
+            names.append("embed")
+        for i in range(len(self._blocks[stack_key])):
+            names.append(f"block[{i}]")
+            subs = [n for n in ("attn", "mlp") if getattr(spec, n)] + list(spec.parts)
+            names.extend(f"block[{i}].{n}" for n in subs)
+        if spec.final_norm:
+            names.append("final_norm")
+        names.extend(spec.modules)
+        out = []
+        for name in names:
+            loc = Locator.parse(prefix + name)
+            try:
+                self.module(loc)
+            except MissingPartError:
+                continue  # e.g. a final norm that this config turns off
+            out.append(loc)
+        if include_head and stack_key == self.adapter.stack_name:
+            try:
+                self.module("lm_head")
+                out.append(Locator.parse("lm_head"))
+            except MissingPartError:
+                pass
+        return out
+
+    # -- capture ----------------------------------------------------------------------------
+
+    def _target(self, loc: Locator, needs_output: bool) -> Target:
+        stack = self.adapter.stack(self._stack_key(loc.stack))
+        input_kwarg = (
+            stack.block_input_kwarg if loc.is_block and loc.sub is None else "hidden_states"
+        )
+        output_index = stack.output_index if loc.is_block and loc.sub is None else 0
+        return Target(
+            key=loc.module_key,
+            module=self.module(loc),
+            input_kwarg=input_kwarg,
+            output_index=output_index,
+            needs_output=needs_output,
+        )
+
+    def _key(self, text: str) -> str:
+        loc = self.locator(text)
+        if loc.is_slice:
+            raise CaptureError(f"{loc} names several records: index one block at a time")
+        return loc.module_key
+
+    def capture(
+        self,
+        *locators: str | Locator,
+        stop: bool = False,
+        detach: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        positions: Sequence[int] | slice | None = None,
+    ) -> Capture:
+        """Record what the named modules receive and return while the model runs.
+
+        ``stop=True`` ends the forward as soon as every named module has been recorded (the
+        rest of the model and its head do not run). ``detach``, ``device``, ``dtype`` and
+        ``positions`` are applied to ``input``/``output`` as they are recorded.
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+            >>> insp = Inspector(m)
+            >>> with insp.capture("block[0]", "block[-1]") as cap:
+            ...     _ = m(torch.tensor([[1, 2, 3]]))
+            >>> cap["block[1]"] is cap["block[-1]"], cap["block[-1]"].output.shape
+            (True, torch.Size([1, 3, 32]))
+        """
+        if not locators:
+            raise CaptureError("capture() needs at least one locator, e.g. capture('block[-1]')")
+        expanded = self.expand(locators)
+        by_key: dict[str, Target] = {}
+        for loc in expanded:
+            needs_output = loc.side == "output" or not stop
+            key = loc.module_key
+            if key in by_key:
+                if needs_output and not by_key[key].needs_output:
+                    by_key[key] = self._target(loc, True)
+                continue
+            by_key[key] = self._target(loc, needs_output)
+        transform = Transform(detach=detach, device=device, dtype=dtype, positions=positions)
+        return Capture(
+            list(by_key.values()),
+            stop=stop,
+            transform=transform if transform.active else None,
+            key_fn=self._key,
+        )
+
+    # -- hidden states ------------------------------------------------------------------------
+
+    def _hidden_layout(self, stack: str | None) -> list[Locator]:
+        stack_key = self._stack_key(stack)
+        spec = self.adapter.stack(stack_key)
+        n = len(self._blocks[stack_key])
+        prefix = f"{stack}." if stack else ""
+        finals = [name for name in spec.after_blocks if self._after_module(spec, name) is not None]
+        last = prefix + finals[-1] if finals else f"{prefix}block[{n - 1}]"
+        if spec.hidden_states_start == "block_input":
+            texts = [f"{prefix}block[0].input"] + [f"{prefix}block[{i}]" for i in range(n - 1)]
+        else:
+            texts = [f"{prefix}block[{i}]" for i in range(n)]
+            if not finals:
+                return [Locator.parse(t) for t in texts]
+        texts.append(last)
+        return [Locator.parse(t) for t in texts]
+
+    def num_hidden_states(self, stack: str | None = None) -> int:
+        """How many entries Hugging Face's ``hidden_states`` has (usually ``num_blocks + 1``).
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+            >>> Inspector(m).num_hidden_states()
+            3
+        """
+        return len(self._hidden_layout(stack))
+
+    def hidden_state_locator(self, i: int, stack: str | None = None) -> Locator:
+        """Which locator yields Hugging Face's ``hidden_states[i]`` (negative ``i`` allowed).
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+            >>> insp = Inspector(m)
+            >>> [str(insp.hidden_state_locator(i)) for i in range(3)]
+            ['block[0].input', 'block[0]', 'final_norm']
+        """
+        layout = self._hidden_layout(stack)
+        n = len(layout)
+        if not isinstance(i, int) or not -n <= i < n:
+            raise LocatorError(
+                f"hidden_states index {i!r} is out of range for {self.adapter.name} "
+                f"({n} hidden states for {n - 1} blocks: use {-n}..{n - 1})"
+            )
+        return layout[i]
+
+    def hidden_states(
+        self,
+        *args: Any,
+        indices: Sequence[int] | None = None,
+        stack: str | None = None,
+        **inputs: Any,
+    ) -> tuple[torch.Tensor, ...]:
+        """Run the model and return what HF ``output_hidden_states`` returns, built by hooks.
+
+        ``indices`` keeps only those entries (in that order); the forward stops as soon as
+        they are recorded. ``stack`` picks ``encoder``/``decoder`` on encoder-decoder models.
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64)
+            >>> m, ids = GPT2LMHeadModel(cfg).eval(), torch.tensor([[1, 2, 3]])
+            >>> ours = Inspector(m).hidden_states(input_ids=ids)
+            >>> theirs = m(ids, output_hidden_states=True).hidden_states
+            >>> all(torch.allclose(a, b) for a, b in zip(ours, theirs))
+            True
+        """
+        layout = self._hidden_layout(stack)
+        wanted = list(range(len(layout))) if indices is None else list(indices)
+        locs = [self.hidden_state_locator(i, stack) for i in wanted]
+        with self.capture(*locs, stop=True) as cap:
+            self.model(*args, **inputs)
+        values = []
+        for loc in locs:
+            rec = cap[str(loc.with_side("output"))]
+            value = rec.input if loc.side == "input" else rec.output
+            values.append(value)
+        return tuple(values)
+
+    # -- after the last block ------------------------------------------------------------------
+
+    def apply_final_norm(self, hidden: torch.Tensor, stack: str | None = None) -> torch.Tensor:
+        """The final norm as Hugging Face applies it (identity where there is none).
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+            >>> h = torch.randn(1, 3, 32)
+            >>> torch.equal(Inspector(m).apply_final_norm(h), m.transformer.ln_f(h))
+            True
+        """
+        spec = self.adapter.stack(self._stack_key(stack))
+        norm = _get_path(self._base, spec.final_norm) if spec.final_norm else None
+        return hidden if norm is None else norm(hidden)
+
+    def _after_module(self, spec: StackSpec, name: str) -> nn.Module | None:
+        path = spec.final_norm if name == "final_norm" else spec.modules[name]
+        return _get_path(self._base, path) if path else None
+
+    def finish(self, hidden: torch.Tensor, stack: str | None = None) -> torch.Tensor:
+        """Everything HF applies after the last block before ``hidden_states[-1]``.
+
+        The final norm and, on e.g. OPT with ``word_embed_proj_dim``, ``project_out``.
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+            >>> h = torch.randn(1, 3, 32)
+            >>> torch.equal(Inspector(m).finish(h), m.transformer.ln_f(h))
+            True
+        """
+        spec = self.adapter.stack(self._stack_key(stack))
+        for name in spec.after_blocks:
+            module = self._after_module(spec, name)
+            if module is not None:
+                hidden = module(hidden)
+        return hidden
+
+    def _config_value(self, op: LogitOp) -> float | None:
+        if op.value is not None:
+            return op.value
+        config = getattr(self.model, "config", None)
+        if op.only_if is not None and not getattr(config, op.only_if, False):
+            return None
+        assert op.config_attr is not None
+        value = getattr(config, op.config_attr, None)
+        if value is None:
+            return None
+        return float(value) ** op.power  # type: ignore[no-any-return]
+
+    def _apply_ops(self, x: torch.Tensor, ops: Sequence[LogitOp]) -> torch.Tensor:
+        for op in ops:
+            value = self._config_value(op)
+            if value is None:
+                continue
+            if op.kind == "scale":
+                x = x * value
+            elif op.kind == "divide":
+                x = x / value
+            else:
+                x = torch.tanh(x / value) * value
+        return x
+
+    def logits(self, hidden: torch.Tensor, *, finished: bool = False) -> torch.Tensor:
+        """What the model would predict from ``hidden`` (a main-stack residual stream).
+
+        Applies the final norm (and anything else HF applies after the last block), the
+        unembedding and the architecture's extras (soft-capping, logit scales). Pass
+        ``finished=True`` when ``hidden`` already went through the final norm (e.g. HF's
+        ``hidden_states[-1]``).
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+            >>> insp, ids = Inspector(m), torch.tensor([[1, 2, 3]])
+            >>> with insp.capture("block[-1]") as cap:
+            ...     out = m(ids)
+            >>> torch.allclose(insp.logits(cap["block[-1]"].output), out.logits, atol=1e-5)
+            True
+        """
+        head = self.module("lm_head")
+        x = hidden if finished else self.finish(hidden)
+        x = self._apply_ops(x, self.adapter.pre_head)
+        logits: torch.Tensor = head(x)
+        return self._apply_ops(logits, self.adapter.logit_ops)
+
+    def __repr__(self) -> str:
+        return (
+            f"Inspector({type(self.model).__name__}, adapter={self.adapter.name!r}, "
+            f"num_blocks={self.num_blocks})"
+        )
+
+
+def get_hidden_state(
+    model: nn.Module, tokenizer: Any, prompt: str, layer_index: int
+) -> dict[str, Any]:
+    """The original notebook's function: what block ``layer_index`` saw and returned.
+
+    Returns ``{"args": ..., "kwargs": ..., "output": ...}`` exactly as a forward hook with
+    ``with_kwargs=True`` sees them (``output`` is a tuple on transformers 4.x GPT-2, a tensor
+    on 5.x). Negative ``layer_index`` counts from the end.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+        >>> tok = lambda text, return_tensors: {"input_ids": torch.tensor([[1, 2, 3]])}
+        >>> sorted(get_hidden_state(m, tok, "hi", -1))
+        ['args', 'kwargs', 'output']
+    """
+    insp = Inspector(model)
+    locator = insp.locator(f"block[{int(layer_index)}]")
+    inputs = tokenizer(prompt, return_tensors="pt")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    with insp.capture(locator) as cap, torch.no_grad():
+        model(**inputs)
+    rec = cap[str(locator)]
+    return {"args": rec.args, "kwargs": rec.kwargs, "output": rec.raw_output}

@@ -1,0 +1,220 @@
+"""Locators: the one vocabulary that names a place in any model.
+
+Grammar (see ``docs/concepts.md``)::
+
+    locator  := [stack "."] target ["." side]
+    target   := "block[" selector "]" ["." sub] | name
+    selector := int | [int] ":" [int] [":" [int]]
+    side     := "input" | "output"
+
+``name`` is ``embed``, ``final_norm``, ``lm_head`` or any extra module an adapter declares;
+``sub`` is ``attn``, ``mlp`` or any extra block part the adapter declares; ``stack`` is
+``encoder`` or ``decoder`` on encoder-decoder models.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from introspect.errors import LocatorError
+
+__all__ = ["Locator", "parse"]
+
+Side = Literal["input", "output"]
+
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+_PATTERN = re.compile(
+    rf"^(?:(?P<stack>{_NAME})\.)?"
+    rf"(?:block\[(?P<selector>[^\]]*)\](?:\.(?P<sub>{_NAME}(?:\.{_NAME})*))?|(?P<name>{_NAME}))$"
+)
+_INT = re.compile(r"^\s*-?\d+\s*$")
+
+
+class Locator(BaseModel):
+    """A parsed locator such as ``block[-1].attn`` or ``decoder.final_norm``.
+
+    Example:
+        >>> loc = Locator.parse("block[-1].mlp")
+        >>> loc.part, loc.index, loc.sub
+        ('block', -1, 'mlp')
+        >>> str(loc.resolve_index(12))
+        'block[11].mlp'
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    part: str
+    """``"block"`` for blocks, else the module name (``embed``, ``final_norm``, ``lm_head`` ...)."""
+    stack: str | None = None
+    index: int | None = None
+    start: int | None = None
+    stop: int | None = None
+    step: int | None = None
+    is_slice: bool = False
+    sub: str | None = None
+    side: Side = "output"
+
+    @classmethod
+    def parse(cls, text: str | Locator) -> Locator:
+        """Parse ``text`` (a locator is returned unchanged).
+
+        Example:
+            >>> Locator.parse("encoder.block[0:2]").is_slice
+            True
+        """
+        if isinstance(text, Locator):
+            return text
+        if not isinstance(text, str):
+            raise LocatorError(
+                f"a locator must be a string such as 'block[0]', got {type(text).__name__}"
+            )
+        raw = text.strip()
+        side: Side = "output"
+        for candidate in ("input", "output"):
+            if raw.endswith("." + candidate):
+                raw = raw[: -len(candidate) - 1]
+                side = candidate
+                break
+        match = _PATTERN.match(raw)
+        if match is None:
+            raise LocatorError(
+                f"cannot parse locator {text!r}: expected e.g. 'embed', 'block[3]', "
+                "'block[-1].attn', 'block[2:5]', 'final_norm', 'lm_head' or 'decoder.block[0]'"
+            )
+        stack = match.group("stack")
+        name = match.group("name")
+        if name is not None:
+            if name == "block":
+                raise LocatorError(
+                    f"locator {text!r} needs an index: 'block[i]' or a slice 'block[a:b]'"
+                )
+            return cls(part=name, stack=stack, side=side)
+        selector = match.group("selector")
+        sub = match.group("sub")
+        if _INT.match(selector):
+            return cls(part="block", stack=stack, index=int(selector), sub=sub, side=side)
+        pieces = selector.split(":")
+        if len(pieces) not in (2, 3):
+            raise LocatorError(
+                f"cannot parse block selector [{selector}] in {text!r}: use an integer such as "
+                "[3] or [-1], or a slice such as [2:5], [:], [::2]"
+            )
+        values: list[int | None] = []
+        for piece in pieces:
+            if piece.strip() == "":
+                values.append(None)
+            elif _INT.match(piece):
+                values.append(int(piece))
+            else:
+                raise LocatorError(
+                    f"cannot parse block selector [{selector}] in {text!r}: {piece!r} is not an "
+                    "integer"
+                )
+        while len(values) < 3:
+            values.append(None)
+        if values[2] == 0:
+            raise LocatorError(f"slice step cannot be zero in {text!r}")
+        return cls(
+            part="block",
+            stack=stack,
+            start=values[0],
+            stop=values[1],
+            step=values[2],
+            is_slice=True,
+            sub=sub,
+            side=side,
+        )
+
+    @property
+    def is_block(self) -> bool:
+        """Whether this names a block (or a part of one)."""
+        return self.part == "block"
+
+    def with_side(self, side: Side) -> Locator:
+        """The same place, reading its input or its output.
+
+        Example:
+            >>> str(Locator.parse("block[0]").with_side("input"))
+            'block[0].input'
+        """
+        return self.model_copy(update={"side": side})
+
+    @property
+    def module_key(self) -> str:
+        """The text of the module this names, without the side (records are keyed by it)."""
+        return str(self.with_side("output"))
+
+    def expand(self, num_blocks: int) -> list[Locator]:
+        """Every single-block locator a slice selects (a single locator: itself, resolved).
+
+        Example:
+            >>> [str(x) for x in Locator.parse("block[1:]").expand(3)]
+            ['block[1]', 'block[2]']
+        """
+        if not self.is_block:
+            return [self]
+        if not self.is_slice:
+            return [self.resolve_index(num_blocks)]
+        indices = range(num_blocks)[slice(self.start, self.stop, self.step)]
+        return [
+            self.model_copy(
+                update={"index": i, "is_slice": False, "start": None, "stop": None, "step": None}
+            )
+            for i in indices
+        ]
+
+    def resolve_index(self, num_blocks: int, adapter_name: str = "this model") -> Locator:
+        """This locator with a non-negative block index, or a LocatorError naming the range.
+
+        Example:
+            >>> str(Locator.parse("block[-1]").resolve_index(12))
+            'block[11]'
+        """
+        if not self.is_block or self.is_slice or self.index is None:
+            return self
+        i = self.index
+        if not -num_blocks <= i < num_blocks:
+            stack = f"{self.stack} " if self.stack else ""
+            raise LocatorError(
+                f"{self} is out of range for {adapter_name} ({num_blocks} {stack}blocks: use "
+                f"{-num_blocks}..{num_blocks - 1})"
+            )
+        return self.model_copy(update={"index": i % num_blocks})
+
+    def __str__(self) -> str:
+        text = f"{self.stack}." if self.stack else ""
+        if self.is_block:
+            if self.is_slice:
+
+                def show(value: int | None) -> str:
+                    return "" if value is None else str(value)
+
+                selector = f"{show(self.start)}:{show(self.stop)}"
+                if self.step is not None:
+                    selector += f":{self.step}"
+            else:
+                selector = str(self.index)
+            text += f"block[{selector}]"
+            if self.sub:
+                text += f".{self.sub}"
+        else:
+            text += self.part
+        if self.side == "input":
+            text += ".input"
+        return text
+
+    def __repr__(self) -> str:
+        return f"Locator({str(self)!r})"
+
+
+def parse(text: str | Locator) -> Locator:
+    """Parse a locator string; the module-level spelling of :meth:`Locator.parse`.
+
+    Example:
+        >>> str(parse("decoder.block[-2].attn"))
+        'decoder.block[-2].attn'
+    """
+    return Locator.parse(text)

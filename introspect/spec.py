@@ -1,0 +1,196 @@
+"""AdapterSpec: an architecture described as data.
+
+An adapter names module paths and the facts the core needs (where the hidden input arrives,
+how Hugging Face's ``hidden_states`` relate to the modules, what happens after ``lm_head``).
+Specs are frozen pydantic models with ``extra="forbid"``: a typo is an error, specs are
+hashable, and ``spec.model_copy(update=...)`` derives a sibling family.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = ["AdapterSpec", "LogitOp", "StackSpec"]
+
+_PATH = re.compile(r"^[A-Za-z_0-9]+(\.[A-Za-z_0-9]+)*$")
+_RESERVED_MODULES = {"embed", "final_norm", "lm_head", "block", "input", "output"}
+
+
+def _check_path(value: str | None) -> str | None:
+    if value is not None and not _PATH.match(value):
+        raise ValueError(f"{value!r} is not a dotted module path such as 'transformer.h'")
+    return value
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LogitOp(_Frozen):
+    """One step Hugging Face applies around the unembedding, read from the model's config.
+
+    ``kind`` is ``scale`` (x * v), ``divide`` (x / v) or ``softcap`` (v * tanh(x / v)), where
+    ``v = value`` or ``config.<config_attr> ** power``. The op is skipped when the config
+    attribute is missing or None, or when ``only_if`` names a config flag that is false.
+
+    Example:
+        >>> LogitOp(kind="softcap", config_attr="final_logit_softcapping").kind
+        'softcap'
+    """
+
+    kind: Literal["scale", "divide", "softcap"]
+    config_attr: str | None = None
+    value: float | None = None
+    power: float = 1.0
+    only_if: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LogitOp:
+        if (self.config_attr is None) == (self.value is None):
+            raise ValueError("a LogitOp needs exactly one of config_attr or value")
+        return self
+
+
+HiddenStart = Literal["block_input", "block_output"]
+
+
+class StackSpec(_Frozen):
+    """One stack of blocks: its embedding, its blocks and what follows them.
+
+    Paths are relative to the base model (``model.base_model``: ``GPT2Model`` inside
+    ``GPT2LMHeadModel``), so one spec serves ``AutoModel`` and ``AutoModelForCausalLM``.
+    ``attn``, ``mlp`` and ``parts`` are relative to one block.
+
+    Example:
+        >>> StackSpec(embed="wte", blocks="h", final_norm="ln_f").blocks
+        'h'
+    """
+
+    embed: str | None = None
+    """The token-embedding lookup (its record's output is the raw lookup)."""
+    blocks: str
+    """The ``nn.ModuleList`` of blocks."""
+    attn: str | None = None
+    mlp: str | None = None
+    final_norm: str | None = None
+    modules: dict[str, str] = Field(default_factory=dict)
+    """Extra named modules of the stack (e.g. ``project_out``), addressable as locators."""
+    parts: dict[str, str] = Field(default_factory=dict)
+    """Extra named parts of a block (e.g. ``attn_norm``), addressable as ``block[i].<name>``."""
+    missing: dict[str, str] = Field(default_factory=dict)
+    """Why a part is absent, e.g. ``{"mlp": "OPT computes its MLP inline (fc1/fc2)"}``."""
+    block_input_kwarg: str = "hidden_states"
+    """Keyword under which the hidden input arrives when it is not positional."""
+    output_index: int = 0
+    """Which element of a tuple output is the hidden state."""
+    hidden_states_start: HiddenStart = "block_input"
+    """``block_input``: HF ``hidden_states[0]`` is block 0's input (L+1 entries, the usual case);
+    ``block_output``: ``hidden_states[i]`` is block i's output (Mamba, RWKV: no embedding entry)."""
+    after_blocks: tuple[str, ...] = ("final_norm",)
+    """Modules Hugging Face applies, in order, to the last block's output before it records
+    ``hidden_states[-1]`` (absent ones are skipped: with no final norm HF records the raw
+    output; OPT adds ``project_out``)."""
+    residual_in: tuple[str, ...] = ()
+    """Parts whose output already includes the residual stream (documented on records)."""
+
+    _v_paths = field_validator("embed", "blocks", "attn", "mlp", "final_norm")(_check_path)
+
+    @field_validator("modules", "parts")
+    @classmethod
+    def _check_named(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, path in value.items():
+            if name in _RESERVED_MODULES:
+                raise ValueError(f"{name!r} is a reserved locator name")
+            _check_path(path)
+        return value
+
+    @model_validator(mode="after")
+    def _check_after_blocks(self) -> StackSpec:
+        for name in self.after_blocks:
+            # A final_norm of None is allowed here: the chain skips absent modules.
+            if name != "final_norm" and name not in self.modules:
+                raise ValueError(f"after_blocks names {name!r}, which is not in modules")
+        return self
+
+
+class AdapterSpec(StackSpec):
+    """An architecture as data: the main stack's layout plus what serves which models.
+
+    Example:
+        >>> spec = AdapterSpec(
+        ...     name="gpt2", model_types=("gpt2",), embed="wte", blocks="h",
+        ...     attn="attn", mlp="mlp", final_norm="ln_f", lm_head="lm_head",
+        ... )
+        >>> spec.model_copy(update={"name": "gpt2-sibling"}).final_norm
+        'ln_f'
+    """
+
+    name: str
+    model_types: tuple[str, ...] = ()
+    """Hugging Face ``config.model_type`` values this adapter serves."""
+    architectures: tuple[str, ...] = ()
+    """Model class names this adapter serves whatever their model_type."""
+    description: str = ""
+    lm_head: str | None = None
+    """The unembedding, relative to the top-level model (absent on base models)."""
+    pre_head: tuple[LogitOp, ...] = ()
+    """Ops applied between the final norm and ``lm_head`` (T5 scales by d_model^-0.5)."""
+    logit_ops: tuple[LogitOp, ...] = ()
+    """Ops applied after ``lm_head`` (Gemma-2 soft-capping, Cohere logit scale, ...)."""
+    stack_name: str | None = None
+    """Name of the main stack in locators (``decoder`` on encoder-decoder models)."""
+    encoder: StackSpec | None = None
+    """The encoder stack of an encoder-decoder model (``encoder.block[i]``)."""
+    unsupported: str | None = None
+    """When set, the architecture is refused with this reason instead of answered wrongly."""
+    notes: tuple[str, ...] = ()
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not re.match(r"^[a-z0-9][a-z0-9_.\-]*$", value):
+            raise ValueError(
+                f"adapter name {value!r} must be lower-case letters, digits, '_', '-' or '.'"
+            )
+        return value
+
+    _v_head = field_validator("lm_head")(_check_path)
+
+    def stack(self, name: str | None) -> StackSpec:
+        """The stack a locator prefix names (``None``: the main stack).
+
+        Example:
+            >>> AdapterSpec(name="x", blocks="h").stack(None).blocks
+            'h'
+        """
+        if name is None or name == self.stack_name:
+            return self
+        if name == "encoder" and self.encoder is not None:
+            return self.encoder
+        valid = [n for n in (self.stack_name, "encoder" if self.encoder else None) if n]
+        from introspect.errors import LocatorError
+
+        raise LocatorError(
+            f"adapter {self.name!r} has no stack named {name!r}"
+            + (f" (valid: {', '.join(valid)})" if valid else " (it has a single stack)")
+        )
+
+    @property
+    def stack_names(self) -> list[str | None]:
+        """The stacks this spec describes: the main one (``stack_name``) and the encoder."""
+        names: list[str | None] = [self.stack_name]
+        if self.encoder is not None:
+            names.append("encoder")
+        return names
+
+    def summary(self) -> dict[str, Any]:
+        """A plain dict for tables and JSON output.
+
+        Example:
+            >>> AdapterSpec(name="x", blocks="h").summary()["blocks"]
+            'h'
+        """
+        return self.model_dump(mode="json", exclude_defaults=False)
