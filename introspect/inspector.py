@@ -40,6 +40,14 @@ def _base_model(model: nn.Module) -> nn.Module:
 
 
 def _get_path(root: nn.Module, path: str) -> nn.Module | None:
+    for alternative in path.split("|"):
+        found = _get_one_path(root, alternative)
+        if found is not None:
+            return found
+    return None
+
+
+def _get_one_path(root: nn.Module, path: str) -> nn.Module | None:
     module: Any = root
     for part in path.split("."):
         if isinstance(module, (nn.ModuleList, nn.Sequential)) and part.lstrip("-").isdigit():

@@ -15,13 +15,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 __all__ = ["AdapterSpec", "LogitOp", "StackSpec"]
 
-_PATH = re.compile(r"^[A-Za-z_0-9]+(\.[A-Za-z_0-9]+)*$")
+_ONE_PATH = r"[A-Za-z_0-9]+(\.[A-Za-z_0-9]+)*"
+_PATH = re.compile(rf"^{_ONE_PATH}(\|{_ONE_PATH})*$")
 _RESERVED_MODULES = {"embed", "final_norm", "lm_head", "block", "input", "output"}
 
 
 def _check_path(value: str | None) -> str | None:
     if value is not None and not _PATH.match(value):
-        raise ValueError(f"{value!r} is not a dotted module path such as 'transformer.h'")
+        raise ValueError(
+            f"{value!r} is not a dotted module path such as 'transformer.h' (alternatives, tried "
+            "in order, are separated by '|': 'attn|self_attention')"
+        )
     return value
 
 
@@ -60,8 +64,10 @@ HiddenStart = Literal["block_input", "block_output"]
 class StackSpec(_Frozen):
     """One stack of blocks: its embedding, its blocks and what follows them.
 
-    Paths are relative to the base model (``model.base_model``: ``GPT2Model`` inside
-    ``GPT2LMHeadModel``), so one spec serves ``AutoModel`` and ``AutoModelForCausalLM``.
+    Paths are dotted attribute paths; ``a|b`` tries ``a`` then ``b`` (for a module renamed
+    between transformers versions). They are relative to the base model
+    (``model.base_model``: ``GPT2Model`` inside ``GPT2LMHeadModel``), so one spec serves
+    ``AutoModel`` and ``AutoModelForCausalLM``.
     ``attn``, ``mlp`` and ``parts`` are relative to one block.
 
     Example:
