@@ -210,7 +210,7 @@ class AdapterRegistry:
 
 def _call_register(pm: IntrospectPluginManager) -> AdapterRegistry:
     registry = AdapterRegistry()
-    for impl in reversed(pm.hook.register_adapters.get_hookimpls()):
+    for impl in pm.hook.register_adapters.get_hookimpls():  # registration order
         plugin_name = impl.plugin_name
 
         def register(spec: AdapterSpec, _plugin: str = plugin_name) -> None:

@@ -1,0 +1,103 @@
+"""Shared fixtures: tiny random GPT-2 and Llama models (nothing downloads)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2Model,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaModel,
+)
+
+from introspect.testing import build_tiny
+
+
+def gpt2_config(layers: int = 3) -> GPT2Config:
+    return GPT2Config(
+        n_layer=layers,
+        n_embd=64,
+        n_head=4,
+        vocab_size=128,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+
+
+def llama_config(layers: int = 3) -> LlamaConfig:
+    return LlamaConfig(
+        num_hidden_layers=layers,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+
+
+FAMILIES: dict[str, tuple[Callable[[], Any], type[nn.Module], type[nn.Module]]] = {
+    "gpt2": (gpt2_config, GPT2LMHeadModel, GPT2Model),
+    "llama": (llama_config, LlamaForCausalLM, LlamaModel),
+}
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def lm(family: str) -> nn.Module:
+    config_fn, head_cls, _ = FAMILIES[family]
+    return build_tiny(head_cls, config_fn())
+
+
+@pytest.fixture
+def base_model(family: str) -> nn.Module:
+    config_fn, _, base_cls = FAMILIES[family]
+    return build_tiny(base_cls, config_fn())
+
+
+@pytest.fixture
+def inputs() -> dict[str, torch.Tensor]:
+    ids = torch.tensor([[5, 17, 42, 9, 77, 3], [8, 1, 99, 23, 4, 60]])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+class CharTokenizer:
+    """A stand-in tokenizer with the call signature the notebook uses (no files needed)."""
+
+    def __call__(self, text: str, return_tensors: str = "pt") -> dict[str, torch.Tensor]:
+        ids = torch.tensor([[ord(c) % 120 + 4 for c in text]])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@pytest.fixture
+def tokenizer() -> CharTokenizer:
+    return CharTokenizer()
+
+
+def hook_state(model: nn.Module) -> dict[str, tuple[list[Any], list[Any], list[Any], list[Any]]]:
+    """Every module's forward hooks and pre-hooks (with their kwargs flags), by name."""
+    return {
+        name: (
+            list(m._forward_hooks.items()),
+            list(m._forward_pre_hooks.items()),
+            sorted(m._forward_hooks_with_kwargs),
+            sorted(m._forward_pre_hooks_with_kwargs),
+        )
+        for name, m in model.named_modules()
+    }

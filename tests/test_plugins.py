@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import os
+import types
+from collections.abc import Callable
+from importlib import metadata
+
+import pytest
+import torch
+
+import introspect.plugins as plugins
+from introspect import AdapterConflictError, AdapterSpec, Inspector, hookimpl
+from introspect.plugins import get_registry, new_plugin_manager, plugin_infos
+
+
+def _plugin(name: str, *specs: AdapterSpec) -> types.ModuleType:
+    module = types.ModuleType(name)
+
+    @hookimpl
+    def register_adapters(register: Callable[[AdapterSpec], None]) -> None:
+        for spec in specs:
+            register(spec)
+
+    module.register_adapters = register_adapters  # type: ignore[attr-defined]
+    return module
+
+
+SPEC_A = AdapterSpec(name="arch-a", model_types=("arch_a",), blocks="layers")
+
+
+def test_fresh_manager_registers_a_test_plugin() -> None:
+    pm = new_plugin_manager(load_entry_points=False, plugins=[_plugin("p1", SPEC_A)])
+    registry = get_registry(pm)
+    assert registry.specs == {"arch-a": SPEC_A}
+    assert registry.owners["arch-a"] == "p1"
+    # The cached shared manager is not touched by a fresh one.
+    assert "arch-a" not in get_registry().specs
+
+
+def test_built_ins_load_through_entry_points() -> None:
+    pm = new_plugin_manager()
+    infos = {info.name: info for info in plugin_infos(pm)}
+    assert infos["introspect-lm.gpt2"].builtin
+    assert infos["introspect-lm.gpt2"].distribution == "introspect-lm"
+    assert infos["introspect-lm.gpt2"].adapters == ("gpt2",)
+    assert {"gpt2", "llama"} <= set(get_registry(pm).specs)
+
+
+def test_two_plugins_claiming_one_architecture_name_both() -> None:
+    clash = AdapterSpec(name="arch-b", model_types=("arch_a",), blocks="layers")
+    pm = new_plugin_manager(
+        load_entry_points=False, plugins=[_plugin("first", SPEC_A), _plugin("second", clash)]
+    )
+    with pytest.raises(AdapterConflictError) as info:
+        get_registry(pm)
+    message = str(info.value)
+    assert "'arch_a'" in message and "'first'" in message and "'second'" in message
+
+
+def test_two_plugins_registering_one_name_name_both() -> None:
+    twin = SPEC_A.model_copy(update={"model_types": ("other",)})
+    pm = new_plugin_manager(
+        load_entry_points=False, plugins=[_plugin("one", SPEC_A), _plugin("two", twin)]
+    )
+    with pytest.raises(AdapterConflictError, match=r"'arch-a'.*'one'.*'two'"):
+        get_registry(pm)
+
+
+def test_plugin_claiming_a_built_in_architecture_conflicts() -> None:
+    clash = AdapterSpec(name="my-gpt2", model_types=("gpt2",), blocks="h")
+    pm = new_plugin_manager(plugins=[_plugin("introspect-mygpt2", clash)])
+    with pytest.raises(AdapterConflictError, match=r"'gpt2'.*introspect-lm\.gpt2.*mygpt2"):
+        get_registry(pm)
+
+
+def test_failing_plugin_is_reported_and_others_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = list(metadata.entry_points(group="introspect"))
+    broken = metadata.EntryPoint(
+        name="introspect-broken", value="introspect_no_such_module_xyz", group="introspect"
+    )
+    monkeypatch.setattr(plugins, "_entry_points", lambda: [broken, *real])
+    with pytest.warns(RuntimeWarning, match=r"'introspect-broken'.*failed to import"):
+        pm = new_plugin_manager()
+    assert [f.name for f in pm.failures] == ["introspect-broken"]
+    assert "ModuleNotFoundError" in pm.failures[0].error
+    assert {"gpt2", "llama"} <= set(get_registry(pm).specs)
+
+
+def test_select_adapter_hook_overrides_the_match(lm: torch.nn.Module) -> None:
+    class Chooser:
+        @hookimpl
+        def select_adapter(
+            self, model: torch.nn.Module, candidates: list[AdapterSpec]
+        ) -> AdapterSpec:
+            return candidates[0].model_copy(update={"name": "chosen"})
+
+    pm = new_plugin_manager(plugins=[Chooser()])
+    assert Inspector(lm, plugin_manager=pm).adapter.name == "chosen"
+
+
+def test_block_disables_a_built_in() -> None:
+    pm = new_plugin_manager(block=["introspect-lm.gpt2"])
+    assert "gpt2" not in get_registry(pm).specs
+    assert "llama" in get_registry(pm).specs
+
+
+def test_load_plugins_env_restricts_third_party(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INTROSPECT_LOAD_PLUGINS", "nothing-by-that-name")
+    pm = new_plugin_manager()
+    assert all(info.builtin for info in plugin_infos(pm))
+    assert "gpt2" in get_registry(pm).specs
+
+
+def test_trace_env_prints_hook_calls(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], lm: torch.nn.Module
+) -> None:
+    monkeypatch.setenv("INTROSPECT_TRACE_PLUGINS", "1")
+    pm = new_plugin_manager()
+    Inspector(lm, plugin_manager=pm)
+    assert "select_adapter" in capsys.readouterr().err
+
+
+def _test_plugin_installed() -> bool:
+    return any(
+        ep.name == "introspect-testplugin" for ep in metadata.entry_points(group="introspect")
+    )
+
+
+def test_third_party_plugin_is_discovered_through_its_entry_point() -> None:
+    if not _test_plugin_installed():
+        if os.environ.get("INTROSPECT_REQUIRE_TEST_PLUGIN"):
+            pytest.fail("tests/plugins/introspect-testplugin is not installed")
+        pytest.skip("install it with: pip install -e tests/plugins/introspect-testplugin")
+    from introspect_testplugin import TinyNet  # type: ignore[import-not-found]
+
+    pm = new_plugin_manager()
+    infos = {info.name: info for info in plugin_infos(pm)}
+    info = infos["introspect-testplugin"]
+    assert (info.distribution, info.version, info.builtin) == (
+        "introspect-testplugin",
+        "0.0.1",
+        False,
+    )
+    assert info.adapters == ("tinynet",)
+    model = TinyNet().eval()
+    insp = Inspector(model, plugin_manager=pm)
+    assert insp.adapter.name == "tinynet"
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad(), insp.capture("block[-1]") as cap:
+        logits = model(ids)
+    with torch.no_grad():
+        assert torch.allclose(insp.logits(cap["block[-1]"].output), logits, atol=1e-6)
