@@ -1,11 +1,33 @@
-"""Llama and the families with its layout (Mistral, Qwen2, Qwen3): ``model.layers``/``norm``."""
+"""Llama and the families with its layout: ``model.layers`` of pre-norm blocks, ``model.norm``.
+
+Llama, Mistral, Qwen2, Qwen3 and Phi-3 share one layout: each block is
+``h = x + self_attn(input_layernorm(x)); out = h + mlp(post_attention_layernorm(h))`` and the
+model applies ``norm`` after the last block. Sibling families elsewhere in this package derive
+their specs from :data:`LLAMA` with :func:`derive`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from introspect.hookspecs import hookimpl
 from introspect.spec import AdapterSpec
+
+__all__ = ["LLAMA", "PHI3", "derive"]
+
+
+def derive(base: AdapterSpec, **changes: Any) -> AdapterSpec:
+    """A sibling of ``base`` with ``changes`` applied, validated like a fresh spec.
+
+    Unlike ``base.model_copy(update=...)``, a misspelt field or a bad path is an error here.
+
+    Example:
+        >>> derive(LLAMA, name="llama-sibling", model_types=("sibling",)).final_norm
+        'norm'
+    """
+    return AdapterSpec.model_validate({**base.model_dump(), **changes})
+
 
 LLAMA = AdapterSpec(
     name="llama",
@@ -20,7 +42,19 @@ LLAMA = AdapterSpec(
     lm_head="lm_head",
 )
 
+PHI3 = derive(
+    LLAMA,
+    name="phi3",
+    model_types=("phi3",),
+    description="Phi-3: the Llama layout with fused qkv_proj and gate_up_proj projections",
+    notes=(
+        "resid_attn_dropout / resid_mlp_dropout sit between each sub-layer and the residual "
+        "add; they are identities in eval mode",
+    ),
+)
+
 
 @hookimpl
 def register_adapters(register: Callable[[AdapterSpec], None]) -> None:
     register(LLAMA)
+    register(PHI3)

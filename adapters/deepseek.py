@@ -1,0 +1,50 @@
+"""DeepSeek-V2 and DeepSeek-V3: the Llama layout with multi-head latent attention and MoE MLPs.
+
+Attention is multi-head latent attention (low-rank q/kv projections, a decoupled rotary part);
+from block ``config.first_k_dense_replace`` on, the MLP is a sparse-MoE module with a router
+(``gate``), routed experts and always-on shared experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from introspect.hookspecs import hookimpl
+from introspect.spec import AdapterSpec
+
+from .llama import LLAMA, derive
+
+__all__ = ["DEEPSEEK"]
+
+_DENSE = "the first config.first_k_dense_replace blocks have a dense MLP, which has no {what}"
+
+DEEPSEEK = derive(
+    LLAMA,
+    name="deepseek",
+    model_types=("deepseek_v2", "deepseek_v3"),
+    description=(
+        "DeepSeek-V2/V3: multi-head latent attention, dense MLPs in the first "
+        "first_k_dense_replace blocks and sparse-MoE MLPs with shared experts after"
+    ),
+    parts={
+        "attn_norm": "input_layernorm",
+        "mlp_norm": "post_attention_layernorm",
+        "router": "mlp.gate",
+        "shared_experts": "mlp.shared_experts",
+    },
+    missing={
+        "router": _DENSE.format(what="router"),
+        "shared_experts": _DENSE.format(what="shared experts"),
+    },
+    notes=(
+        "block[i].mlp is the dense MLP for i < config.first_k_dense_replace and the sparse-MoE "
+        "module (gate, experts, shared_experts) from there on",
+        "block[i].shared_experts records the shared experts' output, which the sparse-MoE "
+        "module adds to the routed experts' mix",
+    ),
+)
+
+
+@hookimpl
+def register_adapters(register: Callable[[AdapterSpec], None]) -> None:
+    register(DEEPSEEK)

@@ -1,0 +1,72 @@
+"""OLMo, OLMo-2 and OLMoE adapters, proven against Hugging Face on tiny random models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from decoder_checks import (
+    assert_block_sums,
+    assert_head_and_base_conformant,
+    classes,
+    config,
+    tiny_inputs,
+)
+
+from introspect import Inspector, MissingPartError
+from introspect.testing import build_tiny
+
+CASES: dict[str, tuple[str, dict[str, Any], str, str]] = {
+    "olmo": ("OlmoConfig", {}, "OlmoForCausalLM", "OlmoModel"),
+    "olmo2": ("Olmo2Config", {}, "Olmo2ForCausalLM", "Olmo2Model"),
+    "olmoe": (
+        "OlmoeConfig",
+        {"num_experts": 4, "num_experts_per_tok": 2},
+        "OlmoeForCausalLM",
+        "OlmoeModel",
+    ),
+}
+
+
+def build(model_type: str) -> tuple[torch.nn.Module, Any]:
+    config_class, overrides, head_class, _ = CASES[model_type]
+    cfg = config(config_class, **overrides)
+    (cls,) = classes(head_class)
+    return build_tiny(cls, cfg), cfg
+
+
+@pytest.mark.parametrize("model_type", sorted(CASES))
+def test_conformant_with_and_without_head(model_type: str) -> None:
+    config_class, overrides, head, base = CASES[model_type]
+    assert_head_and_base_conformant(config(config_class, **overrides), head, base, model_type)
+
+
+@pytest.mark.parametrize("model_type", ["olmo", "olmoe"])
+def test_pre_norm_blocks(model_type: str) -> None:
+    model, cfg = build(model_type)
+    insp = Inspector(model)
+    assert insp.module("block[0].attn_norm") is model.model.layers[0].input_layernorm
+    assert_block_sums(model, tiny_inputs(cfg), 1, ("attn", "mlp"))
+
+
+def test_olmo2_norms_follow_the_sub_layers() -> None:
+    model, cfg = build("olmo2")
+    insp = Inspector(model)
+    inputs = tiny_inputs(cfg)
+    assert_block_sums(model, inputs, 1, ("post_attn_norm", "post_mlp_norm"))
+    with torch.no_grad(), insp.capture("block[1]", "block[1].attn") as cap:
+        model(**inputs)
+    # No pre-norm: attention sees the block's input itself.
+    assert torch.equal(cap["block[1].attn"].input, cap["block[1]"].input)
+    for part in ("attn_norm", "mlp_norm"):
+        with pytest.raises(MissingPartError, match="normalises each sub-layer's output"):
+            insp.module(f"block[1].{part}")
+
+
+def test_olmoe_router_is_the_moe_gate() -> None:
+    model, _ = build("olmoe")
+    insp = Inspector(model)
+    moe = insp.module("block[2].mlp")
+    assert insp.module("block[2].router") is moe.gate
+    assert hasattr(moe, "experts")
