@@ -64,6 +64,23 @@ def input_of(args: tuple[Any, ...], kwargs: dict[str, Any], keyword: str) -> Any
     return None
 
 
+def copy_tensors(value: Any) -> Any:
+    """A copy of a tensor, or of the tensors in a tuple or list (other values as they are).
+
+    Example:
+        >>> t = torch.zeros(2)
+        >>> copied = copy_tensors((t, None))
+        >>> _ = t.add_(1)
+        >>> copied[0].tolist(), copied[1]
+        ([0.0, 0.0], None)
+    """
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if type(value) in (tuple, list):
+        return type(value)(v.clone() if isinstance(v, torch.Tensor) else v for v in value)
+    return value
+
+
 @dataclass(frozen=True)
 class Target:
     """One module to record: its key, the module, and where its hidden state lives."""
@@ -73,6 +90,8 @@ class Target:
     input_kwarg: str = "hidden_states"
     output_index: int = 0
     needs_output: bool = True
+    copy_output: bool = False
+    """Record a copy of the output: the model changes the returned tensor in place later."""
 
 
 @dataclass(frozen=True)
@@ -222,6 +241,7 @@ class Capture:
         input_kwarg = target.input_kwarg
         output_index = target.output_index
         stop = self.stop
+        copy_output = target.copy_output
 
         def keep(args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             rec = Record(
@@ -247,7 +267,7 @@ class Capture:
             def forward_hook(
                 module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
             ) -> None:
-                keep(args, kwargs, output)
+                keep(args, kwargs, copy_tensors(output) if copy_output else output)
 
             return forward_hook
 

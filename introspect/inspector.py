@@ -384,12 +384,14 @@ class Inspector:
             stack.block_input_kwarg if loc.is_block and loc.sub is None else "hidden_states"
         )
         output_index = stack.output_index if loc.is_block and loc.sub is None else 0
+        name = ("block" if loc.sub is None else loc.sub) if loc.is_block else loc.part
         return Target(
             key=loc.module_key,
             module=self.module(loc),
             input_kwarg=input_kwarg,
             output_index=output_index,
             needs_output=needs_output,
+            copy_output=name in stack.outputs_changed_in_place,
         )
 
     def _key(self, text: str) -> str:

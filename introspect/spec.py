@@ -101,6 +101,11 @@ class StackSpec(_Frozen):
     output; OPT adds ``project_out``)."""
     residual_in: tuple[str, ...] = ()
     """Parts whose output already includes the residual stream (documented on records)."""
+    outputs_changed_in_place: tuple[str, ...] = ()
+    """Locator names (``block``, ``attn``, ``mlp``, a ``parts`` or ``modules`` name) whose output
+    tensor the model changes in place after the module returns (e.g. a parallel block that adds
+    the attention output into the MLP's output with ``+=``). Captures record a copy of their
+    output, so the record holds what the module returned, not the later sum."""
 
     _v_paths = field_validator("embed", "blocks", "attn", "mlp", "final_norm")(_check_path)
 
@@ -112,6 +117,17 @@ class StackSpec(_Frozen):
                 raise ValueError(f"{name!r} is a reserved locator name")
             _check_path(path)
         return value
+
+    @model_validator(mode="after")
+    def _check_changed_in_place(self) -> StackSpec:
+        known = {"block", "attn", "mlp", "embed", "final_norm", *self.parts, *self.modules}
+        for name in self.outputs_changed_in_place:
+            if name not in known:
+                raise ValueError(
+                    f"outputs_changed_in_place names {name!r}, which is not a locator of this "
+                    f"stack (valid: {', '.join(sorted(known))})"
+                )
+        return self
 
     @model_validator(mode="after")
     def _check_after_blocks(self) -> StackSpec:

@@ -1,0 +1,46 @@
+"""GPT-J and CodeGen: ``h`` blocks with one LayerNorm feeding attention and MLP in parallel.
+
+Each block computes ``x + attn(ln_1(x)) + mlp(ln_1(x))``: there is no norm before the MLP
+of its own, so ``block[i].mlp_norm`` does not exist (``block[i].attn_norm`` feeds both).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from introspect.hookspecs import hookimpl
+from introspect.spec import AdapterSpec
+
+_PARALLEL = (
+    "attention and MLP run in parallel on the output of ln_1 (block[i].attn_norm), so there "
+    "is no separate MLP norm"
+)
+
+GPTJ = AdapterSpec(
+    name="gptj",
+    model_types=("gptj",),
+    description="GPT-J (parallel attention + MLP on one LayerNorm, rotary positions)",
+    embed="wte",
+    blocks="h",
+    attn="attn",
+    mlp="mlp",
+    final_norm="ln_f",
+    parts={"attn_norm": "ln_1"},
+    missing={"mlp_norm": _PARALLEL},
+    lm_head="lm_head",
+    notes=("block[i] output = input + attn(ln_1(input)) + mlp(ln_1(input))",),
+)
+
+CODEGEN = GPTJ.model_copy(
+    update={
+        "name": "codegen",
+        "model_types": ("codegen",),
+        "description": "CodeGen (GPT-J layout: parallel attention + MLP on one LayerNorm)",
+    }
+)
+
+
+@hookimpl
+def register_adapters(register: Callable[[AdapterSpec], None]) -> None:
+    register(GPTJ)
+    register(CODEGEN)

@@ -1,0 +1,47 @@
+"""StableLM and StarCoder2: the Llama layout (``layers``, ``self_attn``, ``mlp``, ``norm``)
+with LayerNorm instead of RMSNorm.
+
+StableLM with ``use_parallel_residual=True`` computes ``x + attn(ln(x)) + mlp(ln(x))`` and has
+no ``post_attention_layernorm``, so ``block[i].mlp_norm`` does not exist on such configs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from introspect.hookspecs import hookimpl
+from introspect.spec import AdapterSpec
+
+STABLELM = AdapterSpec(
+    name="stablelm",
+    model_types=("stablelm",),
+    description="StableLM (Llama layout with LayerNorm; optional parallel residual)",
+    embed="embed_tokens",
+    blocks="layers",
+    attn="self_attn",
+    mlp="mlp",
+    final_norm="norm",
+    parts={"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
+    missing={
+        "mlp_norm": (
+            "this StableLM config sets use_parallel_residual=True: attention and MLP both read "
+            "input_layernorm's output (block[i].attn_norm), so there is no separate MLP norm"
+        ),
+    },
+    lm_head="lm_head",
+)
+
+STARCODER2 = STABLELM.model_copy(
+    update={
+        "name": "starcoder2",
+        "model_types": ("starcoder2",),
+        "description": "StarCoder2 (Llama layout with LayerNorm and biases)",
+        "missing": {},
+    }
+)
+
+
+@hookimpl
+def register_adapters(register: Callable[[AdapterSpec], None]) -> None:
+    register(STABLELM)
+    register(STARCODER2)
