@@ -1,0 +1,100 @@
+"""How much does a capture cost next to a plain forward?
+
+Prints, for a GPT-2-small-sized random model (12 layers, hidden 768, vocab 50257) at batch
+4 x 128 and a tiny GPT-2 at batch 1 x 16, the median time of each case and its ratio to the
+plain forward measured in the same run. Cases are interleaved round by round (so drift in
+machine load hits them all alike), after warm-up; each round times ``repeat`` forwards.
+
+Run: ``python benchmarks/capture_overhead.py [--rounds 15] [--only tiny|small]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from introspect import Inspector
+
+Case = Callable[[], object]
+
+
+def build(size: str) -> tuple[GPT2LMHeadModel, dict[str, torch.Tensor], int]:
+    """The model, its inputs and how many forwards one timed round runs."""
+    if size == "small":
+        config = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
+        batch, seq, repeat = 4, 128, 1
+    else:
+        config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64)
+        batch, seq, repeat = 1, 16, 200
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, repeat
+
+
+def cases(model: GPT2LMHeadModel, inputs: dict[str, torch.Tensor]) -> dict[str, Case]:
+    insp = Inspector(model)
+
+    def plain() -> object:
+        return model(**inputs)
+
+    def hf_hidden_states() -> object:
+        return model(**inputs, output_hidden_states=True)
+
+    def capture() -> object:
+        with insp.capture("block[0]", "block[-1]") as cap:
+            model(**inputs)
+        return cap
+
+    found: dict[str, Case] = {
+        "plain forward": plain,
+        "output_hidden_states=True": hf_hidden_states,
+        "capture block[0]+block[-1]": capture,
+    }
+    return found
+
+
+def measure(run: dict[str, Case], rounds: int, repeat: int) -> dict[str, float]:
+    """Median seconds per forward of each case, interleaved round by round."""
+    times: dict[str, list[float]] = {name: [] for name in run}
+    with torch.no_grad():
+        for case in run.values():  # warm-up (lazy inits, allocator, HF's own hooks)
+            for _ in range(max(2, repeat // 10)):
+                case()
+        for r in range(rounds):
+            order = list(run.items())
+            if r % 2:
+                order.reverse()  # no case always runs right after another
+            for name, case in order:
+                start = time.perf_counter()
+                for _ in range(repeat):
+                    case()
+                times[name].append((time.perf_counter() - start) / repeat)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--only", choices=["tiny", "small"])
+    args = parser.parse_args()
+    sizes = [args.only] if args.only else ["small", "tiny"]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds")
+    for size in sizes:
+        model, inputs, repeat = build(size)
+        shape = "x".join(str(d) for d in inputs["input_ids"].shape)
+        medians = measure(cases(model, inputs), args.rounds, repeat)
+        base = medians["plain forward"]
+        label = "GPT-2-small size (12 x 768)" if size == "small" else "tiny GPT-2 (2 x 64)"
+        print(f"\n{label}, batch {shape}, median of {args.rounds} rounds x {repeat} forwards")
+        for name, seconds in medians.items():
+            print(f"  {name:<34} {seconds * 1e3:9.3f} ms   ratio {seconds / base:6.3f}")
+
+
+if __name__ == "__main__":
+    main()
