@@ -90,6 +90,8 @@ class Target:
     input_kwarg: str = "hidden_states"
     output_index: int = 0
     needs_output: bool = True
+    within: nn.Module | None = None
+    """Record only calls made while this module runs (a module several stacks share)."""
     copy_output: bool = False
     """Record a copy of the output: the model changes the returned tensor in place later."""
 
@@ -231,6 +233,7 @@ class Capture:
         self.stopped = False
         self._key_fn = key_fn
         self._handles: list[RemovableHandle] = []
+        self._depths: dict[int, list[int]] = {}
         self._active = False
 
     def _make_hook(self, target: Target) -> Callable[..., Any]:
@@ -284,7 +287,7 @@ class Capture:
         self.stopped = False
         try:
             for target in self.targets:
-                hook = self._make_hook(target)
+                hook = self._scoped(target, self._make_hook(target))
                 if target.needs_output:
                     handle = target.module.register_forward_hook(hook, with_kwargs=True)
                 else:
@@ -295,7 +298,36 @@ class Capture:
             raise
         return self
 
+    def _scoped(self, target: Target, hook: Callable[..., Any]) -> Callable[..., Any]:
+        # A module shared by several stacks (one embedding for encoder and decoder) must not
+        # record the other stack's calls: count how deep we are inside the target's stack.
+        within = target.within
+        if within is None:
+            return hook
+        depth = self._depths.get(id(within))
+        if depth is None:
+            depth = self._depths[id(within)] = [0]
+
+            def enter(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                depth[0] += 1
+
+            def leave(
+                module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+            ) -> None:
+                depth[0] -= 1
+
+            self._handles.append(within.register_forward_pre_hook(enter, with_kwargs=True))
+            self._handles.append(
+                within.register_forward_hook(leave, with_kwargs=True, always_call=True)
+            )
+
+        def scoped(module: nn.Module, *rest: Any) -> Any:
+            return hook(module, *rest) if depth[0] > 0 else None
+
+        return scoped
+
     def _remove(self) -> None:
+        self._depths.clear()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

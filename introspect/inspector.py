@@ -59,6 +59,15 @@ def _get_one_path(root: nn.Module, path: str) -> nn.Module | None:
     return module if isinstance(module, nn.Module) else None
 
 
+def _config_flag(config: Any, names: str) -> bool:
+    """Config flag ``a``, or ``b`` where the config has no ``a`` (``"a|b"``)."""
+    for name in names.split("|"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return bool(value)
+    return False
+
+
 def resolve_adapter(
     model: nn.Module,
     adapter: str | AdapterSpec | None = None,
@@ -384,6 +393,8 @@ class Inspector:
             stack.block_input_kwarg if loc.is_block and loc.sub is None else "hidden_states"
         )
         output_index = stack.output_index if loc.is_block and loc.sub is None else 0
+        # lm_head runs after the decoder stack returns, outside its root.
+        root = stack.root if loc.part != "lm_head" else None
         name = ("block" if loc.sub is None else loc.sub) if loc.is_block else loc.part
         return Target(
             key=loc.module_key,
@@ -391,8 +402,18 @@ class Inspector:
             input_kwarg=input_kwarg,
             output_index=output_index,
             needs_output=needs_output,
+            within=self._stack_root(root) if root else None,
             copy_output=name in stack.outputs_changed_in_place,
         )
+
+    def _stack_root(self, path: str) -> nn.Module:
+        root = _get_path(self._base, path)
+        if root is None:
+            raise MissingPartError(
+                f"adapter {self.adapter.name!r} says a stack runs in {path!r}, but "
+                f"{type(self.model).__name__} has no such module: is this the right adapter?"
+            )
+        return root
 
     def _key(self, text: str) -> str:
         loc = self.locator(text)
@@ -453,10 +474,20 @@ class Inspector:
         prefix = f"{stack}." if stack else ""
         finals = [name for name in spec.after_blocks if self._after_module(spec, name) is not None]
         last = prefix + finals[-1] if finals else f"{prefix}block[{n - 1}]"
+
+        def after(i: int) -> str:
+            # Where HF changes the stream between blocks outside any module (RWKV), the input
+            # of the next module holds the stream exactly as HF records it.
+            if not spec.between_blocks:
+                return f"{prefix}block[{i}]"
+            if i < n - 1:
+                return f"{prefix}block[{i + 1}].input"
+            return f"{prefix}{finals[0]}.input" if finals else f"{prefix}block[{i}]"
+
         if spec.hidden_states_start == "block_input":
-            texts = [f"{prefix}block[0].input"] + [f"{prefix}block[{i}]" for i in range(n - 1)]
+            texts = [f"{prefix}block[0].input"] + [after(i) for i in range(n - 1)]
         else:
-            texts = [f"{prefix}block[{i}]" for i in range(n)]
+            texts = [after(i) for i in range(n)]
             if not finals:
                 return [Locator.parse(t) for t in texts]
         texts.append(last)
@@ -522,6 +553,9 @@ class Inspector:
         for loc in locs:
             rec = cap[str(loc.with_side("output"))]
             value = rec.input if loc.side == "input" else rec.output
+            if loc.is_block and loc.sub is None and loc.side == "output":
+                assert loc.index is not None
+                value = self._between(value, loc.index, self.adapter.stack(self._stack_key(stack)))
             values.append(value)
         return tuple(values)
 
@@ -557,19 +591,38 @@ class Inspector:
             >>> torch.equal(Inspector(m).finish(h), m.transformer.ln_f(h))
             True
         """
-        spec = self.adapter.stack(self._stack_key(stack))
+        stack_key = self._stack_key(stack)
+        spec = self.adapter.stack(stack_key)
+        hidden = self._between(hidden, len(self._blocks[stack_key]) - 1, spec)
         for name in spec.after_blocks:
             module = self._after_module(spec, name)
             if module is not None:
                 hidden = module(hidden)
         return hidden
 
-    def _config_value(self, op: LogitOp) -> float | None:
+    def _between(self, hidden: torch.Tensor, i: int, spec: StackSpec) -> torch.Tensor:
+        """What HF does to the stream right after block ``i``, outside any module."""
+        config = getattr(self.model, "config", None)
+        for op in spec.between_blocks:
+            every = getattr(config, op.every, None)
+            if not isinstance(every, int) or every <= 0 or (i + 1) % every:
+                continue
+            if op.only_if_attr is not None and not getattr(self._base, op.only_if_attr, False):
+                continue
+            hidden = hidden * op.value if op.kind == "scale" else hidden / op.value
+        return hidden
+
+    def _config_value(self, op: LogitOp) -> float | torch.Tensor | None:
         if op.value is not None:
             return op.value
         config = getattr(self.model, "config", None)
-        if op.only_if is not None and not getattr(config, op.only_if, False):
+        if op.only_if is not None and not _config_flag(config, op.only_if):
             return None
+        if op.tensor is not None:
+            found: Any = self.model
+            for part in op.tensor.split("."):
+                found = getattr(found, part, None)
+            return found if isinstance(found, torch.Tensor) else None
         assert op.config_attr is not None
         value = getattr(config, op.config_attr, None)
         if value is None:
@@ -581,10 +634,14 @@ class Inspector:
             value = self._config_value(op)
             if value is None:
                 continue
+            if isinstance(value, torch.Tensor):
+                value = value.to(x.device)
             if op.kind == "scale":
                 x = x * value
             elif op.kind == "divide":
                 x = x / value
+            elif op.kind == "add":
+                x = x + value
             else:
                 x = torch.tanh(x / value) * value
         return x
@@ -607,10 +664,23 @@ class Inspector:
             True
         """
         head = self.module("lm_head")
+        chain = [self._head_module(path) for path in self.adapter.head_modules]
         x = hidden if finished else self.finish(hidden)
         x = self._apply_ops(x, self.adapter.pre_head)
+        for module in chain:
+            x = module(x)
         logits: torch.Tensor = head(x)
         return self._apply_ops(logits, self.adapter.logit_ops)
+
+    def _head_module(self, path: str) -> nn.Module:
+        module = _get_path(self.model, path)
+        if module is None:
+            raise MissingPartError(
+                f"adapter {self.adapter.name!r} says the head of {type(self.model).__name__} "
+                f"runs {', '.join(self.adapter.head_modules)} before lm_head, but {path!r} is "
+                "missing: is this the right adapter?"
+            )
+        return module
 
     def __repr__(self) -> str:
         return (

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["AdapterSpec", "LogitOp", "StackSpec"]
+__all__ = ["AdapterSpec", "LogitOp", "StackSpec", "StreamOp"]
 
 _ONE_PATH = r"[A-Za-z_0-9]+(\.[A-Za-z_0-9]+)*"
 _PATH = re.compile(rf"^{_ONE_PATH}(\|{_ONE_PATH})*$")
@@ -36,26 +36,54 @@ class _Frozen(BaseModel):
 class LogitOp(_Frozen):
     """One step Hugging Face applies around the unembedding, read from the model's config.
 
-    ``kind`` is ``scale`` (x * v), ``divide`` (x / v) or ``softcap`` (v * tanh(x / v)), where
-    ``v = value`` or ``config.<config_attr> ** power``. The op is skipped when the config
-    attribute is missing or None, or when ``only_if`` names a config flag that is false.
+    ``kind`` is ``scale`` (x * v), ``divide`` (x / v), ``softcap`` (v * tanh(x / v)) or ``add``
+    (x + v), where ``v = value``, ``config.<config_attr> ** power``, or the parameter or buffer
+    of the top-level model at the dotted path ``tensor`` (BART's ``final_logits_bias``). The op
+    is skipped when the config attribute or tensor is missing or None, or when ``only_if``
+    names a config flag that is false; ``only_if="a|b"`` reads flag ``a``, or ``b`` where the
+    config has no ``a`` (a flag renamed between transformers versions).
 
     Example:
         >>> LogitOp(kind="softcap", config_attr="final_logit_softcapping").kind
         'softcap'
+        >>> LogitOp(kind="add", tensor="final_logits_bias").tensor
+        'final_logits_bias'
     """
 
-    kind: Literal["scale", "divide", "softcap"]
+    kind: Literal["scale", "divide", "softcap", "add"]
     config_attr: str | None = None
     value: float | None = None
+    tensor: str | None = None
     power: float = 1.0
     only_if: str | None = None
 
+    _v_tensor = field_validator("tensor")(_check_path)
+
     @model_validator(mode="after")
     def _one_source(self) -> LogitOp:
-        if (self.config_attr is None) == (self.value is None):
-            raise ValueError("a LogitOp needs exactly one of config_attr or value")
+        if sum(x is not None for x in (self.config_attr, self.value, self.tensor)) != 1:
+            raise ValueError("a LogitOp needs exactly one of config_attr, value or tensor")
         return self
+
+
+class StreamOp(_Frozen):
+    """A change Hugging Face makes to the stream between two blocks, outside any module.
+
+    After block ``i`` (counting from 0) the stream is multiplied (``scale``) or divided
+    (``divide``) by ``value`` when ``config.<every>`` is positive and divides ``i + 1`` and,
+    where ``only_if_attr`` is set, the base model's attribute of that name is true (RWKV halves
+    its stream after every ``rescale_every``-th block while its weights are rescaled for
+    inference, i.e. in eval mode).
+
+    Example:
+        >>> StreamOp(kind="divide", value=2, every="rescale_every").every
+        'rescale_every'
+    """
+
+    kind: Literal["scale", "divide"]
+    value: float
+    every: str
+    only_if_attr: str | None = None
 
 
 HiddenStart = Literal["block_input", "block_output"]
@@ -101,13 +129,21 @@ class StackSpec(_Frozen):
     output; OPT adds ``project_out``)."""
     residual_in: tuple[str, ...] = ()
     """Parts whose output already includes the residual stream (documented on records)."""
+    between_blocks: tuple[StreamOp, ...] = ()
+    """What HF does to the stream after some blocks outside any module (RWKV's rescaling).
+    Then ``hidden_states`` entries are read as the input of the next module (``block[i+1]``
+    or the first of ``after_blocks``), which already includes the change."""
+    root: str | None = None
+    """The module that runs this whole stack (``encoder``, ``decoder``): a module several
+    stacks share (T5's embedding on transformers 4.x is one module) is recorded for this
+    stack only while this module runs."""
     outputs_changed_in_place: tuple[str, ...] = ()
     """Locator names (``block``, ``attn``, ``mlp``, a ``parts`` or ``modules`` name) whose output
     tensor the model changes in place after the module returns (e.g. a parallel block that adds
     the attention output into the MLP's output with ``+=``). Captures record a copy of their
     output, so the record holds what the module returned, not the later sum."""
 
-    _v_paths = field_validator("embed", "blocks", "attn", "mlp", "final_norm")(_check_path)
+    _v_paths = field_validator("embed", "blocks", "attn", "mlp", "final_norm", "root")(_check_path)
 
     @field_validator("modules", "parts")
     @classmethod
@@ -160,6 +196,10 @@ class AdapterSpec(StackSpec):
     """The unembedding, relative to the top-level model (absent on base models)."""
     pre_head: tuple[LogitOp, ...] = ()
     """Ops applied between the final norm and ``lm_head`` (T5 scales by d_model^-0.5)."""
+    head_modules: tuple[str, ...] = ()
+    """Modules of a head split across several modules, applied in order after ``pre_head``
+    and before ``lm_head`` (DistilBERT: ``vocab_transform``, ``activation``,
+    ``vocab_layer_norm``, then ``lm_head="vocab_projector"``); paths as for ``lm_head``."""
     logit_ops: tuple[LogitOp, ...] = ()
     """Ops applied after ``lm_head`` (Gemma-2 soft-capping, Cohere logit scale, ...)."""
     stack_name: str | None = None
@@ -180,6 +220,13 @@ class AdapterSpec(StackSpec):
         return value
 
     _v_head = field_validator("lm_head")(_check_path)
+
+    @field_validator("head_modules")
+    @classmethod
+    def _check_head_modules(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for path in value:
+            _check_path(path)
+        return value
 
     def stack(self, name: str | None) -> StackSpec:
         """The stack a locator prefix names (``None``: the main stack).

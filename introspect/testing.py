@@ -14,6 +14,7 @@ differs and by how much.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,7 +117,9 @@ def _shape(value: Any) -> str:
 
 
 def _hf_hidden_states(output: Any, stack: str | None, spec: AdapterSpec) -> Any:
-    if stack == "encoder":
+    # An encoder-only model (T5EncoderModel) names its one stack "encoder" but HF reports
+    # plain hidden_states.
+    if stack == "encoder" and "encoder_hidden_states" in output:
         return output["encoder_hidden_states"]
     if "decoder_hidden_states" in output and spec.encoder is not None:
         return output["decoder_hidden_states"]
@@ -240,10 +243,21 @@ def assert_conformant(
     return report
 
 
+def _accepts(model: nn.Module, name: str) -> bool:
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return True
+    return name in parameters
+
+
 def example_inputs(
-    config: Any, batch: int = 2, seq: int = 7, seed: int = 0
+    config: Any, batch: int = 2, seq: int = 7, seed: int = 0, model: nn.Module | None = None
 ) -> dict[str, torch.Tensor]:
     """Random token inputs for a model built from ``config`` (decoder ids on seq2seq).
+
+    Given ``model``, decoder ids are added only where its forward takes them (a
+    ``T5EncoderModel`` has a seq2seq config but no decoder).
 
     Example:
         >>> from transformers import GPT2Config
@@ -255,7 +269,8 @@ def example_inputs(
     vocab = int(getattr(text_config, "vocab_size", 0) or getattr(config, "vocab_size", 64))
     ids = torch.randint(3, max(vocab, 4), (batch, seq), generator=generator)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if getattr(config, "is_encoder_decoder", False):
+    wants_decoder = model is None or _accepts(model, "decoder_input_ids")
+    if getattr(config, "is_encoder_decoder", False) and wants_decoder:
         inputs["decoder_input_ids"] = torch.randint(
             3, max(vocab, 4), (batch, max(seq - 2, 2)), generator=generator
         )
@@ -300,7 +315,11 @@ def assert_classes_conformant(
     for cls in classes:
         model = build_tiny(cls, config)
         report = assert_conformant(
-            model, inputs or example_inputs(config), adapter=adapter, atol=atol, rtol=rtol
+            model,
+            inputs or example_inputs(config, model=model),
+            adapter=adapter,
+            atol=atol,
+            rtol=rtol,
         )
         if expect_adapter is not None and report.adapter != expect_adapter:
             raise ConformanceError(

@@ -1,0 +1,119 @@
+"""BERT, RoBERTa and DistilBERT: post-LN encoders with no final norm and an MLP head.
+
+Facts measured against Hugging Face (transformers 4.57 and 5.x):
+
+- ``hidden_states[0]`` is block 0's input: the embedding module adds position (and, on
+  BERT/RoBERTa, token-type) embeddings to the lookup and applies its LayerNorm, so it differs
+  from the ``embed`` record, which is the raw ``word_embeddings`` lookup.
+- There is no final norm: each block ends in its own LayerNorm, ``final_norm`` is a
+  MissingPartError and ``hidden_states[-1]`` is the raw last block output.
+- The masked-LM head is a small MLP (dense, activation, LayerNorm, then the decoder tied to
+  the embedding). BERT's ``cls.predictions`` and RoBERTa's ``lm_head`` are one module each;
+  DistilBERT spreads it over four attributes of the top-level model, expressed as
+  ``head_modules`` before ``lm_head="vocab_projector"``.
+- BERT/RoBERTa's ``attention`` and ``output`` modules add the residual and apply the post-LN
+  themselves: the ``block[i].attn`` record's output is the stream after attention, and the
+  ``block[i].mlp`` record (``output``: down-projection, residual, LayerNorm) has the
+  intermediate activations as input and the block output as output. ``block[i].attn_out`` and
+  ``block[i].mlp_out`` are the two projections alone (their outputs are the sub-layer's
+  contribution before the residual add). DistilBERT's ``attention`` and ``ffn`` are pure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from introspect.hookspecs import hookimpl
+from introspect.spec import AdapterSpec
+
+_NO_FINAL_NORM = (
+    "{name} is post-LN: every block ends in its own LayerNorm and Hugging Face applies no norm "
+    "after the last block, so hidden_states[-1] is the raw last block output (the masked-LM "
+    "head has its own LayerNorm inside; logits() applies it)"
+)
+
+BERT = AdapterSpec(
+    name="bert",
+    model_types=("bert",),
+    description="BERT (post-LN encoder, embedding LayerNorm, no final norm, MLP head)",
+    embed="embeddings.word_embeddings",
+    blocks="encoder.layer",
+    attn="attention",
+    mlp="output",
+    modules={
+        "pos_embed": "embeddings.position_embeddings",
+        "type_embed": "embeddings.token_type_embeddings",
+        "embed_norm": "embeddings.LayerNorm",
+        "pooler": "pooler",
+    },
+    parts={
+        "self_attn": "attention.self",
+        "attn_out": "attention.output.dense",
+        "attn_norm": "attention.output.LayerNorm",
+        "mlp_in": "intermediate",
+        "mlp_out": "output.dense",
+        "mlp_norm": "output.LayerNorm",
+    },
+    missing={
+        "final_norm": _NO_FINAL_NORM.format(name="BERT"),
+        "pooler": "this model was built without BERT's pooler (the masked-LM classes drop it)",
+    },
+    residual_in=("attn", "mlp"),
+    lm_head="cls.predictions",
+    notes=(
+        "block[i].attn = LayerNorm(input + attention): its output is the stream after attention",
+        "block[i].mlp is BertOutput: input = intermediate activations, output = block output",
+        "attn_norm/mlp_norm are applied after the residual add (post-LN)",
+    ),
+)
+
+ROBERTA = BERT.model_copy(
+    update={
+        "name": "roberta",
+        "model_types": ("roberta",),
+        "description": "RoBERTa (BERT layout, positions offset by the padding index, MLP head)",
+        "missing": {
+            "final_norm": _NO_FINAL_NORM.format(name="RoBERTa"),
+            "pooler": "this model was built without RoBERTa's pooler (the LM classes drop it)",
+        },
+        "lm_head": "lm_head",
+    }
+)
+
+DISTILBERT = AdapterSpec(
+    name="distilbert",
+    model_types=("distilbert",),
+    description="DistilBERT (post-LN encoder, no final norm, head split across four modules)",
+    embed="embeddings.word_embeddings",
+    blocks="transformer.layer",
+    attn="attention",
+    mlp="ffn",
+    modules={
+        "pos_embed": "embeddings.position_embeddings",
+        "embed_norm": "embeddings.LayerNorm",
+    },
+    parts={"attn_norm": "sa_layer_norm", "mlp_norm": "output_layer_norm"},
+    missing={"final_norm": _NO_FINAL_NORM.format(name="DistilBERT")},
+    head_modules=("vocab_transform", "activation", "vocab_layer_norm"),
+    lm_head="vocab_projector",
+    notes=(
+        "attn_norm = LayerNorm(input + attention) and mlp_norm = LayerNorm(stream + ffn): "
+        "post-LN, applied after each residual add",
+        "logits = vocab_projector(vocab_layer_norm(activation(vocab_transform(h))))",
+    ),
+)
+
+
+@hookimpl
+def register_adapters(register: Callable[[AdapterSpec], None]) -> None:
+    """Register the BERT-family adapters.
+
+    Example:
+        >>> specs = []
+        >>> register_adapters(specs.append)
+        >>> [s.name for s in specs]
+        ['bert', 'roberta', 'distilbert']
+    """
+    register(BERT)
+    register(ROBERTA)
+    register(DISTILBERT)

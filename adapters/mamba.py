@@ -1,0 +1,62 @@
+"""Mamba, FalconMamba and Mamba2: state-space blocks, no embedding entry in hidden_states.
+
+Facts measured against Hugging Face (transformers 4.57 and 5.x):
+
+- ``hidden_states`` has ``num_blocks + 1`` entries but no embedding entry:
+  ``hidden_states[i]`` is block ``i``'s output for ``i < L`` and the last entry is
+  ``norm_f`` applied to the last block's output (``hidden_states_start="block_output"``).
+  Block 0's input is the raw ``embed`` lookup.
+- A block is ``input + mixer(norm(input))``: there is no attention and no MLP; the selective
+  state-space ``mixer`` and its ``norm`` are ``block[i].mixer`` and ``block[i].norm``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from introspect.hookspecs import hookimpl
+from introspect.spec import AdapterSpec
+
+_MISSING = {
+    "attn": (
+        "a Mamba block has no attention: its sequence mixing is the selective state-space "
+        "mixer, block[i].mixer"
+    ),
+    "mlp": ("a Mamba block has no MLP: it is input + mixer(norm(input)); capture block[i].mixer"),
+}
+
+MAMBA = AdapterSpec(
+    name="mamba",
+    model_types=("mamba", "falcon_mamba"),
+    description="Mamba / FalconMamba (selective SSM blocks, final RMSNorm, no embedding entry)",
+    embed="embeddings",
+    blocks="layers",
+    final_norm="norm_f",
+    parts={"mixer": "mixer", "norm": "norm"},
+    missing=_MISSING,
+    hidden_states_start="block_output",
+    lm_head="lm_head",
+    notes=("hidden_states[i] = block[i].output for i < L; hidden_states[L] = norm_f(block[L-1])",),
+)
+
+MAMBA2 = MAMBA.model_copy(
+    update={
+        "name": "mamba2",
+        "model_types": ("mamba2",),
+        "description": "Mamba2 (multi-head SSD blocks, final RMSNorm, no embedding entry)",
+    }
+)
+
+
+@hookimpl
+def register_adapters(register: Callable[[AdapterSpec], None]) -> None:
+    """Register the Mamba-family adapters.
+
+    Example:
+        >>> specs = []
+        >>> register_adapters(specs.append)
+        >>> [s.name for s in specs]
+        ['mamba', 'mamba2']
+    """
+    register(MAMBA)
+    register(MAMBA2)

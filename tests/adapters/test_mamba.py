@@ -1,0 +1,95 @@
+"""Mamba, FalconMamba, Mamba2: no embedding entry in hidden_states, a final RMSNorm."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import transformers
+
+from introspect import Inspector, MissingPartError
+from introspect.testing import assert_classes_conformant, build_tiny, example_inputs
+
+
+def mamba_config() -> transformers.MambaConfig:
+    return transformers.MambaConfig(
+        num_hidden_layers=3, hidden_size=32, state_size=8, expand=2, conv_kernel=4, vocab_size=96
+    )
+
+
+def falcon_mamba_config() -> transformers.FalconMambaConfig:
+    return transformers.FalconMambaConfig(
+        num_hidden_layers=2, hidden_size=32, state_size=8, expand=2, conv_kernel=4, vocab_size=96
+    )
+
+
+def mamba2_config() -> transformers.Mamba2Config:
+    return transformers.Mamba2Config(
+        num_hidden_layers=2,
+        hidden_size=32,
+        state_size=8,
+        expand=2,
+        head_dim=8,
+        num_heads=8,
+        n_groups=1,
+        conv_kernel=4,
+        vocab_size=96,
+        chunk_size=4,
+    )
+
+
+FAMILIES: dict[str, tuple[Any, type, type, str]] = {
+    "mamba": (mamba_config, transformers.MambaForCausalLM, transformers.MambaModel, "mamba"),
+    "falcon_mamba": (
+        falcon_mamba_config,
+        transformers.FalconMambaForCausalLM,
+        transformers.FalconMambaModel,
+        "mamba",
+    ),
+    "mamba2": (mamba2_config, transformers.Mamba2ForCausalLM, transformers.Mamba2Model, "mamba2"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_conformant(family: str) -> None:
+    config_fn, head_cls, base_cls, adapter = FAMILIES[family]
+    assert_classes_conformant(config_fn(), [head_cls, base_cls], expect_adapter=adapter)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_hidden_states_have_no_embedding_entry(family: str) -> None:
+    config_fn, head_cls, _, _ = FAMILIES[family]
+    config = config_fn()
+    model = build_tiny(head_cls, config)
+    insp = Inspector(model)
+    n = insp.num_blocks
+    inputs = example_inputs(config)
+    locs = [f"block[{i}]" for i in range(n)]
+    with torch.no_grad(), insp.capture("embed", *locs, "final_norm") as cap:
+        out = model(**inputs, output_hidden_states=True)
+    hidden = out.hidden_states
+    assert len(hidden) == n + 1 == insp.num_hidden_states()
+    for i in range(n):
+        assert torch.equal(hidden[i], cap[f"block[{i}]"].output)
+        assert str(insp.hidden_state_locator(i)) == f"block[{i}]"
+    assert torch.equal(hidden[-1], cap["final_norm"].output)
+    assert str(insp.hidden_state_locator(-1)) == "final_norm"
+    # Block 0 reads the raw lookup, which is not among the hidden states.
+    assert torch.equal(cap["block[0]"].input, cap["embed"].output)
+    assert not torch.equal(hidden[0], cap["embed"].output)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_mixer_is_addressable_and_attn_mlp_say_why_not(family: str) -> None:
+    config_fn, _, base_cls, _ = FAMILIES[family]
+    model = build_tiny(base_cls, config_fn())
+    insp = Inspector(model)
+    assert insp.module("block[1].mixer") is model.layers[1].mixer
+    assert insp.module("block[1].norm") is model.layers[1].norm
+    with pytest.raises(MissingPartError, match=r"no attention.*block\[i\]\.mixer"):
+        insp.module("block[0].attn")
+    with pytest.raises(MissingPartError, match="no MLP"):
+        insp.module("block[0].mlp")
+    with pytest.raises(MissingPartError, match="no lm_head: it is a base model"):
+        insp.logits(torch.zeros(1, 2, 32))
