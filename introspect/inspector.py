@@ -59,6 +59,13 @@ def _get_one_path(root: nn.Module, path: str) -> nn.Module | None:
     return module if isinstance(module, nn.Module) else None
 
 
+def _to_dtype_of(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    param = next(module.parameters(), None)
+    if param is None or not param.is_floating_point() or not x.is_floating_point():
+        return x
+    return x.to(param.dtype)
+
+
 def _config_flag(config: Any, names: str) -> bool:
     """Config flag ``a``, or ``b`` where the config has no ``a`` (``"a|b"``)."""
     for name in names.split("|"):
@@ -667,6 +674,9 @@ class Inspector:
         chain = [self._head_module(path) for path in self.adapter.head_modules]
         x = hidden if finished else self.finish(hidden)
         x = self._apply_ops(x, self.adapter.pre_head)
+        # Mamba's forward casts to the head's dtype (its residual stream is float32 in a bf16
+        # model); elsewhere the dtypes already agree and this does nothing.
+        x = _to_dtype_of(x, chain[0] if chain else head)
         for module in chain:
             x = module(x)
         logits: torch.Tensor = head(x)

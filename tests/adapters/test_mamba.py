@@ -93,3 +93,15 @@ def test_mixer_is_addressable_and_attn_mlp_say_why_not(family: str) -> None:
         insp.module("block[0].mlp")
     with pytest.raises(MissingPartError, match="no lm_head: it is a base model"):
         insp.logits(torch.zeros(1, 2, 32))
+
+
+def test_bfloat16_logits_cast_the_float32_stream_to_the_head_dtype() -> None:
+    # residual_in_fp32 keeps the stream in float32; HF casts it to lm_head's dtype.
+    config = mamba_config()
+    model = build_tiny(transformers.MambaForCausalLM, config).to(torch.bfloat16)
+    insp = Inspector(model)
+    with torch.no_grad(), insp.capture("block[-1]") as cap:
+        out = model(**example_inputs(config))
+    assert cap["block[-1]"].output.dtype == torch.float32
+    ours = insp.logits(cap["block[-1]"].output)
+    assert torch.allclose(ours.float(), out.logits.float(), atol=1e-2, rtol=1e-2)
