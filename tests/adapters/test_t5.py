@@ -138,3 +138,19 @@ def test_encoder_model_has_only_the_encoder_stack() -> None:
     with pytest.raises(LocatorError, match="no stack named 'decoder'"):
         insp.module("decoder.block[0]")
     assert "decoder_input_ids" not in example_inputs(t5_config(), model=model)
+
+
+def test_generate_records_the_encoder_once_and_the_decoder_per_step() -> None:
+    # Equal depths: transformers sizes the decoder's cache by num_layers.
+    config = t5_config(num_decoder_layers=2)
+    model = build_tiny(transformers.T5ForConditionalGeneration, config)
+    insp = Inspector(model)
+    inputs = example_inputs(config, model=model)
+    inputs.pop("decoder_input_ids")
+    with torch.no_grad(), insp.capture("encoder.embed", "decoder.embed") as cap:
+        out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert len(cap["encoder.embed"].steps) == 1
+    steps = cap["decoder.embed"].steps
+    assert len(steps) == 3
+    for k, step in enumerate(steps):
+        assert torch.equal(step.output, model.shared(out[:, k : k + 1]))
