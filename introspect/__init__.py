@@ -8,12 +8,20 @@ Example:
 
 from __future__ import annotations
 
+from introspect.batching import (
+    encode_batch,
+    last_token_positions,
+    pad_batch,
+    position_ids_from_mask,
+    real_token_positions,
+)
 from introspect.capture import Capture, Record
 from introspect.errors import (
     AdapterConflictError,
     AdapterError,
     CaptureError,
     ConformanceError,
+    InterventionError,
     IntrospectError,
     LocatorError,
     MissingPartError,
@@ -23,6 +31,7 @@ from introspect.errors import (
 )
 from introspect.hookspecs import hookimpl
 from introspect.inspector import Inspector, get_hidden_state
+from introspect.interventions import Intervention, logit_difference, mean_activation
 from introspect.locators import Locator, parse
 from introspect.plugins import get_plugin_manager, get_registry, new_plugin_manager
 from introspect.spec import AdapterSpec, LogitOp, StackSpec
@@ -37,6 +46,8 @@ __all__ = [
     "CaptureError",
     "ConformanceError",
     "Inspector",
+    "Intervention",
+    "InterventionError",
     "IntrospectError",
     "Locator",
     "LocatorError",
@@ -48,10 +59,17 @@ __all__ = [
     "StackSpec",
     "UnsupportedArchitectureError",
     "__version__",
+    "encode_batch",
     "get_hidden_state",
     "get_plugin_manager",
     "get_registry",
     "hookimpl",
+    "last_token_positions",
+    "logit_difference",
+    "mean_activation",
     "new_plugin_manager",
+    "pad_batch",
     "parse",
+    "position_ids_from_mask",
+    "real_token_positions",
 ]

@@ -14,6 +14,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from introspect.batching import (
+    call_positions,
+    gather_positions,
+    position_index,
+    real_token_positions,
+)
 from introspect.errors import CaptureError
 
 if TYPE_CHECKING:
@@ -21,7 +27,7 @@ if TYPE_CHECKING:
 
     from torch.utils.hooks import RemovableHandle
 
-__all__ = ["Capture", "Record", "StopForward", "Target", "hidden_of"]
+__all__ = ["Capture", "EditNote", "Record", "StopForward", "Target", "edit_note", "hidden_of"]
 
 
 def hidden_of(value: Any, index: int = 0) -> Any:
@@ -103,7 +109,9 @@ class Transform:
     detach: bool = False
     device: torch.device | str | None = None
     dtype: torch.dtype | None = None
-    positions: Sequence[int] | slice | None = None
+    positions: Any = None
+    """See :func:`introspect.batching.position_index` (``"last"``: each example's last real
+    token, read from the attention mask of the call)."""
 
     @property
     def active(self) -> bool:
@@ -114,17 +122,49 @@ class Transform:
             or (self.positions is not None)
         )
 
-    def __call__(self, value: Any) -> Any:
+    def __call__(self, value: Any, attention_mask: torch.Tensor | None = None) -> Any:
         if not isinstance(value, torch.Tensor):
             return value
         if self.positions is not None and value.dim() >= 2:
-            index = self.positions
-            value = value[:, index] if isinstance(index, slice) else value[:, list(index)]
+            batch, seq = value.shape[0], value.shape[1]
+            index = position_index(self.positions, batch, seq, attention_mask, value.device)
+            if index is not None:
+                value = gather_positions(value, index)
         if self.detach:
             value = value.detach()
         if self.device is not None or self.dtype is not None:
             value = value.to(device=self.device, dtype=self.dtype)
         return value
+
+
+@dataclass
+class EditNote:
+    """What the active edits of one module did during its latest call.
+
+    Written by the intervention machinery, read by captures so that a record can say whether
+    it holds the value before or after an edit of the same module.
+
+    Example:
+        >>> EditNote().input_edits
+        ()
+    """
+
+    input_edits: tuple[str, ...] = ()
+    output_edits: tuple[str, ...] = ()
+    input_before: Any = None
+    output_before: Any = None
+
+
+def edit_note(module: nn.Module) -> EditNote | None:
+    """The :class:`EditNote` of a module under an active edit, else ``None``.
+
+    Example:
+        >>> edit_note(nn.Linear(2, 2)) is None
+        True
+    """
+    forward = module.__dict__.get("forward")
+    note = getattr(forward, "edit_note", None) if forward is not None else None
+    return note if isinstance(note, EditNote) else None
 
 
 class Record:
@@ -134,15 +174,35 @@ class Record:
     and ``output`` are the hidden-state tensors inside them, whatever the container (a block
     returns a tuple on transformers 4.x and a tensor on 5.x: ``output`` is the tensor on both).
     ``steps`` lists the record of every call during the capture (one per generation step),
-    this one first.
+    this one first; :meth:`concat` joins them into one tensor over all positions.
+
+    Where an edit (``steer``, ``patch``, ...) of the same module was active, ``input`` and
+    ``output`` are what the rest of the model saw (after the edit), ``edits`` names the edits
+    they include, and ``input_before_edit``/``output_before_edit`` hold the values before them.
+    ``attention_mask`` is the mask the model was called with (``None`` if it was not given).
 
     Example:
         >>> rec = Record("block[0]", (torch.ones(1, 2, 4),), {}, (torch.zeros(1, 2, 4), None))
-        >>> rec.output.shape, rec.input.sum().item()
-        (torch.Size([1, 2, 4]), 8.0)
+        >>> rec.output.shape, rec.input.sum().item(), rec.edits
+        (torch.Size([1, 2, 4]), 8.0, ())
     """
 
-    __slots__ = ("_input", "_output", "args", "key", "kwargs", "raw_output", "steps")
+    __slots__ = (
+        "_args",
+        "_input",
+        "_input_before",
+        "_kwargs",
+        "_output",
+        "_output_before",
+        "_positions",
+        "_ran",
+        "_raw_kept",
+        "_raw_output",
+        "attention_mask",
+        "edits",
+        "key",
+        "steps",
+    )
 
     def __init__(
         self,
@@ -154,18 +214,65 @@ class Record:
         input_kwarg: str = "hidden_states",
         output_index: int = 0,
         transform: Transform | None = None,
+        ran: bool | None = None,
+        attention_mask: torch.Tensor | None = None,
+        note: EditNote | None = None,
+        keep_raw: bool = True,
     ) -> None:
         self.key = key
-        self.args = args
-        self.kwargs = kwargs
-        self.raw_output = raw_output
+        self._ran = raw_output is not None if ran is None else ran
         inp = input_of(args, kwargs, input_kwarg)
-        out = hidden_of(raw_output, output_index) if raw_output is not None else None
-        if transform is not None and transform.active:
-            inp, out = transform(inp), transform(out)
-        self._input = inp
-        self._output = out
+        out = hidden_of(raw_output, output_index) if self._ran else None
+        inp_before, out_before = inp, out
+        edits: tuple[str, ...] = ()
+        if note is not None:
+            if note.input_edits:
+                inp_before = note.input_before
+                edits += note.input_edits
+            if note.output_edits and self._ran:
+                out_before = note.output_before
+                edits += note.output_edits
+        active = transform is not None and transform.active
+        if active:
+            assert transform is not None
+            new_inp = transform(inp, attention_mask)
+            new_out = transform(out, attention_mask)
+            inp_before = new_inp if inp_before is inp else transform(inp_before, attention_mask)
+            out_before = new_out if out_before is out else transform(out_before, attention_mask)
+            inp, out = new_inp, new_out
+        self._input, self._output = inp, out
+        self._input_before, self._output_before = inp_before, out_before
+        self._positions = active and transform is not None and transform.positions is not None
+        self._raw_kept = keep_raw
+        self._args = args if keep_raw else ()
+        self._kwargs = kwargs if keep_raw else {}
+        self._raw_output = raw_output if keep_raw else None
+        self.attention_mask = attention_mask
+        self.edits = edits
         self.steps: list[Record] = [self]
+
+    def _raw(self, name: str, value: Any) -> Any:
+        if not self._raw_kept:
+            raise CaptureError(
+                f"{self.key}.{name} was not kept: a capture with detach/device/dtype/positions "
+                "drops the raw call to free memory; pass keep_raw=True to capture() to keep it"
+            )
+        return value
+
+    @property
+    def args(self) -> tuple[Any, ...]:
+        """The positional arguments exactly as the forward hook saw them."""
+        return self._raw("args", self._args)  # type: ignore[no-any-return]
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments exactly as the forward hook saw them."""
+        return self._raw("kwargs", self._kwargs)  # type: ignore[no-any-return]
+
+    @property
+    def raw_output(self) -> Any:
+        """What the module returned (tuple, tensor or model output), as the hook saw it."""
+        return self._raw("raw_output", self._raw_output)
 
     @property
     def input(self) -> Any:
@@ -175,12 +282,96 @@ class Record:
     @property
     def output(self) -> Any:
         """The hidden-state output tensor, whatever the module returns."""
-        if self.raw_output is None and self._output is None:
+        if not self._ran:
             raise CaptureError(
                 f"{self.key} was recorded before it ran (input only, e.g. an early stop before "
                 "it): read .input, or capture it without stopping there"
             )
         return self._output
+
+    @property
+    def input_before_edit(self) -> Any:
+        """The input before any edit of this module's input (``input`` itself if none)."""
+        return self._input_before
+
+    @property
+    def output_before_edit(self) -> Any:
+        """The output before any edit of this module's output (``output`` itself if none)."""
+        if not self._ran:
+            return self.output  # raises: the module never ran
+        return self._output_before
+
+    def _side(self, side: str) -> Any:
+        if side not in ("input", "output"):
+            raise CaptureError(f"side must be 'input' or 'output', got {side!r}")
+        return self.input if side == "input" else self.output
+
+    def concat(self, side: str = "output") -> torch.Tensor:
+        """One tensor over every step: the steps joined along the position axis.
+
+        During ``generate`` with a KV cache the first step holds every prompt position and each
+        later step one new position; joined they cover the whole generated sequence (except the
+        last token, which ``generate`` never feeds back).
+
+        Example:
+            >>> rec = Record("b", (torch.ones(1, 3, 2),), {}, torch.zeros(1, 3, 2))
+            >>> rec.steps.append(Record("b", (torch.ones(1, 1, 2),), {}, torch.ones(1, 1, 2)))
+            >>> rec.concat().shape
+            torch.Size([1, 4, 2])
+        """
+        values = [step._side(side) for step in self.steps]
+        if not all(isinstance(v, torch.Tensor) and v.dim() >= 2 for v in values):
+            raise CaptureError(f"{self.key}.{side} is not a [batch, seq, ...] tensor at every step")
+        shapes = {(v.shape[0], *v.shape[2:]) for v in values}
+        if len(shapes) > 1:
+            raise CaptureError(
+                f"the steps of {self.key} differ in batch or hidden size ({sorted(shapes)}): "
+                "join them by hand (beam search reorders and resizes the batch between steps)"
+            )
+        return torch.cat(values, dim=1)
+
+    def _check_full(self, what: str) -> None:
+        if self._positions:
+            raise CaptureError(
+                f"{what} needs every position, but {self.key} was captured with positions=...: "
+                "capture without positions (or with positions='last')"
+            )
+
+    def last_token(self, side: str = "output") -> torch.Tensor:
+        """``[batch, ...]``: each example's value at its last real token (either padding side).
+
+        Reads the attention mask the model was called with; without one, the last position.
+
+        Example:
+            >>> h = torch.arange(6.0).reshape(2, 3, 1)
+            >>> rec = Record("b", (h,), {}, h, attention_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]))
+            >>> rec.last_token().flatten().tolist()
+            [1.0, 5.0]
+        """
+        self._check_full("last_token()")
+        value: torch.Tensor = self._side(side)
+        index = call_positions(self.attention_mask, value.shape[0], value.shape[1], value.device)
+        return value[torch.arange(value.shape[0], device=value.device), index]
+
+    def real_tokens(self, side: str = "output") -> list[torch.Tensor]:
+        """Each example's values at its real (unpadded) tokens: a list of ``[n_i, ...]``.
+
+        Example:
+            >>> h = torch.arange(6.0).reshape(2, 3, 1)
+            >>> rec = Record("b", (h,), {}, h, attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]))
+            >>> [t.flatten().tolist() for t in rec.real_tokens()]
+            [[1.0, 2.0], [3.0, 4.0, 5.0]]
+        """
+        self._check_full("real_tokens()")
+        value = self._side(side)
+        mask = self.attention_mask
+        if mask is None:
+            return list(value)
+        local = mask[:, -value.shape[1] :]
+        return [
+            row[index.to(row.device)]
+            for row, index in zip(value, real_token_positions(local), strict=True)
+        ]
 
     def __repr__(self) -> str:
         def shape(value: Any) -> str:
@@ -209,6 +400,8 @@ class Capture:
     """A context manager that records ``Target``s while a forward (or ``generate``) runs.
 
     Built by :meth:`introspect.Inspector.capture`; index it with a locator string.
+    Given a ``root`` module (the model), it also keeps the ``attention_mask`` each call of the
+    root received, so records of a padded batch know which tokens are real.
 
     Example:
         >>> lin = nn.Linear(2, 2)
@@ -225,12 +418,18 @@ class Capture:
         stop: bool = False,
         transform: Transform | None = None,
         key_fn: KeyFn | None = None,
+        root: nn.Module | None = None,
+        keep_raw: bool = True,
     ) -> None:
         self.targets = list(targets)
         self.stop = stop
         self.transform = transform
         self.records: dict[str, Record] = {}
         self.stopped = False
+        self.attention_mask: torch.Tensor | None = None
+        """The attention mask of the latest call of the root (``None`` if none was given)."""
+        self.root = root
+        self.keep_raw = keep_raw
         self._key_fn = key_fn
         self._handles: list[RemovableHandle] = []
         self._depths: dict[int, list[int]] = {}
@@ -241,12 +440,18 @@ class Capture:
         transform = self.transform
         total = len({t.key for t in self.targets})
         key = target.key
+        module_dict = target.module.__dict__
         input_kwarg = target.input_kwarg
         output_index = target.output_index
         stop = self.stop
+        keep_raw = self.keep_raw
         copy_output = target.copy_output
 
-        def keep(args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        def keep(args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, ran: bool) -> None:
+            # An active edit wraps the module's forward; only then is there a note to read.
+            note = None
+            if "forward" in module_dict:
+                note = getattr(module_dict["forward"], "edit_note", None)
             rec = Record(
                 key,
                 args,
@@ -255,6 +460,10 @@ class Capture:
                 input_kwarg=input_kwarg,
                 output_index=output_index,
                 transform=transform,
+                ran=ran,
+                attention_mask=self.attention_mask,
+                note=note if isinstance(note, EditNote) else None,
+                keep_raw=keep_raw,
             )
             first = records.get(key)
             if first is None:
@@ -270,14 +479,18 @@ class Capture:
             def forward_hook(
                 module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
             ) -> None:
-                keep(args, kwargs, copy_tensors(output) if copy_output else output)
+                keep(args, kwargs, copy_tensors(output) if copy_output else output, True)
 
             return forward_hook
 
         def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            keep(args, kwargs, None)
+            keep(args, kwargs, None, False)
 
         return pre_hook
+
+    def _mask_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        mask = kwargs.get("attention_mask")
+        self.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
     def __enter__(self) -> Capture:
         if self._active:
@@ -285,7 +498,12 @@ class Capture:
         self._active = True
         self.records.clear()
         self.stopped = False
+        self.attention_mask = None
         try:
+            if self.root is not None:
+                self._handles.append(
+                    self.root.register_forward_pre_hook(self._mask_hook, with_kwargs=True)
+                )
             for target in self.targets:
                 hook = self._scoped(target, self._make_hook(target))
                 if target.needs_output:
@@ -372,3 +590,59 @@ class Capture:
     def keys(self) -> list[str]:
         """The module keys recorded so far, in the order their modules first ran."""
         return list(self.records)
+
+    @staticmethod
+    def _side(locator: str) -> str:
+        return "input" if locator.strip().endswith(".input") else "output"
+
+    def concat(self, locator: str) -> torch.Tensor:
+        """One tensor over every step of ``locator`` (``.input`` for the input side).
+
+        During ``generate`` the first step holds the prompt and each later step one token: the
+        result is ``[batch, prompt + new - 1, hidden]``.
+
+        Example:
+            >>> lin = nn.Linear(2, 2)
+            >>> with Capture([Target("lin", lin)]) as cap:
+            ...     _ = lin(torch.ones(1, 3, 2)), lin(torch.ones(1, 1, 2))
+            >>> cap.concat("lin").shape
+            torch.Size([1, 4, 2])
+        """
+        return self[locator].concat(self._side(locator))
+
+    def steps(self, locator: str) -> list[torch.Tensor]:
+        """The value of ``locator`` (``.input`` for the input side) at every step, in order.
+
+        Example:
+            >>> lin = nn.Linear(2, 2)
+            >>> with Capture([Target("lin", lin)]) as cap:
+            ...     _ = lin(torch.ones(1, 3, 2)), lin(torch.ones(1, 1, 2))
+            >>> [tuple(t.shape) for t in cap.steps("lin")]
+            [(1, 3, 2), (1, 1, 2)]
+        """
+        side = self._side(locator)
+        return [step._side(side) for step in self[locator].steps]
+
+    def last_token(self, locator: str) -> torch.Tensor:
+        """Each example's value at its last real token (``[batch, hidden]``), either padding side.
+
+        Example:
+            >>> lin = nn.Linear(2, 2)
+            >>> with Capture([Target("lin", lin)]) as cap:
+            ...     _ = lin(torch.ones(2, 3, 2))
+            >>> cap.last_token("lin").shape
+            torch.Size([2, 2])
+        """
+        return self[locator].last_token(self._side(locator))
+
+    def real_tokens(self, locator: str) -> list[torch.Tensor]:
+        """Each example's values at its real (unpadded) tokens: a list of ``[n_i, hidden]``.
+
+        Example:
+            >>> lin = nn.Linear(2, 2)
+            >>> with Capture([Target("lin", lin)]) as cap:
+            ...     _ = lin(torch.ones(2, 3, 2))
+            >>> [tuple(t.shape) for t in cap.real_tokens("lin")]
+            [(3, 2), (3, 2)]
+        """
+        return self[locator].real_tokens(self._side(locator))

@@ -11,6 +11,7 @@
     │   └── UnsupportedArchitectureError an architecture we refuse rather than answer wrongly
     ├── PluginLoadError                  a plugin failed to import (reported, never fatal to others)
     ├── CaptureError                     a capture was asked something it cannot record
+    ├── InterventionError                an edit (steer, patch, ablate, ...) cannot be applied
     └── ConformanceError (AssertionError) an adapter disagrees with Hugging Face's own outputs
 
 Every message says what happened, the likely cause and what to do next.
@@ -23,6 +24,7 @@ __all__ = [
     "AdapterError",
     "CaptureError",
     "ConformanceError",
+    "InterventionError",
     "IntrospectError",
     "LocatorError",
     "MissingPartError",
@@ -74,6 +76,10 @@ class PluginLoadError(IntrospectError):
 
 class CaptureError(IntrospectError):
     """A capture was asked for something it cannot record."""
+
+
+class InterventionError(IntrospectError):
+    """An edit (steer, patch, ablate, scale, edit) cannot be applied as asked."""
 
 
 class ConformanceError(IntrospectError, AssertionError):

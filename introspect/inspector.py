@@ -6,19 +6,29 @@ with hooks, and applies what the model applies after its last block.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from introspect.capture import Capture, Target, Transform
+from introspect.batching import PaddingSide, Positions, encode_batch
+from introspect.capture import Capture, Record, Target, Transform
 from introspect.errors import (
     CaptureError,
+    InterventionError,
     LocatorError,
     MissingPartError,
     NoAdapterError,
     UnsupportedArchitectureError,
+)
+from introspect.interventions import (
+    Edit,
+    EditOp,
+    Intervention,
+    as_value,
+    mean_activation,
+    patching_sweep,
 )
 from introspect.locators import Locator
 from introspect.plugins import (
@@ -159,6 +169,7 @@ class Inspector:
         self.adapter = resolve_adapter(model, adapter, plugin_manager)
         self._base = _base_model(model)
         self._paths: dict[int, str] | None = None
+        self._resolved: dict[str | Locator, Locator] = {}
         self._blocks: dict[str | None, nn.ModuleList] = {}
         for stack_name in self.adapter.stack_names:
             self._blocks[stack_name] = self._block_list(stack_name)
@@ -209,6 +220,11 @@ class Inspector:
             >>> str(Inspector(m).locator("block[-1]"))
             'block[2]'
         """
+        # Locators are frozen and the block count is fixed: resolve each text once (this keeps
+        # a capture's set-up cheap next to a small forward).
+        cached = self._resolved.get(text)
+        if cached is not None:
+            return cached
         loc = Locator.parse(text)
         stack_key = self._stack_key(loc.stack)
         if loc.stack is not None and stack_key == self.adapter.stack_name:
@@ -216,6 +232,8 @@ class Inspector:
         if loc.is_block and not loc.is_slice:
             n = len(self._blocks[stack_key])
             loc = loc.resolve_index(n, f"{self.adapter.name} ({self._stack_label(stack_key)})")
+        if len(self._resolved) < 4096:
+            self._resolved[text] = loc
         return loc
 
     def _stack_label(self, stack_key: str | None) -> str:
@@ -435,13 +453,17 @@ class Inspector:
         detach: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        positions: Sequence[int] | slice | None = None,
+        positions: Positions = None,
+        keep_raw: bool | None = None,
     ) -> Capture:
         """Record what the named modules receive and return while the model runs.
 
         ``stop=True`` ends the forward as soon as every named module has been recorded (the
         rest of the model and its head do not run). ``detach``, ``device``, ``dtype`` and
-        ``positions`` are applied to ``input``/``output`` as they are recorded.
+        ``positions`` (e.g. ``"last"``: each example's last real token) are applied to
+        ``input``/``output`` as they are recorded; with any of them the records drop their
+        raw ``args``/``kwargs``/``raw_output`` so no full tensor stays alive, unless
+        ``keep_raw=True``. Records carry the ``attention_mask`` the model was called with.
 
         Example:
             >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -470,7 +492,253 @@ class Inspector:
             stop=stop,
             transform=transform if transform.active else None,
             key_fn=self._key,
+            root=self._base,
+            keep_raw=not transform.active if keep_raw is None else keep_raw,
         )
+
+    # -- interventions --------------------------------------------------------------------------
+
+    def _edits(self, locator: str | Locator, op: Any, positions: Any, label: str) -> Intervention:
+        locs = self.expand([locator])
+        if not locs:
+            raise InterventionError(f"{locator} names no module on this model")
+        edits = []
+        for loc in locs:
+            if loc.side == "input" and loc.part == "embed" and not loc.is_block:
+                raise InterventionError(
+                    "embed.input is token ids and cannot be edited: edit 'embed' (its output) "
+                    "or 'block[0].input' instead"
+                )
+            target = self._target(loc, True)
+            edits.append(Edit(target, loc.side, op, positions, label))
+        return Intervention(edits, root=self._base)
+
+    def steer(
+        self,
+        locator: str | Locator,
+        vector: Any,
+        scale: float = 1.0,
+        positions: Positions = None,
+    ) -> Intervention:
+        """Add ``scale * vector`` to what ``locator`` names while the model runs.
+
+        ``locator`` may name an input (``block[3].input``) or several blocks
+        (``block[2:5]``). ``positions`` limits the edit to some tokens: ints, a slice,
+        ``"last"`` (each example's last real token) or a per-example tensor. It applies at every
+        step of ``generate`` (a position of the prompt only at the first step).
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+            >>> insp, ids = Inspector(m.eval()), torch.tensor([[1, 2, 3]])
+            >>> before = m(ids, output_hidden_states=True).hidden_states[1]
+            >>> with insp.steer("block[0]", torch.ones(32), scale=4.0):
+            ...     after = m(ids, output_hidden_states=True).hidden_states[1]
+            >>> torch.allclose(after - before, torch.full_like(before, 4.0), atol=1e-5)
+            True
+        """
+        tensor = as_value(vector, "vector")
+        return self._edits(
+            locator,
+            EditOp("add", tensor=tensor * float(scale)),
+            positions,
+            f"steer(scale={scale:g})",
+        )
+
+    def ablate(
+        self,
+        locator: str | Locator,
+        mean_over: Any = None,
+        positions: Positions = None,
+    ) -> Intervention:
+        """Zero what ``locator`` names, or replace it by the mean of ``mean_over``.
+
+        ``mean_over`` is a set of activations (a tensor ``[..., hidden]``, a Record, or a list
+        of them) whose mean vector replaces the value (mean ablation).
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+            >>> insp = Inspector(m.eval())
+            >>> with insp.ablate("block[0].mlp"), insp.capture("block[0].mlp") as cap:
+            ...     _ = m(torch.tensor([[1, 2, 3]]))
+            >>> cap["block[0].mlp"].output.abs().max().item(), cap["block[0].mlp"].edits
+            (0.0, ('block[0].mlp: ablate(zero)',))
+        """
+        if mean_over is None:
+            return self._edits(locator, EditOp("zero"), positions, "ablate(zero)")
+        mean = mean_activation(mean_over, self.locator(locator).side)
+        return self._edits(locator, EditOp("set", tensor=mean), positions, "ablate(mean)")
+
+    def patch(
+        self,
+        locator: str | Locator,
+        value: Any,
+        positions: Positions = None,
+    ) -> Intervention:
+        """Replace what ``locator`` names by ``value`` (at ``positions``, or everywhere).
+
+        ``value`` is a full ``[batch, seq, hidden]`` tensor or a Record of the same module from
+        another run (patched at the same positions), one row per position (``[len(positions),
+        hidden]`` or ``[batch, len(positions), hidden]``), or a vector broadcast to the
+        positions.
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+            >>> insp = Inspector(m.eval())
+            >>> clean, corrupted = torch.tensor([[1, 2, 3]]), torch.tensor([[4, 2, 3]])
+            >>> with insp.capture("block[0]") as cap:
+            ...     clean_logits = m(clean).logits
+            >>> with insp.patch("block[0]", cap["block[0]"]):
+            ...     patched = m(corrupted).logits
+            >>> torch.allclose(patched, clean_logits, atol=1e-5)
+            True
+        """
+        loc = self.locator(locator)
+        if isinstance(value, Record):
+            value = value.input if loc.side == "input" else value.output
+        return self._edits(
+            locator, EditOp("set", tensor=as_value(value, "value")), positions, "patch"
+        )
+
+    def scale(
+        self,
+        locator: str | Locator,
+        factor: float,
+        positions: Positions = None,
+    ) -> Intervention:
+        """Multiply what ``locator`` names by ``factor`` while the model runs.
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+            >>> insp = Inspector(m.eval())
+            >>> with insp.scale("block[0].attn", 0.0), insp.capture("block[0].attn") as cap:
+            ...     _ = m(torch.tensor([[1, 2, 3]]))
+            >>> cap["block[0].attn"].output.abs().max().item()
+            0.0
+        """
+        return self._edits(
+            locator, EditOp("scale", factor=float(factor)), positions, f"scale({factor:g})"
+        )
+
+    def edit(
+        self,
+        locator: str | Locator,
+        fn: Callable[[torch.Tensor, Record], torch.Tensor],
+        positions: Positions = None,
+    ) -> Intervention:
+        """Replace what ``locator`` names by ``fn(value, record)`` while the model runs.
+
+        ``value`` is the hidden tensor (after earlier edits), ``record`` the call as a Record
+        (``args``, ``kwargs``, ``raw_output``, ``attention_mask``); ``fn`` returns a tensor of
+        the same shape. With ``positions``, only those positions of the result are used.
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+            >>> insp = Inspector(m.eval())
+            >>> with insp.edit("block[0]", lambda h, rec: -h), insp.capture("block[0]") as cap:
+            ...     _ = m(torch.tensor([[1, 2, 3]]))
+            >>> rec = cap["block[0]"]
+            >>> torch.equal(rec.output, -rec.output_before_edit)
+            True
+        """
+        if not callable(fn):
+            raise InterventionError(
+                f"edit() needs a callable fn(value, record) -> value, got {type(fn).__name__}"
+            )
+        name = getattr(fn, "__name__", type(fn).__name__)
+        return self._edits(locator, EditOp("fn", fn=fn), positions, f"edit({name})")
+
+    def patching_sweep(
+        self,
+        clean: Mapping[str, Any],
+        corrupted: Mapping[str, Any],
+        metric: Callable[[Any], Any],
+        *,
+        locators: str | Sequence[str] = "block[:]",
+        positions: Sequence[int] | None = None,
+        relative: bool = False,
+    ) -> torch.Tensor:
+        """Activation patching over locators x positions: ``[len(locators), len(positions)]``.
+
+        ``effect[i, j]`` is ``metric(corrupted run with locator i at position j patched from the
+        clean run) - metric(corrupted run)``; ``metric`` maps the model's output to a number
+        (e.g. :func:`introspect.logit_difference`). ``relative=True`` divides by
+        ``metric(clean) - metric(corrupted)``.
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> from introspect import logit_difference
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+            >>> insp = Inspector(m.eval())
+            >>> clean = {"input_ids": torch.tensor([[1, 2, 3]])}
+            >>> corrupted = {"input_ids": torch.tensor([[4, 2, 3]])}
+            >>> insp.patching_sweep(clean, corrupted, logit_difference(5, 6)).shape
+            torch.Size([2, 3])
+        """
+        return patching_sweep(
+            self,
+            clean,
+            corrupted,
+            metric,
+            locators=locators,
+            positions=positions,
+            relative=relative,
+        )
+
+    # -- batches ----------------------------------------------------------------------------------
+
+    def encode_batch(
+        self,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        tokenizer: Any = None,
+        *,
+        padding_side: PaddingSide = "left",
+    ) -> dict[str, torch.Tensor]:
+        """Pad prompts into one batch on the model's device, position ids derived from the mask.
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+            >>> batch = Inspector(m).encode_batch([[1, 2, 3], [4]])
+            >>> batch["attention_mask"].tolist(), batch["position_ids"].tolist()
+            ([[1, 1, 1], [0, 0, 1]], [[0, 1, 2], [1, 1, 0]])
+        """
+        pad_id = getattr(getattr(self.model, "config", None), "pad_token_id", None)
+        if tokenizer is not None:
+            pad_id = None  # the tokenizer's pad (or end-of-sequence) token wins
+        batch = encode_batch(prompts, tokenizer, padding_side=padding_side, pad_token_id=pad_id)
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def run_batch(
+        self,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        tokenizer: Any = None,
+        *,
+        padding_side: PaddingSide = "left",
+        **kwargs: Any,
+    ) -> Any:
+        """Run prompts of different lengths as one padded batch, each as if it ran alone.
+
+        Passes the attention mask and position ids derived from it (as ``generate`` does):
+        without them a left-padded batch shifts rotary and learned positions. Captures around
+        it carry the mask: use ``cap.last_token(...)`` / ``cap.real_tokens(...)``.
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+            >>> insp = Inspector(m.eval())
+            >>> with insp.capture("block[0]") as cap:
+            ...     _ = insp.run_batch([[1, 2, 3], [4]])
+            >>> cap.last_token("block[0]").shape
+            torch.Size([2, 32])
+        """
+        batch = self.encode_batch(prompts, tokenizer, padding_side=padding_side)
+        return self.model(**batch, **kwargs)
 
     # -- hidden states ------------------------------------------------------------------------
 

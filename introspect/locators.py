@@ -145,7 +145,8 @@ class Locator(BaseModel):
     @property
     def module_key(self) -> str:
         """The text of the module this names, without the side (records are keyed by it)."""
-        return str(self.with_side("output"))
+        text = str(self)
+        return text[: -len(".input")] if self.side == "input" else text
 
     def expand(self, num_blocks: int) -> list[Locator]:
         """Every single-block locator a slice selects (a single locator: itself, resolved).

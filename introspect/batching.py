@@ -1,0 +1,258 @@
+"""Padded batches: masks, position ids, and where each example's real tokens are.
+
+A batch of prompts of different lengths is padded on the left or on the right; the attention
+mask says which positions are real. A plain forward on such a batch must also get position ids
+derived from the mask (as ``generate`` does), or rotary and learned positions shift on the padded
+examples. Everything here works for either padding side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+
+from introspect.errors import CaptureError
+
+__all__ = [
+    "PaddingSide",
+    "Positions",
+    "encode_batch",
+    "gather_positions",
+    "last_token_positions",
+    "pad_batch",
+    "position_ids_from_mask",
+    "position_index",
+    "real_token_positions",
+]
+
+PaddingSide = Literal["left", "right"]
+
+
+def _check_mask(mask: Any) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        what = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise CaptureError(
+            f"an attention mask must be a [batch, seq] tensor, got {what}: pass the mask the "
+            "tokenizer returned (attention_mask)"
+        )
+    return mask
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for a padded batch, as ``generate`` derives them: real tokens count from 0.
+
+    Padding positions get 1 (any valid position: their outputs are never read).
+
+    Example:
+        >>> position_ids_from_mask(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])).tolist()
+        [[1, 1, 0, 1], [0, 1, 2, 3]]
+    """
+    mask = _check_mask(attention_mask)
+    positions = mask.long().cumsum(-1) - 1
+    return positions.masked_fill(mask == 0, 1)
+
+
+def last_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each example's last real token, whatever the padding side.
+
+    A row with no real token gets the last position.
+
+    Example:
+        >>> last_token_positions(torch.tensor([[0, 1, 1], [1, 1, 0], [1, 0, 0]])).tolist()
+        [2, 1, 0]
+    """
+    mask = _check_mask(attention_mask)
+    seq = mask.shape[1]
+    return (seq - 1 - mask.ne(0).flip(1).int().argmax(1)).long()
+
+
+def real_token_positions(attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    """For each example, the indices of its real (unpadded) tokens, in order.
+
+    Example:
+        >>> [p.tolist() for p in real_token_positions(torch.tensor([[0, 1, 1], [1, 1, 0]]))]
+        [[1, 2], [0, 1]]
+    """
+    mask = _check_mask(attention_mask)
+    return [row.nonzero().flatten() for row in mask.ne(0)]
+
+
+def pad_batch(
+    sequences: Sequence[Sequence[int] | torch.Tensor],
+    *,
+    padding_side: PaddingSide = "left",
+    pad_token_id: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Pad token-id sequences into one batch: ``input_ids``, ``attention_mask``, ``position_ids``.
+
+    Left padding is what ``generate`` expects for decoder-only models; position ids are derived
+    from the mask either way, so each example sees the positions it would see alone.
+
+    Example:
+        >>> batch = pad_batch([[5, 6, 7], [8]], padding_side="left")
+        >>> batch["input_ids"].tolist(), batch["position_ids"].tolist()
+        ([[5, 6, 7], [0, 0, 8]], [[0, 1, 2], [1, 1, 0]])
+    """
+    if padding_side not in ("left", "right"):
+        raise CaptureError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    rows = [torch.as_tensor(s, dtype=torch.long).flatten() for s in sequences]
+    if not rows or any(r.numel() == 0 for r in rows):
+        raise CaptureError("pad_batch needs at least one sequence, and no empty sequence")
+    longest = max(r.numel() for r in rows)
+    ids = torch.full((len(rows), longest), int(pad_token_id), dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = row.numel()
+        where = slice(longest - n, longest) if padding_side == "left" else slice(0, n)
+        ids[i, where] = row
+        mask[i, where] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": position_ids_from_mask(mask),
+    }
+
+
+def encode_batch(
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    tokenizer: Any = None,
+    *,
+    padding_side: PaddingSide = "left",
+    pad_token_id: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Tokenize (if given strings) and pad prompts into one batch with mask-derived positions.
+
+    ``tokenizer`` is any callable returning ``{"input_ids": ...}`` for one string (a Hugging
+    Face tokenizer works); token-id lists need none. ``pad_token_id`` defaults to the
+    tokenizer's pad token, else its end-of-sequence token, else 0.
+
+    Example:
+        >>> encode_batch([[1, 2, 3], [4, 5]], padding_side="right")["attention_mask"].tolist()
+        [[1, 1, 1], [1, 1, 0]]
+    """
+    sequences: list[Any] = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            if tokenizer is None:
+                raise CaptureError(
+                    "prompts are strings but no tokenizer was given: pass tokenizer=..., or "
+                    "pass lists of token ids"
+                )
+            encoded = tokenizer(prompt, return_tensors="pt")
+            sequences.append(torch.as_tensor(encoded["input_ids"]).flatten())
+        else:
+            sequences.append(prompt)
+    if pad_token_id is None:
+        pad_token_id = getattr(tokenizer, "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = getattr(tokenizer, "eos_token_id", None)
+    return pad_batch(sequences, padding_side=padding_side, pad_token_id=int(pad_token_id or 0))
+
+
+def call_positions(
+    attention_mask: torch.Tensor | None, batch: int, seq: int, device: torch.device
+) -> torch.Tensor:
+    """Index of each example's last real token within a call of ``seq`` positions.
+
+    During cached generation a call covers only the last ``seq`` columns of the mask; without a
+    mask the last position is the last real token.
+
+    Example:
+        >>> call_positions(torch.tensor([[1, 1, 0], [0, 1, 1]]), 2, 3, torch.device("cpu")).tolist()
+        [1, 2]
+    """
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[0] != batch:
+        return torch.full((batch,), seq - 1, dtype=torch.long, device=device)
+    local = attention_mask[:, -seq:] if attention_mask.shape[1] >= seq else attention_mask
+    return last_token_positions(local).to(device)
+
+
+Positions = int | Sequence[int] | slice | torch.Tensor | Literal["last"] | None
+"""What ``positions=`` accepts: see :func:`position_index`."""
+
+
+def _per_row(positions: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+    rows = positions.long()
+    if rows.dim() == 1:
+        rows = rows.unsqueeze(1)
+    if rows.dim() != 2 or rows.shape[0] != batch:
+        raise CaptureError(
+            f"a positions tensor gives one position (or row of positions) per example: expected "
+            f"shape [{batch}] or [{batch}, k], got {tuple(positions.shape)}"
+        )
+    if rows.numel() and (int(rows.min()) < -seq or int(rows.max()) >= seq):
+        raise CaptureError(
+            f"positions {rows.flatten().tolist()} are out of range for a sequence of {seq}"
+        )
+    return rows % seq
+
+
+def position_index(
+    positions: Any,
+    batch: int,
+    seq: int,
+    attention_mask: torch.Tensor | None = None,
+    device: torch.device | None = None,
+) -> list[int] | torch.Tensor | None:
+    """Resolve ``positions=`` for a call of ``batch`` x ``seq`` tokens.
+
+    ``None``: every position. An int, a list of ints or a slice: the same positions in every
+    example (negative counts from the end). ``"last"``: each example's last real token, read
+    from the attention mask (either padding side). A tensor: per example, shape ``[batch]`` or
+    ``[batch, k]``. Returns ``None`` (all), a list of non-negative indices shared by every
+    example, or a ``[batch, k]`` tensor of per-example indices.
+
+    Example:
+        >>> position_index([0, -1], batch=2, seq=5)
+        [0, 4]
+        >>> position_index("last", 2, 3, torch.tensor([[1, 1, 0], [1, 1, 1]])).tolist()
+        [[1], [2]]
+    """
+    if positions is None:
+        return None
+    if isinstance(positions, str):
+        if positions != "last":
+            raise CaptureError(
+                f"positions={positions!r} is not understood: use 'last', an int, a list of ints, "
+                "a slice or a per-example tensor"
+            )
+        where = device if device is not None else torch.device("cpu")
+        return call_positions(attention_mask, batch, seq, where).unsqueeze(1)
+    if isinstance(positions, torch.Tensor):
+        if positions.dtype == torch.bool:
+            raise CaptureError(
+                "a boolean positions mask is not supported: pass per-example indices, e.g. "
+                "introspect.last_token_positions(mask)"
+            )
+        rows = _per_row(positions, batch, seq)
+        return rows.to(device) if device is not None else rows
+    if isinstance(positions, slice):
+        return list(range(seq))[positions]
+    items = [positions] if isinstance(positions, int) else list(positions)
+    out = []
+    for p in items:
+        if not isinstance(p, int) or isinstance(p, bool):
+            raise CaptureError(f"positions must be integers, got {p!r}")
+        if not -seq <= p < seq:
+            raise CaptureError(
+                f"position {p} is out of range for a sequence of {seq} tokens (use "
+                f"{-seq}..{seq - 1})"
+            )
+        out.append(p % seq)
+    return out
+
+
+def gather_positions(value: torch.Tensor, index: list[int] | torch.Tensor) -> torch.Tensor:
+    """``value[:, index]`` for shared indices, or each example's own rows for a tensor index.
+
+    Example:
+        >>> v = torch.arange(6.0).reshape(2, 3, 1)
+        >>> gather_positions(v, torch.tensor([[2], [0]])).flatten().tolist()
+        [2.0, 3.0]
+    """
+    if isinstance(index, torch.Tensor):
+        rows = torch.arange(value.shape[0], device=value.device).unsqueeze(1)
+        return value[rows, index.to(value.device)]
+    return value[:, index]
