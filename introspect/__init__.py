@@ -32,7 +32,9 @@ from introspect.errors import (
 from introspect.hookspecs import hookimpl
 from introspect.inspector import Inspector, get_hidden_state
 from introspect.interventions import Intervention, logit_difference, mean_activation
+from introspect.lens import LensResult, logit_lens
 from introspect.locators import Locator, parse
+from introspect.models import load_model
 from introspect.plugins import get_plugin_manager, get_registry, new_plugin_manager
 from introspect.spec import AdapterSpec, LogitOp, StackSpec
 
@@ -49,6 +51,7 @@ __all__ = [
     "Intervention",
     "InterventionError",
     "IntrospectError",
+    "LensResult",
     "Locator",
     "LocatorError",
     "LogitOp",
@@ -65,7 +68,9 @@ __all__ = [
     "get_registry",
     "hookimpl",
     "last_token_positions",
+    "load_model",
     "logit_difference",
+    "logit_lens",
     "mean_activation",
     "new_plugin_manager",
     "pad_batch",

