@@ -16,6 +16,7 @@ from introspect.batching import (
     real_token_positions,
 )
 from introspect.capture import Capture, Record
+from introspect.detect import DetectedAdapterWarning, detect_adapter
 from introspect.errors import (
     AdapterConflictError,
     AdapterError,
@@ -47,6 +48,7 @@ __all__ = [
     "Capture",
     "CaptureError",
     "ConformanceError",
+    "DetectedAdapterWarning",
     "Inspector",
     "Intervention",
     "InterventionError",
@@ -62,6 +64,7 @@ __all__ = [
     "StackSpec",
     "UnsupportedArchitectureError",
     "__version__",
+    "detect_adapter",
     "encode_batch",
     "get_hidden_state",
     "get_plugin_manager",

@@ -142,6 +142,57 @@ def _adapters(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scaffold_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model", help="a transformers model type (e.g. 'llama') or a folder with config.json"
+    )
+    parser.add_argument(
+        "-o", "--output", help="the package folder to create (default: ./introspect-<name>)"
+    )
+    parser.add_argument("--name", help="the adapter name (default: the model type)")
+    parser.add_argument("--distribution", help="the distribution name (default: introspect-<name>)")
+    parser.add_argument(
+        "--adapter", help="start from this registered adapter's spec instead of detecting one"
+    )
+    parser.add_argument(
+        "--block",
+        action="append",
+        default=[],
+        metavar="PLUGIN",
+        help="do not load this plugin (entry point or distribution), e.g. to replace a built-in",
+    )
+    parser.add_argument("--force", action="store_true", help="replace an existing folder")
+    parser.add_argument(
+        "--print", action="store_true", help="print the spec's Python source, write nothing"
+    )
+
+
+@command(
+    "scaffold",
+    "write a plugin package (spec, entry point, conformance test) for a model",
+    _scaffold_options,
+)
+def _scaffold(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from introspect.plugins import get_plugin_manager, new_plugin_manager
+    from introspect.scaffold import scaffold, spec_source
+
+    pm = new_plugin_manager(block=args.block) if args.block else get_plugin_manager()
+    options = {"adapter": args.adapter, "name": args.name, "distribution": args.distribution}
+    if args.print:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = scaffold(args.model, f"{tmp}/pkg", plugin_manager=pm, **options)
+        print(spec_source(result.spec))
+        return 0
+    result = scaffold(args.model, args.output, plugin_manager=pm, force=args.force, **options)
+    print(f"wrote {result.distribution} (adapter {result.spec.name!r}) in {result.directory}:")
+    for path in result.files:
+        print(f"  {path}")
+    print(f"next: cd {result.directory} && pip install -e . && pytest")
+    return 0
+
+
 # -- commands that load a model --------------------------------------------------------------
 
 _MODEL_HELP = (

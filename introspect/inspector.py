@@ -6,6 +6,7 @@ with hooks, and applies what the model applies after its last block.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -92,8 +93,14 @@ def resolve_adapter(
     model: nn.Module,
     adapter: str | AdapterSpec | None = None,
     plugin_manager: IntrospectPluginManager | None = None,
+    *,
+    detect: bool = True,
 ) -> AdapterSpec:
     """The AdapterSpec for ``model``: forced by name or spec, else chosen by the plugins.
+
+    When no adapter claims the model and ``detect`` is true, its layout is detected from its
+    structure and proven against its own ``hidden_states`` (see :mod:`introspect.detect`);
+    a proven spec is used with a :class:`~introspect.detect.DetectedAdapterWarning`.
 
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -131,11 +138,14 @@ def resolve_adapter(
                 what = type(model).__name__ + (
                     f" (model_type {model_type!r})" if model_type else " (not a transformers model)"
                 )
-                raise NoAdapterError(
+                message = (
                     f"no adapter claims {what}. Registered adapters: "
                     f"{', '.join(sorted(registry.specs))}. Pass Inspector(model, "
                     f"adapter=AdapterSpec(...)) for your own model, or {_DOCS_HINT}"
                 )
+                if not detect:
+                    raise NoAdapterError(message)
+                spec = _detect(model, message)
         else:
             raise TypeError(
                 f"adapter must be None, an adapter name or an AdapterSpec, got "
@@ -145,6 +155,19 @@ def resolve_adapter(
         raise UnsupportedArchitectureError(
             f"{type(model).__name__} is not supported by adapter {spec.name!r}: {spec.unsupported}"
         )
+    return spec
+
+
+def _detect(model: nn.Module, message: str) -> AdapterSpec:
+    # Imported here: detection proves its guess with introspect.testing, which imports us.
+    from introspect.detect import DetectedAdapterWarning, detect_adapter, detected_message
+
+    try:
+        spec = detect_adapter(model)
+    except NoAdapterError as exc:
+        raise NoAdapterError(f"{message}. Structure detection did not help: {exc}") from None
+    # stacklevel 4: warn at the caller of Inspector(...) (or of resolve_adapter).
+    warnings.warn(detected_message(model, spec), DetectedAdapterWarning, stacklevel=4)
     return spec
 
 
@@ -165,11 +188,12 @@ class Inspector:
         adapter: str | AdapterSpec | None = None,
         *,
         plugin_manager: IntrospectPluginManager | None = None,
+        detect: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Inspector needs a torch.nn.Module, got {type(model).__name__}")
         self.model = model
-        self.adapter = resolve_adapter(model, adapter, plugin_manager)
+        self.adapter = resolve_adapter(model, adapter, plugin_manager, detect=detect)
         self._base = _base_model(model)
         self._paths: dict[int, str] | None = None
         self._resolved: dict[str | Locator, Locator] = {}

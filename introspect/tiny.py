@@ -1,0 +1,226 @@
+"""Tiny configs: shrink any transformers config to a model that builds and runs in a second.
+
+The shrink is generic: it lowers the usual size attributes (layers, hidden size, heads,
+feed-forward width, experts, vocabularies) where a config has them, only ever making them
+smaller, also inside sub-configs (``text_config``, ``vision_config``, ...). Special token ids
+stay inside the vocabulary, and per-layer lists (layer types, sliding windows) keep one layer
+of every kind the full model has, so a hybrid model keeps an attention layer. Nothing is
+downloaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["TINY_SIZES", "tiny_config", "tiny_overrides"]
+
+TINY_SIZES: dict[str, int] = {
+    "layers": 2,
+    "hidden": 64,
+    "heads": 4,
+    "kv_heads": 2,
+    "head_dim": 16,
+    "ffn": 128,
+    "experts": 4,
+    "experts_per_token": 2,
+    "vocab": 128,
+    "rank": 16,
+    "dense_layers": 1,
+    "expert_groups": 1,
+}
+"""The sizes :func:`tiny_overrides` shrinks to (hidden 64 = 4 heads of 16)."""
+
+_MAX_SAMPLED_LAYERS = 6
+
+# Config attribute names (generic transformers vocabulary) for each size.
+_ATTRS: dict[str, tuple[str, ...]] = {
+    "layers": (
+        "num_hidden_layers",
+        "n_layer",
+        "n_layers",
+        "num_layers",
+        "num_decoder_layers",
+        "num_encoder_layers",
+        "encoder_layers",
+        "decoder_layers",
+    ),
+    "hidden": (
+        "hidden_size",
+        "n_embd",
+        "n_embed",
+        "d_model",
+        "dim",
+        "embed_dim",
+        "emb_dim",
+        "model_dim",
+        "embedding_size",
+    ),
+    "heads": (
+        "num_attention_heads",
+        "n_head",
+        "n_heads",
+        "num_heads",
+        "encoder_attention_heads",
+        "decoder_attention_heads",
+    ),
+    "kv_heads": ("num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num"),
+    "head_dim": ("head_dim", "d_kv", "kv_channels", "attention_head_dim", "d_head"),
+    "ffn": (
+        "intermediate_size",
+        "ffn_dim",
+        "d_ff",
+        "d_inner",
+        "encoder_ffn_dim",
+        "decoder_ffn_dim",
+        "ffn_hidden_size",
+        "expert_ffn_hidden_size",
+        "hidden_dim",
+        "n_inner",
+        "moe_intermediate_size",
+        "shared_expert_intermediate_size",
+        "expert_intermediate_size",
+    ),
+    "experts": ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"),
+    "experts_per_token": (
+        "num_experts_per_tok",
+        "num_experts_per_token",
+        "moe_top_k",
+        "moe_k",
+        "num_selected_experts",
+    ),
+    "rank": ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "rotary_dim"),
+    # Leading dense layers of mixture-of-experts models: keep one so an MoE block remains.
+    "dense_layers": ("first_k_dense_replace",),
+    # Group-limited routing must fit the fewer experts.
+    "expert_groups": ("n_group", "topk_group"),
+}
+
+
+def _as_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+# Config dicts keyed by small integers that are not about layers.
+_NOT_PER_LAYER = {"id2label", "label2id"}
+
+
+def _layer_keyed(value: Any, layers: int) -> bool:
+    return (
+        isinstance(value, dict)
+        and bool(value)
+        and all(str(k).isdigit() and int(k) < layers for k in value)
+    )
+
+
+def _sample_layers(values: dict[str, Any], old: int, wanted: int) -> list[int]:
+    """Layer indices to keep: the first ``wanted``, plus the first layer of every other kind."""
+    per_layer: list[Any] = [v for v in values.values() if isinstance(v, list) and len(v) == old]
+    per_layer += [
+        [v.get(i, v.get(str(i))) for i in range(old)]
+        for k, v in values.items()
+        if k not in _NOT_PER_LAYER and _layer_keyed(v, old)
+    ]
+    keep = list(range(min(wanted, old)))
+    seen = {tuple(repr(v[i]) for v in per_layer) for i in keep}
+    for i in range(old):
+        kind = tuple(repr(v[i]) for v in per_layer)
+        if kind not in seen and len(keep) < _MAX_SAMPLED_LAYERS:
+            seen.add(kind)
+            keep.append(i)
+    return sorted(keep)
+
+
+def _shrink(values: dict[str, Any], wanted: dict[str, int]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for size, attrs in _ATTRS.items():
+        if size == "layers":
+            continue
+        for attr in attrs:
+            current = _as_int(values.get(attr))
+            if current is not None and current > wanted[size]:
+                overrides[attr] = wanted[size]
+    heads = [a for a in _ATTRS["heads"] if _as_int(values.get(a))]
+    for attr in _ATTRS["kv_heads"]:
+        # Multi-head attention (as many key/value heads as heads) stays multi-head.
+        if heads and values.get(attr) == values[heads[0]] and heads[0] in overrides:
+            overrides[attr] = overrides[heads[0]]
+    for attr, value in values.items():
+        if "vocab_size" in attr and _as_int(value) is not None and value > wanted["vocab"]:
+            overrides[attr] = wanted["vocab"]
+    lists_done: set[str] = set()
+    for attr in _ATTRS["layers"]:
+        old = _as_int(values.get(attr))
+        if old is None or old <= wanted["layers"]:
+            continue
+        keep = _sample_layers(values, old, wanted["layers"])
+        overrides[attr] = len(keep)
+        for key, value in values.items():
+            if key in lists_done:
+                continue
+            if isinstance(value, list) and len(value) == old:
+                overrides[key] = [value[i] for i in keep]
+                lists_done.add(key)
+            elif key not in _NOT_PER_LAYER and _layer_keyed(value, old):
+                # Per-layer settings keyed by layer index follow the kept layers.
+                renumber = {str(i): type(k)(new) for new, i in enumerate(keep) for k in value}
+                overrides[key] = {
+                    renumber[str(k)]: v for k, v in value.items() if str(k) in renumber
+                }
+                lists_done.add(key)
+    vocab = _as_int(overrides.get("vocab_size", values.get("vocab_size")))
+    if vocab is not None:
+        for attr, value in values.items():
+            if not attr.endswith("_token_id"):
+                continue
+            if _as_int(value) is not None and value >= vocab:
+                overrides[attr] = vocab - 1
+            elif isinstance(value, list) and any(
+                _as_int(v) is not None and v >= vocab for v in value
+            ):
+                overrides[attr] = [min(v, vocab - 1) for v in value]
+    for key, value in values.items():
+        if isinstance(value, dict) and "model_type" in value:
+            sub = _shrink(value, wanted)
+            if sub:
+                overrides[key] = {**value, **sub}
+    return overrides
+
+
+def tiny_overrides(config: Any, sizes: dict[str, int] | None = None) -> dict[str, Any]:
+    """The keyword overrides that shrink ``config`` (never growing a value it has).
+
+    ``sizes`` replaces some of :data:`TINY_SIZES`.
+
+    Example:
+        >>> from transformers import GPT2Config
+        >>> tiny_overrides(GPT2Config())["n_layer"], tiny_overrides(GPT2Config())["n_embd"]
+        (2, 64)
+    """
+    wanted = {**TINY_SIZES, **(sizes or {})}
+    values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return _shrink(values, wanted)
+
+
+def tiny_config(model_type_or_config: Any, **extra: Any) -> Any:
+    """A shrunk config of a ``model_type`` name (or of a given config), built offline.
+
+    ``extra`` overrides are applied last.
+
+    Example:
+        >>> cfg = tiny_config("llama")
+        >>> cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
+        (2, 64, 128)
+    """
+    from transformers import AutoConfig
+
+    if isinstance(model_type_or_config, str):
+        default = AutoConfig.for_model(model_type_or_config)
+        overrides = {**tiny_overrides(default), **extra}
+        return AutoConfig.for_model(model_type_or_config, **overrides)
+    config = model_type_or_config
+    values = config.to_dict()
+    values.pop("model_type", None)
+    values.pop("transformers_version", None)
+    values.update(tiny_overrides(config))
+    values.update(extra)
+    return type(config)(**values)
