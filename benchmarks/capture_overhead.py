@@ -56,6 +56,16 @@ def cases(model: GPT2LMHeadModel, inputs: dict[str, torch.Tensor]) -> dict[str, 
         "output_hidden_states=True": hf_hidden_states,
         "capture block[0]+block[-1]": capture,
     }
+    # Early stop ends the forward after the first half of the blocks, without the head:
+    # block[5] of 12 (on a smaller model, the last block of its first half).
+    stop_at = max(insp.num_blocks // 2 - 1, 0)
+
+    def early_stop() -> object:
+        with insp.capture(f"block[{stop_at}]", stop=True) as cap:
+            model(**inputs)
+        return cap
+
+    found[f"early stop block[{stop_at}] of {insp.num_blocks}"] = early_stop
     return found
 
 
