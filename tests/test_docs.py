@@ -1,4 +1,4 @@
-"""Every code block in docs/ runs, page by page, as a newcomer would run it.
+"""Every code block in docs/ (and the README) runs, page by page, as a newcomer would run it.
 
 What runs:
 
@@ -113,7 +113,9 @@ def _missing_distributions(block: Block) -> list[str]:
 
 
 def _pages() -> list[str]:
-    return sorted(str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md")) if DOCS.is_dir() else []
+    pages = sorted(str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md")) if DOCS.is_dir() else []
+    # The README's quickstart is the first code a newcomer runs: it runs here too.
+    return [*pages, "../README.md"]
 
 
 def test_the_harness_reads_blocks_and_markers() -> None:
