@@ -469,7 +469,9 @@ class Intervention:
     def __add__(self, other: Intervention) -> Intervention:
         if not isinstance(other, Intervention):
             return NotImplemented
-        return Intervention([*self.edits, *other.edits], root=self.root or other.root)
+        return Intervention(
+            [*self.edits, *other.edits], root=self.root if self.root is not None else other.root
+        )
 
     def _mask_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         mask = kwargs.get("attention_mask")
