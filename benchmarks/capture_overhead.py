@@ -1,16 +1,19 @@
 """How much does a capture cost next to a plain forward?
 
 Prints, for a GPT-2-small-sized random model (12 layers, hidden 768, vocab 50257) at batch
-4 x 128 and a tiny GPT-2 at batch 1 x 16, the median time of each case and its ratio to the
-plain forward measured in the same run. Cases are interleaved round by round (so drift in
-machine load hits them all alike), after warm-up; each round times ``repeat`` forwards.
+4 x 128 and a tiny GPT-2 (12 layers, hidden 64) at batch 1 x 16, the median time of each case
+and its ratio to the plain forward measured in the same run. After warm-up, cases are
+interleaved call by call in a shuffled order each round, so drift in machine load hits them
+all alike; the median of the per-call times discards the rare pauses (garbage collection,
+other processes).
 
-Run: ``python benchmarks/capture_overhead.py [--rounds 15] [--only tiny|small]``
+Run: ``python benchmarks/capture_overhead.py [--rounds 25] [--only tiny|small]``
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -24,13 +27,13 @@ Case = Callable[[], object]
 
 
 def build(size: str) -> tuple[GPT2LMHeadModel, dict[str, torch.Tensor], int]:
-    """The model, its inputs and how many forwards one timed round runs."""
+    """The model, its inputs and how many timed calls of each case one round makes."""
     if size == "small":
         config = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
         batch, seq, repeat = 4, 128, 1
     else:
-        config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64)
-        batch, seq, repeat = 1, 16, 200
+        config = GPT2Config(n_layer=12, n_embd=64, n_head=4, vocab_size=1000, n_positions=64)
+        batch, seq, repeat = 1, 16, 100
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config).eval()
     ids = torch.randint(0, config.vocab_size, (batch, seq))
@@ -70,27 +73,27 @@ def cases(model: GPT2LMHeadModel, inputs: dict[str, torch.Tensor]) -> dict[str, 
 
 
 def measure(run: dict[str, Case], rounds: int, repeat: int) -> dict[str, float]:
-    """Median seconds per forward of each case, interleaved round by round."""
+    """Median seconds per call of each case, interleaved call by call."""
     times: dict[str, list[float]] = {name: [] for name in run}
+    shuffle = random.Random(0).shuffle
+    clock = time.perf_counter
     with torch.no_grad():
         for case in run.values():  # warm-up (lazy inits, allocator, HF's own hooks)
-            for _ in range(max(2, repeat // 10)):
+            for _ in range(max(3, repeat // 10)):
                 case()
-        for r in range(rounds):
-            order = list(run.items())
-            if r % 2:
-                order.reverse()  # no case always runs right after another
+        order = list(run.items())
+        for _ in range(rounds * repeat):
+            shuffle(order)  # no case always runs right after another
             for name, case in order:
-                start = time.perf_counter()
-                for _ in range(repeat):
-                    case()
-                times[name].append((time.perf_counter() - start) / repeat)
+                start = clock()
+                case()
+                times[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--only", choices=["tiny", "small"])
     args = parser.parse_args()
     sizes = [args.only] if args.only else ["small", "tiny"]
@@ -100,8 +103,8 @@ def main() -> None:
         shape = "x".join(str(d) for d in inputs["input_ids"].shape)
         medians = measure(cases(model, inputs), args.rounds, repeat)
         base = medians["plain forward"]
-        label = "GPT-2-small size (12 x 768)" if size == "small" else "tiny GPT-2 (2 x 64)"
-        print(f"\n{label}, batch {shape}, median of {args.rounds} rounds x {repeat} forwards")
+        label = "GPT-2-small size (12 x 768)" if size == "small" else "tiny GPT-2 (12 x 64)"
+        print(f"\n{label}, batch {shape}, median of {args.rounds * repeat} interleaved calls")
         for name, seconds in medians.items():
             print(f"  {name:<34} {seconds * 1e3:9.3f} ms   ratio {seconds / base:6.3f}")
 

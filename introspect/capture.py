@@ -192,6 +192,7 @@ class Record:
         "_input",
         "_input_before",
         "_kwargs",
+        "_later",
         "_output",
         "_output_before",
         "_positions",
@@ -201,7 +202,6 @@ class Record:
         "attention_mask",
         "edits",
         "key",
-        "steps",
     )
 
     def __init__(
@@ -249,7 +249,25 @@ class Record:
         self._raw_output = raw_output if keep_raw else None
         self.attention_mask = attention_mask
         self.edits = edits
-        self.steps: list[Record] = [self]
+        # Later calls only: a list holding the record itself would be a reference cycle,
+        # freed by the garbage collector instead of at once, keeping its tensors alive.
+        self._later: list[Record] = []
+
+    @property
+    def steps(self) -> list[Record]:
+        """The record of every call during the capture (one per generation step), this first."""
+        return [self, *self._later]
+
+    def add_step(self, record: Record) -> None:
+        """Append the record of a later call of the same module (the capture does this).
+
+        Example:
+            >>> rec = Record("b", (torch.ones(1, 3, 2),), {}, torch.zeros(1, 3, 2))
+            >>> rec.add_step(Record("b", (torch.ones(1, 1, 2),), {}, torch.ones(1, 1, 2)))
+            >>> len(rec.steps)
+            2
+        """
+        self._later.append(record)
 
     def _raw(self, name: str, value: Any) -> Any:
         if not self._raw_kept:
@@ -315,7 +333,7 @@ class Record:
 
         Example:
             >>> rec = Record("b", (torch.ones(1, 3, 2),), {}, torch.zeros(1, 3, 2))
-            >>> rec.steps.append(Record("b", (torch.ones(1, 1, 2),), {}, torch.ones(1, 1, 2)))
+            >>> rec.add_step(Record("b", (torch.ones(1, 1, 2),), {}, torch.ones(1, 1, 2)))
             >>> rec.concat().shape
             torch.Size([1, 4, 2])
         """
@@ -472,7 +490,7 @@ class Capture:
                     self.stopped = True
                     raise StopForward(self)
             else:
-                first.steps.append(rec)
+                first.add_step(rec)
 
         if target.needs_output:
 

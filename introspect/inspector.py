@@ -196,6 +196,7 @@ class Inspector:
         self.adapter = resolve_adapter(model, adapter, plugin_manager, detect=detect)
         self._base = _base_model(model)
         self._paths: dict[int, str] | None = None
+        self._targets: dict[tuple[str, bool], Target] = {}
         self._resolved: dict[str | Locator, Locator] = {}
         self._blocks: dict[str | None, nn.ModuleList] = {}
         for stack_name in self.adapter.stack_names:
@@ -437,6 +438,15 @@ class Inspector:
     # -- capture ----------------------------------------------------------------------------
 
     def _target(self, loc: Locator, needs_output: bool) -> Target:
+        # Targets are immutable and the model's structure is fixed: building one resolves
+        # paths, so reuse it (a capture per forward must stay cheap next to the forward).
+        cache_key = (str(loc), needs_output)
+        target = self._targets.get(cache_key)
+        if target is None:
+            target = self._targets[cache_key] = self._build_target(loc, needs_output)
+        return target
+
+    def _build_target(self, loc: Locator, needs_output: bool) -> Target:
         stack = self.adapter.stack(self._stack_key(loc.stack))
         input_kwarg = (
             stack.block_input_kwarg if loc.is_block and loc.sub is None else "hidden_states"
