@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -491,6 +492,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(run(args))
+    except BrokenPipeError:
+        # The reader went away (`introspect lens ... | head`): stop quietly, as Unix tools do,
+        # and keep Python from failing again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except (IntrospectError, OSError, ValueError) as exc:
         if args.debug:
             traceback.print_exc()

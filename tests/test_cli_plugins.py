@@ -50,3 +50,18 @@ def test_console_script_runs() -> None:
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     assert "plugins" in capsys.readouterr().out
+
+
+def test_a_closed_pipe_is_not_an_error() -> None:
+    # stdout is a pipe whose reader is gone, as in `introspect adapters --json | head -1`.
+    code = (
+        "import os, sys\n"
+        "read, write = os.pipe()\n"
+        "os.close(read)\n"
+        "os.dup2(write, 1)\n"
+        "from introspect.cli import main\n"
+        "sys.exit(main(['adapters', '--json']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 141, done.stderr
+    assert done.stderr == ""
