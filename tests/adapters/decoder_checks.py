@@ -62,6 +62,24 @@ def assert_head_and_base_conformant(
     assert_no_head(build_tiny(base_cls, cfg))
 
 
+Case = tuple[str, dict[str, Any], str, str]
+"""A test case: config class name, config overrides, head class name, base class name."""
+
+
+def build_case(case: Case, head: bool = True) -> tuple[nn.Module, Any]:
+    """The case's head (or base) class built tiny and perturbed, with its config."""
+    config_class, overrides, head_class, base_class = case
+    cfg = config(config_class, **overrides)
+    (cls,) = classes(head_class if head else base_class)
+    return build_tiny(cls, cfg), cfg
+
+
+def assert_case_conformant(case: Case, model_type: str) -> None:
+    """Both classes of the case conform, and the plugins pick ``model_type``'s adapter."""
+    config_class, overrides, head, base = case
+    assert_head_and_base_conformant(config(config_class, **overrides), head, base, model_type)
+
+
 def assert_no_head(base: nn.Module) -> None:
     """``logits`` on a base model raises MissingPartError saying there is no head."""
     insp = Inspector(base)

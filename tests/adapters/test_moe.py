@@ -8,14 +8,12 @@ import pytest
 import torch
 from decoder_checks import (
     assert_block_sums,
-    assert_head_and_base_conformant,
-    classes,
-    config,
+    assert_case_conformant,
+    build_case,
     tiny_inputs,
 )
 
 from introspect import Inspector, MissingPartError
-from introspect.testing import build_tiny
 
 LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
 
@@ -74,16 +72,12 @@ ROUTER = {"mixtral": "gate", "qwen2_moe": "gate", "qwen3_moe": "gate", "gpt_oss"
 
 
 def build(model_type: str, head: bool = True) -> tuple[torch.nn.Module, Any]:
-    config_class, overrides, head_class, base_class = CASES[model_type]
-    cfg = config(config_class, **overrides)
-    (cls,) = classes(head_class if head else base_class)
-    return build_tiny(cls, cfg), cfg
+    return build_case(CASES[model_type], head)
 
 
 @pytest.mark.parametrize("model_type", sorted(CASES))
 def test_conformant_with_and_without_head(model_type: str) -> None:
-    config_class, overrides, head, base = CASES[model_type]
-    assert_head_and_base_conformant(config(config_class, **overrides), head, base, model_type)
+    assert_case_conformant(CASES[model_type], model_type)
 
 
 @pytest.mark.parametrize("model_type", sorted(CASES))
