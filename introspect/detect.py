@@ -26,7 +26,9 @@ from torch import nn
 
 from introspect.capture import hidden_of
 from introspect.errors import IntrospectError, NoAdapterError
+from introspect.inspector import _base_model, _get_path
 from introspect.spec import AdapterSpec, HiddenStart, LogitOp, StackSpec
+from introspect.testing import close
 
 __all__ = ["DetectedAdapterWarning", "detect_adapter", "detected_message"]
 
@@ -89,11 +91,6 @@ class _StackMatch:
     raw_last: torch.Tensor
 
 
-def _base_model(model: nn.Module) -> nn.Module:
-    base = getattr(model, "base_model", None)
-    return base if isinstance(base, nn.Module) else model
-
-
 def _tolerance(model: nn.Module) -> tuple[float, float]:
     param = next(model.parameters(), None)
     if param is None or param.dtype in (torch.float32, torch.float64):
@@ -102,12 +99,7 @@ def _tolerance(model: nn.Module) -> tuple[float, float]:
 
 
 def _close(a: Any, b: Any, tol: tuple[float, float]) -> bool:
-    return (
-        isinstance(a, torch.Tensor)
-        and isinstance(b, torch.Tensor)
-        and a.shape == b.shape
-        and bool(torch.allclose(a.float(), b.float(), atol=tol[0], rtol=tol[1]))
-    )
+    return close(a, b, *tol)
 
 
 def _slug(text: str) -> str:
@@ -359,7 +351,8 @@ def _stack_spec(
     after: list[str] = []
     modules: dict[str, str] = {}
     for path in match.chain:
-        module = _get(base, path)
+        module = _get_path(base, path)
+        assert module is not None  # the chain's paths come from base.named_modules()
         if "final_norm" not in after and _NORM_NAME.search(type(module).__name__):
             fields["final_norm"] = path
             after.append("final_norm")
@@ -392,13 +385,6 @@ def _has_sub_modules(fields: Mapping[str, Any]) -> bool:
         or fields.get("mlp")
         or (encoder is not None and (encoder.get("attn") or encoder.get("mlp")))
     )
-
-
-def _get(root: nn.Module, path: str) -> nn.Module:
-    module = root
-    for part in path.split("."):
-        module = module[int(part)] if part.isdigit() else getattr(module, part)  # type: ignore[index]
-    return module
 
 
 def _head_candidates(

@@ -33,6 +33,7 @@ __all__ = [
     "assert_conformant",
     "build_tiny",
     "check_conformance",
+    "close",
     "example_inputs",
     "perturb",
 ]
@@ -103,7 +104,13 @@ def _diff(a: Any, b: Any) -> float:
     return float((a.detach().float() - b.detach().float()).abs().max()) if a.numel() else 0.0
 
 
-def _close(a: Any, b: Any, atol: float, rtol: float) -> bool:
+def close(a: Any, b: Any, atol: float, rtol: float) -> bool:
+    """Whether ``a`` and ``b`` are tensors of one shape that ``torch.allclose`` (as float).
+
+    Example:
+        >>> close(torch.ones(2), torch.ones(2) + 1e-7, 1e-6, 0.0)
+        True
+    """
     return (
         isinstance(a, torch.Tensor)
         and isinstance(b, torch.Tensor)
@@ -166,7 +173,7 @@ def check_conformance(
             for i in range(n):
                 loc = insp.hidden_state_locator(i, stack)
                 negative = insp.hidden_state_locator(i - n, stack)
-                ok = _close(ours[i], theirs[i], atol, rtol) and loc == negative
+                ok = close(ours[i], theirs[i], atol, rtol) and loc == negative
                 add(
                     Check(
                         f"{label}hidden_states[{i}]",
@@ -186,7 +193,7 @@ def check_conformance(
                 add(
                     Check(
                         f"{label}hidden_states[-1] == finish(block[-1].output)",
-                        _close(finished, theirs[-1], atol, rtol),
+                        close(finished, theirs[-1], atol, rtol),
                         _diff(finished, theirs[-1]),
                         " -> ".join(["block[-1]", *spec.after_blocks]),
                     )
@@ -201,7 +208,7 @@ def check_conformance(
                     add(
                         Check(
                             "logits(block[-1].output) == model logits",
-                            _close(logits, reference["logits"], atol * 10, rtol * 10),
+                            close(logits, reference["logits"], atol * 10, rtol * 10),
                             _diff(logits, reference["logits"]),
                         )
                     )
