@@ -81,19 +81,17 @@ BART = AdapterSpec(
     ),
 )
 
-BART_CAUSAL = BART.model_copy(
-    update={
-        "name": "bart-causal",
-        "model_types": (),
-        "architectures": ("BartForCausalLM",),
-        "description": "BART's decoder alone (BartForCausalLM): no encoder, no logits bias",
-        "encoder": None,
-        "root": None,
-        # Without an encoder the decoder's cross-attention never runs.
-        "parts": _PARTS,
-        "logit_ops": (),
-        "notes": ("attn_norm/mlp_norm are applied after each residual add (post-LN)",),
-    }
+BART_CAUSAL = BART.derive(
+    name="bart-causal",
+    model_types=(),
+    architectures=("BartForCausalLM",),
+    description="BART's decoder alone (BartForCausalLM): no encoder, no logits bias",
+    encoder=None,
+    root=None,
+    # Without an encoder the decoder's cross-attention never runs.
+    parts=_PARTS,
+    logit_ops=(),
+    notes=("attn_norm/mlp_norm are applied after each residual add (post-LN)",),
 )
 
 

@@ -67,8 +67,8 @@ BERT = AdapterSpec(
     ),
 )
 
-ROBERTA = BERT.model_copy(
-    update={
+ROBERTA = BERT.derive(
+    **{
         "name": "roberta",
         "model_types": ("roberta",),
         "description": "RoBERTa (BERT layout, positions offset by the padding index, MLP head)",

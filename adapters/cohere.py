@@ -12,12 +12,11 @@ from collections.abc import Callable
 from introspect.hookspecs import hookimpl
 from introspect.spec import AdapterSpec, LogitOp
 
-from .llama import LLAMA, derive
+from .llama import LLAMA
 
 __all__ = ["COHERE"]
 
-COHERE = derive(
-    LLAMA,
+COHERE = LLAMA.derive(
     name="cohere",
     model_types=("cohere", "cohere2"),
     description=(

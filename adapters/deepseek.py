@@ -12,14 +12,13 @@ from collections.abc import Callable
 from introspect.hookspecs import hookimpl
 from introspect.spec import AdapterSpec
 
-from .llama import LLAMA, derive
+from .llama import LLAMA
 
 __all__ = ["DEEPSEEK"]
 
 _DENSE = "the first config.first_k_dense_replace blocks have a dense MLP, which has no {what}"
 
-DEEPSEEK = derive(
-    LLAMA,
+DEEPSEEK = LLAMA.derive(
     name="deepseek",
     model_types=("deepseek_v2", "deepseek_v3"),
     description=(

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from introspect.hookspecs import hookimpl
 from introspect.spec import AdapterSpec, LogitOp
 
-from .llama import LLAMA, derive
+from .llama import LLAMA
 
 __all__ = ["GEMMA", "GEMMA2", "GEMMA3_TEXT"]
 
@@ -27,16 +27,14 @@ _SCALED_EMBEDDINGS = (
     "the model's forward scales (Gemma/Gemma-2 on transformers 4.x)"
 )
 
-GEMMA = derive(
-    LLAMA,
+GEMMA = LLAMA.derive(
     name="gemma",
     model_types=("gemma",),
     description="Gemma: the Llama layout, embeddings scaled by sqrt(hidden_size), (1 + w) RMSNorm",
     notes=(_SCALED_EMBEDDINGS,),
 )
 
-GEMMA2 = derive(
-    GEMMA,
+GEMMA2 = GEMMA.derive(
     name="gemma2",
     model_types=("gemma2",),
     description=(
@@ -62,8 +60,7 @@ GEMMA2 = derive(
 
 # transformers 4.x names the inner model ``model`` but gives Gemma3ForCausalLM the base-model
 # prefix ``language_model``, so ``base_model`` is the causal-LM class itself there.
-GEMMA3_TEXT = derive(
-    GEMMA2,
+GEMMA3_TEXT = GEMMA2.derive(
     name="gemma3_text",
     model_types=("gemma3_text",),
     description=(

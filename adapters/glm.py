@@ -13,12 +13,11 @@ from collections.abc import Callable
 from introspect.hookspecs import hookimpl
 from introspect.spec import AdapterSpec
 
-from .llama import LLAMA, derive
+from .llama import LLAMA
 
 __all__ = ["GLM4"]
 
-GLM4 = derive(
-    LLAMA,
+GLM4 = LLAMA.derive(
     name="glm4",
     model_types=("glm4",),
     description="GLM-4: the Llama layout with a norm after attention and after the MLP",

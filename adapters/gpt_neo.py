@@ -29,15 +29,11 @@ GPT_NEO = AdapterSpec(
     ),
 )
 
-GPT_BIGCODE = GPT_NEO.model_copy(
-    update={
-        "name": "gpt_bigcode",
-        "model_types": ("gpt_bigcode",),
-        "description": "GPT-BigCode / StarCoder (GPT-2 layout with multi-query attention)",
-        "notes": (
-            "hidden_states[0] = wte(ids) + wpe(positions): use block[0].input, not embed, for it",
-        ),
-    }
+GPT_BIGCODE = GPT_NEO.derive(
+    name="gpt_bigcode",
+    model_types=("gpt_bigcode",),
+    description="GPT-BigCode / StarCoder (GPT-2 layout with multi-query attention)",
+    notes=("hidden_states[0] = wte(ids) + wpe(positions): use block[0].input, not embed, for it",),
 )
 
 

@@ -31,8 +31,8 @@ GPTJ = AdapterSpec(
     notes=("block[i] output = input + attn(ln_1(input)) + mlp(ln_1(input))",),
 )
 
-CODEGEN = GPTJ.model_copy(
-    update={
+CODEGEN = GPTJ.derive(
+    **{
         "name": "codegen",
         "model_types": ("codegen",),
         "description": "CodeGen (GPT-J layout: parallel attention + MLP on one LayerNorm)",

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from introspect.hookspecs import hookimpl
 from introspect.spec import AdapterSpec, LogitOp
 
-from .llama import LLAMA, derive
+from .llama import LLAMA
 
 __all__ = ["GRANITE", "GRANITEMOE"]
 
@@ -26,8 +26,7 @@ _NOTES = (
     "logits = lm_head(final_norm(h)) / config.logits_scaling",
 )
 
-GRANITE = derive(
-    LLAMA,
+GRANITE = LLAMA.derive(
     name="granite",
     model_types=("granite",),
     description=(
@@ -37,8 +36,7 @@ GRANITE = derive(
     notes=_NOTES,
 )
 
-GRANITEMOE = derive(
-    GRANITE,
+GRANITEMOE = GRANITE.derive(
     name="granitemoe",
     model_types=("granitemoe",),
     description="GraniteMoE: Granite with a sparse-MoE MLP (block_sparse_moe) in every block",

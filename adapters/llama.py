@@ -3,7 +3,7 @@
 Llama, Mistral, Qwen2, Qwen3 and Phi-3 share one layout: each block is
 ``h = x + self_attn(input_layernorm(x)); out = h + mlp(post_attention_layernorm(h))`` and the
 model applies ``norm`` after the last block. Sibling families elsewhere in this package derive
-their specs from :data:`LLAMA` with :func:`derive`.
+their specs from :data:`LLAMA` with ``LLAMA.derive(...)``.
 """
 
 from __future__ import annotations
@@ -18,15 +18,13 @@ __all__ = ["LLAMA", "PHI3", "derive"]
 
 
 def derive(base: AdapterSpec, **changes: Any) -> AdapterSpec:
-    """A sibling of ``base`` with ``changes`` applied, validated like a fresh spec.
-
-    Unlike ``base.model_copy(update=...)``, a misspelt field or a bad path is an error here.
+    """``base.derive(**changes)``: kept for plugins written against earlier releases.
 
     Example:
-        >>> derive(LLAMA, name="llama-sibling", model_types=("sibling",)).final_norm
+        >>> LLAMA.derive( name="llama-sibling", model_types=("sibling",)).final_norm
         'norm'
     """
-    return AdapterSpec.model_validate({**base.model_dump(), **changes})
+    return base.derive(**changes)
 
 
 LLAMA = AdapterSpec(
@@ -42,8 +40,7 @@ LLAMA = AdapterSpec(
     lm_head="lm_head",
 )
 
-PHI3 = derive(
-    LLAMA,
+PHI3 = LLAMA.derive(
     name="phi3",
     model_types=("phi3",),
     description="Phi-3: the Llama layout with fused qkv_proj and gate_up_proj projections",

@@ -39,12 +39,10 @@ MAMBA = AdapterSpec(
     notes=("hidden_states[i] = block[i].output for i < L; hidden_states[L] = norm_f(block[L-1])",),
 )
 
-MAMBA2 = MAMBA.model_copy(
-    update={
-        "name": "mamba2",
-        "model_types": ("mamba2",),
-        "description": "Mamba2 (multi-head SSD blocks, final RMSNorm, no embedding entry)",
-    }
+MAMBA2 = MAMBA.derive(
+    name="mamba2",
+    model_types=("mamba2",),
+    description="Mamba2 (multi-head SSD blocks, final RMSNorm, no embedding entry)",
 )
 
 

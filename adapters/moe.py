@@ -14,15 +14,14 @@ from collections.abc import Callable
 from introspect.hookspecs import hookimpl
 from introspect.spec import AdapterSpec
 
-from .llama import LLAMA, derive
+from .llama import LLAMA
 
 __all__ = ["GPT_OSS", "MIXTRAL", "QWEN2_MOE", "QWEN3_MOE"]
 
 _NORMS = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
 
 # transformers 4.x names Mixtral's sparse-MoE module block_sparse_moe, 5.x names it mlp.
-MIXTRAL = derive(
-    LLAMA,
+MIXTRAL = LLAMA.derive(
     name="mixtral",
     model_types=("mixtral",),
     description="Mixtral: the Llama layout with a sparse-MoE MLP in every block",
@@ -43,8 +42,7 @@ _DENSE_NO_ROUTER = (
     "this block's MLP is dense (config.mlp_only_layers / decoder_sparse_step), so it has no router"
 )
 
-QWEN2_MOE = derive(
-    LLAMA,
+QWEN2_MOE = LLAMA.derive(
     name="qwen2_moe",
     model_types=("qwen2_moe",),
     description="Qwen2-MoE: the Llama layout with sparse-MoE MLPs and a gated shared expert",
@@ -62,8 +60,7 @@ QWEN2_MOE = derive(
     ),
 )
 
-QWEN3_MOE = derive(
-    LLAMA,
+QWEN3_MOE = LLAMA.derive(
     name="qwen3_moe",
     model_types=("qwen3_moe",),
     description="Qwen3-MoE: the Llama layout (with q/k norms) and sparse-MoE MLPs",
@@ -79,8 +76,7 @@ QWEN3_MOE = derive(
     ),
 )
 
-GPT_OSS = derive(
-    LLAMA,
+GPT_OSS = LLAMA.derive(
     name="gpt_oss",
     model_types=("gpt_oss",),
     description=(

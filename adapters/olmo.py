@@ -12,12 +12,11 @@ from collections.abc import Callable
 from introspect.hookspecs import hookimpl
 from introspect.spec import AdapterSpec
 
-from .llama import LLAMA, derive
+from .llama import LLAMA
 
 __all__ = ["OLMO", "OLMO2", "OLMOE"]
 
-OLMO = derive(
-    LLAMA,
+OLMO = LLAMA.derive(
     name="olmo",
     model_types=("olmo",),
     description="OLMo: the Llama layout with parameter-free LayerNorms",
@@ -32,8 +31,7 @@ _NO_PRE_NORM = (
     "straight into attention and the MLP (see block[i].post_attn_norm / post_mlp_norm)"
 )
 
-OLMO2 = derive(
-    LLAMA,
+OLMO2 = LLAMA.derive(
     name="olmo2",
     model_types=("olmo2",),
     description="OLMo-2: norms after each sub-layer instead of before, q/k norms in attention",
@@ -48,8 +46,7 @@ OLMO2 = derive(
     ),
 )
 
-OLMOE = derive(
-    LLAMA,
+OLMOE = LLAMA.derive(
     name="olmoe",
     model_types=("olmoe",),
     description="OLMoE: the Llama layout (with q/k norms) and a sparse-MoE MLP in every block",

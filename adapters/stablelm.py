@@ -31,13 +31,11 @@ STABLELM = AdapterSpec(
     lm_head="lm_head",
 )
 
-STARCODER2 = STABLELM.model_copy(
-    update={
-        "name": "starcoder2",
-        "model_types": ("starcoder2",),
-        "description": "StarCoder2 (Llama layout with LayerNorm and biases)",
-        "missing": {},
-    }
+STARCODER2 = STABLELM.derive(
+    name="starcoder2",
+    model_types=("starcoder2",),
+    description="StarCoder2 (Llama layout with LayerNorm and biases)",
+    missing={},
 )
 
 

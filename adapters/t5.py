@@ -82,8 +82,8 @@ T5 = AdapterSpec(
     ),
 )
 
-T5_ENCODER = AdapterSpec(
-    **ENCODER.model_dump(exclude={"root"}),
+T5_ENCODER = AdapterSpec.from_stack(
+    ENCODER.derive(root=None),
     name="t5-encoder",
     architectures=("T5EncoderModel",),
     description="T5's encoder alone (T5EncoderModel): one stack, named encoder",

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from introspect._paths import base_model, get_path
+from introspect._resolve import Resolver
 from introspect.batching import PaddingSide, Positions, encode_batch
 from introspect.capture import Capture, Record, Target, Transform
 from introspect.errors import (
@@ -48,29 +50,9 @@ __all__ = ["Inspector", "get_hidden_state", "resolve_adapter"]
 _DOCS_HINT = "see docs/plugins/tutorial.md to write an adapter plugin"
 
 
-def _base_model(model: nn.Module) -> nn.Module:
-    base = getattr(model, "base_model", None)
-    return base if isinstance(base, nn.Module) else model
-
-
-def _get_path(root: nn.Module, path: str) -> nn.Module | None:
-    for alternative in path.split("|"):
-        found = _get_one_path(root, alternative)
-        if found is not None:
-            return found
-    return None
-
-
-def _get_one_path(root: nn.Module, path: str) -> nn.Module | None:
-    module: Any = root
-    for part in path.split("."):
-        if isinstance(module, (nn.ModuleList, nn.Sequential)) and part.lstrip("-").isdigit():
-            module = module[int(part)]
-            continue
-        module = getattr(module, part, None)
-        if module is None:
-            return None
-    return module if isinstance(module, nn.Module) else None
+# Detection imports these two; they live in introspect._paths.
+_base_model = base_model
+_get_path = get_path
 
 
 def _to_dtype_of(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -194,39 +176,21 @@ class Inspector:
             raise TypeError(f"Inspector needs a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.adapter = resolve_adapter(model, adapter, plugin_manager, detect=detect)
-        self._base = _base_model(model)
-        self._paths: dict[int, str] | None = None
-        self._targets: dict[tuple[str, bool], Target] = {}
-        self._resolved: dict[str | Locator, Locator] = {}
-        self._blocks: dict[str | None, nn.ModuleList] = {}
-        for stack_name in self.adapter.stack_names:
-            self._blocks[stack_name] = self._block_list(stack_name)
+        self._resolver = Resolver(model, self.adapter, _DOCS_HINT)
 
-    # -- resolution -------------------------------------------------------------------------
+    # -- resolution (introspect._resolve owns it; the model may change between two calls) -----
 
-    def _block_list(self, stack_name: str | None) -> nn.ModuleList:
-        stack = self.adapter.stack(stack_name)
-        blocks = _get_path(self._base, stack.blocks)
-        if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
-            where = f"{type(self._base).__name__}.{stack.blocks}"
-            found = "no such module" if blocks is None else type(blocks).__name__
-            raise MissingPartError(
-                f"adapter {self.adapter.name!r} expects the blocks at {where}, but "
-                f"{type(self.model).__name__} has {found}: is this the right adapter? "
-                f"({_DOCS_HINT})"
-            )
-        return blocks  # type: ignore[return-value]
+    @property
+    def _base(self) -> nn.Module:
+        return self._resolver.base()[0]
 
     def _stack_key(self, name: str | None) -> str | None:
-        if name is None or name == self.adapter.stack_name:
-            return self.adapter.stack_name
-        self.adapter.stack(name)  # raises a LocatorError naming the valid stacks
-        return name
+        return self._resolver.stack_key(name)
 
     @property
     def num_blocks(self) -> int:
-        """Number of blocks in the main stack (``len`` of the block list)."""
-        return len(self._blocks[self.adapter.stack_name])
+        """Number of blocks in the main stack (``len`` of the block list, as the model is now)."""
+        return self._resolver.num_blocks()
 
     def num_blocks_in(self, stack: str | None = None) -> int:
         """Number of blocks in ``stack`` (``encoder``/``decoder`` on encoder-decoder models).
@@ -237,7 +201,7 @@ class Inspector:
             >>> Inspector(m).num_blocks_in()
             3
         """
-        return len(self._blocks[self._stack_key(stack)])
+        return self._resolver.num_blocks(stack)
 
     def locator(self, text: str | Locator) -> Locator:
         """Parse ``text`` and resolve its block index (errors name the valid range).
@@ -248,24 +212,12 @@ class Inspector:
             >>> str(Inspector(m).locator("block[-1]"))
             'block[2]'
         """
-        # Locators are frozen and the block count is fixed: resolve each text once (this keeps
-        # a capture's set-up cheap next to a small forward).
-        cached = self._resolved.get(text)
-        if cached is not None:
-            return cached
-        loc = Locator.parse(text)
-        stack_key = self._stack_key(loc.stack)
-        if loc.stack is not None and stack_key == self.adapter.stack_name:
-            loc = loc.model_copy(update={"stack": self.adapter.stack_name})
-        if loc.is_block and not loc.is_slice:
-            n = len(self._blocks[stack_key])
-            loc = loc.resolve_index(n, self.adapter.name)
-        if len(self._resolved) < 4096:
-            self._resolved[text] = loc
-        return loc
+        return self._resolver.locator(text)
 
     def expand(self, locators: Iterable[str | Locator]) -> list[Locator]:
         """Every single locator the given ones name (slices expanded, indices resolved).
+
+        A slice that selects no block is an error, as an out-of-range index is.
 
         Example:
             >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -273,45 +225,10 @@ class Inspector:
             >>> [str(x) for x in Inspector(m).expand(["block[1:]", "final_norm"])]
             ['block[1]', 'block[2]', 'final_norm']
         """
-        out: list[Locator] = []
-        for text in locators:
-            loc = self.locator(text)
-            if loc.is_slice:
-                n = len(self._blocks[self._stack_key(loc.stack)])
-                out.extend(loc.expand(n))
-            else:
-                out.append(loc)
-        return out
-
-    def _missing(self, loc: Locator, stack: StackSpec, what: str) -> MissingPartError:
-        reason = stack.missing.get(what)
-        if what == "final_norm" and reason is None:
-            reason = (
-                "its Hugging Face implementation applies no norm after the last block, so "
-                "hidden_states[-1] is the raw last block output (e.g. BERT, post-LN OPT)"
-            )
-        valid = self._valid_names(stack, loc.is_block)
-        text = f"{loc} does not exist on adapter {self.adapter.name!r}"
-        if reason:
-            text += f": {reason}"
-        return MissingPartError(f"{text}. Valid here: {', '.join(valid)}")
-
-    def _valid_names(self, stack: StackSpec, in_block: bool) -> list[str]:
-        if in_block:
-            names = [n for n in ("attn", "mlp") if getattr(stack, n)]
-            return [f"block[i].{n}" for n in [*names, *stack.parts]] + ["block[i]"]
-        names = ["block[i]"]
-        if stack.embed:
-            names.insert(0, "embed")
-        if stack.final_norm:
-            names.append("final_norm")
-        names.extend(stack.modules)
-        if self.adapter.lm_head and _get_path(self.model, self.adapter.lm_head) is not None:
-            names.append("lm_head")
-        return names
+        return self._resolver.expand(locators)
 
     def module(self, locator: str | Locator) -> nn.Module:
-        """The torch module a single locator names.
+        """The torch module a single locator names (as the model holds it now).
 
         Example:
             >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -319,55 +236,7 @@ class Inspector:
             >>> Inspector(m).module("block[-1].attn") is m.transformer.h[1].attn
             True
         """
-        loc = self.locator(locator)
-        if loc.is_slice:
-            raise LocatorError(f"{loc} names several modules: use modules({str(loc)!r})")
-        stack_key = self._stack_key(loc.stack)
-        stack = self.adapter.stack(stack_key)
-        if loc.is_block:
-            assert loc.index is not None
-            block = self._blocks[stack_key][loc.index]
-            if loc.sub is None:
-                return block
-            if loc.sub in ("attn", "mlp"):
-                path = getattr(stack, loc.sub)
-            else:
-                path = stack.parts.get(loc.sub)
-                if path is None and loc.sub not in stack.missing:
-                    valid = self._valid_names(stack, True)
-                    raise LocatorError(
-                        f"unknown block part {loc.sub!r} in {loc} for adapter "
-                        f"{self.adapter.name!r}; valid: {', '.join(valid)}"
-                    )
-            found = _get_path(block, path) if path else None
-            if found is None:
-                raise self._missing(loc, stack, loc.sub)
-            return found
-        if loc.part == "lm_head":
-            if loc.stack is not None and stack_key != self.adapter.stack_name:
-                raise LocatorError(f"{loc}: lm_head belongs to the model, not to a stack")
-            head = _get_path(self.model, self.adapter.lm_head) if self.adapter.lm_head else None
-            if head is None:
-                raise MissingPartError(
-                    f"{type(self.model).__name__} has no lm_head: it is a base model without a "
-                    "language-modelling head (load it with AutoModelForCausalLM / "
-                    "AutoModelForMaskedLM / AutoModelForSeq2SeqLM to get one)"
-                )
-            return head
-        if loc.part in ("embed", "final_norm"):
-            path = getattr(stack, loc.part)
-        elif loc.part in stack.modules:
-            path = stack.modules[loc.part]
-        else:
-            valid = self._valid_names(stack, False)
-            raise LocatorError(
-                f"unknown locator {str(loc)!r} for adapter {self.adapter.name!r}; valid: "
-                f"{', '.join(valid)}"
-            )
-        found = _get_path(self._base, path) if path else None
-        if found is None:
-            raise self._missing(loc, stack, loc.part)
-        return found
+        return self._resolver.module(self.locator(locator))
 
     def modules(self, locator: str | Locator) -> list[nn.Module]:
         """Every module a locator names (a slice names several).
@@ -378,7 +247,7 @@ class Inspector:
             >>> len(Inspector(m).modules("block[:]"))
             3
         """
-        return [self.module(loc) for loc in self.expand([locator])]
+        return [self._resolver.module(loc) for loc in self.expand([locator])]
 
     def path(self, locator: str | Locator) -> str:
         """The dotted path of the module a locator names, from the top-level model.
@@ -389,12 +258,7 @@ class Inspector:
             >>> Inspector(m).path("block[-1].mlp")
             'transformer.h.1.mlp'
         """
-        module = self.module(locator)
-        if self._paths is None:
-            self._paths = {}
-            for name, mod in self.model.named_modules(remove_duplicate=False):
-                self._paths.setdefault(id(mod), name)
-        return self._paths.get(id(module), "?")
+        return self._resolver.path(self.locator(locator))
 
     def locators(self, stack: str | None = None, *, include_head: bool = True) -> list[Locator]:
         """Every single locator this model has, in forward order (for listings and checks).
@@ -412,7 +276,7 @@ class Inspector:
         names: list[str] = []
         if spec.embed:
             names.append("embed")
-        for i in range(len(self._blocks[stack_key])):
+        for i in range(len(self._resolver.blocks(stack_key))):
             names.append(f"block[{i}]")
             subs = [n for n in ("attn", "mlp") if getattr(spec, n)] + list(spec.parts)
             names.extend(f"block[{i}].{n}" for n in subs)
@@ -438,41 +302,7 @@ class Inspector:
     # -- capture ----------------------------------------------------------------------------
 
     def _target(self, loc: Locator, needs_output: bool) -> Target:
-        # Targets are immutable and the model's structure is fixed: building one resolves
-        # paths, so reuse it (a capture per forward must stay cheap next to the forward).
-        cache_key = (str(loc), needs_output)
-        target = self._targets.get(cache_key)
-        if target is None:
-            target = self._targets[cache_key] = self._build_target(loc, needs_output)
-        return target
-
-    def _build_target(self, loc: Locator, needs_output: bool) -> Target:
-        stack = self.adapter.stack(self._stack_key(loc.stack))
-        input_kwarg = (
-            stack.block_input_kwarg if loc.is_block and loc.sub is None else "hidden_states"
-        )
-        output_index = stack.output_index if loc.is_block and loc.sub is None else 0
-        # lm_head runs after the decoder stack returns, outside its root.
-        root = stack.root if loc.part != "lm_head" else None
-        name = ("block" if loc.sub is None else loc.sub) if loc.is_block else loc.part
-        return Target(
-            key=loc.module_key,
-            module=self.module(loc),
-            input_kwarg=input_kwarg,
-            output_index=output_index,
-            needs_output=needs_output,
-            within=self._stack_root(root) if root else None,
-            copy_output=name in stack.outputs_changed_in_place,
-        )
-
-    def _stack_root(self, path: str) -> nn.Module:
-        root = _get_path(self._base, path)
-        if root is None:
-            raise MissingPartError(
-                f"adapter {self.adapter.name!r} says a stack runs in {path!r}, but "
-                f"{type(self.model).__name__} has no such module: is this the right adapter?"
-            )
-        return root
+        return self._resolver.target(loc, needs_output)
 
     def _key(self, text: str) -> str:
         loc = self.locator(text)
@@ -779,7 +609,7 @@ class Inspector:
     def _hidden_layout(self, stack: str | None) -> list[Locator]:
         stack_key = self._stack_key(stack)
         spec = self.adapter.stack(stack_key)
-        n = len(self._blocks[stack_key])
+        n = len(self._resolver.blocks(stack_key))
         prefix = f"{stack}." if stack else ""
         finals = [name for name in spec.after_blocks if self._after_module(spec, name) is not None]
         last = prefix + finals[-1] if finals else f"{prefix}block[{n - 1}]"
@@ -902,7 +732,7 @@ class Inspector:
         """
         stack_key = self._stack_key(stack)
         spec = self.adapter.stack(stack_key)
-        hidden = self._between(hidden, len(self._blocks[stack_key]) - 1, spec)
+        hidden = self._between(hidden, len(self._resolver.blocks(stack_key)) - 1, spec)
         for name in spec.after_blocks:
             module = self._after_module(spec, name)
             if module is not None:

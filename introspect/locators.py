@@ -33,6 +33,21 @@ _PATTERN = re.compile(
 _INT = re.compile(r"^\s*-?\d+\s*$")
 
 
+_MAX_DIGITS = 18
+
+
+def _int(text: str, locator: str) -> int:
+    # Python refuses int() of more than 4300 digits with a builtin ValueError; no model has
+    # more than 10**18 blocks, so a longer index is out of range whatever the model.
+    digits = text.strip().lstrip("-")
+    if len(digits) > _MAX_DIGITS:
+        raise LocatorError(
+            f"block index {digits[:12]}... ({len(digits)} digits) in {locator[:40]!r}... is out "
+            "of range for any model: use an index such as 0, 3 or -1"
+        )
+    return int(text)
+
+
 class Locator(BaseModel):
     """A parsed locator such as ``block[-1].attn`` or ``decoder.final_norm``.
 
@@ -94,8 +109,15 @@ class Locator(BaseModel):
             return cls(part=name, stack=stack, side=side)
         selector = match.group("selector")
         sub = match.group("sub")
+        if sub is not None and {"input", "output"} & set(sub.split(".")):
+            # "block[1].mlp.input.output" would otherwise read as part "mlp.input" and print
+            # as "block[1].mlp.input": two locators with one text.
+            raise LocatorError(
+                f"cannot parse locator {text!r}: 'input' or 'output' may appear once, at the "
+                "end (e.g. 'block[1].mlp.input')"
+            )
         if _INT.match(selector):
-            return cls(part="block", stack=stack, index=int(selector), sub=sub, side=side)
+            return cls(part="block", stack=stack, index=_int(selector, text), sub=sub, side=side)
         pieces = selector.split(":")
         if len(pieces) not in (2, 3):
             raise LocatorError(
@@ -107,7 +129,7 @@ class Locator(BaseModel):
             if piece.strip() == "":
                 values.append(None)
             elif _INT.match(piece):
-                values.append(int(piece))
+                values.append(_int(piece, text))
             else:
                 raise LocatorError(
                     f"cannot parse block selector [{selector}] in {text!r}: {piece!r} is not an "

@@ -3,15 +3,19 @@
 An adapter names module paths and the facts the core needs (where the hidden input arrives,
 how Hugging Face's ``hidden_states`` relate to the modules, what happens after ``lm_head``).
 Specs are frozen pydantic models with ``extra="forbid"``: a typo is an error, specs are
-hashable, and ``spec.model_copy(update=...)`` derives a sibling family.
+hashable (by their content), and ``spec.derive(**changes)`` derives a sibling family, validated
+like a fresh spec (``model_copy(update=...)`` would skip validation: don't use it on specs).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = ["AdapterSpec", "LogitOp", "StackSpec", "StreamOp"]
 
@@ -31,6 +35,29 @@ def _check_path(value: str | None) -> str | None:
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def derive(self, **changes: Any) -> Self:
+        """A copy with ``changes`` applied, validated like a fresh spec.
+
+        A misspelt field, a bad path or a bad name is an error here, as in the constructor
+        (pydantic's ``model_copy(update=...)`` would accept them silently).
+
+        Example:
+            >>> base = StackSpec(blocks="h", final_norm="ln_f")
+            >>> base.derive(final_norm="norm").final_norm
+            'norm'
+            >>> base.derive(final_nrom="norm")  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            pydantic_core._pydantic_core.ValidationError: 1 validation error for StackSpec
+            ...
+        """
+        return self.model_validate({**self.model_dump(), **changes})
+
+    def __hash__(self) -> int:
+        # pydantic hashes frozen models field by field, which fails on the dict fields
+        # (parts, modules, missing): hash the content instead. Equal specs hash equal.
+        return hash((type(self).__name__, self.model_dump_json()))
 
 
 class LogitOp(_Frozen):
@@ -182,7 +209,7 @@ class AdapterSpec(StackSpec):
         ...     name="gpt2", model_types=("gpt2",), embed="wte", blocks="h",
         ...     attn="attn", mlp="mlp", final_norm="ln_f", lm_head="lm_head",
         ... )
-        >>> spec.model_copy(update={"name": "gpt2-sibling"}).final_norm
+        >>> spec.derive(name="gpt2-sibling").final_norm
         'ln_f'
     """
 
@@ -227,6 +254,17 @@ class AdapterSpec(StackSpec):
         for path in value:
             _check_path(path)
         return value
+
+    @classmethod
+    def from_stack(cls, stack: StackSpec, **fields: Any) -> AdapterSpec:
+        """An adapter whose main stack is ``stack`` (e.g. an encoder-decoder's encoder alone).
+
+        Example:
+            >>> enc = StackSpec(embed="embed_tokens", blocks="block", final_norm="final_layer_norm")
+            >>> AdapterSpec.from_stack(enc, name="encoder-only", stack_name="encoder").blocks
+            'block'
+        """
+        return cls.model_validate({**stack.model_dump(), **fields})
 
     def stack(self, name: str | None) -> StackSpec:
         """The stack a locator prefix names (``None``: the main stack).

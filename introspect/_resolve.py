@@ -1,0 +1,305 @@
+"""Locator resolution: from ``block[-1].attn`` to the module, and to a capture ``Target``.
+
+Resolving is cached, because a capture per forward must stay cheap next to a small forward,
+but the model may change between two uses (``model.transformer.h[0] = new_block``,
+``del h[3]``, a new ``ModuleList``). Every cached answer keeps the chain of module links it
+followed (:func:`introspect._paths.walk`) and is used only while that chain still holds;
+otherwise it is resolved again. So a locator always names what the model holds *now*, and
+caches are keyed on the parsed locator itself, never on a string two locators could share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from introspect._paths import Chain, base_model, chain_holds, walk
+from introspect.capture import Target
+from introspect.errors import LocatorError, MissingPartError
+from introspect.locators import Locator
+from introspect.spec import AdapterSpec, StackSpec
+
+__all__ = ["Resolver"]
+
+_CACHE_LIMIT = 4096
+
+
+class Resolver:
+    """Turns locators into modules and targets for one model and its adapter.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> from introspect.plugins import get_registry
+        >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+        >>> r = Resolver(m, get_registry().specs["gpt2"], "the docs")
+        >>> r.module(r.locator("block[-1].mlp")) is m.transformer.h[1].mlp
+        True
+    """
+
+    def __init__(self, model: nn.Module, adapter: AdapterSpec, hint: str) -> None:
+        self.model = model
+        self.adapter = adapter
+        self._hint = hint
+        self._blocks: dict[str | None, tuple[nn.ModuleList, Chain]] = {}
+        self._resolved: dict[str | Locator, tuple[Locator, int]] = {}
+        self._targets: dict[tuple[Locator, bool], tuple[Target, Chain]] = {}
+        self._paths: dict[int, str] | None = None
+        for stack_name in adapter.stack_names:
+            self.blocks(stack_name)  # a wrong adapter fails here, at construction
+
+    # -- the model's parts ----------------------------------------------------------------------
+
+    def base(self) -> tuple[nn.Module, Chain]:
+        """The base model and the link to it from the top-level model (none if it is itself)."""
+        base = base_model(self.model)
+        if base is self.model:
+            return base, ()
+        for key, child in self.model._modules.items():
+            if child is base:
+                return base, ((self.model, key, base),)
+        return base, ()
+
+    def blocks(self, stack_key: str | None) -> nn.ModuleList:
+        """The block list of a stack as the model holds it now."""
+        cached = self._blocks.get(stack_key)
+        if cached is not None and chain_holds(cached[1]):
+            return cached[0]
+        stack = self.adapter.stack(stack_key)
+        base, base_chain = self.base()
+        blocks, chain = walk(base, stack.blocks)
+        if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+            where = f"{type(base).__name__}.{stack.blocks}"
+            found = "no such module" if blocks is None else type(blocks).__name__
+            changed = " (the model changed since it was inspected)" if cached else ""
+            raise MissingPartError(
+                f"adapter {self.adapter.name!r} expects the blocks at {where}, but "
+                f"{type(self.model).__name__} has {found}{changed}: is this the right adapter? "
+                f"({self._hint})"
+            )
+        self._blocks[stack_key] = (blocks, base_chain + chain)  # type: ignore[assignment]
+        return blocks  # type: ignore[return-value]
+
+    def stack_key(self, name: str | None) -> str | None:
+        """The adapter's key for a stack name (``None`` and the main stack's name agree)."""
+        if name is None or name == self.adapter.stack_name:
+            return self.adapter.stack_name
+        self.adapter.stack(name)  # raises a LocatorError naming the valid stacks
+        return name
+
+    def num_blocks(self, stack: str | None = None) -> int:
+        """How many blocks the stack holds now."""
+        return len(self.blocks(self.stack_key(stack)))
+
+    # -- locators -------------------------------------------------------------------------------
+
+    def locator(self, text: str | Locator) -> Locator:
+        """Parse ``text`` and resolve its block index against the current block count."""
+        if not isinstance(text, (str, Locator)):
+            raise LocatorError(
+                f"a locator must be a string such as 'block[0]' (or a Locator), got "
+                f"{type(text).__name__}: {text!r:.80}"
+            )
+        cached = self._resolved.get(text)
+        if cached is not None:
+            loc, n = cached
+            if n < 0 or self.num_blocks(loc.stack) == n:
+                return loc
+        loc = Locator.parse(text)
+        stack_key = self.stack_key(loc.stack)
+        if loc.stack is not None and stack_key == self.adapter.stack_name:
+            loc = loc.model_copy(update={"stack": self.adapter.stack_name})
+        n = -1
+        if loc.is_block and not loc.is_slice:
+            n = len(self.blocks(stack_key))
+            loc = loc.resolve_index(n, self.adapter.name)
+        if len(self._resolved) >= _CACHE_LIMIT:
+            self._resolved.clear()
+        self._resolved[text] = (loc, n)
+        return loc
+
+    def expand(self, locators: Iterable[str | Locator]) -> list[Locator]:
+        """Every single locator the given ones name; a slice that selects nothing is an error."""
+        out: list[Locator] = []
+        for text in locators:
+            loc = self.locator(text)
+            if loc.is_slice:
+                n = len(self.blocks(self.stack_key(loc.stack)))
+                selected = loc.expand(n)
+                if not selected:
+                    stack = f"{loc.stack} " if loc.stack else ""
+                    raise LocatorError(
+                        f"{loc} selects no block of {self.adapter.name} ({n} {stack}blocks: "
+                        f"indices {-n}..{n - 1})"
+                    )
+                out.extend(selected)
+            else:
+                out.append(loc)
+        return out
+
+    # -- modules --------------------------------------------------------------------------------
+
+    def missing(self, loc: Locator, stack: StackSpec, what: str) -> MissingPartError:
+        """The error for a part this architecture lacks, with its reason and the valid names."""
+        reason = stack.missing.get(what)
+        if what == "final_norm" and reason is None:
+            reason = (
+                "its Hugging Face implementation applies no norm after the last block, so "
+                "hidden_states[-1] is the raw last block output (e.g. BERT, post-LN OPT)"
+            )
+        valid = self.valid_names(stack, loc.is_block)
+        text = f"{loc} does not exist on adapter {self.adapter.name!r}"
+        if reason:
+            text += f": {reason}"
+        return MissingPartError(f"{text}. Valid here: {', '.join(valid)}")
+
+    def valid_names(self, stack: StackSpec, in_block: bool) -> list[str]:
+        """The locator names a stack offers (inside a block, or at the stack's top level)."""
+        if in_block:
+            names = [n for n in ("attn", "mlp") if getattr(stack, n)]
+            return [f"block[i].{n}" for n in [*names, *stack.parts]] + ["block[i]"]
+        names = ["block[i]"]
+        if stack.embed:
+            names.insert(0, "embed")
+        if stack.final_norm:
+            names.append("final_norm")
+        names.extend(stack.modules)
+        if self.adapter.lm_head and walk(self.model, self.adapter.lm_head)[0] is not None:
+            names.append("lm_head")
+        return names
+
+    def module(self, loc: Locator) -> nn.Module:
+        """The module a single resolved locator names now."""
+        return self._module_and_chain(loc)[0]
+
+    def _module_and_chain(self, loc: Locator) -> tuple[nn.Module, Chain]:
+        if loc.is_slice:
+            raise LocatorError(f"{loc} names several modules: use modules({str(loc)!r})")
+        stack_key = self.stack_key(loc.stack)
+        stack = self.adapter.stack(stack_key)
+        if loc.is_block:
+            assert loc.index is not None
+            blocks = self.blocks(stack_key)
+            blocks_chain = self._blocks[stack_key][1]
+            block, block_chain = walk(blocks, str(loc.index))
+            if block is None:
+                raise LocatorError(
+                    f"{loc} is out of range for {self.adapter.name} ({len(blocks)} blocks now: "
+                    "the model changed since this locator was resolved)"
+                )
+            chain = blocks_chain + block_chain
+            if loc.sub is None:
+                return block, chain
+            if loc.sub in ("attn", "mlp"):
+                path = getattr(stack, loc.sub)
+            else:
+                path = stack.parts.get(loc.sub)
+                if path is None and loc.sub not in stack.missing:
+                    valid = self.valid_names(stack, True)
+                    raise LocatorError(
+                        f"unknown block part {loc.sub!r} in {loc} for adapter "
+                        f"{self.adapter.name!r}; valid: {', '.join(valid)}"
+                    )
+            found, sub_chain = walk(block, path) if path else (None, ())
+            if found is None:
+                raise self.missing(loc, stack, loc.sub)
+            return found, chain + sub_chain
+        if loc.part == "lm_head":
+            if loc.stack is not None and stack_key != self.adapter.stack_name:
+                raise LocatorError(f"{loc}: lm_head belongs to the model, not to a stack")
+            head, head_chain = (
+                walk(self.model, self.adapter.lm_head) if self.adapter.lm_head else (None, ())
+            )
+            if head is None:
+                raise MissingPartError(
+                    f"{type(self.model).__name__} has no lm_head: it is a base model without a "
+                    "language-modelling head (load it with AutoModelForCausalLM / "
+                    "AutoModelForMaskedLM / AutoModelForSeq2SeqLM to get one)"
+                )
+            return head, head_chain
+        if loc.part in ("embed", "final_norm"):
+            path = getattr(stack, loc.part)
+        elif loc.part in stack.modules:
+            path = stack.modules[loc.part]
+        else:
+            valid = self.valid_names(stack, False)
+            raise LocatorError(
+                f"unknown locator {str(loc)!r} for adapter {self.adapter.name!r}; valid: "
+                f"{', '.join(valid)}"
+            )
+        base, base_chain = self.base()
+        found, found_chain = walk(base, path) if path else (None, ())
+        if found is None:
+            raise self.missing(loc, stack, loc.part)
+        return found, base_chain + found_chain
+
+    def path(self, loc: Locator) -> str:
+        """The dotted path of the module a locator names, from the top-level model."""
+        module = self.module(loc)
+        name = self._paths.get(id(module)) if self._paths is not None else None
+        if name is None or walk(self.model, name)[0] is not module:
+            self._paths = {}
+            for found, mod in self.model.named_modules(remove_duplicate=False):
+                self._paths.setdefault(id(mod), found)
+            name = self._paths.get(id(module))
+        return "?" if name is None else name
+
+    def stack_root(self, path: str) -> tuple[nn.Module, Chain]:
+        """The module a stack runs in (records of a shared module are scoped to it)."""
+        base, base_chain = self.base()
+        root, chain = walk(base, path)
+        if root is None:
+            raise MissingPartError(
+                f"adapter {self.adapter.name!r} says a stack runs in {path!r}, but "
+                f"{type(self.model).__name__} has no such module: is this the right adapter?"
+            )
+        return root, base_chain + chain
+
+    # -- capture targets ------------------------------------------------------------------------
+
+    def target(self, loc: Locator, needs_output: bool) -> Target:
+        """The capture target of a single resolved locator, built once while the model holds."""
+        key = (loc, needs_output)
+        cached = self._targets.get(key)
+        if cached is not None and chain_holds(cached[1]):
+            return cached[0]
+        target, chain = self._build_target(loc, needs_output)
+        if len(self._targets) >= _CACHE_LIMIT:
+            self._targets.clear()
+        self._targets[key] = (target, chain)
+        return target
+
+    def target_holds(self, target: Target) -> bool:
+        """Whether ``target``'s module is still where it was resolved (the model is unchanged).
+
+        A target this resolver did not build is assumed to hold.
+        """
+        for cached, chain in self._targets.values():
+            if cached is target:
+                return chain_holds(chain)
+        return True
+
+    def _build_target(self, loc: Locator, needs_output: bool) -> tuple[Target, Chain]:
+        stack = self.adapter.stack(self.stack_key(loc.stack))
+        whole_block = loc.is_block and loc.sub is None
+        input_kwarg = stack.block_input_kwarg if whole_block else "hidden_states"
+        output_index = stack.output_index if whole_block else 0
+        # lm_head runs after the decoder stack returns, outside its root.
+        root_path = stack.root if loc.part != "lm_head" else None
+        name = ("block" if loc.sub is None else loc.sub) if loc.is_block else loc.part
+        module, chain = self._module_and_chain(loc)
+        within: Any = None
+        if root_path:
+            within, root_chain = self.stack_root(root_path)
+            chain = chain + root_chain
+        target = Target(
+            key=loc.module_key,
+            module=module,
+            input_kwarg=input_kwarg,
+            output_index=output_index,
+            needs_output=needs_output,
+            within=within,
+            copy_output=name in stack.outputs_changed_in_place,
+        )
+        return target, chain

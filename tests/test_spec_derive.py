@@ -1,0 +1,49 @@
+"""Specs derive through one validating idiom and hash by content."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydantic
+import pytest
+
+from introspect import AdapterSpec
+from introspect.adapters.gpt2 import GPT2
+from introspect.adapters.llama import LLAMA
+from introspect.plugins import get_registry
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_derive_refuses_a_misspelt_field() -> None:
+    with pytest.raises(pydantic.ValidationError, match="final_nrom"):
+        GPT2.derive(final_nrom="x")
+
+
+def test_derive_refuses_a_bad_path_and_a_bad_name() -> None:
+    with pytest.raises(pydantic.ValidationError, match="dotted module path"):
+        GPT2.derive(final_norm="ln f")
+    with pytest.raises(pydantic.ValidationError, match="lower-case"):
+        GPT2.derive(name='My Adapter"""')
+
+
+def test_derive_keeps_everything_else() -> None:
+    sibling = LLAMA.derive(name="sibling", model_types=("sibling",))
+    assert sibling.model_dump(exclude={"name", "model_types"}) == LLAMA.model_dump(
+        exclude={"name", "model_types"}
+    )
+
+
+def test_specs_are_hashable_by_content() -> None:
+    specs = get_registry().specs.values()
+    assert len({hash(s) for s in specs}) == len(set(specs)) == len(list(specs))
+    assert hash(GPT2.derive()) == hash(GPT2) and GPT2.derive() == GPT2
+    assert hash(GPT2.derive(description="other")) != hash(GPT2)
+    assert isinstance(AdapterSpec.from_stack(GPT2.stack(None), name="copy"), AdapterSpec)
+
+
+def test_adapters_derive_only_through_derive() -> None:
+    offenders = [
+        p.name for p in (ROOT / "adapters").glob("*.py") if "model_copy(update=" in p.read_text()
+    ]
+    assert offenders == [], f"use spec.derive(...) instead of model_copy(update=...) in {offenders}"
