@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from introspect._layout import hidden_layout
 from introspect._paths import base_model, get_path
 from introspect._resolve import Resolver
-from introspect.batching import PaddingSide, Positions, encode_batch
+from introspect.batching import PaddingSide, Positions, check_positions, encode_batch
 from introspect.capture import Capture, Record, Target, Transform
 from introspect.errors import (
     CaptureError,
@@ -29,6 +30,7 @@ from introspect.interventions import (
     Edit,
     EditOp,
     Intervention,
+    as_factor,
     as_value,
     mean_activation,
     patching_sweep,
@@ -40,7 +42,7 @@ from introspect.plugins import (
     get_plugin_manager,
     get_registry,
 )
-from introspect.spec import AdapterSpec, LogitOp, StackSpec
+from introspect.spec import AdapterSpec, LogitOp, StackSpec, config_flag
 
 if TYPE_CHECKING:
     from introspect.lens import LensResult
@@ -62,13 +64,7 @@ def _to_dtype_of(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return x.to(param.dtype)
 
 
-def _config_flag(config: Any, names: str) -> bool:
-    """Config flag ``a``, or ``b`` where the config has no ``a`` (``"a|b"``)."""
-    for name in names.split("|"):
-        value = getattr(config, name, None)
-        if value is not None:
-            return bool(value)
-    return False
+_config_flag = config_flag  # detection imports it from here
 
 
 def resolve_adapter(
@@ -350,6 +346,7 @@ class Inspector:
                     by_key[key] = self._target(loc, True)
                 continue
             by_key[key] = self._target(loc, needs_output)
+        positions = check_positions(positions)
         transform = Transform(detach=detach, device=device, dtype=dtype, positions=positions)
         return Capture(
             list(by_key.values()),
@@ -388,8 +385,11 @@ class Inspector:
 
         ``locator`` may name an input (``block[3].input``) or several blocks
         (``block[2:5]``). ``positions`` limits the edit to some tokens: ints, a slice,
-        ``"last"`` (each example's last real token) or a per-example tensor. It applies at every
-        step of ``generate`` (a position of the prompt only at the first step).
+        ``"last"`` (each example's last real token) or a per-example tensor. Positions count in
+        the whole sequence so far: during ``generate`` a prompt position is edited in the prompt
+        step only, a later position when its token is processed, and ``-1`` / ``"last"`` the
+        newest token at every step. The vector must broadcast to the value without changing its
+        shape; it is scaled at each call, so a trainable vector can be optimised in a loop.
 
         Example:
             >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -401,12 +401,15 @@ class Inspector:
             >>> torch.allclose(after - before, torch.full_like(before, 4.0), atol=1e-5)
             True
         """
+        factor = as_factor(scale, "scale")
         tensor = as_value(vector, "vector")
+        # The vector is scaled at each call, not here: a trainable vector stays in every
+        # forward's graph and its updates count when the same intervention is entered again.
         return self._edits(
             locator,
-            EditOp("add", tensor=tensor * float(scale)),
+            EditOp("add", tensor=tensor, factor=factor),
             positions,
-            f"steer(scale={scale:g})",
+            f"steer(scale={factor:g})",
         )
 
     def ablate(
@@ -483,9 +486,8 @@ class Inspector:
             >>> cap["block[0].attn"].output.abs().max().item()
             0.0
         """
-        return self._edits(
-            locator, EditOp("scale", factor=float(factor)), positions, f"scale({factor:g})"
-        )
+        number = as_factor(factor, "factor")
+        return self._edits(locator, EditOp("scale", factor=number), positions, f"scale({number:g})")
 
     def edit(
         self,
@@ -610,27 +612,9 @@ class Inspector:
         stack_key = self._stack_key(stack)
         spec = self.adapter.stack(stack_key)
         n = len(self._resolver.blocks(stack_key))
-        prefix = f"{stack}." if stack else ""
-        finals = [name for name in spec.after_blocks if self._after_module(spec, name) is not None]
-        last = prefix + finals[-1] if finals else f"{prefix}block[{n - 1}]"
-
-        def after(i: int) -> str:
-            # Where HF changes the stream between blocks outside any module (RWKV), the input
-            # of the next module holds the stream exactly as HF records it.
-            if not spec.between_blocks:
-                return f"{prefix}block[{i}]"
-            if i < n - 1:
-                return f"{prefix}block[{i + 1}].input"
-            return f"{prefix}{finals[0]}.input" if finals else f"{prefix}block[{i}]"
-
-        if spec.hidden_states_start == "block_input":
-            texts = [f"{prefix}block[0].input"] + [after(i) for i in range(n - 1)]
-        else:
-            texts = [after(i) for i in range(n)]
-            if not finals:
-                return [Locator.parse(t) for t in texts]
-        texts.append(last)
-        return [Locator.parse(t) for t in texts]
+        return hidden_layout(
+            spec, n, lambda name: self._after_module(spec, name) is not None, stack
+        )
 
     def num_hidden_states(self, stack: str | None = None) -> int:
         """How many entries Hugging Face's ``hidden_states`` has (usually ``num_blocks + 1``).
@@ -741,49 +725,10 @@ class Inspector:
 
     def _between(self, hidden: torch.Tensor, i: int, spec: StackSpec) -> torch.Tensor:
         """What HF does to the stream right after block ``i``, outside any module."""
-        config = getattr(self.model, "config", None)
+        base = self._base
         for op in spec.between_blocks:
-            every = getattr(config, op.every, None)
-            if not isinstance(every, int) or every <= 0 or (i + 1) % every:
-                continue
-            if op.only_if_attr is not None and not getattr(self._base, op.only_if_attr, False):
-                continue
-            hidden = hidden * op.value if op.kind == "scale" else hidden / op.value
+            hidden = op.apply(hidden, i, self.model, base)
         return hidden
-
-    def _config_value(self, op: LogitOp) -> float | torch.Tensor | None:
-        if op.value is not None:
-            return op.value
-        config = getattr(self.model, "config", None)
-        if op.only_if is not None and not _config_flag(config, op.only_if):
-            return None
-        if op.tensor is not None:
-            found: Any = self.model
-            for part in op.tensor.split("."):
-                found = getattr(found, part, None)
-            return found if isinstance(found, torch.Tensor) else None
-        assert op.config_attr is not None
-        value = getattr(config, op.config_attr, None)
-        if value is None:
-            return None
-        return float(value) ** op.power  # type: ignore[no-any-return]
-
-    def _apply_ops(self, x: torch.Tensor, ops: Sequence[LogitOp]) -> torch.Tensor:
-        for op in ops:
-            value = self._config_value(op)
-            if value is None:
-                continue
-            if isinstance(value, torch.Tensor):
-                value = value.to(x.device)
-            if op.kind == "scale":
-                x = x * value
-            elif op.kind == "divide":
-                x = x / value
-            elif op.kind == "add":
-                x = x + value
-            else:
-                x = torch.tanh(x / value) * value
-        return x
 
     def logits(self, hidden: torch.Tensor, *, finished: bool = False) -> torch.Tensor:
         """What the model would predict from ``hidden`` (a main-stack residual stream).
@@ -805,14 +750,14 @@ class Inspector:
         head = self.module("lm_head")
         chain = [self._head_module(path) for path in self.adapter.head_modules]
         x = hidden if finished else self.finish(hidden)
-        x = self._apply_ops(x, self.adapter.pre_head)
+        x = LogitOp.apply_all(self.adapter.pre_head, x, self.model)
         # Mamba's forward casts to the head's dtype (its residual stream is float32 in a bf16
         # model); elsewhere the dtypes already agree and this does nothing.
         x = _to_dtype_of(x, chain[0] if chain else head)
         for module in chain:
             x = module(x)
         logits: torch.Tensor = head(x)
-        return self._apply_ops(logits, self.adapter.logit_ops)
+        return LogitOp.apply_all(self.adapter.logit_ops, logits, self.model)
 
     def _head_module(self, path: str) -> nn.Module:
         module = _get_path(self.model, path)

@@ -10,14 +10,16 @@ like a fresh spec (``model_copy(update=...)`` would skip validation: don't use i
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["AdapterSpec", "LogitOp", "StackSpec", "StreamOp"]
+__all__ = ["AdapterSpec", "LogitOp", "StackSpec", "StreamOp", "config_flag"]
 
 _ONE_PATH = r"[A-Za-z_0-9]+(\.[A-Za-z_0-9]+)*"
 _PATH = re.compile(rf"^{_ONE_PATH}(\|{_ONE_PATH})*$")
@@ -31,6 +33,22 @@ def _check_path(value: str | None) -> str | None:
             "in order, are separated by '|': 'attn|self_attention')"
         )
     return value
+
+
+def config_flag(config: Any, names: str) -> bool:
+    """Config flag ``a``, or ``b`` where the config has no ``a`` (``names="a|b"``).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> config = SimpleNamespace(tie_word_embeddings=True)
+        >>> config_flag(config, "scale_decoder_outputs|tie_word_embeddings")
+        True
+    """
+    for name in names.split("|"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return bool(value)
+    return False
 
 
 class _Frozen(BaseModel):
@@ -92,6 +110,68 @@ class LogitOp(_Frozen):
             raise ValueError("a LogitOp needs exactly one of config_attr, value or tensor")
         return self
 
+    def value_for(self, model: Any) -> float | torch.Tensor | None:
+        """The op's ``v`` for ``model`` (``None``: the op does not apply to this model).
+
+        Example:
+            >>> from types import SimpleNamespace
+            >>> model = SimpleNamespace(config=SimpleNamespace(d_model=64, tie_word_embeddings=True))
+            >>> LogitOp(kind="scale", config_attr="d_model", power=-0.5).value_for(model)
+            0.125
+        """
+        if self.value is not None:
+            return self.value
+        config = getattr(model, "config", None)
+        if self.only_if is not None and not config_flag(config, self.only_if):
+            return None
+        if self.tensor is not None:
+            found: Any = model
+            for part in self.tensor.split("."):
+                found = getattr(found, part, None)
+            return found if isinstance(found, torch.Tensor) else None
+        assert self.config_attr is not None
+        value = getattr(config, self.config_attr, None)
+        if value is None:
+            return None
+        result: float = float(value) ** self.power
+        return result
+
+    def apply(self, x: torch.Tensor, model: Any) -> torch.Tensor:
+        """``x`` with this op applied as ``model``'s forward applies it (unchanged if it does not).
+
+        Example:
+            >>> from types import SimpleNamespace
+            >>> model = SimpleNamespace(config=SimpleNamespace(final_logit_softcapping=2.0))
+            >>> op = LogitOp(kind="softcap", config_attr="final_logit_softcapping")
+            >>> op.apply(torch.tensor([100.0]), model).item()
+            2.0
+        """
+        value = self.value_for(model)
+        if value is None:
+            return x
+        if isinstance(value, torch.Tensor):
+            value = value.to(x.device)
+        if self.kind == "scale":
+            return x * value
+        if self.kind == "divide":
+            return x / value
+        if self.kind == "add":
+            return x + value
+        return torch.tanh(x / value) * value
+
+    @staticmethod
+    def apply_all(ops: Sequence[LogitOp], x: torch.Tensor, model: Any) -> torch.Tensor:
+        """``x`` with every op of ``ops`` applied in order.
+
+        Example:
+            >>> ops = (LogitOp(kind="scale", value=2.0), LogitOp(kind="add", value=1.0))
+            >>> LogitOp.apply_all(ops, torch.tensor([1.0]), None).item()
+            3.0
+        """
+        for op in ops:
+            x = op.apply(x, model)
+        return x
+
 
 class StreamOp(_Frozen):
     """A change Hugging Face makes to the stream between two blocks, outside any module.
@@ -111,6 +191,35 @@ class StreamOp(_Frozen):
     value: float
     every: str
     only_if_attr: str | None = None
+
+    def applies_after(self, block: int, model: Any, base: Any) -> bool:
+        """Whether HF applies this op right after block ``block`` of ``model``.
+
+        Example:
+            >>> from types import SimpleNamespace
+            >>> op = StreamOp(kind="divide", value=2, every="rescale_every")
+            >>> model = SimpleNamespace(config=SimpleNamespace(rescale_every=2))
+            >>> [op.applies_after(i, model, model) for i in range(4)]
+            [False, True, False, True]
+        """
+        every = getattr(getattr(model, "config", None), self.every, None)
+        if not isinstance(every, int) or every <= 0 or (block + 1) % every:
+            return False
+        return self.only_if_attr is None or bool(getattr(base, self.only_if_attr, False))
+
+    def apply(self, hidden: torch.Tensor, block: int, model: Any, base: Any) -> torch.Tensor:
+        """The stream after block ``block`` as HF passes it on (unchanged where it does not).
+
+        Example:
+            >>> from types import SimpleNamespace
+            >>> op = StreamOp(kind="divide", value=2, every="rescale_every")
+            >>> model = SimpleNamespace(config=SimpleNamespace(rescale_every=1))
+            >>> op.apply(torch.tensor([4.0]), 0, model, model).item()
+            2.0
+        """
+        if not self.applies_after(block, model, base):
+            return hidden
+        return hidden * self.value if self.kind == "scale" else hidden / self.value
 
 
 HiddenStart = Literal["block_input", "block_output"]
