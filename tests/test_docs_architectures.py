@@ -2,26 +2,40 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 from introspect import AdapterSpec, LogitOp, StackSpec
-from introspect.docs_gen import (
-    adapters_table,
-    builtin_specs,
-    coverage_section,
-    main,
-    render_architectures,
-)
 
-PAGE = Path(__file__).resolve().parent.parent / "docs" / "architectures.md"
+ROOT = Path(__file__).resolve().parent.parent
+PAGE = ROOT / "docs" / "architectures.md"
+
+
+def _load_tool(name: str) -> object:
+    # tools/ is the repository's, not the package's: load it by path.
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_docs_gen: object = _load_tool("docs_gen")
+adapters_table = _docs_gen.adapters_table  # type: ignore[attr-defined]
+builtin_specs = _docs_gen.builtin_specs  # type: ignore[attr-defined]
+coverage_section = _docs_gen.coverage_section  # type: ignore[attr-defined]
+main = _docs_gen.main  # type: ignore[attr-defined]
+render_architectures = _docs_gen.render_architectures  # type: ignore[attr-defined]
 
 
 def test_architectures_page_is_current() -> None:
     expected = render_architectures(coverage_dir=PAGE.parent / "coverage")
-    assert PAGE.exists(), "docs/architectures.md is missing: run python -m introspect.docs_gen"
+    assert PAGE.exists(), "docs/architectures.md is missing: run python tools/docs_gen.py"
     assert PAGE.read_text() == expected, (
         "docs/architectures.md is out of date with the registered adapters or "
-        "docs/coverage/*.json: run python -m introspect.docs_gen (make docs) and commit it"
+        "docs/coverage/*.json: run python tools/docs_gen.py (make docs) and commit it"
     )
 
 
