@@ -18,7 +18,7 @@ Models are built and checked one at a time in this process, and freed before the
 Usage::
 
     python benchmarks/coverage.py                     # print the table and the counts
-    python benchmarks/coverage.py --types gpt2,llama  # only these types
+    python benchmarks/coverage.py --types gpt2,llama  # only these types (alias: --only)
     python benchmarks/coverage.py --write             # also write docs/coverage/<version>.json
                                                       # and regenerate docs/architectures.md
 """
@@ -46,7 +46,7 @@ import introspect
 from introspect.detect import detect_adapter
 from introspect.errors import NoAdapterError, UnsupportedArchitectureError
 from introspect.inspector import resolve_adapter
-from introspect.plugins import new_plugin_manager
+from introspect.plugins import get_plugin_manager, get_registry, new_plugin_manager
 from introspect.testing import build_tiny, check_conformance, example_inputs
 from introspect.tiny import tiny_config
 
@@ -189,6 +189,15 @@ def run(types: list[str] | None = None, *, verbose: bool = True) -> dict[str, An
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     transformers.logging.set_verbosity_error()
+    # Detection reads its logit ops from the shared registry: a plugin that failed to import
+    # would quietly change results (its warning is silenced above), so stop instead.
+    shared = get_plugin_manager()
+    get_registry(shared)
+    if shared.failures:
+        raise SystemExit(
+            "plugins failed to import: "
+            + "; ".join(f"{f.name} ({f.error})" for f in shared.failures)
+        )
     all_types = model_types()
     selected = {t: all_types[t] for t in types} if types else all_types
     rows = []
@@ -249,7 +258,7 @@ def print_report(result: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--types", help="comma-separated model types (default: all)")
+    parser.add_argument("--types", "--only", help="comma-separated model types (default: all)")
     parser.add_argument(
         "--write",
         action="store_true",
@@ -258,7 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no per-type progress on stderr")
     args = parser.parse_args(argv)
-    types = [t.strip() for t in args.types.split(",")] if args.types else None
+    types = [t.strip() for t in args.types.split(",") if t.strip()] if args.types else None
+    unknown = sorted(set(types or ()) - set(model_types()))
+    if unknown:
+        parser.error(
+            f"not a text LM model type of transformers {transformers.__version__}: "
+            + ", ".join(unknown)
+        )
     result = run(types, verbose=not args.quiet)
     print_report(result)
     paths = [args.json] if args.json else []
@@ -272,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
         print(f"wrote {path}")
     if args.write:
-        from introspect.docs_gen import write_architectures
+        # The page generator is a repository tool, not part of the package.
+        sys.path.insert(0, str(ROOT / "tools"))
+        from docs_gen import write_architectures
 
         print(f"wrote {write_architectures(ROOT / 'docs' / 'architectures.md')}")
     return 0

@@ -26,7 +26,8 @@ from torch import nn
 
 from introspect.capture import hidden_of
 from introspect.errors import IntrospectError, NoAdapterError
-from introspect.inspector import _base_model, _get_path
+from introspect.inspector import _base_model, _config_flag, _get_path
+from introspect.plugins import IntrospectPluginManager, get_plugin_manager, get_registry
 from introspect.spec import AdapterSpec, HiddenStart, LogitOp, StackSpec
 from introspect.testing import close
 
@@ -41,19 +42,13 @@ _MLP_ATTR = re.compile(r"^(mlp|ffn|ff|feed_forward|feedforward|moe|block_sparse_
 _NORM_NAME = re.compile(r"norm", re.IGNORECASE)
 _SKIP_AFTER = (nn.Embedding, nn.Dropout, nn.Identity)
 
-# Steps around the unembedding that Hugging Face models take from their config. Each is tried
-# only when its config attribute is set; the forward decides which one (if any) applies.
-_PRE_HEAD_CANDIDATES: tuple[tuple[LogitOp, ...], ...] = (
-    (),
-    (LogitOp(kind="scale", config_attr="d_model", power=-0.5, only_if="tie_word_embeddings"),),
-)
-_LOGIT_OP_CANDIDATES: tuple[tuple[LogitOp, ...], ...] = (
-    (),
-    (LogitOp(kind="softcap", config_attr="final_logit_softcapping"),),
-    (LogitOp(kind="softcap", config_attr="logits_soft_cap"),),
-    (LogitOp(kind="scale", config_attr="logit_scale"),),
-    (LogitOp(kind="divide", config_attr="logits_scaling"),),
-)
+# Logit ops are the registered adapters' own (one fact, one place). A config attribute that
+# names the same step under another name (xLSTM's output_logit_soft_cap for Gemma-2's
+# final_logit_softcapping) is recognised by the part of the name from "logit" on, once
+# spelling is normalised; names about attention, routers or gates cap something else.
+_LOGIT_STEM = re.compile(r"logit.*$")
+_NOT_A_LOGIT_STEP = re.compile(r"attn|attention|router|gate|expert", re.IGNORECASE)
+_SPELLINGS = {"logits": "logit", "softcapping": "softcap"}
 _MAX_AFTER_CANDIDATES = 16
 _SUB_MODULE_NOTE = (
     "attn and mlp were chosen by their class or attribute names and proven only to run in "
@@ -447,6 +442,60 @@ def _norms_before_head(
     ]
 
 
+def _spelled(name: str) -> str:
+    return "".join(_SPELLINGS.get(word, word) for word in name.lower().split("_"))
+
+
+def _same_step_attrs(op: LogitOp, config: Any) -> list[str]:
+    """Other config attributes of ``config`` that name the step ``op`` reads (see above)."""
+    stem = _LOGIT_STEM.search(_spelled(op.config_attr or ""))
+    if stem is None or config is None:
+        return []
+    names = config.to_dict() if callable(getattr(config, "to_dict", None)) else vars(config)
+    return [
+        name
+        for name, value in names.items()
+        if name != op.config_attr
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and _spelled(name).endswith(stem.group())
+        and not _NOT_A_LOGIT_STEP.search(name)
+    ]
+
+
+def _op_applies(model: nn.Module, op: LogitOp) -> bool:
+    """Whether ``op`` would change anything on ``model`` (else it repeats the empty candidate)."""
+    if op.value is not None:
+        return True
+    config = getattr(model, "config", None)
+    if op.only_if is not None and not _config_flag(config, op.only_if):
+        return False
+    if op.tensor is not None:
+        found: Any = model
+        for part in op.tensor.split("."):
+            found = getattr(found, part, None)
+        return isinstance(found, torch.Tensor)
+    return getattr(config, op.config_attr or "", None) is not None
+
+
+def _op_candidates(
+    model: nn.Module, registered: Sequence[tuple[LogitOp, ...]], config: Any = None
+) -> list[tuple[LogitOp, ...]]:
+    """Op sequences to try: none, every registered op alone and every registered sequence, and
+    (with ``config``) each registered op read from another attribute naming the same step."""
+    out: list[tuple[LogitOp, ...]] = [()]
+    singles = [(op,) for ops in registered for op in ops]
+    renamed = [
+        (op.model_copy(update={"config_attr": attr}),)
+        for (op,) in singles
+        for attr in _same_step_attrs(op, config)
+    ]
+    for ops in [*singles, *registered, *renamed]:
+        if ops not in out and all(_op_applies(model, op) for op in ops):
+            out.append(ops)
+    return out
+
+
 def _find_head(
     model: nn.Module,
     base: nn.Module,
@@ -456,27 +505,21 @@ def _find_head(
     tol: tuple[float, float],
     calls: Mapping[int, _Call],
     norms: Sequence[str] = (),
+    plugin_manager: IntrospectPluginManager | None = None,
 ) -> dict[str, Any] | None:
     from introspect.inspector import Inspector
 
     config = getattr(model, "config", None)
-
-    def available(ops: tuple[LogitOp, ...]) -> bool:
-        return all(
-            op.config_attr is None
-            or (
-                getattr(config, op.config_attr, None) is not None
-                and (op.only_if is None or bool(getattr(config, op.only_if, False)))
-            )
-            for op in ops
-        )
+    registered = list(get_registry(plugin_manager or get_plugin_manager()).specs.values())
+    pre_heads = _op_candidates(model, [spec.pre_head for spec in registered])
+    logit_op_sets = _op_candidates(model, [spec.logit_ops for spec in registered], config)
 
     # The closest candidate wins, not the first close one: on small logits a soft-cap of 30
     # changes them by less than the tolerance, yet leaving it out is wrong on a real model.
     best: tuple[float, dict[str, Any]] | None = None
     for head in _head_candidates(model, base, calls, norms):
-        for pre_head in filter(available, _PRE_HEAD_CANDIDATES):
-            for logit_ops in filter(available, _LOGIT_OP_CANDIDATES):
+        for pre_head in pre_heads:
+            for logit_ops in logit_op_sets:
                 fields: dict[str, Any] = dict(head)
                 if pre_head:
                     fields["pre_head"] = pre_head
@@ -521,12 +564,16 @@ def detect_adapter(
     inputs: Mapping[str, Any] | None = None,
     *,
     name: str | None = None,
+    plugin_manager: IntrospectPluginManager | None = None,
 ) -> AdapterSpec:
     """Detect ``model``'s layout from its structure and prove it against its own outputs.
 
     Runs the model on ``inputs`` (default: a few random tokens) with
     ``output_hidden_states=True``, matches the block list, final norm and head, and returns
-    the spec only when :func:`introspect.testing.check_conformance` passes with it. Raises
+    the spec only when :func:`introspect.testing.check_conformance` passes with it. The steps
+    around the unembedding (soft-caps, logit scales) tried are those of the adapters that
+    ``plugin_manager`` (default: the shared one) registers, also where the model's config names
+    one of them differently. Raises
     :class:`~introspect.errors.NoAdapterError` saying why when no layout is proven. The model's
     train/eval modes are restored afterwards.
 
@@ -611,12 +658,15 @@ def detect_adapter(
         logits = output.get("logits") if isinstance(output, Mapping) else None
         if isinstance(logits, torch.Tensor):
             norms = _norms_before_head(model, base, main, all_paths)
-            head = _find_head(model, base, draft, main.raw_last, logits, tol, calls, norms)
+            head = _find_head(
+                model, base, draft, main.raw_last, logits, tol, calls, norms, plugin_manager
+            )
             if head is None:
                 raise _refuse(
                     model,
                     "no head module (get_output_embeddings() or a module holding it, with the "
-                    "known logit scalings) reproduces its logits from the last block",
+                    "logit ops of the registered adapters) reproduces its logits from the last "
+                    "block",
                 )
             if head.get("head_modules", ())[:1] and head["head_modules"][0] in norms:
                 head["missing"] = {

@@ -3,9 +3,13 @@
 The shrink is generic: it lowers the usual size attributes (layers, hidden size, heads,
 feed-forward width, experts, vocabularies) where a config has them, only ever making them
 smaller, also inside sub-configs (``text_config``, ``vision_config``, ...). Special token ids
-stay inside the vocabulary, and per-layer lists (layer types, sliding windows) keep one layer
-of every kind the full model has, so a hybrid model keeps an attention layer. Nothing is
-downloaded.
+stay inside the vocabulary, and per-layer lists (layer types, sliding windows) and per-layer
+settings keyed by layer index keep up to ``layers`` layers of every kind the full model has, so
+a hybrid model keeps an attention layer, and layers of one kind that share weights (Zamba's
+hybrid layers share one attention block) still have a partner to share them with. A
+``head_dim`` left ``None`` is set to what transformers derives from it,
+``hidden_size // num_attention_heads``, for models that read it without the fallback. Nothing
+is downloaded.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ TINY_SIZES: dict[str, int] = {
     "dense_layers": 1,
     "expert_groups": 1,
 }
-"""The sizes :func:`tiny_overrides` shrinks to (hidden 64 = 4 heads of 16)."""
+"""The sizes :func:`tiny_overrides` shrinks to (hidden 64 = 4 heads of 16; ``layers`` per kind)."""
 
 _MAX_SAMPLED_LAYERS = 6
 
@@ -112,22 +116,45 @@ def _layer_keyed(value: Any, layers: int) -> bool:
     )
 
 
+def _by_layer(value: dict[Any, Any]) -> dict[int, Any]:
+    # transformers writes these keys zero-padded ("05") so that JSON sorts them, and reads
+    # them back with int(): compare them as integers too.
+    return {int(k): v for k, v in value.items()}
+
+
 def _sample_layers(values: dict[str, Any], old: int, wanted: int) -> list[int]:
-    """Layer indices to keep: the first ``wanted``, plus the first layer of every other kind."""
+    """Layer indices to keep: the first layer of every kind, then up to ``wanted`` of each."""
     per_layer: list[Any] = [v for v in values.values() if isinstance(v, list) and len(v) == old]
     per_layer += [
-        [v.get(i, v.get(str(i))) for i in range(old)]
-        for k, v in values.items()
-        if k not in _NOT_PER_LAYER and _layer_keyed(v, old)
+        [by_layer.get(i) for i in range(old)]
+        for by_layer in (
+            _by_layer(v)
+            for k, v in values.items()
+            if k not in _NOT_PER_LAYER and _layer_keyed(v, old)
+        )
     ]
-    keep = list(range(min(wanted, old)))
-    seen = {tuple(repr(v[i]) for v in per_layer) for i in keep}
-    for i in range(old):
-        kind = tuple(repr(v[i]) for v in per_layer)
-        if kind not in seen and len(keep) < _MAX_SAMPLED_LAYERS:
-            seen.add(kind)
+    kinds = [tuple(repr(v[i]) for v in per_layer) for i in range(old)]
+    most = max(_MAX_SAMPLED_LAYERS, wanted)
+    keep: list[int] = []
+    for i, kind in enumerate(kinds):
+        if kind not in (kinds[j] for j in keep) and len(keep) < most:
+            keep.append(i)
+    for i, kind in enumerate(kinds):
+        if i not in keep and len(keep) < most and sum(kinds[j] == kind for j in keep) < wanted:
             keep.append(i)
     return sorted(keep)
+
+
+def _shrunk_layer(value: Any, wanted: dict[str, int]) -> Any:
+    return {**value, **_shrink(value, wanted)} if isinstance(value, dict) else value
+
+
+def _first_int(values: dict[str, Any], overrides: dict[str, Any], attrs: tuple[str, ...]) -> int:
+    for attr in attrs:
+        value = _as_int(overrides.get(attr, values.get(attr)))
+        if value:
+            return value
+    return 0
 
 
 def _shrink(values: dict[str, Any], wanted: dict[str, int]) -> dict[str, Any]:
@@ -161,12 +188,20 @@ def _shrink(values: dict[str, Any], wanted: dict[str, int]) -> dict[str, Any]:
                 overrides[key] = [value[i] for i in keep]
                 lists_done.add(key)
             elif key not in _NOT_PER_LAYER and _layer_keyed(value, old):
-                # Per-layer settings keyed by layer index follow the kept layers.
-                renumber = {str(i): type(k)(new) for new, i in enumerate(keep) for k in value}
+                # Per-layer settings keyed by layer index follow the kept layers, and shrink
+                # like the config they override (a per-layer head_dim of 512 would outgrow a tiny model).
+                renumber = {i: new for new, i in enumerate(keep)}
                 overrides[key] = {
-                    renumber[str(k)]: v for k, v in value.items() if str(k) in renumber
+                    type(k)(renumber[int(k)]): _shrunk_layer(v, wanted)
+                    for k, v in value.items()
+                    if int(k) in renumber
                 }
                 lists_done.add(key)
+    if "head_dim" in values and values["head_dim"] is None:
+        width = _first_int(values, overrides, _ATTRS["hidden"])
+        head_count = _first_int(values, overrides, _ATTRS["heads"])
+        if width and head_count and width % head_count == 0:
+            overrides["head_dim"] = width // head_count
     vocab = _as_int(overrides.get("vocab_size", values.get("vocab_size")))
     if vocab is not None:
         for attr, value in values.items():

@@ -247,3 +247,38 @@ def test_detection_with_given_inputs_and_name() -> None:
     model, inputs = build("gpt2")
     spec = detect_adapter(model, inputs, name="my-gpt2")
     assert spec.name == "my-gpt2" and spec.final_norm == "ln_f"
+
+
+class _SoftCappedLlama(T.LlamaForCausalLM):  # type: ignore[no-untyped-call]
+    """Llama with a logit soft-cap read from a config attribute no adapter names."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().forward(*args, **kwargs)
+        cap = self.config.output_logits_soft_cap
+        out.logits = cap * torch.tanh(out.logits / cap)
+        return out
+
+
+def test_logit_ops_come_from_the_registered_adapters() -> None:
+    # Without any adapter registered, no soft-cap is known: Gemma-2's logits are not matched.
+    gemma2, _ = build("gemma2")
+    with pytest.raises(NoAdapterError, match="logit ops of the registered adapters"):
+        detect_adapter(gemma2, plugin_manager=new_plugin_manager(load_entry_points=False))
+    # A registered op is tried from every config attribute that names the same step.
+    config = CASES["llama"]()[1]
+    config.output_logits_soft_cap = 0.5
+    (op,) = detect_adapter(build_tiny(_SoftCappedLlama, config)).logit_ops
+    assert (op.kind, op.config_attr) == ("softcap", "output_logits_soft_cap")
+
+
+def test_xlstm_output_logit_soft_cap_is_detected_and_proven() -> None:
+    if "xlstm" not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no xlstm")
+    from introspect.tiny import tiny_config
+
+    config = tiny_config("xlstm", output_logit_soft_cap=0.5)
+    model = build_tiny(T.xLSTMForCausalLM, config)
+    spec = detect_adapter(model)
+    (op,) = spec.logit_ops
+    assert (op.kind, op.config_attr) == ("softcap", "output_logit_soft_cap")
+    assert_conformant(model, {**example_inputs(config), "use_cache": False}, adapter=spec)
