@@ -7,9 +7,13 @@ path; a capture with ``stop=True`` ends the forward as soon as every target has 
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import sys
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -27,7 +31,18 @@ if TYPE_CHECKING:
 
     from torch.utils.hooks import RemovableHandle
 
-__all__ = ["Capture", "EditNote", "Record", "StopForward", "Target", "edit_note", "hidden_of"]
+__all__ = [
+    "Capture",
+    "EditNote",
+    "Record",
+    "StopForward",
+    "Target",
+    "call_argument",
+    "call_attention_mask",
+    "check_not_compiled",
+    "edit_note",
+    "hidden_of",
+]
 
 
 def hidden_of(value: Any, index: int = 0) -> Any:
@@ -87,6 +102,308 @@ def copy_tensors(value: Any) -> Any:
     return value
 
 
+# Positional index of each parameter of a forward, per forward function. A pure cache of a
+# function's signature (weak keys: it never keeps a model's code alive); reading a signature
+# costs tens of microseconds, too much to pay on every call of a hook.
+_PARAM_INDEX: weakref.WeakKeyDictionary[Any, dict[str, int]] = weakref.WeakKeyDictionary()
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _param_index(module: nn.Module) -> dict[str, int]:
+    forward = module.forward
+    func = getattr(forward, "__func__", forward)
+    try:
+        return _PARAM_INDEX[func]
+    except (KeyError, TypeError):
+        pass
+    index: dict[str, int] = {}
+    try:
+        params = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    for position, param in enumerate(params):
+        if param.kind not in _POSITIONAL:
+            break
+        index[param.name] = position
+    # A builtin is not weakly referenceable: its signature is read again next time.
+    with contextlib.suppress(TypeError):
+        _PARAM_INDEX[func] = index
+    return index
+
+
+def _argument(
+    index: dict[str, int], args: tuple[Any, ...], kwargs: dict[str, Any], name: str
+) -> Any:
+    value = kwargs.get(name)
+    if value is None:
+        position = index.get(name)
+        if position is not None and position < len(args):
+            value = args[position]
+    return value
+
+
+def call_argument(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str
+) -> Any:
+    """The argument ``name`` of one call of ``module``, passed by keyword or positionally.
+
+    Reads the forward's signature (once per forward function) to know where a positional
+    argument lands. ``None`` when the call did not pass it.
+
+    Example:
+        >>> class Net(nn.Module):
+        ...     def forward(self, x, scale=None):
+        ...         return x
+        >>> call_argument(Net(), (1, 2), {}, "scale"), call_argument(Net(), (1,), {}, "scale")
+        (2, None)
+    """
+    return _argument(_param_index(module), args, kwargs, name)
+
+
+def call_attention_mask(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> torch.Tensor | None:
+    """The ``attention_mask`` one call of ``module`` received, by keyword or positionally.
+
+    Hugging Face models take the mask as a keyword or as a positional argument
+    (``LlamaModel(ids, mask)``); forward pre-hooks see both forms. Returns the tensor as
+    passed (any shape), or ``None`` when the call has none.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaModel
+        >>> model = LlamaModel(LlamaConfig(num_hidden_layers=1, hidden_size=16,
+        ...     intermediate_size=32, num_attention_heads=2, vocab_size=32))
+        >>> mask = torch.tensor([[1, 1, 0]])
+        >>> call_attention_mask(model, (torch.tensor([[1, 2, 3]]), mask), {}) is mask
+        True
+    """
+    mask = _argument(_param_index(module), args, kwargs, "attention_mask")
+    return mask if isinstance(mask, torch.Tensor) else None
+
+
+def _forced_eager() -> bool:
+    # torch.compiler.set_stance("force_eager") runs compiled code eagerly, hooks included. The
+    # stance has no public getter; only read it if dynamo was imported (it is, once compiled).
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    stance = getattr(getattr(eval_frame, "_stance", None), "stance", None)
+    return stance == "force_eager"
+
+
+def check_not_compiled(
+    module: nn.Module, *, action: str = "capture", error: type[Exception] = CaptureError
+) -> None:
+    """Refuse a module compiled with ``torch.compile``: hooks added later never run in it.
+
+    A compiled graph keeps the hooks it was traced with; a hook registered afterwards is
+    silently skipped, so a capture would record nothing and an edit would change nothing.
+    Catches ``model.compile()`` and a ``torch.compile(model)`` wrapper. Under
+    ``torch.compiler.set_stance("force_eager")`` the model runs eagerly, hooks included, and
+    nothing is raised.
+
+    Example:
+        >>> check_not_compiled(nn.Linear(2, 2))  # not compiled: nothing to say
+        >>> model = nn.Linear(2, 2)
+        >>> model.compile()
+        >>> try:
+        ...     check_not_compiled(model)
+        ... except CaptureError as exc:
+        ...     print(str(exc).split(":")[0])
+        Linear was compiled with model.compile()
+    """
+    if (
+        getattr(module, "_orig_mod", None) is not None
+        and type(module).__name__ == "OptimizedModule"
+    ):
+        how = "torch.compile(model)"
+        fix = "pass the uncompiled model (compiled._orig_mod) and call that one"
+    elif getattr(module, "_compiled_call_impl", None) is not None:
+        how = "model.compile()"
+        fix = "use a copy of the model that was never compiled"
+    else:
+        return
+    if _forced_eager():
+        return
+    raise error(
+        f"{type(module).__name__} was compiled with {how}: a compiled graph never runs hooks "
+        f"added after compilation, so this {action} would see nothing. Either {fix}, or run it "
+        "eagerly for the time of the "
+        f"{action}: with torch.compiler.set_stance('force_eager'), {action}(...): model(...)"
+    )
+
+
+_DEVICE_FORMS = "'cpu', 'cuda', 'cuda:0', 'mps', or a torch.device"
+
+
+def _parse_device(device: object) -> torch.device | None:
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device)):
+        raise CaptureError(
+            f"device must be a string or a torch.device, got {type(device).__name__}: use "
+            f"{_DEVICE_FORMS}"
+        )
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise CaptureError(f"device {device!r} is not a device: use {_DEVICE_FORMS}") from None
+    if parsed.type == "meta":
+        raise CaptureError(
+            "device 'meta' holds no values: records moved there could not be read; use "
+            f"{_DEVICE_FORMS}"
+        )
+    if parsed.type == "cuda" and (
+        not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()
+    ):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise CaptureError(
+            f"device {device!r} is not available here ({count} CUDA devices): use 'cpu'"
+            + (f" or 'cuda:0'..'cuda:{count - 1}'" if count else "")
+        )
+    return parsed
+
+
+def _parse_dtype(dtype: object) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    parsed = dtype
+    if isinstance(dtype, str):
+        parsed = getattr(torch, dtype.removeprefix("torch."), None)
+    if not isinstance(parsed, torch.dtype) or not parsed.is_floating_point:
+        raise CaptureError(
+            f"dtype {dtype!r} is not a floating-point torch dtype: hidden states would be "
+            "truncated; use torch.float16, torch.bfloat16, torch.float32 (or their names, "
+            "e.g. 'bfloat16')"
+        )
+    return parsed
+
+
+# --- generation steps -----------------------------------------------------------------------
+# A KV cache is read only to tell whether each step continues the previous one. Cache classes
+# differ between transformers versions; these probes try each known layout.
+
+_CACHE_ARGS = ("cache", "past_key_values", "cache_params")
+_TOKEN_ARGS = ("decoder_input_ids", "decoder_inputs_embeds", "input_ids", "inputs_embeds")
+_CACHE_LAYER_STATES = ("keys", "recurrent_states", "ssm_states", "conv_states")
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        value = next((v for v in value if isinstance(v, torch.Tensor)), None)
+    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.numel() > 0:
+        return value
+    return None
+
+
+def _cache_state(cache: Any) -> torch.Tensor | None:
+    """A cached tensor whose rows are the batch rows and which depends on each row's tokens."""
+    cache = getattr(cache, "self_attention_cache", cache)
+    layers = getattr(cache, "layers", None)
+    if isinstance(layers, (list, tuple)) and layers:
+        # A sliding-window layer forgets old positions: prefer a layer that keeps them all.
+        layer = next((lay for lay in layers if not getattr(lay, "is_sliding", False)), layers[0])
+        for name in _CACHE_LAYER_STATES:
+            state = _first_tensor(getattr(layer, name, None))
+            if state is not None:
+                return state
+        return None
+    for name in ("key_cache", "ssm_states"):
+        state = _first_tensor(getattr(cache, name, None))
+        if state is not None:
+            return state
+    if isinstance(cache, (list, tuple)) and cache and isinstance(cache[0], (list, tuple)):
+        return _first_tensor(cache[0])
+    return None
+
+
+_SAME_SIZE_INT = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+
+
+def _fingerprint(cache: Any) -> torch.Tensor | None:
+    # One checksum per row: equal before and after a step boundary unless the rows were
+    # reordered or replaced (beam search), since nothing else touches the cache between two
+    # calls. Summing the values' bit patterns as integers is exact and independent of the
+    # memory layout (a float sum of a reordered copy can differ in its last bit).
+    state = _cache_state(cache)
+    as_int = _SAME_SIZE_INT.get(state.element_size()) if state is not None else None
+    if state is None or as_int is None:
+        return None
+    bits = state.detach().view(as_int)
+    return bits.sum(dim=tuple(range(1, bits.dim())), dtype=torch.int64)
+
+
+def _cache_length(cache: Any, cache_position: Any) -> int | torch.Tensor | None:
+    if cache is None:
+        if isinstance(cache_position, torch.Tensor) and cache_position.numel():
+            return cache_position.reshape(-1)[0]
+        return 0
+    length = getattr(cache, "get_seq_length", None)
+    if callable(length):
+        try:
+            value = length()
+        except (ValueError, TypeError, AttributeError, IndexError):
+            value = None  # e.g. a state-space cache (5.x) holds no positions to count
+        if isinstance(value, (int, torch.Tensor)):
+            return value
+    state = _cache_state(cache)
+    if isinstance(cache, (list, tuple)) and state is not None:
+        return state.shape[-2]
+    if isinstance(cache_position, torch.Tensor) and cache_position.numel():
+        return cache_position.reshape(-1)[0]
+    return None
+
+
+class _RootCall:
+    """One call of a capture's root: where its positions start, how many, and its cache rows.
+
+    Tensors are kept as they are and read only when :meth:`Record.concat` asks, so the hooks
+    never wait for the device.
+    """
+
+    __slots__ = (
+        "_cache",
+        "after",
+        "batch",
+        "before",
+        "cache_type",
+        "has_cache",
+        "index",
+        "offset",
+        "seq",
+    )
+
+    def __init__(
+        self,
+        index: int,
+        offset: int | torch.Tensor | None,
+        seq: int | None,
+        batch: int | None,
+        cache: Any,
+    ) -> None:
+        self.index = index
+        self.offset = offset
+        self.seq = seq
+        self.batch = batch
+        self.has_cache = cache is not None
+        self.cache_type = type(cache).__name__
+        self.before = _fingerprint(cache) if cache is not None else None
+        self.after: torch.Tensor | None = None
+        # Weakly: a record must not keep a whole KV cache alive.
+        self._cache: weakref.ref[Any] | None = None
+        if cache is not None:
+            with contextlib.suppress(TypeError):
+                self._cache = weakref.ref(cache)
+
+    def holds(self, cache: Any) -> bool:
+        """Whether this call was given this very cache object."""
+        return self._cache is not None and self._cache() is cache
+
+    def start(self) -> int | None:
+        offset = self.offset
+        return int(offset) if offset is not None else None
+
+
 @dataclass(frozen=True)
 class Target:
     """One module to record: its key, the module, and where its hidden state lives."""
@@ -108,10 +425,18 @@ class Transform:
 
     detach: bool = False
     device: torch.device | str | None = None
-    dtype: torch.dtype | None = None
+    """Parsed into a ``torch.device`` when built; an unknown or unavailable one is an error."""
+    dtype: torch.dtype | str | None = None
+    """A floating-point ``torch.dtype`` or its name (``"bfloat16"``), converted when built."""
     positions: Any = None
     """See :func:`introspect.batching.position_index` (``"last"``: each example's last real
     token, read from the attention mask of the call)."""
+
+    def __post_init__(self) -> None:
+        # Checked here, before the model runs: a bad value found inside a hook would surface
+        # as a foreign error from the middle of the forward.
+        object.__setattr__(self, "device", _parse_device(self.device))
+        object.__setattr__(self, "dtype", _parse_dtype(self.dtype))
 
     @property
     def active(self) -> bool:
@@ -133,7 +458,7 @@ class Transform:
         if self.detach:
             value = value.detach()
         if self.device is not None or self.dtype is not None:
-            value = value.to(device=self.device, dtype=self.dtype)
+            value = value.to(device=self.device, dtype=cast("torch.dtype | None", self.dtype))
         return value
 
 
@@ -189,6 +514,7 @@ class Record:
 
     __slots__ = (
         "_args",
+        "_call",
         "_input",
         "_input_before",
         "_kwargs",
@@ -218,8 +544,10 @@ class Record:
         attention_mask: torch.Tensor | None = None,
         note: EditNote | None = None,
         keep_raw: bool = True,
+        call: _RootCall | None = None,
     ) -> None:
         self.key = key
+        self._call = call
         self._ran = raw_output is not None if ran is None else ran
         inp = input_of(args, kwargs, input_kwarg)
         out = hidden_of(raw_output, output_index) if self._ran else None
@@ -331,15 +659,24 @@ class Record:
         later step one new position; joined they cover the whole generated sequence (except the
         last token, which ``generate`` never feeds back).
 
+        Joining is refused (:class:`~introspect.errors.CaptureError`) where it would not be one
+        sequence per row: a step that does not start where the previous one ended (no KV
+        cache, ``use_cache=False``; or two independent forwards), a changed batch, or cache
+        rows reordered between steps (beam search). Records of a capture without a root model
+        carry no call information and are joined as they are.
+
         Example:
             >>> rec = Record("b", (torch.ones(1, 3, 2),), {}, torch.zeros(1, 3, 2))
             >>> rec.add_step(Record("b", (torch.ones(1, 1, 2),), {}, torch.ones(1, 1, 2)))
             >>> rec.concat().shape
             torch.Size([1, 4, 2])
         """
-        values = [step._side(side) for step in self.steps]
+        steps = self.steps
+        values = [step._side(side) for step in steps]
         if not all(isinstance(v, torch.Tensor) and v.dim() >= 2 for v in values):
             raise CaptureError(f"{self.key}.{side} is not a [batch, seq, ...] tensor at every step")
+        for number in range(1, len(steps)):
+            _check_continues(self.key, number, steps[number - 1], steps[number], values)
         shapes = {(v.shape[0], *v.shape[2:]) for v in values}
         if len(shapes) > 1:
             raise CaptureError(
@@ -403,6 +740,72 @@ class Record:
         )
 
 
+_STEPS_INSTEAD = (
+    "read the steps one by one with cap.steps(...), or use generate(..., "
+    "output_hidden_states=True, return_dict_in_generate=True)"
+)
+
+
+def _check_continues(
+    key: str, number: int, previous: Record, step: Record, values: list[Any]
+) -> None:
+    """Raise unless ``step`` continues ``previous`` position by position, row by row."""
+    before, call = previous._call, step._call
+    if before is None or call is None:
+        return  # recorded without a root: nothing is known about the calls
+    where = f"step {number} of {key}"
+    if call is before:
+        raise CaptureError(
+            f"{where} comes from the same forward as step {number - 1}: the module ran twice in "
+            f"one call of the model, so its steps are not consecutive positions; {_STEPS_INSTEAD}"
+        )
+    seq = before.seq if before.seq is not None else values[number - 1].shape[1]
+    start, previous_start = call.start(), before.start()
+    end = previous_start + seq if previous_start is not None else None
+    if start == 0:
+        raise CaptureError(
+            f"{where} starts again at position 0 instead of continuing step {number - 1}: the "
+            "model ran without a KV cache (use_cache=False recomputes every position at each "
+            "step) or ran twice independently in one capture, so joining would repeat "
+            "positions. Read cap.steps(...) instead: without a cache, the last step already "
+            "holds every position"
+        )
+    if start is None or end is None:
+        raise CaptureError(
+            f"cannot join the steps of {key}: the model's cache ({call.cache_type}) does not "
+            f"say where each step starts, so they may not be one sequence; {_STEPS_INSTEAD}"
+        )
+    if start != end:
+        raise CaptureError(
+            f"{where} starts at position {start}, not where step {number - 1} ended ({end}): "
+            f"the steps are not one sequence (a cache cropped or reused?); {_STEPS_INSTEAD}"
+        )
+    batch = call.batch if call.batch is not None else values[number].shape[0]
+    previous_batch = before.batch if before.batch is not None else values[number - 1].shape[0]
+    if batch != previous_batch:
+        raise CaptureError(
+            f"{where} has a batch of {batch}, step {number - 1} of {previous_batch}: rows "
+            f"do not line up across steps; {_STEPS_INSTEAD}"
+        )
+    if before.after is None or call.before is None:
+        if batch <= 1:
+            return  # a single row cannot be reordered
+        raise CaptureError(
+            f"cannot join the steps of {key}: the model's cache ({call.cache_type}) is not one "
+            "the capture can read, so it cannot check that each row of the batch kept its "
+            f"history between steps (beam search reorders them); {_STEPS_INSTEAD}"
+        )
+    if not torch.equal(before.after, call.before.to(before.after.device)):
+        raise CaptureError(
+            f"cannot join the steps of {key}: the rows of the KV cache were reordered between "
+            f"step {number - 1} and step {number} (beam search moves its beams between steps, "
+            "which a capture cannot follow), so row i of a later step does not continue row i "
+            "of an earlier one. Read the steps one by one with cap.steps(...), or follow each "
+            "returned beam with generate(..., num_beams=..., output_hidden_states=True, "
+            "return_dict_in_generate=True) and its beam_indices"
+        )
+
+
 class StopForward(Exception):
     """Raised inside a forward to end it early once a capture has everything it needs."""
 
@@ -419,7 +822,10 @@ class Capture:
 
     Built by :meth:`introspect.Inspector.capture`; index it with a locator string.
     Given a ``root`` module (the model), it also keeps the ``attention_mask`` each call of the
-    root received, so records of a padded batch know which tokens are real.
+    root received (by keyword or positionally), so records of a padded batch know which tokens
+    are real, and where each call's positions start, so :meth:`concat` can refuse steps that
+    are not one sequence. ``model`` (the whole model, when ``root`` is a part of it) is only
+    watched: a compiled model is refused, and a run that reached none of the hooks is named.
 
     Example:
         >>> lin = nn.Linear(2, 2)
@@ -438,6 +844,7 @@ class Capture:
         key_fn: KeyFn | None = None,
         root: nn.Module | None = None,
         keep_raw: bool = True,
+        model: nn.Module | None = None,
     ) -> None:
         self.targets = list(targets)
         self.stop = stop
@@ -447,11 +854,16 @@ class Capture:
         self.attention_mask: torch.Tensor | None = None
         """The attention mask of the latest call of the root (``None`` if none was given)."""
         self.root = root
+        self.model = model
         self.keep_raw = keep_raw
         self._key_fn = key_fn
         self._handles: list[RemovableHandle] = []
         self._depths: dict[int, list[int]] = {}
         self._active = False
+        self._call: _RootCall | None = None
+        self._root_calls = 0
+        self._model_calls = 0
+        self._root_index: dict[str, int] = {}
 
     def _make_hook(self, target: Target) -> Callable[..., Any]:
         records = self.records
@@ -482,6 +894,7 @@ class Capture:
                 attention_mask=self.attention_mask,
                 note=note if isinstance(note, EditNote) else None,
                 keep_raw=keep_raw,
+                call=self._call,
             )
             first = records.get(key)
             if first is None:
@@ -507,8 +920,60 @@ class Capture:
         return pre_hook
 
     def _mask_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        mask = kwargs.get("attention_mask")
+        # The root's pre-hook: the call's mask, and where its positions start in the cache.
+        index = self._root_index
+        mask = _argument(index, args, kwargs, "attention_mask")
         self.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        cache = None
+        for name in _CACHE_ARGS:
+            cache = _argument(index, args, kwargs, name)
+            if cache is not None:
+                break
+        # The positions a cache counts are the decoder's on an encoder-decoder model.
+        tokens = None
+        for name in _TOKEN_ARGS:
+            tokens = _argument(index, args, kwargs, name)
+            if isinstance(tokens, torch.Tensor):
+                break
+        shape = tokens.shape if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 else None
+        offset = _cache_length(cache, _argument(index, args, kwargs, "cache_position"))
+        previous = self._call
+        self._root_calls += 1
+        self._call = call = _RootCall(
+            self._root_calls,
+            offset,
+            shape[1] if shape is not None else None,
+            shape[0] if shape is not None else None,
+            cache,
+        )
+        if offset is None and cache is not None:
+            # A cache that counts no positions (a state-space model's): an empty one starts
+            # at 0, the very cache object of the previous call continues where it ended.
+            if call.before is None:
+                call.offset = 0
+            elif previous is not None and previous.holds(cache) and previous.seq is not None:
+                start = previous.start()
+                call.offset = start + previous.seq if start is not None else None
+
+    def _root_done(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        # What the cache holds after this call, before anything (a beam reorder) can touch it.
+        call = self._call
+        if call is None:
+            return
+        cache = None
+        for name in _CACHE_ARGS:
+            cache = _argument(self._root_index, args, kwargs, name)
+            if cache is not None:
+                break
+        if cache is None and isinstance(output, Mapping):
+            cache = next((output[n] for n in _CACHE_ARGS if output.get(n) is not None), None)
+        if cache is not None:
+            call.after = _fingerprint(cache)
+
+    def _count_model_call(self, *_: Any) -> None:
+        self._model_calls += 1
 
     def __enter__(self) -> Capture:
         if self._active:
@@ -517,10 +982,21 @@ class Capture:
         self.records.clear()
         self.stopped = False
         self.attention_mask = None
+        self._call = None
+        self._root_calls = self._model_calls = 0
         try:
+            for watched in (self.model, self.root):
+                if watched is not None:
+                    check_not_compiled(watched)
+            if self.model is not None and self.model is not self.root:
+                self._handles.append(self.model.register_forward_pre_hook(self._count_model_call))
             if self.root is not None:
+                self._root_index = _param_index(self.root)
                 self._handles.append(
                     self.root.register_forward_pre_hook(self._mask_hook, with_kwargs=True)
+                )
+                self._handles.append(
+                    self.root.register_forward_hook(self._root_done, with_kwargs=True)
                 )
             for target in self.targets:
                 hook = self._scoped(target, self._make_hook(target))
@@ -581,6 +1057,17 @@ class Capture:
     def _key(self, locator: str) -> str:
         return self._key_fn(locator) if self._key_fn is not None else locator
 
+    def __repr__(self) -> str:
+        steps = {key: len(rec.steps) for key, rec in self.records.items()}
+        recorded = ", ".join(
+            f"{k!r}" + (f" ({n} steps)" if n > 1 else "") for k, n in steps.items()
+        )
+        stop = f"stop=True, stopped={self.stopped}" if self.stop else "stop=False"
+        return (
+            f"Capture(targets={[t.key for t in self.targets]}, "
+            f"{'active' if self._active else 'inactive'}, recorded=[{recorded}], {stop})"
+        )
+
     def __getitem__(self, locator: str) -> Record:
         key = self._key(locator)
         try:
@@ -591,9 +1078,18 @@ class Capture:
                 raise CaptureError(
                     f"{locator!r} was not captured; this capture recorded: {', '.join(known)}"
                 ) from None
+            if self._model_calls and not self._root_calls:
+                raise CaptureError(
+                    f"{locator!r} recorded nothing although the model ran: the model is "
+                    "compiled (torch.compile), and a compiled graph never runs hooks added after "
+                    "compilation. Call the uncompiled model (compiled._orig_mod), or run it "
+                    "eagerly inside the block: with torch.compiler.set_stance('force_eager'): "
+                    "model(...)"
+                ) from None
             raise CaptureError(
                 f"{locator!r} was captured but its module never ran: run the model inside the "
-                "'with' block"
+                "'with' block (if it did run, is it a torch.compile'd copy? a compiled graph "
+                "skips hooks added after compilation: call the uncompiled model)"
             ) from None
 
     def __contains__(self, locator: object) -> bool:
