@@ -9,7 +9,7 @@
     │   ├── NoAdapterError (LookupError) no adapter claims the model
     │   ├── AdapterConflictError         two plugins claim the same architecture or name
     │   └── UnsupportedArchitectureError an architecture we refuse rather than answer wrongly
-    ├── PluginLoadError                  a plugin failed to import (reported, never fatal to others)
+    ├── PluginLoadError                  a plugin failed (raised only in strict plugin mode)
     ├── ModelLoadError (OSError)         a model name, hub id or folder could not be loaded
     ├── MissingDependencyError (ImportError) an optional package a feature needs is not installed
     ├── CaptureError                     a capture was asked something it cannot record
@@ -75,7 +75,16 @@ class UnsupportedArchitectureError(AdapterError):
 
 
 class PluginLoadError(IntrospectError):
-    """A plugin could not be imported; the other plugins still load."""
+    """A plugin failed to import, or its hook raised or returned the wrong thing.
+
+    Raised only in strict plugin mode (``INTROSPECT_STRICT_PLUGINS=1`` or
+    ``new_plugin_manager(strict=True)``, for a plugin's CI); otherwise the plugin is skipped
+    with a :class:`~introspect.plugins.PluginWarning` and the others still work.
+
+    Example:
+        >>> issubclass(PluginLoadError, IntrospectError)
+        True
+    """
 
 
 class ModelLoadError(IntrospectError, OSError):

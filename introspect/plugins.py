@@ -1,13 +1,18 @@
 """The plugin manager: entry-point group ``introspect``, built-ins included.
 
 Built-in adapters are entry points of our own distribution, loaded through the same path as
-third-party plugins. A plugin that fails to import is recorded (and warned about) without
-taking the others down.
+third-party plugins. Every hook is called through pluggy, one plugin at a time, so that
+``INTROSPECT_TRACE_PLUGINS=1`` shows each call and a plugin that fails (at import, in a hook,
+or by returning something a hook does not take) is named in a :class:`PluginWarning`, recorded
+in ``pm.failures`` and skipped, without taking the others down. In strict mode
+(``INTROSPECT_STRICT_PLUGINS=1`` or ``new_plugin_manager(strict=True)``) the first failure is a
+:class:`~introspect.errors.PluginLoadError` instead.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 import warnings
@@ -18,6 +23,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import pluggy
+from pluggy import HookImpl
 
 from introspect import hookspecs
 from introspect.errors import AdapterConflictError, PluginLoadError
@@ -27,11 +33,15 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = [
+    "AUTHORING_HINT",
     "DISTRIBUTION",
     "AdapterRegistry",
     "IntrospectPluginManager",
     "PluginFailure",
     "PluginInfo",
+    "PluginWarning",
+    "authoring_help",
+    "call_select_adapter",
     "get_plugin_manager",
     "get_registry",
     "new_plugin_manager",
@@ -40,6 +50,23 @@ __all__ = [
 
 GROUP = "introspect"
 DISTRIBUTION = "introspect-lm"
+
+#: The pointer error messages give to plugin authors; the text it names ships in the package.
+AUTHORING_HINT = "run `introspect plugins --help-authoring` for how to write an adapter plugin"
+
+_SKIP_HINT = (
+    "fix or uninstall it, or leave it out with INTROSPECT_LOAD_PLUGINS=... or "
+    "new_plugin_manager(block=[...])"
+)
+
+
+class PluginWarning(UserWarning):
+    """A plugin failed (at import, in a hook, or with a wrong return value) and was skipped.
+
+    Example:
+        >>> issubclass(PluginWarning, UserWarning)
+        True
+    """
 
 
 @dataclass(frozen=True)
@@ -55,19 +82,35 @@ class PluginInfo:
 
 @dataclass(frozen=True)
 class PluginFailure:
-    """A plugin that could not be imported; ``error`` says why."""
+    """A plugin that was skipped and why.
+
+    ``stage`` is ``"import"``, ``"register"`` (pluggy refused its hook implementations) or the
+    name of the hook that failed.
+
+    Example:
+        >>> PluginFailure("introspect-x", None, "KeyError: 'n_layer'", "select_adapter").stage
+        'select_adapter'
+    """
 
     name: str
     distribution: str | None
     error: str
+    stage: str = "import"
 
 
 class IntrospectPluginManager(pluggy.PluginManager):
-    """A pluggy manager that remembers where each plugin came from and which failed."""
+    """A pluggy manager that remembers where each plugin came from and which failed.
 
-    def __init__(self) -> None:
+    Example:
+        >>> pm = IntrospectPluginManager()
+        >>> pm.project_name, pm.failures, pm.strict
+        ('introspect', [], False)
+    """
+
+    def __init__(self, *, strict: bool = False) -> None:
         super().__init__(GROUP)
         self.add_hookspecs(hookspecs)
+        self.strict = strict
         self.failures: list[PluginFailure] = []
         self.origins: dict[str, tuple[str | None, str | None]] = {}
         self._registry: AdapterRegistry | None = None
@@ -84,11 +127,68 @@ def _entry_points() -> Iterable[metadata.EntryPoint]:
     return metadata.entry_points(group=GROUP)
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _plugin_failed(
+    pm: IntrospectPluginManager,
+    name: str,
+    distribution: str | None,
+    stage: str,
+    error: str,
+    cause: BaseException | None = None,
+) -> None:
+    """Record, warn about (or, strict, raise for) a plugin that is being skipped."""
+    # One line: it is printed in a table of plugins and matched in warning filters.
+    error = "; ".join(line.strip() for line in error.splitlines() if line.strip())
+    where = {
+        "import": "failed to import",
+        "register": "could not be registered",
+    }.get(stage, f"failed in its {stage} hook")
+    effect = {
+        "import": "was skipped",
+        "register_adapters": "was skipped (none of its adapters are registered)",
+        "select_adapter": "was skipped for this model",
+    }.get(stage, "was skipped")
+    message = (
+        f"introspect plugin {name!r} (distribution {distribution or 'unknown'}) {where} and "
+        f"{effect}: {error}"
+    )
+    if pm.strict:
+        raise PluginLoadError(
+            f"{message}. Plugins are strict here (INTROSPECT_STRICT_PLUGINS or "
+            f"new_plugin_manager(strict=True)): {_SKIP_HINT}"
+        ) from cause
+    failure = PluginFailure(name, distribution, error, stage)
+    if failure not in pm.failures:
+        pm.failures.append(failure)
+    # stacklevel 4: past this helper and the loader or hook wrapper, towards the caller.
+    warnings.warn(f"{message}; {_SKIP_HINT}", PluginWarning, stacklevel=4)
+
+
+def _unknown_hooks(pm: IntrospectPluginManager, plugin: object) -> list[str]:
+    """Hook implementations of ``plugin`` that match no hookspec (a typo pluggy never calls)."""
+    unknown = []
+    for caller in pm.get_hookcallers(plugin) or []:
+        if caller.spec is None and any(
+            impl.plugin is plugin and not impl.optionalhook for impl in caller.get_hookimpls()
+        ):
+            unknown.append(caller.name)
+    return unknown
+
+
 def new_plugin_manager(
     load_entry_points: bool = True,
     *,
     plugins: Sequence[ModuleType | object] = (),
     block: Iterable[str] = (),
+    strict: bool | None = None,
 ) -> IntrospectPluginManager:
     """A fresh plugin manager (use in tests); ``plugins`` are registered directly.
 
@@ -96,12 +196,19 @@ def new_plugin_manager(
     disable a built-in adapter). ``INTROSPECT_LOAD_PLUGINS=a,b`` restricts third-party plugins
     to those names; built-ins always load. ``INTROSPECT_TRACE_PLUGINS=1`` prints each hook call.
 
+    A plugin that fails is skipped with a :class:`PluginWarning` and listed in ``pm.failures``.
+    With ``strict=True`` (default: ``INTROSPECT_STRICT_PLUGINS=1``) the first failure raises
+    :class:`~introspect.errors.PluginLoadError` naming the plugin and its distribution, which
+    is what a plugin's own CI wants.
+
     Example:
         >>> pm = new_plugin_manager()
         >>> "gpt2" in get_registry(pm).specs
         True
     """
-    pm = IntrospectPluginManager()
+    if strict is None:
+        strict = _env_flag("INTROSPECT_STRICT_PLUGINS")
+    pm = IntrospectPluginManager(strict=strict)
     blocked = set(block)
     if load_entry_points:
         allowed = _split_env("INTROSPECT_LOAD_PLUGINS")
@@ -117,23 +224,33 @@ def new_plugin_manager(
                 continue
             try:
                 module = ep.load()
-            except Exception as exc:
-                failure = PluginFailure(ep.name, dist, f"{type(exc).__name__}: {exc}")
-                pm.failures.append(failure)
-                warnings.warn(
-                    f"introspect plugin {ep.name!r} (distribution {dist or 'unknown'}) failed to "
-                    f"import and was skipped: {failure.error}",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+            # SystemExit too: a plugin calling sys.exit() at import must not end the program.
+            except (Exception, SystemExit) as exc:
+                _plugin_failed(pm, ep.name, dist, "import", _describe(exc), exc)
                 continue
-            pm.register(module, name=ep.name)
             pm.origins[ep.name] = (dist, version)
+            try:
+                # pluggy rejects a hook implementation taking an argument its hookspec lacks.
+                pm.register(module, name=ep.name)
+                unknown = _unknown_hooks(pm, module)
+                if unknown:
+                    known = ", ".join(sorted(n for n, c in vars(pm.hook).items() if c.spec))
+                    raise pluggy.PluginValidationError(
+                        module,
+                        f"it implements {', '.join(unknown)}, which is no introspect hook "
+                        f"(the hooks are: {known})",
+                    )
+            except Exception as exc:
+                # pluggy may have added some of the plugin's hooks before rejecting another.
+                if pm.get_plugin(ep.name) is not None:
+                    pm.unregister(name=ep.name)
+                error = str(exc) if isinstance(exc, pluggy.PluginValidationError) else None
+                _plugin_failed(pm, ep.name, dist, "register", error or _describe(exc), exc)
     for plugin in plugins:
         name = pm.register(plugin)
         if name is not None:
             pm.origins.setdefault(name, (None, None))
-    if os.environ.get("INTROSPECT_TRACE_PLUGINS", "") not in ("", "0"):
+    if _env_flag("INTROSPECT_TRACE_PLUGINS"):
         pm.trace.root.setwriter(lambda message: print(message, end="", file=sys.stderr))
         pm.enable_tracing()
     return pm
@@ -220,17 +337,72 @@ class AdapterRegistry:
         return [self.specs[name] for name in found]
 
 
+def _implementations(pm: IntrospectPluginManager, hook_name: str) -> list[HookImpl]:
+    """The plain implementations of ``hook_name`` in registration order (wrappers left out)."""
+    caller: pluggy.HookCaller = getattr(pm.hook, hook_name)
+    return [i for i in caller.get_hookimpls() if not (i.hookwrapper or i.wrapper)]
+
+
+def _call_one(pm: IntrospectPluginManager, hook_name: str, impl: HookImpl, **kwargs: Any) -> Any:
+    """Call one plugin's implementation through pluggy, so tracing and wrappers still apply."""
+    others = [i.plugin for i in _implementations(pm, hook_name) if i is not impl]
+    pm.trace.root.get("plugin")(f"{hook_name} of {impl.plugin_name!r}")
+    return pm.subset_hook_caller(hook_name, others)(**kwargs)
+
+
+def _origin(pm: IntrospectPluginManager, name: str) -> str | None:
+    return pm.origins.get(name, (None, None))[0]
+
+
+class _Register:
+    """The ``register`` callback one plugin gets; its specs wait here until its hook returns.
+
+    Staging them means a plugin that fails halfway registers nothing, not half its adapters.
+    """
+
+    def __init__(self, plugin: str) -> None:
+        self.plugin = plugin
+        self.specs: list[AdapterSpec] = []
+        self.rejected: list[str] = []
+
+    def __call__(self, spec: AdapterSpec) -> None:
+        if not isinstance(spec, AdapterSpec):
+            # Remembered too, in case the plugin swallows the TypeError.
+            self.rejected.append(type(spec).__name__)
+            raise TypeError(
+                f"plugin {self.plugin!r} called register() with a {type(spec).__name__}; "
+                "register() takes an introspect.AdapterSpec"
+            )
+        self.specs.append(spec)
+
+    def __repr__(self) -> str:  # what INTROSPECT_TRACE_PLUGINS prints for the argument
+        return f"<register() for plugin {self.plugin!r}>"
+
+
 def _call_register(pm: IntrospectPluginManager) -> AdapterRegistry:
     registry = AdapterRegistry()
-    for impl in pm.hook.register_adapters.get_hookimpls():  # registration order
-        plugin_name = impl.plugin_name
-
-        def register(spec: AdapterSpec, _plugin: str = plugin_name) -> None:
-            registry.add(spec, _plugin)
-
-        # Called one implementation at a time so each spec is attributed to its plugin.
-        kwargs: dict[str, Any] = {"register": register}
-        impl.function(**{k: kwargs[k] for k in impl.argnames})
+    for impl in _implementations(pm, "register_adapters"):  # registration order
+        name = impl.plugin_name
+        register = _Register(name)
+        try:
+            returned = _call_one(pm, "register_adapters", impl, register=register)
+        except (Exception, SystemExit) as exc:
+            pm.unregister(name=name)
+            _plugin_failed(pm, name, _origin(pm, name), "register_adapters", _describe(exc), exc)
+            continue
+        if register.rejected or returned:
+            error = (
+                f"it called register() with a {register.rejected[0]}; register() takes an "
+                "introspect.AdapterSpec"
+                if register.rejected
+                else f"it returned a {type(returned[0]).__name__}; the hook returns None and "
+                "calls register(spec) once for each AdapterSpec"
+            )
+            pm.unregister(name=name)
+            _plugin_failed(pm, name, _origin(pm, name), "register_adapters", error)
+            continue
+        for spec in register.specs:
+            registry.add(spec, name)
     return registry
 
 
@@ -250,9 +422,40 @@ def get_registry(pm: IntrospectPluginManager | None = None) -> AdapterRegistry:
 def call_select_adapter(
     pm: IntrospectPluginManager, model: nn.Module, candidates: Sequence[AdapterSpec]
 ) -> AdapterSpec | None:
-    """Typed wrapper of the ``select_adapter`` hook."""
-    result: AdapterSpec | None = pm.hook.select_adapter(model=model, candidates=list(candidates))
-    return result
+    """Typed wrapper of the ``select_adapter`` hook: the first plugin's spec, or None.
+
+    Plugins are asked one at a time, in pluggy's order (last registered first). One that
+    raises or returns something other than an AdapterSpec or None is skipped with a
+    :class:`PluginWarning`, and the next one is asked.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2Model
+        >>> model = GPT2Model(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+        >>> pm = new_plugin_manager()
+        >>> print(call_select_adapter(pm, model, get_registry(pm).candidates(model)))
+        None
+    """
+    for impl in reversed(_implementations(pm, "select_adapter")):
+        name = impl.plugin_name
+        try:
+            result = _call_one(pm, "select_adapter", impl, model=model, candidates=list(candidates))
+        except (Exception, SystemExit) as exc:
+            _plugin_failed(pm, name, _origin(pm, name), "select_adapter", _describe(exc), exc)
+            continue
+        if result is None:
+            continue
+        if not isinstance(result, AdapterSpec):
+            _plugin_failed(
+                pm,
+                name,
+                _origin(pm, name),
+                "select_adapter",
+                f"it returned a {type(result).__name__}; select_adapter returns an "
+                "introspect.AdapterSpec or None",
+            )
+            continue
+        return result
+    return None
 
 
 def plugin_infos(pm: IntrospectPluginManager | None = None) -> list[PluginInfo]:
@@ -274,10 +477,67 @@ def plugin_infos(pm: IntrospectPluginManager | None = None) -> list[PluginInfo]:
     return sorted(infos, key=lambda info: (info.builtin, info.name))
 
 
-def raise_failures(pm: IntrospectPluginManager) -> None:
-    """Raise a PluginLoadError listing every plugin that failed to import (if any)."""
-    if pm.failures:
-        lines = [
-            f"{f.name} ({f.distribution or 'unknown distribution'}): {f.error}" for f in pm.failures
+def _hookspec_signature(fn: Any) -> str:
+    # Annotations stay strings (hookspecs.py uses postponed evaluation), so they print as written.
+    params = ", ".join(
+        f"{p.name}: {p.annotation}" if p.annotation is not inspect.Parameter.empty else p.name
+        for p in inspect.signature(fn).parameters.values()
+    )
+    return f"def {fn.__name__}({params}) -> {inspect.signature(fn).return_annotation}:"
+
+
+def authoring_help() -> str:
+    """How to write an adapter plugin, from text that ships in the package.
+
+    It lists every hook with its exact signature (read from :mod:`introspect.hookspecs`), the
+    entry-point group and the environment variables that help when a plugin misbehaves.
+    ``introspect plugins --help-authoring`` prints it.
+
+    Example:
+        >>> text = authoring_help()
+        >>> "[project.entry-points.introspect]" in text
+        True
+        >>> "def register_adapters(register: Callable[[AdapterSpec], None]) -> None:" in text
+        True
+    """
+    hooks = []
+    for name in sorted(vars(hookspecs)):
+        fn = getattr(hookspecs, name)
+        options = getattr(fn, f"{GROUP}_spec", None)
+        if options is None or not callable(fn):
+            continue
+        kind = "  # firstresult: the first non-None answer wins" if options["firstresult"] else ""
+        doc = (inspect.getdoc(fn) or "").replace("``", "")
+        hooks.append(f"    @hookimpl{kind}\n    {_hookspec_signature(fn)}\n        {doc}")
+    return "\n".join(
+        [
+            "Writing an adapter plugin for introspect",
+            "",
+            "An adapter is an introspect.AdapterSpec (module paths and quirk flags, as data).",
+            "A plugin is a module whose functions are marked with introspect.hookimpl and which",
+            f"its distribution declares in the {GROUP!r} entry-point group, the entry-point name",
+            "being the distribution name (pluggy silently skips a repeated name):",
+            "",
+            f"    [project.entry-points.{GROUP}]",
+            '    introspect-mymodel = "introspect_mymodel"',
+            "",
+            "Hooks (called with keyword arguments; an implementation may take fewer of them):",
+            "",
+            "\n\n".join(hooks),
+            "",
+            "Steps:",
+            "    introspect scaffold MODEL_TYPE     write a plugin package from a detected layout",
+            "    introspect plugins --all           check that it loads and what it registers",
+            "    introspect.testing.assert_conformant(model, inputs, adapter=SPEC)",
+            "                                       prove it against the model's own outputs",
+            "",
+            "When a plugin misbehaves:",
+            "    INTROSPECT_TRACE_PLUGINS=1         print every hook call",
+            "    INTROSPECT_STRICT_PLUGINS=1        make a failing plugin an error (PluginLoadError)",
+            "                                       instead of a PluginWarning; use it in CI",
+            "    INTROSPECT_LOAD_PLUGINS=a,b        load only these third-party plugins",
+            "",
+            "The full guide is the plugin tutorial (docs/plugins/tutorial.md, with the hook",
+            "reference in docs/plugins/hooks.md) in the introspect-lm source distribution.",
         ]
-        raise PluginLoadError("plugins failed to import:\n  " + "\n  ".join(lines))
+    )

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from introspect.cli import main
+from introspect.plugins import AUTHORING_HINT
 
 
 def test_adapters_table(capsys: pytest.CaptureFixture[str]) -> None:
@@ -65,3 +66,15 @@ def test_a_closed_pipe_is_not_an_error() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 141, done.stderr
     assert done.stderr == ""
+
+
+def test_authoring_hint_names_a_command_that_prints_the_hooks(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    command = AUTHORING_HINT.split("`")[1].split()
+    assert command[0] == "introspect"
+    assert main(command[1:]) == 0
+    out = capsys.readouterr().out
+    assert "def select_adapter(model: nn.Module, candidates: Sequence[AdapterSpec])" in out
+    assert "[project.entry-points.introspect]" in out
+    assert "INTROSPECT_STRICT_PLUGINS" in out

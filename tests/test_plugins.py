@@ -1,16 +1,20 @@
 from __future__ import annotations
 
 import os
+import sys
 import types
 from collections.abc import Callable
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 import torch
 
 import introspect.plugins as plugins
 from introspect import AdapterConflictError, AdapterSpec, Inspector, hookimpl
-from introspect.plugins import get_registry, new_plugin_manager, plugin_infos
+from introspect.plugins import PluginWarning, get_registry, new_plugin_manager, plugin_infos
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _plugin(name: str, *specs: AdapterSpec) -> types.ModuleType:
@@ -79,9 +83,9 @@ def test_failing_plugin_is_reported_and_others_load(monkeypatch: pytest.MonkeyPa
         name="introspect-broken", value="introspect_no_such_module_xyz", group="introspect"
     )
     monkeypatch.setattr(plugins, "_entry_points", lambda: [broken, *real])
-    with pytest.warns(RuntimeWarning, match=r"'introspect-broken'.*failed to import"):
+    with pytest.warns(PluginWarning, match=r"'introspect-broken'.*failed to import"):
         pm = new_plugin_manager()
-    assert [f.name for f in pm.failures] == ["introspect-broken"]
+    assert [(f.name, f.stage) for f in pm.failures] == [("introspect-broken", "import")]
     assert "ModuleNotFoundError" in pm.failures[0].error
     assert {"gpt2", "llama"} <= set(get_registry(pm).specs)
 
@@ -111,13 +115,46 @@ def test_load_plugins_env_restricts_third_party(monkeypatch: pytest.MonkeyPatch)
     assert "gpt2" in get_registry(pm).specs
 
 
-def test_trace_env_prints_hook_calls(
+def test_trace_env_prints_every_hook_call(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], lm: torch.nn.Module
 ) -> None:
+    class Chooser:
+        @hookimpl
+        def select_adapter(self) -> None:
+            return None
+
     monkeypatch.setenv("INTROSPECT_TRACE_PLUGINS", "1")
-    pm = new_plugin_manager()
+    pm = new_plugin_manager(plugins=[Chooser()])
     Inspector(lm, plugin_manager=pm)
-    assert "select_adapter" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # register_adapters used to be called around pluggy, so tracing never showed it.
+    assert "register_adapters [hook]" in err
+    assert "register_adapters of 'introspect-lm.gpt2'" in err
+    assert "select_adapter [hook]" in err
+
+
+def test_every_adapter_module_has_an_entry_point_and_vice_versa() -> None:
+    modules = {
+        f"introspect.adapters.{path.stem}"
+        for path in (ROOT / "adapters").glob("*.py")
+        if path.stem != "__init__"
+    }
+    # tomllib is 3.11+; on 3.10 its forerunner tomli reads the same.
+    toml = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
+    pyproject = toml.loads((ROOT / "pyproject.toml").read_text())
+    declared = pyproject["project"]["entry-points"]["introspect"]
+    assert set(declared.values()) == modules
+    # Entry-point name = distribution name + module, so pluggy never skips a repeated name.
+    assert all(
+        name == f"introspect-lm.{value.rsplit('.', 1)[1]}" for name, value in declared.items()
+    )
+    # The installed metadata says the same (a stale editable install fails here: reinstall).
+    installed = {
+        ep.name: ep.value
+        for ep in metadata.distribution("introspect-lm").entry_points
+        if ep.group == "introspect"
+    }
+    assert installed == declared
 
 
 def _test_plugin_installed() -> bool:
