@@ -1,50 +1,110 @@
 """introspect: read and change what every block of a language model receives and produces.
 
+Everything public is importable from here (``from introspect import Inspector``). The names are
+loaded on first use, so ``import introspect`` (and the ``introspect`` command's start-up) does
+not import torch and transformers until something needs them.
+
 Example:
     >>> import introspect
-    >>> "Inspector" in introspect.__all__
-    True
+    >>> "Inspector" in introspect.__all__ and introspect.Inspector.__name__
+    'Inspector'
 """
 
 from __future__ import annotations
 
-from introspect.batching import (
-    encode_batch,
-    last_token_positions,
-    pad_batch,
-    position_ids_from_mask,
-    real_token_positions,
-)
-from introspect.capture import Capture, Record
-from introspect.detect import DetectedAdapterWarning, detect_adapter
-from introspect.errors import (
-    AdapterConflictError,
-    AdapterError,
-    CaptureError,
-    ConformanceError,
-    InterventionError,
-    IntrospectError,
-    LocatorError,
-    MissingPartError,
-    NoAdapterError,
-    PluginLoadError,
-    UnsupportedArchitectureError,
-)
-from introspect.hookspecs import hookimpl
-from introspect.inspector import Inspector, get_hidden_state
-from introspect.interventions import Intervention, logit_difference, mean_activation
-from introspect.lens import LensResult, logit_lens
-from introspect.locators import Locator, parse
-from introspect.models import load_model
-from introspect.plugins import get_plugin_manager, get_registry, new_plugin_manager
-from introspect.spec import AdapterSpec, LogitOp, StackSpec
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from introspect._version import __version__
+
+if TYPE_CHECKING:
+    from introspect.batching import (
+        encode_batch,
+        last_token_positions,
+        pad_batch,
+        position_ids_from_mask,
+        real_token_positions,
+    )
+    from introspect.capture import Capture, Record
+    from introspect.detect import DetectedAdapterWarning, detect_adapter
+    from introspect.errors import (
+        AdapterConflictError,
+        AdapterError,
+        CaptureError,
+        ConformanceError,
+        InterventionError,
+        IntrospectError,
+        LocatorError,
+        MissingDependencyError,
+        MissingPartError,
+        ModelLoadError,
+        NoAdapterError,
+        PluginLoadError,
+        UnsupportedArchitectureError,
+    )
+    from introspect.hookspecs import hookimpl
+    from introspect.inspector import Inspector, get_hidden_state
+    from introspect.interventions import Intervention, logit_difference, mean_activation
+    from introspect.lens import LensResult, logit_lens
+    from introspect.locators import Locator
+    from introspect.models import ByteTokenizerWarning, load_model
+    from introspect.plugins import (
+        PluginWarning,
+        get_plugin_manager,
+        get_registry,
+        new_plugin_manager,
+    )
+    from introspect.spec import AdapterSpec, LogitOp, StackSpec, StreamOp
+
+# Where each public name lives (one flat namespace over private parts, as httpx does).
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(
+        [
+            "encode_batch",
+            "last_token_positions",
+            "pad_batch",
+            "position_ids_from_mask",
+            "real_token_positions",
+        ],
+        "batching",
+    ),
+    **dict.fromkeys(["Capture", "Record"], "capture"),
+    **dict.fromkeys(["DetectedAdapterWarning", "detect_adapter"], "detect"),
+    **dict.fromkeys(
+        [
+            "AdapterConflictError",
+            "AdapterError",
+            "CaptureError",
+            "ConformanceError",
+            "InterventionError",
+            "IntrospectError",
+            "LocatorError",
+            "MissingDependencyError",
+            "MissingPartError",
+            "ModelLoadError",
+            "NoAdapterError",
+            "PluginLoadError",
+            "UnsupportedArchitectureError",
+        ],
+        "errors",
+    ),
+    "hookimpl": "hookspecs",
+    **dict.fromkeys(["Inspector", "get_hidden_state"], "inspector"),
+    **dict.fromkeys(["Intervention", "logit_difference", "mean_activation"], "interventions"),
+    **dict.fromkeys(["LensResult", "logit_lens"], "lens"),
+    "Locator": "locators",
+    **dict.fromkeys(["ByteTokenizerWarning", "load_model"], "models"),
+    **dict.fromkeys(
+        ["PluginWarning", "get_plugin_manager", "get_registry", "new_plugin_manager"], "plugins"
+    ),
+    **dict.fromkeys(["AdapterSpec", "LogitOp", "StackSpec", "StreamOp"], "spec"),
+}
 
 __all__ = [
     "AdapterConflictError",
     "AdapterError",
     "AdapterSpec",
+    "ByteTokenizerWarning",
     "Capture",
     "CaptureError",
     "ConformanceError",
@@ -57,11 +117,15 @@ __all__ = [
     "Locator",
     "LocatorError",
     "LogitOp",
+    "MissingDependencyError",
     "MissingPartError",
+    "ModelLoadError",
     "NoAdapterError",
     "PluginLoadError",
+    "PluginWarning",
     "Record",
     "StackSpec",
+    "StreamOp",
     "UnsupportedArchitectureError",
     "__version__",
     "detect_adapter",
@@ -77,7 +141,19 @@ __all__ = [
     "mean_activation",
     "new_plugin_manager",
     "pad_batch",
-    "parse",
     "position_ids_from_mask",
     "real_token_positions",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'introspect' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"introspect.{module}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

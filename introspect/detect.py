@@ -27,13 +27,17 @@ from torch import nn
 from introspect.capture import hidden_of
 from introspect.errors import IntrospectError, NoAdapterError
 from introspect.inspector import _base_model, _config_flag, _get_path
-from introspect.plugins import IntrospectPluginManager, get_plugin_manager, get_registry
+from introspect.plugins import (
+    AUTHORING_HINT,
+    IntrospectPluginManager,
+    get_plugin_manager,
+    get_registry,
+)
 from introspect.spec import AdapterSpec, HiddenStart, LogitOp, StackSpec
 from introspect.testing import close
 
 __all__ = ["DetectedAdapterWarning", "detect_adapter", "detected_message"]
 
-_DOCS = "docs/plugins/tutorial.md"
 
 # Generic vocabulary for sub-modules (class or attribute names), never architecture names.
 _ATTN_NAME = re.compile(r"attention|attn", re.IGNORECASE)
@@ -335,7 +339,7 @@ def _stack_spec(
         if sub is None:
             missing[kind] = (
                 f"detection found no {what} sub-module in the blocks of {type(model).__name__} "
-                f"(the block may compute it inline); name it in an AdapterSpec ({_DOCS})"
+                f"(the block may compute it inline); name it in an AdapterSpec ({AUTHORING_HINT})"
             )
         else:
             fields[kind] = sub
@@ -555,7 +559,7 @@ def _reference_hidden(output: Any) -> dict[str | None, Any] | None:
 def _refuse(model: nn.Module, reason: str) -> NoAdapterError:
     return NoAdapterError(
         f"cannot detect the layout of {type(model).__name__}: {reason}. Write an AdapterSpec "
-        f"for it ({_DOCS})"
+        f"for it ({AUTHORING_HINT})"
     )
 
 
@@ -749,5 +753,5 @@ def detected_message(model: nn.Module, spec: AdapterSpec) -> str:
         f"no adapter claims {what}; using adapter {spec.name!r}, detected from its structure "
         f"and proven against its own hidden_states ({layout}). To make it permanent, pass "
         f"Inspector(model, adapter=inspector.adapter), or write a plugin package with "
-        f"'introspect scaffold {target}' ({_DOCS})"
+        f"'introspect scaffold {target}' ({AUTHORING_HINT})"
     )

@@ -37,6 +37,7 @@ from introspect.interventions import (
 )
 from introspect.locators import Locator
 from introspect.plugins import (
+    AUTHORING_HINT,
     IntrospectPluginManager,
     call_select_adapter,
     get_plugin_manager,
@@ -48,8 +49,6 @@ if TYPE_CHECKING:
     from introspect.lens import LensResult
 
 __all__ = ["Inspector", "get_hidden_state", "resolve_adapter"]
-
-_DOCS_HINT = "see docs/plugins/tutorial.md to write an adapter plugin"
 
 
 # Detection imports these two; they live in introspect._paths.
@@ -95,7 +94,7 @@ def resolve_adapter(
             if adapter not in registry.specs:
                 raise NoAdapterError(
                     f"no adapter named {adapter!r}; registered adapters: "
-                    f"{', '.join(sorted(registry.specs))} ({_DOCS_HINT})"
+                    f"{', '.join(sorted(registry.specs))} ({AUTHORING_HINT})"
                 )
             spec = registry.specs[adapter]
         elif adapter is None:
@@ -119,7 +118,7 @@ def resolve_adapter(
                 message = (
                     f"no adapter claims {what}. Registered adapters: "
                     f"{', '.join(sorted(registry.specs))}. Pass Inspector(model, "
-                    f"adapter=AdapterSpec(...)) for your own model, or {_DOCS_HINT}"
+                    f"adapter=AdapterSpec(...)) for your own model, or {AUTHORING_HINT}"
                 )
                 if not detect:
                     raise NoAdapterError(message)
@@ -172,7 +171,7 @@ class Inspector:
             raise TypeError(f"Inspector needs a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.adapter = resolve_adapter(model, adapter, plugin_manager, detect=detect)
-        self._resolver = Resolver(model, self.adapter, _DOCS_HINT)
+        self._resolver = Resolver(model, self.adapter, AUTHORING_HINT)
 
     # -- resolution (introspect._resolve owns it; the model may change between two calls) -----
 
@@ -312,7 +311,7 @@ class Inspector:
         stop: bool = False,
         detach: bool = False,
         device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         positions: Positions = None,
         keep_raw: bool | None = None,
     ) -> Capture:
@@ -354,6 +353,7 @@ class Inspector:
             transform=transform if transform.active else None,
             key_fn=self._key,
             root=self._base,
+            model=self.model,
             keep_raw=not transform.active if keep_raw is None else keep_raw,
         )
 

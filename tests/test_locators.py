@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from introspect import Locator, LocatorError, parse
+from introspect import Locator, LocatorError
+from introspect.locators import parse
 
 
 @pytest.mark.parametrize(

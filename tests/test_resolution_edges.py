@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from conftest import gpt2_config, llama_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -17,8 +18,6 @@ from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 from introspect import Inspector, Locator
 from introspect.errors import IntrospectError, LocatorError
-
-from conftest import gpt2_config, llama_config
 
 
 def _gpt2(layers: int = 4) -> GPT2LMHeadModel:

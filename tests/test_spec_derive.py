@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pydantic
 import pytest
-
-from introspect import AdapterSpec
 from introspect.adapters.gpt2 import GPT2
 from introspect.adapters.llama import LLAMA
+
+from introspect import AdapterSpec
 from introspect.plugins import get_registry
 
 ROOT = Path(__file__).resolve().parent.parent
