@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import permutations
@@ -24,9 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from introspect._paths import base_model as _base_model
+from introspect._paths import get_path as _get_path
 from introspect.capture import hidden_of
 from introspect.errors import IntrospectError, NoAdapterError
-from introspect.inspector import _base_model, _config_flag, _get_path
+from introspect.hookspecs import hookimpl
+from introspect.inspector import Inspector
 from introspect.plugins import (
     AUTHORING_HINT,
     IntrospectPluginManager,
@@ -34,7 +38,8 @@ from introspect.plugins import (
     get_registry,
 )
 from introspect.spec import AdapterSpec, HiddenStart, LogitOp, StackSpec
-from introspect.testing import close
+from introspect.spec import config_flag as _config_flag
+from introspect.testing import check_conformance, close, example_inputs
 
 __all__ = ["DetectedAdapterWarning", "detect_adapter", "detected_message"]
 
@@ -124,7 +129,6 @@ def _block_lists(base: nn.Module) -> list[tuple[str, nn.ModuleList]]:
 
 
 def _probe_inputs(model: nn.Module) -> dict[str, Any]:
-    from introspect.testing import example_inputs
 
     config = model.config
     inputs = example_inputs(config, batch=2, seq=6)
@@ -511,7 +515,6 @@ def _find_head(
     norms: Sequence[str] = (),
     plugin_manager: IntrospectPluginManager | None = None,
 ) -> dict[str, Any] | None:
-    from introspect.inspector import Inspector
 
     config = getattr(model, "config", None)
     registered = list(get_registry(plugin_manager or get_plugin_manager()).specs.values())
@@ -690,7 +693,6 @@ def detect_adapter(
 
 def _drop_unrecorded(model: nn.Module, inputs: Mapping[str, Any], spec: AdapterSpec) -> AdapterSpec:
     """``spec`` without the guessed parts (embed, attn, mlp) that the forward never calls."""
-    from introspect.inspector import Inspector
 
     insp = Inspector(model, adapter=spec)
     reason = "detection could not prove which module this is (the guessed one never runs)"
@@ -721,7 +723,6 @@ def _drop_unrecorded(model: nn.Module, inputs: Mapping[str, Any], spec: AdapterS
 def _prove(
     model: nn.Module, inputs: Mapping[str, Any], spec: AdapterSpec, tol: tuple[float, float]
 ) -> AdapterSpec:
-    from introspect.testing import check_conformance
 
     try:
         report = check_conformance(model, inputs, adapter=spec, atol=tol[0], rtol=tol[1])
@@ -755,3 +756,31 @@ def detected_message(model: nn.Module, spec: AdapterSpec) -> str:
         f"Inspector(model, adapter=inspector.adapter), or write a plugin package with "
         f"'introspect scaffold {target}' ({AUTHORING_HINT})"
     )
+
+
+@hookimpl(trylast=True)
+def select_adapter(model: nn.Module, candidates: Sequence[AdapterSpec]) -> AdapterSpec | None:
+    """Detection, the ``select_adapter`` of last resort: a proven spec for an unclaimed model.
+
+    Asked only after every other plugin; answers only when no adapter claims the model. It
+    warns with :class:`DetectedAdapterWarning` and returns the proven spec, or raises
+    :class:`~introspect.errors.NoAdapterError` saying why no layout could be proven (the
+    plugin layer adds that reason to its own error).
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     select_adapter(m, []).name
+        'detected-gpt2'
+    """
+    if candidates:
+        return None
+    try:
+        spec = detect_adapter(model)
+    except NoAdapterError as exc:
+        raise NoAdapterError(f"Structure detection did not help: {exc}") from None
+    warnings.warn(detected_message(model, spec), DetectedAdapterWarning, stacklevel=2)
+    return spec

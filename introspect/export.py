@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from introspect._version import __version__
 from introspect.errors import CaptureError
 from introspect.models import token_strings
 
@@ -288,8 +289,6 @@ def load_capture(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
 
 def _versions() -> dict[str, str]:
     import transformers
-
-    from introspect._version import __version__
 
     return {
         "introspect": __version__,

@@ -6,7 +6,6 @@ with hooks, and applies what the model applies after its last block.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -23,8 +22,6 @@ from introspect.errors import (
     InterventionError,
     LocatorError,
     MissingPartError,
-    NoAdapterError,
-    UnsupportedArchitectureError,
 )
 from introspect.interventions import (
     Edit,
@@ -36,13 +33,7 @@ from introspect.interventions import (
     patching_sweep,
 )
 from introspect.locators import Locator
-from introspect.plugins import (
-    AUTHORING_HINT,
-    IntrospectPluginManager,
-    call_select_adapter,
-    get_plugin_manager,
-    get_registry,
-)
+from introspect.plugins import AUTHORING_HINT, IntrospectPluginManager, resolve_adapter
 from introspect.spec import AdapterSpec, LogitOp, StackSpec, config_flag
 
 if TYPE_CHECKING:
@@ -64,88 +55,6 @@ def _to_dtype_of(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
 
 
 _config_flag = config_flag  # detection imports it from here
-
-
-def resolve_adapter(
-    model: nn.Module,
-    adapter: str | AdapterSpec | None = None,
-    plugin_manager: IntrospectPluginManager | None = None,
-    *,
-    detect: bool = True,
-) -> AdapterSpec:
-    """The AdapterSpec for ``model``: forced by name or spec, else chosen by the plugins.
-
-    When no adapter claims the model and ``detect`` is true, its layout is detected from its
-    structure and proven against its own ``hidden_states`` (see :mod:`introspect.detect`);
-    a proven spec is used with a :class:`~introspect.detect.DetectedAdapterWarning`.
-
-    Example:
-        >>> from transformers import GPT2Config, GPT2LMHeadModel
-        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
-        >>> resolve_adapter(model).name
-        'gpt2'
-    """
-    if isinstance(adapter, AdapterSpec):
-        spec = adapter
-    else:
-        pm = plugin_manager or get_plugin_manager()
-        registry = get_registry(pm)
-        if isinstance(adapter, str):
-            if adapter not in registry.specs:
-                raise NoAdapterError(
-                    f"no adapter named {adapter!r}; registered adapters: "
-                    f"{', '.join(sorted(registry.specs))} ({AUTHORING_HINT})"
-                )
-            spec = registry.specs[adapter]
-        elif adapter is None:
-            candidates = registry.candidates(model)
-            chosen = call_select_adapter(pm, model, candidates)
-            if chosen is not None:
-                spec = chosen
-            elif len(candidates) == 1:
-                spec = candidates[0]
-            elif candidates:
-                names = ", ".join(c.name for c in candidates)
-                raise NoAdapterError(
-                    f"several adapters claim {type(model).__name__}: {names}; pass "
-                    "Inspector(model, adapter=NAME) or implement select_adapter in a plugin"
-                )
-            else:
-                model_type = getattr(getattr(model, "config", None), "model_type", None)
-                what = type(model).__name__ + (
-                    f" (model_type {model_type!r})" if model_type else " (not a transformers model)"
-                )
-                message = (
-                    f"no adapter claims {what}. Registered adapters: "
-                    f"{', '.join(sorted(registry.specs))}. Pass Inspector(model, "
-                    f"adapter=AdapterSpec(...)) for your own model, or {AUTHORING_HINT}"
-                )
-                if not detect:
-                    raise NoAdapterError(message)
-                spec = _detect(model, message)
-        else:
-            raise TypeError(
-                f"adapter must be None, an adapter name or an AdapterSpec, got "
-                f"{type(adapter).__name__}"
-            )
-    if spec.unsupported:
-        raise UnsupportedArchitectureError(
-            f"{type(model).__name__} is not supported by adapter {spec.name!r}: {spec.unsupported}"
-        )
-    return spec
-
-
-def _detect(model: nn.Module, message: str) -> AdapterSpec:
-    # Imported here: detection proves its guess with introspect.testing, which imports us.
-    from introspect.detect import DetectedAdapterWarning, detect_adapter, detected_message
-
-    try:
-        spec = detect_adapter(model)
-    except NoAdapterError as exc:
-        raise NoAdapterError(f"{message}. Structure detection did not help: {exc}") from None
-    # stacklevel 4: warn at the caller of Inspector(...) (or of resolve_adapter).
-    warnings.warn(detected_message(model, spec), DetectedAdapterWarning, stacklevel=4)
-    return spec
 
 
 class Inspector:

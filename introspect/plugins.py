@@ -26,7 +26,12 @@ import pluggy
 from pluggy import HookImpl
 
 from introspect import hookspecs
-from introspect.errors import AdapterConflictError, PluginLoadError
+from introspect.errors import (
+    AdapterConflictError,
+    NoAdapterError,
+    PluginLoadError,
+    UnsupportedArchitectureError,
+)
 from introspect.spec import AdapterSpec
 
 if TYPE_CHECKING:
@@ -34,6 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AUTHORING_HINT",
+    "DETECTION",
     "DISTRIBUTION",
     "AdapterRegistry",
     "IntrospectPluginManager",
@@ -46,10 +52,14 @@ __all__ = [
     "get_registry",
     "new_plugin_manager",
     "plugin_infos",
+    "resolve_adapter",
 ]
 
 GROUP = "introspect"
 DISTRIBUTION = "introspect-lm"
+
+DETECTION = f"{DISTRIBUTION}.detect"
+"""The entry point of the built-in detection plugin (the ``select_adapter`` of last resort)."""
 
 #: The pointer error messages give to plugin authors; the text it names ships in the package.
 AUTHORING_HINT = "run `introspect plugins --help-authoring` for how to write an adapter plugin"
@@ -420,13 +430,20 @@ def get_registry(pm: IntrospectPluginManager | None = None) -> AdapterRegistry:
 
 
 def call_select_adapter(
-    pm: IntrospectPluginManager, model: nn.Module, candidates: Sequence[AdapterSpec]
+    pm: IntrospectPluginManager,
+    model: nn.Module,
+    candidates: Sequence[AdapterSpec],
+    *,
+    skip: Iterable[str] = (),
+    reasons: list[str] | None = None,
 ) -> AdapterSpec | None:
     """Typed wrapper of the ``select_adapter`` hook: the first plugin's spec, or None.
 
     Plugins are asked one at a time, in pluggy's order (last registered first). One that
     raises or returns something other than an AdapterSpec or None is skipped with a
-    :class:`PluginWarning`, and the next one is asked.
+    :class:`PluginWarning`, and the next one is asked. One that raises
+    :class:`~introspect.errors.NoAdapterError` declines with a reason, appended to ``reasons``
+    (detection says why it could not prove a layout). ``skip`` names plugins not to ask.
 
     Example:
         >>> from transformers import GPT2Config, GPT2Model
@@ -435,10 +452,17 @@ def call_select_adapter(
         >>> print(call_select_adapter(pm, model, get_registry(pm).candidates(model)))
         None
     """
+    skipped = set(skip)
     for impl in reversed(_implementations(pm, "select_adapter")):
         name = impl.plugin_name
+        if name in skipped:
+            continue
         try:
             result = _call_one(pm, "select_adapter", impl, model=model, candidates=list(candidates))
+        except NoAdapterError as exc:
+            if reasons is not None:
+                reasons.append(str(exc))
+            continue
         except (Exception, SystemExit) as exc:
             _plugin_failed(pm, name, _origin(pm, name), "select_adapter", _describe(exc), exc)
             continue
@@ -456,6 +480,79 @@ def call_select_adapter(
             continue
         return result
     return None
+
+
+def resolve_adapter(
+    model: nn.Module,
+    adapter: str | AdapterSpec | None = None,
+    plugin_manager: IntrospectPluginManager | None = None,
+    *,
+    detect: bool = True,
+) -> AdapterSpec:
+    """The AdapterSpec for ``model``: forced by name or spec, else chosen by the plugins.
+
+    The adapters claiming the model's type or class are the candidates; ``select_adapter``
+    implementations may pick any spec. Detection (:mod:`introspect.detect`) is the built-in
+    ``select_adapter`` of last resort: when no adapter claims the model it detects the layout
+    and proves it against the model's own ``hidden_states``, and a proven spec is used with a
+    :class:`~introspect.detect.DetectedAdapterWarning`. ``detect=False`` leaves it out.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+        >>> resolve_adapter(model).name
+        'gpt2'
+    """
+    if isinstance(adapter, AdapterSpec):
+        spec = adapter
+    else:
+        pm = plugin_manager or get_plugin_manager()
+        registry = get_registry(pm)
+        if isinstance(adapter, str):
+            if adapter not in registry.specs:
+                raise NoAdapterError(
+                    f"no adapter named {adapter!r}; registered adapters: "
+                    f"{', '.join(sorted(registry.specs))} ({AUTHORING_HINT})"
+                )
+            spec = registry.specs[adapter]
+        elif adapter is None:
+            candidates = registry.candidates(model)
+            reasons: list[str] = []
+            skip = () if detect else (DETECTION,)
+            chosen = call_select_adapter(pm, model, candidates, skip=skip, reasons=reasons)
+            if chosen is not None:
+                spec = chosen
+            elif len(candidates) == 1:
+                spec = candidates[0]
+            elif candidates:
+                names = ", ".join(c.name for c in candidates)
+                raise NoAdapterError(
+                    f"several adapters claim {type(model).__name__}: {names}; pass "
+                    "Inspector(model, adapter=NAME) or implement select_adapter in a plugin"
+                )
+            else:
+                model_type = getattr(getattr(model, "config", None), "model_type", None)
+                what = type(model).__name__ + (
+                    f" (model_type {model_type!r})" if model_type else " (not a transformers model)"
+                )
+                message = (
+                    f"no adapter claims {what}. Registered adapters: "
+                    f"{', '.join(sorted(registry.specs))}. Pass Inspector(model, "
+                    f"adapter=AdapterSpec(...)) for your own model, or {AUTHORING_HINT}"
+                )
+                if reasons:
+                    message += ". " + "; ".join(reasons)
+                raise NoAdapterError(message)
+        else:
+            raise TypeError(
+                f"adapter must be None, an adapter name or an AdapterSpec, got "
+                f"{type(adapter).__name__}"
+            )
+    if spec.unsupported:
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} is not supported by adapter {spec.name!r}: {spec.unsupported}"
+        )
+    return spec
 
 
 def plugin_infos(pm: IntrospectPluginManager | None = None) -> list[PluginInfo]:

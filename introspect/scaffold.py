@@ -18,8 +18,13 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from introspect._version import __version__
+from introspect.detect import detect_adapter
 from introspect.errors import AdapterConflictError, AdapterError
+from introspect.plugins import get_plugin_manager, get_registry
 from introspect.spec import AdapterSpec
+from introspect.testing import build_tiny
+from introspect.tiny import tiny_config
 
 __all__ = ["ScaffoldResult", "model_classes", "scaffold", "spec_source", "write_plugin"]
 
@@ -219,7 +224,6 @@ def register_adapters(register: Callable[[AdapterSpec], None]) -> None:
 
 
 def _pyproject_text(distribution: str, module: str, spec: AdapterSpec) -> str:
-    from introspect._version import __version__
 
     return f'''[build-system]
 requires = ["setuptools>=69"]
@@ -374,11 +378,6 @@ def scaffold(
         ('llama', 'introspect-llama')
     """
     import transformers
-
-    from introspect.detect import detect_adapter
-    from introspect.plugins import get_plugin_manager, get_registry
-    from introspect.testing import build_tiny
-    from introspect.tiny import tiny_config
 
     # Names are checked before any model is built.
     if name is not None:

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from introspect.errors import LocatorError
+
 if TYPE_CHECKING:
     from typing_extensions import Self
 
@@ -387,8 +389,6 @@ class AdapterSpec(StackSpec):
         if name == "encoder" and self.encoder is not None:
             return self.encoder
         valid = [n for n in (self.stack_name, "encoder" if self.encoder else None) if n]
-        from introspect.errors import LocatorError
-
         raise LocatorError(
             f"adapter {self.name!r} has no stack named {name!r}"
             + (f" (valid: {', '.join(valid)})" if valid else " (it has a single stack)")

@@ -47,3 +47,17 @@ def test_adapters_derive_only_through_derive() -> None:
         p.name for p in (ROOT / "adapters").glob("*.py") if "model_copy(update=" in p.read_text()
     ]
     assert offenders == [], f"use spec.derive(...) instead of model_copy(update=...) in {offenders}"
+
+
+def test_adapters_import_only_the_spec_the_marker_and_each_other() -> None:
+    import ast
+
+    allowed = {"__future__", "collections.abc", "typing", "introspect.spec", "introspect.hookspecs"}
+    offenders = []
+    for path in (ROOT / "adapters").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module not in allowed:
+                offenders.append(f"{path.name}: from {node.module}")
+            elif isinstance(node, ast.Import):
+                offenders.extend(f"{path.name}: import {a.name}" for a in node.names)
+    assert offenders == [], f"adapters are data; they import {offenders}"
