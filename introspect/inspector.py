@@ -689,11 +689,14 @@ class Inspector:
         include_embed: bool = False,
         keep_logits: bool = True,
         batch_index: int = 0,
+        targets: Sequence[int | str] | None = None,
     ) -> LensResult:
         """The logit lens: every block's output read through what follows the last block.
 
         Uses :meth:`logits` (final norm, unembedding and the architecture's extras), so the
-        last block reproduces the model's own logits. See :func:`introspect.lens.logit_lens`.
+        last block reproduces the model's own logits. ``targets`` are tokens to follow through
+        the blocks (ids, or their exact text with a tokenizer). See
+        :func:`introspect.lens.logit_lens`.
 
         Example:
             >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -714,6 +717,7 @@ class Inspector:
             include_embed=include_embed,
             keep_logits=keep_logits,
             batch_index=batch_index,
+            targets=targets,
         )
 
     def __repr__(self) -> str:

