@@ -8,16 +8,18 @@ examples. Everything here works for either padding side.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterable, Mapping, Sequence, Set
 from typing import Any, Literal
 
 import torch
 
-from introspect.errors import CaptureError
+from introspect.errors import CaptureError, IntrospectError
 
 __all__ = [
     "PaddingSide",
     "Positions",
+    "check_positions",
     "encode_batch",
     "gather_positions",
     "last_token_positions",
@@ -170,7 +172,124 @@ def call_positions(
 
 
 Positions = int | Sequence[int] | slice | torch.Tensor | Literal["last"] | None
-"""What ``positions=`` accepts: see :func:`position_index`."""
+"""What ``positions=`` accepts: see :func:`check_positions` and :func:`position_index`."""
+
+_VALID = (
+    "use None (every position), 'last' (each example's last real token), an int, a list of "
+    "ints, a slice, or an integer tensor [batch] / [batch, k] of per-example positions"
+)
+
+
+def _as_int(value: Any) -> int | None:
+    """``value`` as a Python int when it is an integer scalar (Python, NumPy or torch)."""
+    if isinstance(value, bool) or type(value).__name__ in ("bool", "bool_"):
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.is_meta:
+            return None
+        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            return None
+        return int(value.item())
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def check_positions(positions: Any, error: type[IntrospectError] = CaptureError) -> Positions:
+    """Validate ``positions=`` before any model runs and return it in its plain form.
+
+    Integer scalars of any kind (Python, NumPy, 0-dim torch) are ints and a lone int becomes a
+    one-item list; a list, tuple or range becomes a list of ints; a slice keeps int bounds;
+    a tensor must hold integers, shape ``[batch]`` or ``[batch, k]``. Floats, booleans, empty
+    or repeated positions, strings other than ``"last"``, NumPy arrays (ambiguous between the
+    list and the per-example meanings) and unordered collections are refused with ``error``.
+
+    Example:
+        >>> import numpy as np
+        >>> check_positions(np.int64(2)), check_positions(range(2)), check_positions("last")
+        ([2], [0, 1], 'last')
+        >>> try:
+        ...     check_positions([1.5])
+        ... except CaptureError as exc:
+        ...     print(str(exc).split(":")[0])
+        positions must be integers, got 1.5 (float)
+    """
+    if positions is None:
+        return None
+    if isinstance(positions, str):
+        if positions == "last":
+            return "last"
+        raise error(
+            f"positions={positions!r} is not understood: the only string is 'last' (each "
+            f"example's last real token; the first token is positions=[0]); {_VALID}"
+        )
+    single = _as_int(positions)
+    if single is not None:
+        return [single]
+    if isinstance(positions, torch.Tensor):
+        return _check_tensor(positions, error)
+    if isinstance(positions, slice):
+        bounds = []
+        for name in ("start", "stop", "step"):
+            bound = getattr(positions, name)
+            number = None if bound is None else _as_int(bound)
+            if bound is not None and number is None:
+                raise error(f"a positions slice needs int bounds, got {name}={bound!r}; {_VALID}")
+            bounds.append(number)
+        if bounds[2] == 0:
+            raise error("a positions slice cannot have step 0")
+        return slice(*bounds)
+    if isinstance(positions, bool) or type(positions).__name__ in ("bool", "bool_"):
+        raise error(f"positions={positions!r} is a boolean, not a position; {_VALID}")
+    if hasattr(positions, "ndim") and hasattr(positions, "dtype"):
+        raise error(
+            "positions is an array: pass positions.tolist() for the same positions in every "
+            "example, or torch.as_tensor(positions) for one position (or row) per example"
+        )
+    if isinstance(positions, (Set, Mapping)) or not isinstance(positions, Iterable):
+        raise error(
+            f"positions={positions!r} ({type(positions).__name__}) is not understood; {_VALID}"
+        )
+    items: list[int] = []
+    for item in positions:
+        number = _as_int(item)
+        if number is None:
+            raise error(
+                f"positions must be integers, got {item!r} ({type(item).__name__}): a position "
+                "is an index into the sequence (for per-example positions pass a tensor)"
+            )
+        items.append(number)
+    if not items:
+        raise error(f"positions={positions!r} selects no position; {_VALID}")
+    if len(set(items)) != len(items):
+        raise error(f"positions {items} name a position more than once: list each one once")
+    return items
+
+
+def _check_tensor(positions: torch.Tensor, error: type[IntrospectError]) -> torch.Tensor:
+    if positions.dtype == torch.bool:
+        raise error(
+            "a boolean positions mask is not supported: pass per-example indices, e.g. "
+            "introspect.last_token_positions(mask)"
+        )
+    if positions.is_floating_point() or positions.is_complex():
+        raise error(
+            f"a positions tensor must hold integers, got {positions.dtype} (it would be "
+            "truncated): convert it with .long() if the values are whole numbers"
+        )
+    if positions.is_meta:
+        raise error("a positions tensor is on the meta device (it holds no values)")
+    if positions.dim() not in (1, 2) or positions.numel() == 0:
+        raise error(
+            f"a positions tensor gives one position (or row of positions) per example: shape "
+            f"[batch] or [batch, k], got {tuple(positions.shape)}"
+        )
+    if positions.dim() == 2 and positions.shape[1] > 1:
+        ordered = positions.sort(dim=1).values
+        if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+            raise error("a positions tensor names a position twice in one example: list it once")
+    return positions
 
 
 def _per_row(positions: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
@@ -210,31 +329,20 @@ def position_index(
         >>> position_index("last", 2, 3, torch.tensor([[1, 1, 0], [1, 1, 1]])).tolist()
         [[1], [2]]
     """
+    positions = check_positions(positions)
     if positions is None:
         return None
     if isinstance(positions, str):
-        if positions != "last":
-            raise CaptureError(
-                f"positions={positions!r} is not understood: use 'last', an int, a list of ints, "
-                "a slice or a per-example tensor"
-            )
         where = device if device is not None else torch.device("cpu")
         return call_positions(attention_mask, batch, seq, where).unsqueeze(1)
     if isinstance(positions, torch.Tensor):
-        if positions.dtype == torch.bool:
-            raise CaptureError(
-                "a boolean positions mask is not supported: pass per-example indices, e.g. "
-                "introspect.last_token_positions(mask)"
-            )
         rows = _per_row(positions, batch, seq)
         return rows.to(device) if device is not None else rows
     if isinstance(positions, slice):
         return list(range(seq))[positions]
-    items = [positions] if isinstance(positions, int) else list(positions)
+    assert isinstance(positions, list)
     out = []
-    for p in items:
-        if not isinstance(p, int) or isinstance(p, bool):
-            raise CaptureError(f"positions must be integers, got {p!r}")
+    for p in positions:
         if not -seq <= p < seq:
             raise CaptureError(
                 f"position {p} is out of range for a sequence of {seq} tokens (use "

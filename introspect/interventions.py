@@ -4,6 +4,25 @@ Every edit is a context manager built by the Inspector (``steer``, ``ablate``, `
 ``scale``, ``edit``) on the same locators captures use. Edits compose with each other and with
 captures in one forward, and apply at every step of ``generate``.
 
+Three invariants hold for every edit; a value that would break one is an
+:class:`~introspect.errors.InterventionError`, never a quietly different answer:
+
+- an edit never changes a value's shape: a steering vector or patch value must broadcast *to*
+  the value (``broadcast_shapes(v, x) == x.shape``), and ``fn`` must return the value's shape;
+- an edit never hands the model a tensor the caller still owns: a replaced value is always a
+  fresh tensor, so a model that adds to it in place (Falcon's ``mlp_output += ...``) cannot
+  change a Record or a patch value, and repeated forwards agree;
+- an edit never silently does nothing: arguments are checked when the edit is built, and a
+  position that no call of the model can hold is an error.
+
+Positions are positions of the whole sequence so far, as a forward over it without a cache
+would number them (negative counts from its end). A model call with a KV cache covers
+positions ``[offset, offset + seq)``, ``offset`` being the cache's length before the call, read
+from ``cache_position`` or the cache the model (root) was called with; the edit touches the
+requested positions that fall inside, so a prompt position is edited in the prompt step only
+and a later position when its token is processed. A call without a cache is an independent
+forward (offset 0) where every position must exist.
+
 Where an edit runs matters, because Hugging Face records ``output_hidden_states`` in three ways:
 transformers 5.x with forward hooks it installs on first use; transformers 4.x Llama-style models
 (``check_model_inputs``) by wrapping each layer's ``forward`` for the duration of the call and
@@ -25,6 +44,8 @@ them. Everything is removed on every exit path, including an exception raised by
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -32,9 +53,16 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from introspect.batching import position_index
-from introspect.capture import EditNote, Record, Target, hidden_of
-from introspect.errors import CaptureError, InterventionError
+from introspect.batching import call_positions, check_positions
+from introspect.capture import (
+    EditNote,
+    Record,
+    Target,
+    call_argument,
+    call_attention_mask,
+    hidden_of,
+)
+from introspect.errors import InterventionError
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -47,6 +75,7 @@ __all__ = [
     "Edit",
     "EditOp",
     "Intervention",
+    "as_factor",
     "as_value",
     "logit_difference",
     "mean_activation",
@@ -58,34 +87,56 @@ EditFn = Callable[[torch.Tensor, Record], torch.Tensor]
 """``fn(value, record) -> value``: ``value`` is the current hidden tensor, ``record`` the call."""
 
 
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter (``None`` for inference tensors, which have none)."""
+    try:
+        return int(tensor._version)
+    except RuntimeError:
+        return None
+
+
 @dataclass
 class EditOp:
     """How an edit computes the new value from the current one.
 
-    ``add`` adds ``tensor``; ``scale`` multiplies by ``factor``; ``zero`` zeroes; ``set``
-    replaces by ``tensor`` (see :meth:`introspect.Inspector.patch` for the shapes it takes);
-    ``fn`` calls ``fn(value, record)``.
+    ``add`` adds ``factor * tensor``; ``scale`` multiplies by ``factor``; ``zero`` zeroes;
+    ``set`` replaces by ``tensor`` (see :meth:`introspect.Inspector.patch` for the shapes it
+    takes); ``fn`` calls ``fn(value, record)``.
 
     Example:
-        >>> EditOp("scale", factor=0.5).kind
-        'scale'
+        >>> op = EditOp("add", tensor=torch.ones(2), factor=3.0)
+        >>> op.operand(torch.zeros(1, 1, 2, dtype=torch.float64))
+        tensor([3., 3.], dtype=torch.float64)
     """
 
     kind: Literal["add", "scale", "zero", "set", "fn"]
     tensor: torch.Tensor | None = None
     factor: float = 1.0
     fn: EditFn | None = None
-    _cast: dict[tuple[torch.device, torch.dtype], torch.Tensor] = field(default_factory=dict)
+    _cast: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = field(default_factory=dict)
 
-    def cast(self, like: torch.Tensor) -> torch.Tensor:
+    def operand(self, like: torch.Tensor) -> torch.Tensor:
+        """``tensor`` on ``like``'s device and dtype (times ``factor`` for ``add``).
+
+        Computed at every call from the tensor as it is now, so a trainable vector stays in
+        the graph of each forward and its updates count; a constant is cached per device,
+        dtype and in-place version.
+        """
         assert self.tensor is not None
-        key = (like.device, like.dtype)
-        value = self._cast.get(key)
-        if value is None:
-            value = self.tensor.to(device=like.device, dtype=like.dtype)
-            # Only constants are cached: a tensor that needs grad must stay in the graph.
-            if not value.requires_grad:
-                self._cast[key] = value
+        source = self.tensor
+        version = None if source.requires_grad else _version(source)
+        key = (like.device, like.dtype, version if version is not None else -1)
+        if version is not None:
+            cached = self._cast.get(key)
+            if cached is not None:
+                return cached
+        value = source.to(device=like.device, dtype=like.dtype)
+        if self.kind == "add" and self.factor != 1.0:
+            value = value * self.factor
+        if version is not None:
+            # An entry of an older version can never be read again.
+            self._cast = {k: v for k, v in self._cast.items() if k[2] == version}
+            self._cast[key] = value
         return value
 
 
@@ -94,7 +145,9 @@ class Edit:
     """One edit of one module: where (target, side), what (op) and at which positions.
 
     Built by :class:`introspect.Inspector` (``steer``, ``ablate``, ``patch``, ``scale``,
-    ``edit``); ``label`` is what records and errors call it.
+    ``edit``); ``label`` is what records and errors call it. ``positions`` is checked (and
+    put in its plain form by :func:`introspect.batching.check_positions`) when the edit is
+    built.
 
     Example:
         >>> lin = nn.Linear(2, 2)
@@ -109,6 +162,9 @@ class Edit:
     op: EditOp
     positions: Any = None
     label: str = "edit"
+
+    def __post_init__(self) -> None:
+        self.positions = check_positions(self.positions, InterventionError)
 
     @property
     def name(self) -> str:
@@ -133,7 +189,49 @@ def as_value(value: Any, what: str) -> torch.Tensor:
                 f"{what} must be a tensor (or a Record), got {type(value).__name__}"
             ) from None
     tensor: torch.Tensor = value
+    if tensor.is_meta:
+        raise InterventionError(
+            f"{what} is on the meta device, so it holds no values: build it on a real device "
+            "(e.g. from a capture of the model after its weights are loaded)"
+        )
+    if tensor.is_complex():
+        raise InterventionError(f"{what} must hold real numbers, got {tensor.dtype}")
     return tensor if tensor.is_floating_point() else tensor.float()
+
+
+def as_factor(value: Any, what: str) -> float:
+    """``value`` as a finite float, for ``scale=`` and ``factor=``; anything else is refused.
+
+    Python and NumPy numbers and one-element tensors that need no gradient are accepted.
+
+    Example:
+        >>> as_factor(2, "scale")
+        2.0
+        >>> try:
+        ...     as_factor("2", "scale")
+        ... except InterventionError as exc:
+        ...     print(exc)
+        scale must be a real number, got '2' (str)
+    """
+    number = value
+    if isinstance(number, torch.Tensor):
+        if number.numel() != 1 or number.requires_grad or number.is_meta:
+            raise InterventionError(
+                f"{what} must be a real number, got a tensor of shape {tuple(number.shape)}"
+                f"{' that requires grad' if number.requires_grad else ''}: a trainable scale "
+                "belongs in the vector itself"
+            )
+        number = number.item()
+    if isinstance(number, bool) or not isinstance(number, numbers.Real):
+        raise InterventionError(
+            f"{what} must be a real number, got {value!r} ({type(value).__name__})"
+        )
+    factor = float(number)
+    if not math.isfinite(factor):
+        raise InterventionError(
+            f"{what} must be finite, got {factor}: it would make every edited value nan or inf"
+        )
+    return factor
 
 
 def mean_activation(activations: Any, side: Side = "output") -> torch.Tensor:
@@ -180,36 +278,248 @@ def _replace_hidden(value: Any, index: int, new: torch.Tensor) -> Any:
     raise InterventionError(f"cannot put an edited value back into a {type(value).__name__}")
 
 
-def _position_mask(
-    index: list[int] | torch.Tensor, batch: int, seq: int, like: torch.Tensor
-) -> Any:
-    mask = torch.zeros(batch, seq, dtype=torch.bool, device=like.device)
-    if isinstance(index, torch.Tensor):
-        mask.scatter_(1, index.to(like.device), True)
-    else:
-        mask[:, index] = True
-    return mask.view(batch, seq, *([1] * (like.dim() - 2)))
+# -- the model call an edit runs in ----------------------------------------------------------
+
+
+def _cache_length(cache: Any) -> int | None:
+    """Tokens a KV cache holds (a Cache object or a legacy tuple); ``None`` if it cannot tell."""
+    if cache is None:
+        return 0
+    length = getattr(cache, "get_seq_length", None)
+    if callable(length):
+        try:
+            return int(length())
+        except Exception:  # a cache class we do not know: refuse to guess below
+            return None
+    if isinstance(cache, (tuple, list)):
+        if not cache:
+            return 0
+        layer = cache[0]
+        if isinstance(layer, (tuple, list)) and layer and isinstance(layer[0], torch.Tensor):
+            key: torch.Tensor = layer[0]
+            if key.dim() >= 2:
+                return int(key.shape[-2])
+    return None
+
+
+@dataclass
+class _Call:
+    """What one call of the model (the root) says about itself: mask, KV cache, positions."""
+
+    attention_mask: torch.Tensor | None = None
+    cache: Any = None
+    cache_position: Any = None
+    _offset: int | None = -1
+
+    @property
+    def cached(self) -> bool:
+        """Whether this call is a step of incremental decoding (it holds a KV cache)."""
+        return self.cache is not None
+
+    @property
+    def offset(self) -> int | None:
+        """Tokens before this call's first one (the cache's length); ``None``: unknown."""
+        if self._offset == -1:
+            # Only cache_position is left to read lazily (it is a plain tensor of the call).
+            position = self.cache_position
+            assert isinstance(position, torch.Tensor)
+            self._offset = int(position.reshape(-1)[0].item())
+        return self._offset
+
+
+def _describe(call: _Call | None, seq: int) -> str:
+    if call is None or not call.cached:
+        return ""
+    offset = call.offset
+    if offset is None:
+        return f" (this call is a generation step holding {seq} new token(s) after a cache)"
+    if offset == 0:
+        return ""
+    return f" (this call is a generation step holding {seq} new token(s) after {offset} cached)"
+
+
+@dataclass
+class _Hits:
+    """The positions of one call an edit touches."""
+
+    mask: torch.Tensor
+    """``[batch, seq]`` booleans."""
+    local: list[int] | None = None
+    """Shared positions within the call, for a list of positions; in the order requested."""
+    ordinals: list[int] | None = None
+    """For each of ``local``, which requested position it is."""
+
+    def where(self, like: torch.Tensor) -> torch.Tensor:
+        return self.mask.view(*self.mask.shape, *([1] * (like.dim() - 2)))
+
+
+def _out_of_range(edit: Edit, p: int, seq: int, call: _Call | None) -> InterventionError:
+    offset = call.offset if call is not None else 0
+    if call is not None and call.cached and offset:
+        total = offset + seq
+        return InterventionError(
+            f"{edit.name}: position {p} is out of range for a sequence of {total} tokens so "
+            f"far{_describe(call, seq)} (use {-total}..{total - 1})"
+        )
+    hint = (
+        ""
+        if call is not None and call.cached
+        else "; this call has no KV cache, so it is an independent forward: a position after "
+        "its tokens never comes"
+    )
+    return InterventionError(
+        f"{edit.name}: position {p} is out of range for a call of {seq} tokens (use "
+        f"{-seq}..{seq - 1}){hint}"
+    )
+
+
+def _locate(
+    edit: Edit, batch: int, seq: int, call: _Call | None, device: torch.device
+) -> _Hits | Literal[False] | None:
+    """The positions of this call the edit touches: ``None`` all, ``False`` none (an earlier
+    or later step's)."""
+    positions = edit.positions
+    if positions is None:
+        return None
+    if isinstance(positions, str):
+        mask = call.attention_mask if call is not None else None
+        last = call_positions(mask, batch, seq, device)
+        hits = torch.zeros(batch, seq, dtype=torch.bool, device=device)
+        hits[torch.arange(batch, device=device), last] = True
+        return _Hits(hits)
+    offset = call.offset if call is not None else 0
+    cached = call is not None and call.cached
+    if offset is None:
+        return _locate_unknown(edit, batch, seq, device)
+    total = offset + seq
+    if isinstance(positions, torch.Tensor):
+        return _locate_tensor(edit, positions, batch, seq, call, device)
+    if isinstance(positions, slice):
+        chosen = range(total)[positions]
+        local = [a - offset for a in chosen if a >= offset]
+        if not local:
+            if not cached:
+                raise InterventionError(
+                    f"{edit.name}: positions={positions} selects no position of a call of "
+                    f"{seq} tokens"
+                )
+            return False
+        hits = torch.zeros(batch, seq, dtype=torch.bool, device=device)
+        hits[:, local] = True
+        return _Hits(hits)
+    local, ordinals = [], []
+    for i, p in enumerate(positions):
+        if p >= total and cached:
+            continue  # a later token's: edited when the step that holds it runs
+        if not -total <= p < total:
+            raise _out_of_range(edit, p, seq, call)
+        absolute = p % total
+        if absolute >= offset:
+            local.append(absolute - offset)
+            ordinals.append(i)
+    if len(set(local)) != len(local):
+        raise InterventionError(
+            f"{edit.name}: positions {positions} name one position twice in a call of {seq} "
+            "tokens (a negative and a non-negative index): list each position once"
+        )
+    if not local:
+        return False
+    hits = torch.zeros(batch, seq, dtype=torch.bool, device=device)
+    hits[:, local] = True
+    return _Hits(hits, local, ordinals)
+
+
+def _locate_unknown(edit: Edit, batch: int, seq: int, device: torch.device) -> _Hits | None:
+    """A call whose cache length cannot be read: only positions counted from its end fit."""
+    positions = edit.positions
+    if isinstance(positions, slice) and positions in (slice(None), slice(None, None, 1)):
+        return None
+    if isinstance(positions, list) and all(-seq <= p < 0 for p in positions):
+        local = [p + seq for p in positions]
+        hits = torch.zeros(batch, seq, dtype=torch.bool, device=device)
+        hits[:, local] = True
+        return _Hits(hits, local, list(range(len(local))))
+    raise InterventionError(
+        f"{edit.name}: this call holds {seq} token(s) after a KV cache whose length cannot be "
+        f"read, so positions={positions} cannot be placed: use negative positions or 'last', "
+        "or call the model with a transformers Cache (or cache_position)"
+    )
+
+
+def _locate_tensor(
+    edit: Edit,
+    positions: torch.Tensor,
+    batch: int,
+    seq: int,
+    call: _Call | None,
+    device: torch.device,
+) -> _Hits | Literal[False]:
+    offset = call.offset if call is not None else 0
+    assert offset is not None
+    cached = call is not None and call.cached
+    total = offset + seq
+    rows = positions.to(device=device, dtype=torch.long)
+    if rows.dim() == 1:
+        rows = rows.unsqueeze(1)
+    if rows.shape[0] != batch:
+        raise InterventionError(
+            f"{edit.name}: a positions tensor gives one position (or row of positions) per "
+            f"example: expected shape [{batch}] or [{batch}, k], got {tuple(positions.shape)}"
+        )
+    low, high = int(rows.min()), int(rows.max())
+    if low < -total or (high >= total and not cached):
+        raise _out_of_range(edit, low if low < -total else high, seq, call)
+    local = torch.where(rows < 0, rows + total, rows) - offset
+    inside = (local >= 0) & (local < seq)
+    if not bool(inside.any()):
+        return False
+    # Positions outside this call go to a spare column that is dropped.
+    spare = torch.where(inside, local, torch.full_like(local, seq))
+    hits = torch.zeros(batch, seq + 1, dtype=torch.bool, device=device)
+    hits.scatter_(1, spare, True)
+    return _Hits(hits[:, :seq])
+
+
+def _fits(value: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether ``value`` broadcasts *to* ``x``'s shape (``broadcast_shapes(v, x) == x``)."""
+    if value.dim() > x.dim():
+        return False
+    return all(v in (1, n) for v, n in zip(reversed(value.shape), reversed(x.shape), strict=False))
 
 
 def _patch_value(
-    op: EditOp, x: torch.Tensor, index: list[int] | torch.Tensor | None, name: str
+    edit: Edit, x: torch.Tensor, hits: _Hits | None, call: _Call | None
 ) -> torch.Tensor:
-    value = op.cast(x)
+    value = edit.op.operand(x)
     if value.shape == x.shape:
         return value
-    if isinstance(index, list) and value.dim() >= 2 and value.shape[-2] == len(index):
-        # One row per patched position: put them in place.
-        full = x.clone()
-        full[:, index] = value.expand(x.shape[0], *value.shape[-2:]) if value.dim() == 2 else value
-        return full
-    try:
-        return value.expand_as(x)
-    except RuntimeError:
+    features = tuple(x.shape[2:])
+    if hits is not None and hits.local is not None and hits.ordinals is not None:
+        count = len(edit.positions)
+        rows: torch.Tensor | None = None
+        if tuple(value.shape) == (count, *features):
+            rows = value.unsqueeze(0)
+        elif (
+            value.dim() == x.dim()
+            and tuple(value.shape[1:]) == (count, *features)
+            and value.shape[0] in (1, x.shape[0])
+        ):
+            rows = value
+        if rows is not None:
+            # One row per requested position: this call takes the rows of those it holds.
+            placed = x.clone()
+            placed[:, hits.local] = rows[:, hits.ordinals].expand(
+                x.shape[0], len(hits.local), *features
+            )
+            return placed
+    if not _fits(value, x):
         raise InterventionError(
-            f"{name}: a patch value of shape {tuple(value.shape)} does not fit a value of shape "
-            f"{tuple(x.shape)}: pass the full [batch, seq, hidden] value (e.g. the clean run's "
-            "Record), one row per position, or one vector broadcast to the positions"
-        ) from None
+            f"{edit.name}: a patch value of shape {tuple(value.shape)} does not fit a value of "
+            f"shape {tuple(x.shape)}{_describe(call, x.shape[1])}: pass the full value of this "
+            "shape (e.g. the clean run's Record), one row per position, or one vector that "
+            "broadcasts to the value without changing its shape"
+        )
+    return value.expand(x.shape)
 
 
 class _EditedForward:
@@ -228,26 +538,29 @@ class _EditedForward:
         self.target = target
         self.input_edits: list[Edit] = []
         self.output_edits: list[Edit] = []
-        self.calls: dict[int, int] = {}
-        self.first_seq: dict[int, int] = {}
-        self.masks: dict[int, Callable[[], torch.Tensor | None]] = {}
+        self.calls: dict[int, Callable[[], _Call | None]] = {}
         self.edit_note = EditNote()
         self.pre_handle: RemovableHandle | None = None
         self.__wrapped__ = self.inner
 
     # -- applying -----------------------------------------------------------------------------
 
+    def call(self, edit: Edit) -> _Call | None:
+        """The model call now running, as the edit's intervention saw it (``None``: none)."""
+        source = self.calls.get(id(edit))
+        return source() if source is not None else None
+
     def mask(self, edit: Edit) -> torch.Tensor | None:
         """The attention mask of the current model call, as the edit's intervention saw it."""
-        source = self.masks.get(id(edit))
-        return source() if source is not None else None
+        call = self.call(edit)
+        return call.attention_mask if call is not None else None
 
     def _apply(
         self,
         edits: list[Edit],
         x: Any,
         make_record: Callable[[], Record],
-    ) -> Any:
+    ) -> tuple[Any, tuple[str, ...]]:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
             what = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise InterventionError(
@@ -255,81 +568,66 @@ class _EditedForward:
                 "(token ids cannot be edited: edit 'embed' or a block input instead)"
             )
         batch, seq = x.shape[0], x.shape[1]
+        applied: list[str] = []
         for edit in edits:
-            index = self._index(edit, batch, seq, x)
-            if index is False:
+            call = self.call(edit)
+            hits = _locate(edit, batch, seq, call, x.device)
+            if hits is False:
                 continue
-            new = self._compute(edit, x, index, make_record)
-            if index is None:
-                x = new
-            else:
-                assert not isinstance(index, bool)
-                x = torch.where(_position_mask(index, batch, seq, x), new, x)
-        return x
-
-    def _index(
-        self, edit: Edit, batch: int, seq: int, x: torch.Tensor
-    ) -> list[int] | torch.Tensor | Literal[False] | None:
-        """Resolved positions; ``False`` when this call holds none of them (a later step)."""
-        key = id(edit)
-        calls = self.calls.get(key, 0)
-        self.calls[key] = calls + 1
-        if calls == 0:
-            self.first_seq[key] = seq
-        positions = edit.positions
-        if positions is None:
-            return None
-        # A cached generation step sees only the new token: positions of the prompt are skipped.
-        continuation = calls > 0 and seq < self.first_seq.get(key, seq)
-        if continuation and not isinstance(positions, str):
-            if isinstance(positions, torch.Tensor):
-                if positions.numel() and int(positions.max()) >= seq:
-                    return False
-            elif not isinstance(positions, slice):
-                items = [positions] if isinstance(positions, int) else list(positions)
-                items = [p for p in items if -seq <= p < seq]
-                if not items:
-                    return False
-                positions = items
-        try:
-            return position_index(positions, batch, seq, self.mask(edit), x.device)
-        except CaptureError as exc:
-            raise InterventionError(f"{edit.name}: {exc}") from None
+            new = self._compute(edit, x, hits, make_record, call)
+            if hits is not None:
+                new = torch.where(hits.where(x), new, x)
+            elif new is not x and edit.op.kind in ("set", "fn"):
+                # The caller may still hold this tensor and the model may add to it in place.
+                new = new.clone(memory_format=torch.contiguous_format)
+            x = new
+            applied.append(edit.name)
+        return x, tuple(applied)
 
     def _compute(
         self,
         edit: Edit,
         x: torch.Tensor,
-        index: list[int] | torch.Tensor | None,
+        hits: _Hits | None,
         make_record: Callable[[], Record],
+        call: _Call | None,
     ) -> torch.Tensor:
         op = edit.op
-        if op.kind == "fn":
-            assert op.fn is not None
-            new = op.fn(x, make_record())
-        elif op.kind == "set":
-            return _patch_value(op, x, index, edit.name)
-        elif op.kind == "scale":
+        if op.kind == "set":
+            return _patch_value(edit, x, hits, call)
+        if op.kind == "scale":
             return x * op.factor
-        elif op.kind == "zero":
+        if op.kind == "zero":
             return torch.zeros_like(x)
-        else:
-            vector = op.cast(x)
-            try:
-                return x + vector
-            except RuntimeError:
+        if op.kind == "add":
+            vector = op.operand(x)
+            if not _fits(vector, x):
                 raise InterventionError(
                     f"{edit.name}: a vector of shape {tuple(vector.shape)} cannot be added to a "
-                    f"value of shape {tuple(x.shape)}: pass a [hidden] vector (or one that "
-                    "broadcasts to [batch, seq, hidden])"
-                ) from None
+                    f"value of shape {tuple(x.shape)}{_describe(call, x.shape[1])}: the sum must "
+                    "keep the value's shape, so pass a [hidden] vector (or one that broadcasts "
+                    "to the value, e.g. [seq, hidden] only for calls of that many tokens)"
+                )
+            return x + vector
+        assert op.fn is not None
+        new = op.fn(x, make_record())
         if not isinstance(new, torch.Tensor) or new.shape != x.shape:
             got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
             raise InterventionError(
                 f"{edit.name}: fn(value, record) must return a tensor of the value's shape "
                 f"{tuple(x.shape)}, got {got}"
             )
-        return new
+        if not new.is_floating_point():
+            raise InterventionError(
+                f"{edit.name}: fn(value, record) returned a {new.dtype} tensor: it must return "
+                f"floating-point values, like the {x.dtype} value it was given"
+            )
+        if new.device != x.device:
+            raise InterventionError(
+                f"{edit.name}: fn(value, record) returned a tensor on {new.device}, but the "
+                f"value is on {x.device}: return it on the value's device"
+            )
+        return new if new.dtype == x.dtype else new.to(x.dtype)
 
     # -- hooks --------------------------------------------------------------------------------
 
@@ -360,9 +658,11 @@ class _EditedForward:
                 attention_mask=self.mask(self.input_edits[0]),
             )
 
-        new = self._apply(self.input_edits, x, make_record)
-        note.input_edits = tuple(e.name for e in self.input_edits)
-        note.input_before = x
+        new, applied = self._apply(self.input_edits, x, make_record)
+        note.input_edits = applied
+        note.input_before = x if applied else None
+        if not applied:
+            return None
         if args:
             return (new, *args[1:]), kwargs
         return args, {**kwargs, keyword: new}
@@ -387,10 +687,10 @@ class _EditedForward:
                 attention_mask=self.mask(self.output_edits[0]),
             )
 
-        new = self._apply(self.output_edits, x, make_record)
-        note.output_edits = tuple(e.name for e in self.output_edits)
-        note.output_before = x
-        return _replace_hidden(out, index, new)
+        new, applied = self._apply(self.output_edits, x, make_record)
+        note.output_edits = applied
+        note.output_before = x if applied else None
+        return _replace_hidden(out, index, new) if applied else out
 
     # -- lifetime -----------------------------------------------------------------------------
 
@@ -404,9 +704,9 @@ class _EditedForward:
         module.forward = state
         return state
 
-    def add(self, edit: Edit, mask: Callable[[], torch.Tensor | None] | None = None) -> None:
-        if mask is not None:
-            self.masks[id(edit)] = mask
+    def add(self, edit: Edit, call: Callable[[], _Call | None] | None = None) -> None:
+        if call is not None:
+            self.calls[id(edit)] = call
         if edit.side == "input":
             if self.pre_handle is None:
                 self.pre_handle = self.module.register_forward_pre_hook(
@@ -423,8 +723,6 @@ class _EditedForward:
                     del edits[i]
                     break
         self.calls.pop(id(edit), None)
-        self.first_seq.pop(id(edit), None)
-        self.masks.pop(id(edit), None)
         if not self.input_edits:
             self.edit_note.input_edits, self.edit_note.input_before = (), None
             if self.pre_handle is not None:
@@ -446,7 +744,9 @@ class Intervention:
 
     Built by :meth:`introspect.Inspector.steer`, ``ablate``, ``patch``, ``scale`` and ``edit``.
     Compose several with one ``with`` statement, together with captures; ``a + b`` is one
-    intervention doing both. On exit (normal or not) the model is exactly as before.
+    intervention doing both. On exit (normal or not) the model is exactly as before. Given the
+    model (``root``), it reads each call's attention mask and KV cache, which ``"last"`` and
+    positions during ``generate`` need.
 
     Example:
         >>> lin = nn.Linear(2, 2)
@@ -462,8 +762,9 @@ class Intervention:
         self.edits = list(edits)
         self.root = root
         self.attention_mask: torch.Tensor | None = None
+        self._call: _Call | None = None
         self._states: list[tuple[_EditedForward, Edit]] = []
-        self._mask_handle: RemovableHandle | None = None
+        self._handles: list[RemovableHandle] = []
         self._active = False
 
     def __add__(self, other: Intervention) -> Intervention:
@@ -474,11 +775,27 @@ class Intervention:
         )
 
     def _mask_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        mask = kwargs.get("attention_mask")
-        self.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        # Positional arguments count too: LlamaModel(ids, mask) passes the mask by position.
+        mask = call_attention_mask(module, args, kwargs)
+        mask = mask if mask is not None and mask.dim() == 2 else None
+        # transformers 5.x names the cache "cache"; 4.x "past_key_values" with cache_position.
+        cache = call_argument(module, args, kwargs, "cache")
+        if cache is None:
+            cache = call_argument(module, args, kwargs, "past_key_values")
+        self.attention_mask = mask
+        call = _Call(mask, cache, call_argument(module, args, kwargs, "cache_position"))
+        position = call.cache_position
+        if not isinstance(position, torch.Tensor) or not position.numel():
+            # Read now: the model fills its cache as the call runs.
+            call._offset = _cache_length(cache)
+        self._call = call
 
-    def _current_mask(self) -> torch.Tensor | None:
-        return self.attention_mask
+    def _end_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        # A module called outside a model call is an independent forward, not the last step.
+        self._call = None
+
+    def _current_call(self) -> _Call | None:
+        return self._call
 
     def __enter__(self) -> Intervention:
         if self._active:
@@ -487,15 +804,19 @@ class Intervention:
             )
         self._active = True
         self.attention_mask = None
+        self._call = None
         try:
             if self.root is not None:
-                self._mask_handle = self.root.register_forward_pre_hook(
-                    self._mask_hook, with_kwargs=True
+                self._handles.append(
+                    self.root.register_forward_pre_hook(self._mask_hook, with_kwargs=True)
+                )
+                self._handles.append(
+                    self.root.register_forward_hook(self._end_hook, always_call=True)
                 )
             for edit in self.edits:
                 state = _EditedForward.attach(edit.target)
                 self._states.append((state, edit))
-                state.add(edit, self._current_mask)
+                state.add(edit, self._current_call)
         except BaseException:
             self._remove()
             raise
@@ -505,9 +826,10 @@ class Intervention:
         for state, edit in reversed(self._states):
             state.discard(edit)
         self._states.clear()
-        if self._mask_handle is not None:
-            self._mask_handle.remove()
-            self._mask_handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._call = None
         self._active = False
 
     def __exit__(
