@@ -270,16 +270,6 @@ class Resolver:
         self._targets[key] = (target, chain)
         return target
 
-    def target_holds(self, target: Target) -> bool:
-        """Whether ``target``'s module is still where it was resolved (the model is unchanged).
-
-        A target this resolver did not build is assumed to hold.
-        """
-        for cached, chain in self._targets.values():
-            if cached is target:
-                return chain_holds(chain)
-        return True
-
     def _build_target(self, loc: Locator, needs_output: bool) -> tuple[Target, Chain]:
         stack = self.adapter.stack(self.stack_key(loc.stack))
         whole_block = loc.is_block and loc.sub is None
@@ -301,5 +291,6 @@ class Resolver:
             needs_output=needs_output,
             within=within,
             copy_output=name in stack.outputs_changed_in_place,
+            holds=lambda: chain_holds(chain),
         )
         return target, chain

@@ -11,8 +11,9 @@ import contextlib
 import inspect
 import sys
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from threading import get_ident
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -42,6 +43,9 @@ __all__ = [
     "check_not_compiled",
     "edit_note",
     "hidden_of",
+    "model_changed_message",
+    "only_in_thread",
+    "stale_targets",
 ]
 
 
@@ -417,6 +421,67 @@ class Target:
     """Record only calls made while this module runs (a module several stacks share)."""
     copy_output: bool = False
     """Record a copy of the output: the model changes the returned tensor in place later."""
+    holds: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
+    """Whether ``module`` is still where the locator resolved it (the model has not changed
+    since); ``None``: not known, assumed to hold."""
+
+
+def stale_targets(targets: Iterable[Target]) -> list[str]:
+    """The keys of the targets whose module the model no longer holds where it was resolved.
+
+    Example:
+        >>> lin = nn.Linear(2, 2)
+        >>> stale_targets([Target("a", lin), Target("b", lin, holds=lambda: False)])
+        ['b']
+    """
+    return [t.key for t in targets if t.holds is not None and not t.holds()]
+
+
+def model_changed_message(keys: Sequence[str], what: str) -> str:
+    """The error text for a capture or edit whose modules the model no longer holds.
+
+    Example:
+        >>> model_changed_message(["block[0]"], "capture")[:40]
+        'the model changed since this capture was'
+    """
+    return (
+        f"the model changed since this {what} was built: {', '.join(keys)} "
+        f"{'is' if len(keys) == 1 else 'are'} no longer where the locator found "
+        f"{'it' if len(keys) == 1 else 'them'} (a block or sub-module was replaced or removed), "
+        f"so the {what} would silently miss {'it' if len(keys) == 1 else 'them'}: build the "
+        f"{what} again from the Inspector"
+    )
+
+
+_is_compiling: Callable[[], bool] = getattr(
+    getattr(torch, "compiler", None), "is_compiling", lambda: False
+)
+
+
+def only_in_thread(owner: int, hook: Callable[..., Any]) -> Callable[..., Any]:
+    """``hook``, run only in the thread ``owner`` (a forward in another thread is left alone).
+
+    Captures and edits are scoped to the thread that entered them: hooks belong to the module,
+    which every thread shares, so without this a capture in one thread would record (or stop)
+    another thread's forward.
+
+    Example:
+        >>> import threading
+        >>> calls = []
+        >>> hook = only_in_thread(threading.get_ident(), lambda *a: calls.append(a))
+        >>> thread = threading.Thread(target=hook, args=("elsewhere",))
+        >>> thread.start(); thread.join(); _ = hook("here")
+        >>> calls
+        [('here',)]
+    """
+
+    def scoped(*args: Any, **kwargs: Any) -> Any:
+        # A graph being traced by torch.compile cannot ask for the thread (and runs in one).
+        if _is_compiling() or get_ident() == owner:
+            return hook(*args, **kwargs)
+        return None
+
+    return scoped
 
 
 @dataclass(frozen=True)
@@ -860,6 +925,7 @@ class Capture:
         self._handles: list[RemovableHandle] = []
         self._depths: dict[int, list[int]] = {}
         self._active = False
+        self._thread = 0
         self._call: _RootCall | None = None
         self._root_calls = 0
         self._model_calls = 0
@@ -921,6 +987,10 @@ class Capture:
 
     def _mask_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         # The root's pre-hook: the call's mask, and where its positions start in the cache.
+        stale = stale_targets(self.targets)
+        if stale:
+            # A module replaced while the capture is open would silently record nothing.
+            raise CaptureError(model_changed_message(stale, "capture"))
         index = self._root_index
         mask = _argument(index, args, kwargs, "attention_mask")
         self.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
@@ -984,22 +1054,35 @@ class Capture:
         self.attention_mask = None
         self._call = None
         self._root_calls = self._model_calls = 0
+        stale = stale_targets(self.targets)
+        if stale:
+            self._active = False
+            raise CaptureError(model_changed_message(stale, "capture"))
+        self._thread = owner = get_ident()
         try:
             for watched in (self.model, self.root):
                 if watched is not None:
                     check_not_compiled(watched)
             if self.model is not None and self.model is not self.root:
-                self._handles.append(self.model.register_forward_pre_hook(self._count_model_call))
+                self._handles.append(
+                    self.model.register_forward_pre_hook(
+                        only_in_thread(owner, self._count_model_call)
+                    )
+                )
             if self.root is not None:
                 self._root_index = _param_index(self.root)
                 self._handles.append(
-                    self.root.register_forward_pre_hook(self._mask_hook, with_kwargs=True)
+                    self.root.register_forward_pre_hook(
+                        only_in_thread(owner, self._mask_hook), with_kwargs=True
+                    )
                 )
                 self._handles.append(
-                    self.root.register_forward_hook(self._root_done, with_kwargs=True)
+                    self.root.register_forward_hook(
+                        only_in_thread(owner, self._root_done), with_kwargs=True
+                    )
                 )
             for target in self.targets:
-                hook = self._scoped(target, self._make_hook(target))
+                hook = only_in_thread(owner, self._scoped(target, self._make_hook(target)))
                 if target.needs_output:
                     handle = target.module.register_forward_hook(hook, with_kwargs=True)
                 else:
@@ -1028,9 +1111,14 @@ class Capture:
             ) -> None:
                 depth[0] -= 1
 
-            self._handles.append(within.register_forward_pre_hook(enter, with_kwargs=True))
+            owner = self._thread
             self._handles.append(
-                within.register_forward_hook(leave, with_kwargs=True, always_call=True)
+                within.register_forward_pre_hook(only_in_thread(owner, enter), with_kwargs=True)
+            )
+            self._handles.append(
+                within.register_forward_hook(
+                    only_in_thread(owner, leave), with_kwargs=True, always_call=True
+                )
             )
 
         def scoped(module: nn.Module, *rest: Any) -> Any:

@@ -48,6 +48,7 @@ import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from threading import RLock, get_ident
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -61,6 +62,9 @@ from introspect.capture import (
     call_argument,
     call_attention_mask,
     hidden_of,
+    model_changed_message,
+    only_in_thread,
+    stale_targets,
 )
 from introspect.errors import InterventionError
 
@@ -522,6 +526,10 @@ def _patch_value(
     return value.expand(x.shape)
 
 
+_LOCK = RLock()
+"""Guards installing and removing wrapped forwards (see :meth:`Intervention.__enter__`)."""
+
+
 class _EditedForward:
     """Installed as ``module.forward`` while edits of the module are active.
 
@@ -539,9 +547,20 @@ class _EditedForward:
         self.input_edits: list[Edit] = []
         self.output_edits: list[Edit] = []
         self.calls: dict[int, Callable[[], _Call | None]] = {}
-        self.edit_note = EditNote()
+        self.threads: dict[int, int] = {}
+        """The thread each edit applies in (the one that entered its intervention)."""
+        self._notes: dict[int, EditNote] = {}
         self.pre_handle: RemovableHandle | None = None
         self.__wrapped__ = self.inner
+
+    @property
+    def edit_note(self) -> EditNote:
+        """What this thread's latest call did (captures read it; threads don't share it)."""
+        thread = get_ident()
+        note = self._notes.get(thread)
+        if note is None:
+            note = self._notes[thread] = EditNote()
+        return note
 
     # -- applying -----------------------------------------------------------------------------
 
@@ -569,7 +588,10 @@ class _EditedForward:
             )
         batch, seq = x.shape[0], x.shape[1]
         applied: list[str] = []
+        thread = get_ident()
         for edit in edits:
+            if self.threads.get(id(edit), thread) != thread:
+                continue  # another thread's edit: this forward is not its business
             call = self.call(edit)
             hits = _locate(edit, batch, seq, call, x.device)
             if hits is False:
@@ -707,6 +729,7 @@ class _EditedForward:
     def add(self, edit: Edit, call: Callable[[], _Call | None] | None = None) -> None:
         if call is not None:
             self.calls[id(edit)] = call
+        self.threads[id(edit)] = get_ident()
         if edit.side == "input":
             if self.pre_handle is None:
                 self.pre_handle = self.module.register_forward_pre_hook(
@@ -723,13 +746,16 @@ class _EditedForward:
                     del edits[i]
                     break
         self.calls.pop(id(edit), None)
+        self.threads.pop(id(edit), None)
         if not self.input_edits:
-            self.edit_note.input_edits, self.edit_note.input_before = (), None
+            for note in self._notes.values():
+                note.input_edits, note.input_before = (), None
             if self.pre_handle is not None:
                 self.pre_handle.remove()
                 self.pre_handle = None
         if not self.output_edits:
-            self.edit_note.output_edits, self.edit_note.output_before = (), None
+            for note in self._notes.values():
+                note.output_edits, note.output_before = (), None
         if self.input_edits or self.output_edits:
             return
         if self.module.__dict__.get("forward") is self:
@@ -775,6 +801,10 @@ class Intervention:
         )
 
     def _mask_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        stale = stale_targets(edit.target for edit in self.edits)
+        if stale:
+            # An edited module replaced while the edit is active would silently not be edited.
+            raise InterventionError(model_changed_message(stale, "intervention"))
         # Positional arguments count too: LlamaModel(ids, mask) passes the mask by position.
         mask = call_attention_mask(module, args, kwargs)
         mask = mask if mask is not None and mask.dim() == 2 else None
@@ -802,29 +832,41 @@ class Intervention:
             raise InterventionError(
                 "this intervention is already active: build a new one to apply it twice"
             )
+        stale = stale_targets(edit.target for edit in self.edits)
+        if stale:
+            raise InterventionError(model_changed_message(stale, "intervention"))
         self._active = True
         self.attention_mask = None
         self._call = None
+        owner = get_ident()
         try:
             if self.root is not None:
                 self._handles.append(
-                    self.root.register_forward_pre_hook(self._mask_hook, with_kwargs=True)
+                    self.root.register_forward_pre_hook(
+                        only_in_thread(owner, self._mask_hook), with_kwargs=True
+                    )
                 )
                 self._handles.append(
-                    self.root.register_forward_hook(self._end_hook, always_call=True)
+                    self.root.register_forward_hook(
+                        only_in_thread(owner, self._end_hook), always_call=True
+                    )
                 )
-            for edit in self.edits:
-                state = _EditedForward.attach(edit.target)
-                self._states.append((state, edit))
-                state.add(edit, self._current_call)
+            # One lock for every module's wrapper: two threads entering or leaving edits of one
+            # module must not both install (or both remove) its wrapped forward.
+            with _LOCK:
+                for edit in self.edits:
+                    state = _EditedForward.attach(edit.target)
+                    self._states.append((state, edit))
+                    state.add(edit, self._current_call)
         except BaseException:
             self._remove()
             raise
         return self
 
     def _remove(self) -> None:
-        for state, edit in reversed(self._states):
-            state.discard(edit)
+        with _LOCK:
+            for state, edit in reversed(self._states):
+                state.discard(edit)
         self._states.clear()
         for handle in self._handles:
             handle.remove()
