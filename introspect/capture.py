@@ -546,14 +546,19 @@ class EditNote:
 
 
 def edit_note(module: nn.Module) -> EditNote | None:
-    """The :class:`EditNote` of a module under an active edit, else ``None``.
+    """This thread's :class:`EditNote` of a module under an active edit, else ``None``.
+
+    The edit leaves ``edit_notes`` (a dict: thread -> note) on the module's wrapped ``forward``;
+    a plain dict attribute, so that Hugging Face's own ``functools.wraps`` wrapper around that
+    ``forward`` (transformers 4.x, while it records ``output_hidden_states``) carries it too.
 
     Example:
         >>> edit_note(nn.Linear(2, 2)) is None
         True
     """
     forward = module.__dict__.get("forward")
-    note = getattr(forward, "edit_note", None) if forward is not None else None
+    notes = getattr(forward, "edit_notes", None) if forward is not None else None
+    note = notes.get(get_ident()) if isinstance(notes, dict) else None
     return note if isinstance(note, EditNote) else None
 
 
@@ -947,7 +952,9 @@ class Capture:
             # An active edit wraps the module's forward; only then is there a note to read.
             note = None
             if "forward" in module_dict:
-                note = getattr(module_dict["forward"], "edit_note", None)
+                notes = getattr(module_dict["forward"], "edit_notes", None)
+                if notes:
+                    note = notes.get(get_ident())
             rec = Record(
                 key,
                 args,

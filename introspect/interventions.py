@@ -549,7 +549,9 @@ class _EditedForward:
         self.calls: dict[int, Callable[[], _Call | None]] = {}
         self.threads: dict[int, int] = {}
         """The thread each edit applies in (the one that entered its intervention)."""
-        self._notes: dict[int, EditNote] = {}
+        self.edit_notes: dict[int, EditNote] = {}
+        """Each thread's note of its latest call (read through :func:`~introspect.capture.edit_note`;
+        a plain attribute, so a ``functools.wraps`` wrapper of this forward carries it)."""
         self.pre_handle: RemovableHandle | None = None
         self.__wrapped__ = self.inner
 
@@ -557,9 +559,9 @@ class _EditedForward:
     def edit_note(self) -> EditNote:
         """What this thread's latest call did (captures read it; threads don't share it)."""
         thread = get_ident()
-        note = self._notes.get(thread)
+        note = self.edit_notes.get(thread)
         if note is None:
-            note = self._notes[thread] = EditNote()
+            note = self.edit_notes[thread] = EditNote()
         return note
 
     # -- applying -----------------------------------------------------------------------------
@@ -748,13 +750,13 @@ class _EditedForward:
         self.calls.pop(id(edit), None)
         self.threads.pop(id(edit), None)
         if not self.input_edits:
-            for note in self._notes.values():
+            for note in self.edit_notes.values():
                 note.input_edits, note.input_before = (), None
             if self.pre_handle is not None:
                 self.pre_handle.remove()
                 self.pre_handle = None
         if not self.output_edits:
-            for note in self._notes.values():
+            for note in self.edit_notes.values():
                 note.output_edits, note.output_before = (), None
         if self.input_edits or self.output_edits:
             return

@@ -611,9 +611,13 @@ def _load_pretrained(name: str, progress: bool) -> tuple[nn.Module, Any]:
         bar.next()
         try:
             model = _auto_class(config).from_pretrained(source, trust_remote_code=False)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"could not load the weights of {name!r}: {exc}") from exc
-        except pickle.UnpicklingError as exc:
+        except (OSError, ValueError, pickle.UnpicklingError) as error:
+            # transformers 4.x wraps the refusal of a pickle in an OSError; 5.x raises it.
+            exc: BaseException | None = error
+            while exc is not None and not isinstance(exc, pickle.UnpicklingError):
+                exc = exc.__cause__ or exc.__context__
+            if exc is None:
+                raise ModelLoadError(f"could not load the weights of {name!r}: {error}") from error
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
             why = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")
             raise ModelLoadError(

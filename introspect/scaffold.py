@@ -142,9 +142,9 @@ _DISTRIBUTION = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
 def _validated(spec: AdapterSpec, **changes: Any) -> AdapterSpec:
-    """``spec`` with ``changes``, validated as a new spec (``model_copy`` would skip that)."""
+    """``spec.derive(**changes)``, its validation errors as one AdapterError."""
     try:
-        return AdapterSpec.model_validate({**spec.model_dump(), **changes})
+        return spec.derive(**changes)
     except ValidationError as exc:
         reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
         raise AdapterError(reasons) from None

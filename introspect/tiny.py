@@ -233,7 +233,11 @@ def tiny_overrides(config: Any, sizes: dict[str, int] | None = None) -> dict[str
     """
     wanted = {**TINY_SIZES, **(sizes or {})}
     values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return _shrink(values, wanted)
+    overrides = _shrink(values, wanted)
+    if values.get("use_mamba_kernels"):
+        # The fused kernels need CUDA and their own packages; the reference path runs anywhere.
+        overrides["use_mamba_kernels"] = False
+    return overrides
 
 
 def tiny_config(model_type_or_config: Any, **extra: Any) -> Any:
