@@ -613,18 +613,18 @@ def _load_pretrained(name: str, progress: bool) -> tuple[nn.Module, Any]:
             model = _auto_class(config).from_pretrained(source, trust_remote_code=False)
         except (OSError, ValueError, pickle.UnpicklingError) as error:
             # transformers 4.x wraps the refusal of a pickle in an OSError; 5.x raises it.
-            exc: BaseException | None = error
-            while exc is not None and not isinstance(exc, pickle.UnpicklingError):
-                exc = exc.__cause__ or exc.__context__
-            if exc is None:
+            refusal: BaseException | None = error
+            while refusal is not None and not isinstance(refusal, pickle.UnpicklingError):
+                refusal = refusal.__cause__ or refusal.__context__
+            if refusal is None:
                 raise ModelLoadError(f"could not load the weights of {name!r}: {error}") from error
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            lines = [line.strip() for line in str(refusal).splitlines() if line.strip()]
             why = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")
             raise ModelLoadError(
                 f"refused the weights of {name!r}: they are a pickle that would run code when "
                 f"loaded ({why.rstrip('.')}); nothing was run. Use a safetensors checkpoint "
                 "(save_pretrained writes one) from a source you trust"
-            ) from exc
+            ) from error
         bar.next()
         tokenizer: Any = None  # commands that need text say so when they get a prompt
         # A tokenizer is optional: transformers fails in version-specific ways (TypeError,
