@@ -23,8 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect.hookspecs import hookimpl
-from introspect.spec import AdapterSpec
+from introspect import AdapterSpec, hookimpl
 
 _NO_FINAL_NORM = (
     "{name} is post-LN: every block ends in its own LayerNorm and Hugging Face applies no norm "

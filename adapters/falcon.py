@@ -16,8 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect.hookspecs import hookimpl
-from introspect.spec import AdapterSpec
+from introspect import AdapterSpec, hookimpl
 
 FALCON = AdapterSpec(
     name="falcon",

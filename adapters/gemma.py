@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect.hookspecs import hookimpl
-from introspect.spec import AdapterSpec, LogitOp
+from introspect import AdapterSpec, LogitOp, hookimpl
 
 from .llama import LLAMA
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect.hookspecs import hookimpl
-from introspect.spec import AdapterSpec
+from introspect import AdapterSpec, hookimpl
 
 GPT2 = AdapterSpec(
     name="gpt2",

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect.hookspecs import hookimpl
-from introspect.spec import AdapterSpec
+from introspect import AdapterSpec, hookimpl
 
 GPT_NEOX = AdapterSpec(
     name="gpt_neox",

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect.hookspecs import hookimpl
-from introspect.spec import AdapterSpec
+from introspect import AdapterSpec, hookimpl
 
 _PARALLEL = (
     "attention and MLP run in parallel on the output of ln_1 (block[i].attn_norm), so there "

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect.hookspecs import hookimpl
-from introspect.spec import AdapterSpec
+from introspect import AdapterSpec, hookimpl
 
 OPT = AdapterSpec(
     name="opt",

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect.hookspecs import hookimpl
-from introspect.spec import AdapterSpec, StreamOp
+from introspect import AdapterSpec, StreamOp, hookimpl
 
 RWKV = AdapterSpec(
     name="rwkv",

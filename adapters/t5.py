@@ -23,8 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect.hookspecs import hookimpl
-from introspect.spec import AdapterSpec, LogitOp, StackSpec
+from introspect import AdapterSpec, LogitOp, StackSpec, hookimpl
 
 _ENCODER_PARTS = {
     "attn_layer": "layer.0",

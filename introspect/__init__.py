@@ -18,16 +18,17 @@ from typing import TYPE_CHECKING, Any
 from introspect._version import __version__
 
 if TYPE_CHECKING:
-    from introspect.batching import (
+    from introspect._batching import (
         encode_batch,
         last_token_positions,
         pad_batch,
         position_ids_from_mask,
         real_token_positions,
     )
-    from introspect.capture import Capture, Record
-    from introspect.detect import DetectedAdapterWarning, detect_adapter
-    from introspect.errors import (
+    from introspect._capture import Capture, Record
+    from introspect._describe import describe
+    from introspect._detect import DetectedAdapterWarning, detect_adapter
+    from introspect._errors import (
         AdapterConflictError,
         AdapterError,
         CaptureError,
@@ -42,19 +43,20 @@ if TYPE_CHECKING:
         PluginLoadError,
         UnsupportedArchitectureError,
     )
-    from introspect.hookspecs import hookimpl
-    from introspect.inspector import Inspector, get_hidden_state
-    from introspect.interventions import Intervention, logit_difference, mean_activation
-    from introspect.lens import LensResult, logit_lens
-    from introspect.locators import Locator
-    from introspect.models import ByteTokenizerWarning, load_model
-    from introspect.plugins import (
+    from introspect._export import capture_to_file, load_capture, save_tensors
+    from introspect._hookspecs import hookimpl
+    from introspect._inspector import Inspector, get_hidden_state
+    from introspect._interventions import Intervention, logit_difference, mean_activation
+    from introspect._lens import LensResult, logit_lens
+    from introspect._locators import Locator
+    from introspect._plugins import (
         PluginWarning,
         get_plugin_manager,
         get_registry,
         new_plugin_manager,
     )
-    from introspect.spec import AdapterSpec, LogitOp, StackSpec, StreamOp
+    from introspect._spec import AdapterSpec, LogitOp, StackSpec, StreamOp
+    from introspect.zoo import ByteTokenizerWarning, load_model
 
 # Where each public name lives (one flat namespace over private parts, as httpx does).
 _EXPORTS: dict[str, str] = {
@@ -66,10 +68,12 @@ _EXPORTS: dict[str, str] = {
             "position_ids_from_mask",
             "real_token_positions",
         ],
-        "batching",
+        "_batching",
     ),
-    **dict.fromkeys(["Capture", "Record"], "capture"),
-    **dict.fromkeys(["DetectedAdapterWarning", "detect_adapter"], "detect"),
+    **dict.fromkeys(["Capture", "Record"], "_capture"),
+    "describe": "_describe",
+    **dict.fromkeys(["DetectedAdapterWarning", "detect_adapter"], "_detect"),
+    **dict.fromkeys(["capture_to_file", "load_capture", "save_tensors"], "_export"),
     **dict.fromkeys(
         [
             "AdapterConflictError",
@@ -86,18 +90,18 @@ _EXPORTS: dict[str, str] = {
             "PluginLoadError",
             "UnsupportedArchitectureError",
         ],
-        "errors",
+        "_errors",
     ),
-    "hookimpl": "hookspecs",
-    **dict.fromkeys(["Inspector", "get_hidden_state"], "inspector"),
-    **dict.fromkeys(["Intervention", "logit_difference", "mean_activation"], "interventions"),
-    **dict.fromkeys(["LensResult", "logit_lens"], "lens"),
-    "Locator": "locators",
-    **dict.fromkeys(["ByteTokenizerWarning", "load_model"], "models"),
+    "hookimpl": "_hookspecs",
+    **dict.fromkeys(["Inspector", "get_hidden_state"], "_inspector"),
+    **dict.fromkeys(["Intervention", "logit_difference", "mean_activation"], "_interventions"),
+    **dict.fromkeys(["LensResult", "logit_lens"], "_lens"),
+    "Locator": "_locators",
+    **dict.fromkeys(["ByteTokenizerWarning", "load_model"], "zoo"),
     **dict.fromkeys(
-        ["PluginWarning", "get_plugin_manager", "get_registry", "new_plugin_manager"], "plugins"
+        ["PluginWarning", "get_plugin_manager", "get_registry", "new_plugin_manager"], "_plugins"
     ),
-    **dict.fromkeys(["AdapterSpec", "LogitOp", "StackSpec", "StreamOp"], "spec"),
+    **dict.fromkeys(["AdapterSpec", "LogitOp", "StackSpec", "StreamOp"], "_spec"),
 }
 
 __all__ = [
@@ -128,6 +132,8 @@ __all__ = [
     "StreamOp",
     "UnsupportedArchitectureError",
     "__version__",
+    "capture_to_file",
+    "describe",
     "detect_adapter",
     "encode_batch",
     "get_hidden_state",
@@ -135,6 +141,7 @@ __all__ = [
     "get_registry",
     "hookimpl",
     "last_token_positions",
+    "load_capture",
     "load_model",
     "logit_difference",
     "logit_lens",
@@ -143,6 +150,7 @@ __all__ = [
     "pad_batch",
     "position_ids_from_mask",
     "real_token_positions",
+    "save_tensors",
 ]
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect.locators import Locator
-from introspect.spec import StackSpec
+from introspect._locators import Locator
+from introspect._spec import StackSpec
 
 __all__ = ["hidden_layout"]
 

@@ -15,11 +15,11 @@ from typing import Any
 
 from torch import nn
 
+from introspect._capture import Target
+from introspect._errors import LocatorError, MissingPartError
+from introspect._locators import Locator
 from introspect._paths import Chain, base_model, chain_holds, walk
-from introspect.capture import Target
-from introspect.errors import LocatorError, MissingPartError
-from introspect.locators import Locator
-from introspect.spec import AdapterSpec, StackSpec
+from introspect._spec import AdapterSpec, StackSpec
 
 __all__ = ["Resolver"]
 
@@ -31,7 +31,7 @@ class Resolver:
 
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
-        >>> from introspect.plugins import get_registry
+        >>> from introspect._plugins import get_registry
         >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
         >>> r = Resolver(m, get_registry().specs["gpt2"], "the docs")
         >>> r.module(r.locator("block[-1].mlp")) is m.transformer.h[1].mlp

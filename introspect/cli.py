@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from introspect.errors import IntrospectError
+from introspect._errors import IntrospectError
 
 __all__ = ["command", "main"]
 
@@ -93,7 +93,7 @@ def _plugins_options(parser: argparse.ArgumentParser) -> None:
 def _plugins(args: argparse.Namespace) -> int:
     import warnings
 
-    from introspect.plugins import PluginWarning, authoring_help, get_plugin_manager, plugin_infos
+    from introspect._plugins import PluginWarning, authoring_help, get_plugin_manager, plugin_infos
 
     if args.help_authoring:
         print(authoring_help())
@@ -145,7 +145,7 @@ def _plugins(args: argparse.Namespace) -> int:
 
 @command("adapters", "list the registered adapters and what they serve", _json_flag)
 def _adapters(args: argparse.Namespace) -> int:
-    from introspect.plugins import get_registry
+    from introspect._plugins import get_registry
 
     registry = get_registry()
     specs = [registry.specs[name] for name in sorted(registry.specs)]
@@ -200,8 +200,8 @@ def _scaffold_options(parser: argparse.ArgumentParser) -> None:
 def _scaffold(args: argparse.Namespace) -> int:
     import tempfile
 
-    from introspect.plugins import get_plugin_manager, new_plugin_manager
-    from introspect.scaffold import scaffold, spec_source
+    from introspect._plugins import get_plugin_manager, new_plugin_manager
+    from introspect._scaffold import scaffold, spec_source
 
     pm = new_plugin_manager(block=args.block) if args.block else get_plugin_manager()
     options = {"adapter": args.adapter, "name": args.name, "distribution": args.distribution}
@@ -241,10 +241,10 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """The model, its tokenizer and an Inspector, after checking the cheap options first."""
-    from introspect.errors import ModelLoadError, NoAdapterError
-    from introspect.inspector import Inspector
-    from introspect.models import check_device, load_model
-    from introspect.plugins import get_registry
+    from introspect._errors import ModelLoadError, NoAdapterError
+    from introspect._inspector import Inspector
+    from introspect._plugins import get_registry
+    from introspect.zoo import check_device, load_model
 
     if args.adapter is not None:
         names = sorted(get_registry().specs)
@@ -264,7 +264,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 @command("inspect", "show a model's adapter, blocks, locators and index semantics", _model_options)
 def _inspect(args: argparse.Namespace) -> int:
-    from introspect.describe import describe
+    from introspect._describe import describe
 
     _, _, insp = _load(args)
     info = {"model": args.model, **describe(insp)}
@@ -317,9 +317,9 @@ def _capture_options(parser: argparse.ArgumentParser) -> None:
     _capture_options,
 )
 def _capture(args: argparse.Namespace) -> int:
-    from introspect.export import capture_to_file, check_output_path, sidecar_path
-    from introspect.locators import Locator
-    from introspect.models import encode_prompt
+    from introspect._export import capture_to_file, check_output_path, sidecar_path
+    from introspect._locators import Locator
+    from introspect._text import encode_prompt
 
     # Everything that can be checked without the model is checked before it loads.
     out = check_output_path(args.output, force=args.force)
@@ -383,8 +383,8 @@ def _finite(value: float) -> float | None:
     _verify_options,
 )
 def _verify(args: argparse.Namespace) -> int:
-    from introspect.models import encode_prompt
-    from introspect.progress import steps
+    from introspect._progress import steps
+    from introspect._text import encode_prompt
     from introspect.testing import check_conformance, example_inputs
 
     model, tokenizer, insp = _load(args)
@@ -460,8 +460,8 @@ def _lens_options(parser: argparse.ArgumentParser) -> None:
 
 def _lens_target_summary(lens: Any, target: int, position: int) -> str:
     """One line on where a followed token rises through the blocks."""
-    from introspect.lens import show_token
-    from introspect.models import token_strings
+    from introspect._lens import show_token
+    from introspect._text import token_strings
 
     name = show_token(token_strings(lens.tokenizer, [target])[0])
     rank = lens.ranks_of(target, position)[-1]
@@ -486,8 +486,8 @@ def _lens(args: argparse.Namespace) -> int:
     from importlib.util import find_spec
     from pathlib import Path
 
-    from introspect.errors import CaptureError, MissingDependencyError
-    from introspect.lens import logit_lens, show_token
+    from introspect._errors import CaptureError, MissingDependencyError
+    from introspect._lens import logit_lens, show_token
 
     plot = Path(args.plot).expanduser() if args.plot else None
     if plot is not None:

@@ -8,7 +8,7 @@
 - ``logits(last block output)`` equals the model's logits (when there is a head);
 - every locator the adapter declares resolves and is recorded during the forward.
 
-``assert_conformant`` raises :class:`~introspect.errors.ConformanceError` saying which entry
+``assert_conformant`` raises :class:`~introspect._errors.ConformanceError` saying which entry
 differs and by how much.
 """
 
@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from introspect.errors import ConformanceError
-from introspect.inspector import Inspector
-from introspect.spec import AdapterSpec
+from introspect._errors import ConformanceError
+from introspect._inspector import Inspector
+from introspect._spec import AdapterSpec
+from introspect._tiny import tiny_config
 
 __all__ = [
     "Check",
@@ -36,6 +37,7 @@ __all__ = [
     "close",
     "example_inputs",
     "perturb",
+    "tiny_config",
 ]
 
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from introspect import Inspector
+from introspect._export import load_capture
+from introspect._text import encode_prompt
 from introspect.cli import main
-from introspect.export import load_capture
-from introspect.models import encode_prompt, gpt2_bpe_files, load_model
+from introspect.zoo import gpt2_bpe_files, load_model
 
 TOKYO = "Tokyo is the capital of Japan."
 SCRIPT = Path(sys.executable).with_name("introspect")
@@ -87,12 +88,12 @@ def test_unknown_model_is_one_line_and_debug_shows_the_traceback(
 def test_unknown_adapter_fails_before_loading(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import introspect.models
+    import introspect.zoo
 
     def boom(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model must not load")
 
-    monkeypatch.setattr(introspect.models, "load_model", boom)
+    monkeypatch.setattr(introspect.zoo, "load_model", boom)
     code, _, err = _run(capsys, "inspect", "toy-gpt2", "--adapter", "nope")
     assert code == 1
     assert "no adapter named 'nope'; registered adapters:" in _error_line(err)

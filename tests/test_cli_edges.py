@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import introspect.models
+import introspect.zoo
+from introspect._export import load_capture
 from introspect.cli import main
-from introspect.export import load_capture
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +42,7 @@ def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model must not load")
 
-    monkeypatch.setattr(introspect.models, "load_model", refuse)
+    monkeypatch.setattr(introspect.zoo, "load_model", refuse)
 
 
 def _capture(out: Path) -> list[str]:
@@ -108,12 +108,12 @@ def test_debug_after_the_command_shows_the_traceback(
 def test_an_error_from_a_plugin_is_one_line(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import introspect.plugins
+    import introspect._plugins
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("register_adapters of introspect-broken failed")
 
-    monkeypatch.setattr(introspect.plugins, "get_registry", broken)
+    monkeypatch.setattr(introspect._plugins, "get_registry", broken)
     code, _, err = _run(capsys, "adapters")
     assert code == 1
     assert _error_line(err) == (
@@ -127,7 +127,7 @@ def test_ctrl_c_exits_130_with_one_line(
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(introspect.models, "load_model", interrupted)
+    monkeypatch.setattr(introspect.zoo, "load_model", interrupted)
     code, out, err = _run(capsys, "inspect", "toy-gpt2")
     assert (code, out, err) == (130, "", "introspect: interrupted\n")
 
@@ -162,7 +162,7 @@ def test_a_read_only_folder_is_one_line_before_loading(
     monkeypatch.setattr(
         os, "access", lambda path, mode, **kw: False if Path(path) == tmp_path else real(path, mode)
     )
-    monkeypatch.setattr(introspect.models, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(introspect.zoo, "load_model", lambda *a, **k: pytest.fail("loaded"))
     code, _, err = _run(capsys, *_capture(tmp_path / "run.safetensors"))
     assert code == 1 and "permission denied" in _error_line(err)
 
@@ -170,7 +170,7 @@ def test_a_read_only_folder_is_one_line_before_loading(
 def test_a_project_warning_is_one_line(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(introspect.models, "gpt2_bpe_files", lambda: None)
+    monkeypatch.setattr(introspect.zoo, "gpt2_bpe_files", lambda: None)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         code, out, err = _run(capsys, "inspect", "toy-gpt2")
@@ -191,15 +191,15 @@ def test_existing_capture_is_refused_before_loading_unless_force(
     out = tmp_path / "run.safetensors"
     assert _run(capsys, *_capture(out))[0] == 0
     before = out.read_bytes()
-    real = introspect.models.load_model
-    monkeypatch.setattr(introspect.models, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    real = introspect.zoo.load_model
+    monkeypatch.setattr(introspect.zoo, "load_model", lambda *a, **k: pytest.fail("loaded"))
     code, _, err = _run(capsys, *_capture(out))
     assert code == 1
     assert "already exist: choose another output name, or replace the pair with --force" in (
         _error_line(err)
     )
     assert out.read_bytes() == before
-    monkeypatch.setattr(introspect.models, "load_model", real)
+    monkeypatch.setattr(introspect.zoo, "load_model", real)
     code, printed, _ = _run(
         capsys,
         "capture",

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
+from introspect._plugins import AUTHORING_HINT
 from introspect.cli import main
-from introspect.plugins import AUTHORING_HINT
 
 
 def test_adapters_table(capsys: pytest.CaptureFixture[str]) -> None:

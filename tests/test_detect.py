@@ -24,7 +24,7 @@ from introspect import (
     get_registry,
     new_plugin_manager,
 )
-from introspect.plugins import IntrospectPluginManager
+from introspect._plugins import IntrospectPluginManager
 from introspect.testing import assert_conformant, build_tiny, example_inputs
 
 T = transformers
@@ -274,7 +274,7 @@ def test_logit_ops_come_from_the_registered_adapters() -> None:
 def test_xlstm_output_logit_soft_cap_is_detected_and_proven() -> None:
     if "xlstm" not in transformers.CONFIG_MAPPING:
         pytest.skip(f"transformers {transformers.__version__} has no xlstm")
-    from introspect.tiny import tiny_config
+    from introspect._tiny import tiny_config
 
     config = tiny_config("xlstm", output_logit_soft_cap=0.5)
     model = build_tiny(T.xLSTMForCausalLM, config)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from introspect import Inspector, get_registry, new_plugin_manager
-from introspect.plugins import plugin_infos
+from introspect._plugins import plugin_infos
 from introspect.testing import assert_conformant, perturb
 
 toylm = pytest.importorskip(

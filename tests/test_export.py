@@ -11,17 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
-import introspect.export as export
+import introspect._export as export
 from introspect import Inspector
-from introspect.errors import CaptureError
-from introspect.export import (
+from introspect._errors import CaptureError
+from introspect._export import (
     capture_to_file,
     check_output_path,
     load_capture,
     save_tensors,
     write_atomically,
 )
-from introspect.models import encode_prompt, load_model
+from introspect._text import encode_prompt
+from introspect.zoo import load_model
 
 
 def _old_pair(folder: Path) -> Path:

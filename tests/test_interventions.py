@@ -14,7 +14,7 @@ from conftest import hook_state
 from torch import nn
 
 from introspect import Inspector, InterventionError, Record, logit_difference
-from introspect.interventions import Intervention
+from introspect._interventions import Intervention
 
 HIDDEN = 64
 TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5

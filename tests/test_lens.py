@@ -17,11 +17,11 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from introspect import Inspector
-from introspect.errors import CaptureError, LocatorError, MissingPartError
-from introspect.lens import LensResult, _plain, logit_lens
-from introspect.models import gpt2_bpe_files, load_model
-from introspect.plugins import get_registry
+from introspect._errors import CaptureError, LocatorError, MissingPartError
+from introspect._lens import LensResult, _plain, logit_lens
+from introspect._plugins import get_registry
 from introspect.testing import build_tiny, example_inputs
+from introspect.zoo import gpt2_bpe_files, load_model
 
 # Explicit tiny configs: these two always run, whatever else is installed.
 EXPLICIT: dict[str, tuple[Any, type[nn.Module]]] = {
@@ -141,7 +141,7 @@ def _tiny_model(adapter: str) -> nn.Module:
         model_types = list(spec.model_types)
     config = next((c for c in map(_harvested, model_types) if c is not None), None)
     if config is None:
-        tiny = pytest.importorskip("introspect.tiny", reason="no tiny config for this family")
+        tiny = pytest.importorskip("introspect._tiny", reason="no tiny config for this family")
         try:
             config = tiny.tiny_config(model_types[0])
         except Exception as exc:  # transformers validates configs its own way

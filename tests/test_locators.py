@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from introspect import Locator, LocatorError
-from introspect.locators import parse
+from introspect._locators import parse
 
 
 @pytest.mark.parametrize(

@@ -9,18 +9,16 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from introspect import Inspector
-from introspect import models as zoo
-from introspect.errors import MissingDependencyError, ModelLoadError
-from introspect.models import (
+from introspect import Inspector, zoo
+from introspect._errors import MissingDependencyError, ModelLoadError
+from introspect._text import encode_prompt, token_strings
+from introspect.testing import assert_conformant
+from introspect.zoo import (
     cache_root,
-    encode_prompt,
     gpt2_bpe_files,
     load_model,
     model_names,
-    token_strings,
 )
-from introspect.testing import assert_conformant
 
 TOKYO = "Tokyo is the capital of Japan."
 # GPT-2's own tokenization of TOKYO (the ids the original GPT-2 tokenizer produces).
@@ -214,7 +212,7 @@ def test_dtype_and_bad_dtype() -> None:
 
 
 def test_progress_lines_go_to_stderr_only(capsys: pytest.CaptureFixture[str]) -> None:
-    from introspect.progress import steps
+    from introspect._progress import steps
 
     with steps("loading demo", ["weights", "tokenizer"]) as bar:
         bar.next()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from introspect import hookspecs
+from introspect import _hookspecs as hookspecs
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

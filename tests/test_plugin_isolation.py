@@ -17,16 +17,16 @@ from conftest import llama_config
 from torch import nn
 from transformers import LlamaForCausalLM
 
-import introspect.plugins as plugins
+import introspect._plugins as plugins
 from introspect import AdapterSpec, Inspector, PluginLoadError, hookimpl
-from introspect.cli import main
-from introspect.plugins import (
+from introspect._plugins import (
     PluginWarning,
     call_select_adapter,
     get_registry,
     new_plugin_manager,
     plugin_infos,
 )
+from introspect.cli import main
 from introspect.testing import build_tiny
 
 Install = Callable[[str, str], None]

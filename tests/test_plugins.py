@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import introspect.plugins as plugins
+import introspect._plugins as plugins
 from introspect import AdapterConflictError, AdapterSpec, Inspector, hookimpl
-from introspect.plugins import PluginWarning, get_registry, new_plugin_manager, plugin_infos
+from introspect._plugins import PluginWarning, get_registry, new_plugin_manager, plugin_infos
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -144,10 +144,11 @@ def test_every_adapter_module_has_an_entry_point_and_vice_versa() -> None:
     pyproject = toml.loads((ROOT / "pyproject.toml").read_text())
     declared = pyproject["project"]["entry-points"]["introspect"]
     # Besides the adapters, one built-in plugin: detection, the select_adapter of last resort.
-    assert set(declared.values()) == modules | {"introspect.detect"}
+    assert set(declared.values()) == modules | {"introspect._detect"}
     # Entry-point name = distribution name + module, so pluggy never skips a repeated name.
     assert all(
-        name == f"introspect-lm.{value.rsplit('.', 1)[1]}" for name, value in declared.items()
+        name == f"introspect-lm.{value.rsplit('.', 1)[1].lstrip('_')}"
+        for name, value in declared.items()
     )
     # The installed metadata says the same (a stale editable install fails here: reinstall).
     installed = {

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 from introspect import Inspector, Locator
-from introspect.errors import IntrospectError, LocatorError
+from introspect._errors import IntrospectError, LocatorError
 
 
 def _gpt2(layers: int = 4) -> GPT2LMHeadModel:

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import transformers
 
-import introspect.spec
+import introspect._spec
 from introspect import AdapterSpec, get_registry, new_plugin_manager
+from introspect._plugins import IntrospectPluginManager
+from introspect._scaffold import model_classes, scaffold, spec_source, write_plugin
+from introspect._tiny import tiny_config
 from introspect.cli import main
-from introspect.plugins import IntrospectPluginManager
-from introspect.scaffold import model_classes, scaffold, spec_source, write_plugin
-from introspect.tiny import tiny_config
 
 
 def without_builtin(model_type: str) -> tuple[IntrospectPluginManager, list[str]]:
@@ -25,7 +25,7 @@ def without_builtin(model_type: str) -> tuple[IntrospectPluginManager, list[str]
 
 
 def rebuilt(source: str) -> AdapterSpec:
-    namespace = dict(vars(introspect.spec))
+    namespace = dict(vars(introspect._spec))
     exec(source, namespace)
     spec = namespace["ADAPTER"]
     assert isinstance(spec, AdapterSpec)

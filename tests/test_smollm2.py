@@ -21,8 +21,8 @@ import torch
 
 from introspect import Inspector
 from introspect.cli import main
-from introspect.models import DEMO_INSTALL, load_model, smollm2_cache_dir
 from introspect.testing import assert_conformant
+from introspect.zoo import DEMO_INSTALL, load_model, smollm2_cache_dir
 
 
 def _missing() -> str | None:

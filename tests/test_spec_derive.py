@@ -10,7 +10,7 @@ from introspect.adapters.gpt2 import GPT2
 from introspect.adapters.llama import LLAMA
 
 from introspect import AdapterSpec
-from introspect.plugins import get_registry
+from introspect._plugins import get_registry
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,15 +49,22 @@ def test_adapters_derive_only_through_derive() -> None:
     assert offenders == [], f"use spec.derive(...) instead of model_copy(update=...) in {offenders}"
 
 
-def test_adapters_import_only_the_spec_the_marker_and_each_other() -> None:
+def test_adapters_import_only_the_public_api_and_each_other() -> None:
+    """Adapters are data written against the public API, exactly as a third-party plugin is."""
     import ast
 
-    allowed = {"__future__", "collections.abc", "typing", "introspect.spec", "introspect.hookspecs"}
+    allowed = {"__future__", "collections.abc", "typing", "introspect"}
+    public = set(__import__("introspect").__all__)
     offenders = []
     for path in (ROOT / "adapters").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module not in allowed:
-                offenders.append(f"{path.name}: from {node.module}")
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                if node.module not in allowed:
+                    offenders.append(f"{path.name}: from {node.module}")
+                elif node.module == "introspect":
+                    offenders.extend(
+                        f"{path.name}: {a.name}" for a in node.names if a.name not in public
+                    )
             elif isinstance(node, ast.Import):
                 offenders.extend(f"{path.name}: import {a.name}" for a in node.names)
     assert offenders == [], f"adapters are data; they import {offenders}"

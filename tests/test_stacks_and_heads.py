@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from introspect import AdapterSpec, Inspector, MissingPartError
-from introspect.capture import Capture, Target
-from introspect.hookspecs import hookimpl
-from introspect.plugins import get_registry, new_plugin_manager
-from introspect.spec import LogitOp, StackSpec, StreamOp
+from introspect._capture import Capture, Target
+from introspect._hookspecs import hookimpl
+from introspect._plugins import get_registry, new_plugin_manager
+from introspect._spec import LogitOp, StackSpec, StreamOp
 from introspect.testing import example_inputs
 
 HIDDEN, VOCAB = 8, 11

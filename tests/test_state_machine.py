@@ -35,7 +35,7 @@ from torch import nn
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 from introspect import Inspector
-from introspect.errors import IntrospectError
+from introspect._errors import IntrospectError
 
 EXAMPLES = int(os.environ.get("INTROSPECT_STATEFUL_EXAMPLES", "12"))
 HIDDEN = 64

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 from introspect import Inspector
-from introspect.errors import CaptureError, InterventionError
+from introspect._errors import CaptureError, InterventionError
 
 
 def _model(family: str) -> nn.Module:

@@ -15,9 +15,9 @@ from torch import nn
 from transformers.models.auto import modeling_auto
 
 from introspect import AdapterSpec, NoAdapterError, detect_adapter, new_plugin_manager
-from introspect.inspector import resolve_adapter
+from introspect._inspector import resolve_adapter
+from introspect._tiny import TINY_SIZES, tiny_config, tiny_overrides
 from introspect.testing import assert_conformant, build_tiny, example_inputs
-from introspect.tiny import TINY_SIZES, tiny_config, tiny_overrides
 
 
 def _causal_class(model_type: str) -> Any:

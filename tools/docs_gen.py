@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from introspect.plugins import DISTRIBUTION, IntrospectPluginManager, get_registry
-from introspect.spec import AdapterSpec, LogitOp, StackSpec
+from introspect._plugins import DISTRIBUTION, IntrospectPluginManager, get_registry
+from introspect._spec import AdapterSpec, LogitOp, StackSpec
 
 __all__ = [
     "adapters_table",
@@ -55,7 +55,7 @@ def builtin_specs(pm: IntrospectPluginManager | None = None) -> list[AdapterSpec
         >>> "gpt2" in [spec.name for spec in builtin_specs()]
         True
     """
-    from introspect.plugins import new_plugin_manager
+    from introspect._plugins import new_plugin_manager
 
     pm = pm or new_plugin_manager()
     registry = get_registry(pm)
@@ -227,7 +227,7 @@ def coverage_section(results: Sequence[dict[str, Any]]) -> str:
         "",
         "`benchmarks/coverage.py` builds a tiny random model of every model type in "
         "transformers' auto mappings for causal, masked and seq2seq language models (shrunk "
-        "generically by `introspect.tiny`), tries the built-in adapters and then structure "
+        "generically by `introspect.testing.tiny_config`), tries the built-in adapters and then structure "
         "detection, and proves the answer with the conformance checks. **proven**: every "
         "check passes; **refused**: an adapter refuses the architecture or detection cannot "
         "prove a layout, with the reason; **failing**: an adapter claims it but a check "

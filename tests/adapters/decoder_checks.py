@@ -17,7 +17,7 @@ import transformers
 from torch import nn
 
 from introspect import Inspector, MissingPartError
-from introspect.spec import AdapterSpec
+from introspect._spec import AdapterSpec
 from introspect.testing import assert_classes_conformant, build_tiny, example_inputs
 
 # Small enough to run on two CPU cores in well under a second per model; token ids stay inside

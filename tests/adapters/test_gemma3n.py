@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from introspect import Inspector, UnsupportedArchitectureError
-from introspect.plugins import get_registry
+from introspect._plugins import get_registry
 from introspect.testing import build_tiny
 
 

@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from importlib.util import find_spec
@@ -47,8 +47,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from introspect.errors import MissingDependencyError, ModelLoadError
-from introspect.progress import progress_enabled, steps
+from introspect._errors import MissingDependencyError, ModelLoadError
+from introspect._progress import progress_enabled, steps
 
 __all__ = [
     "CACHE_ENV",
@@ -59,13 +59,11 @@ __all__ = [
     "cache_root",
     "check_device",
     "convert_smollm2",
-    "encode_prompt",
     "gpt2_bpe_files",
     "load_model",
     "model_names",
     "smollm2_cache_dir",
     "smollm2_gguf_path",
-    "token_strings",
 ]
 
 CACHE_ENV = "INTROSPECT_CACHE"
@@ -717,40 +715,3 @@ def load_model(
 
 
 # -- text in, text out ------------------------------------------------------------------------
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
-
-
-def encode_prompt(tokenizer: Any, prompt: str, model: nn.Module) -> dict[str, torch.Tensor]:
-    """Tokenize one prompt into a batch of one, on the model's device.
-
-    Example:
-        >>> model, tokenizer = load_model("toy-gpt2", progress=False)
-        >>> encode_prompt(tokenizer, "Hello world", model)["input_ids"].shape[0]
-        1
-    """
-    if tokenizer is None:
-        raise ModelLoadError(
-            "this model has no tokenizer, so it cannot read a prompt: load a folder or hub id "
-            "that ships one, or pass token ids to the library directly"
-        )
-    if not prompt:
-        raise ModelLoadError("the prompt is empty: pass some text, e.g. --prompt 'Hello'")
-    encoded: Mapping[str, Any] = tokenizer(prompt, return_tensors="pt")
-    device = _device_of(model)
-    return {k: v.to(device) for k, v in encoded.items() if isinstance(v, torch.Tensor)}
-
-
-def token_strings(tokenizer: Any, ids: Any) -> list[str]:
-    """Each token id decoded on its own (``' Paris'``), or ``'#123'`` without a tokenizer.
-
-    Example:
-        >>> token_strings(None, [5, 7])
-        ['#5', '#7']
-    """
-    values = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-    if tokenizer is None:
-        return [f"#{int(i)}" for i in values]
-    return [str(tokenizer.decode([int(i)])) for i in values]

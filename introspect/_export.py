@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from introspect._errors import CaptureError
+from introspect._text import token_strings
 from introspect._version import __version__
-from introspect.errors import CaptureError
-from introspect.models import token_strings
 
 if TYPE_CHECKING:
-    from introspect.inspector import Inspector
-    from introspect.locators import Locator
+    from introspect._inspector import Inspector
+    from introspect._locators import Locator
 
 __all__ = [
     "capture_to_file",
@@ -321,7 +321,8 @@ def capture_to_file(
     Example:
         >>> import tempfile, os
         >>> from introspect import Inspector
-        >>> from introspect.models import encode_prompt, load_model
+        >>> from introspect._text import encode_prompt
+        >>> from introspect.zoo import load_model
         >>> model, tok = load_model("toy-gpt2", progress=False)
         >>> out = os.path.join(tempfile.mkdtemp(), "run.safetensors")
         >>> side = capture_to_file(Inspector(model), encode_prompt(tok, "Hi there", model),

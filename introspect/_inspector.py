@@ -12,18 +12,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from introspect._layout import hidden_layout
-from introspect._paths import base_model, get_path
-from introspect._resolve import Resolver
-from introspect.batching import PaddingSide, Positions, check_positions, encode_batch
-from introspect.capture import Capture, Record, Target, Transform
-from introspect.errors import (
+from introspect._batching import PaddingSide, Positions, check_positions, encode_batch
+from introspect._capture import Capture, Record, Target, Transform
+from introspect._errors import (
     CaptureError,
     InterventionError,
     LocatorError,
     MissingPartError,
 )
-from introspect.interventions import (
+from introspect._interventions import (
     Edit,
     EditOp,
     Intervention,
@@ -32,12 +29,15 @@ from introspect.interventions import (
     mean_activation,
     patching_sweep,
 )
-from introspect.locators import Locator
-from introspect.plugins import AUTHORING_HINT, IntrospectPluginManager, resolve_adapter
-from introspect.spec import AdapterSpec, LogitOp, StackSpec, config_flag
+from introspect._layout import hidden_layout
+from introspect._locators import Locator
+from introspect._paths import base_model, get_path
+from introspect._plugins import AUTHORING_HINT, IntrospectPluginManager, resolve_adapter
+from introspect._resolve import Resolver
+from introspect._spec import AdapterSpec, LogitOp, StackSpec, config_flag
 
 if TYPE_CHECKING:
-    from introspect.lens import LensResult
+    from introspect._lens import LensResult
 
 __all__ = ["Inspector", "get_hidden_state", "resolve_adapter"]
 
@@ -696,7 +696,7 @@ class Inspector:
         Uses :meth:`logits` (final norm, unembedding and the architecture's extras), so the
         last block reproduces the model's own logits. ``targets`` are tokens to follow through
         the blocks (ids, or their exact text with a tokenizer). See
-        :func:`introspect.lens.logit_lens`.
+        :func:`introspect._lens.logit_lens`.
 
         Example:
             >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -705,7 +705,7 @@ class Inspector:
             >>> lens.rows, lens.top_ids.shape, lens.max_diff < 1e-4
             (['block[0]', 'block[1]'], torch.Size([2, 3, 3]), True)
         """
-        from introspect.lens import logit_lens
+        from introspect._lens import logit_lens
 
         return logit_lens(
             self,

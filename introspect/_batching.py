@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 
-from introspect.errors import CaptureError, IntrospectError
+from introspect._errors import CaptureError, IntrospectError
 
 __all__ = [
     "PaddingSide",

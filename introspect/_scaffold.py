@@ -18,13 +18,13 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from introspect._detect import detect_adapter
+from introspect._errors import AdapterConflictError, AdapterError
+from introspect._plugins import get_plugin_manager, get_registry
+from introspect._spec import AdapterSpec
+from introspect._tiny import tiny_config
 from introspect._version import __version__
-from introspect.detect import detect_adapter
-from introspect.errors import AdapterConflictError, AdapterError
-from introspect.plugins import get_plugin_manager, get_registry
-from introspect.spec import AdapterSpec
 from introspect.testing import build_tiny
-from introspect.tiny import tiny_config
 
 __all__ = ["ScaffoldResult", "model_classes", "scaffold", "spec_source", "write_plugin"]
 
@@ -305,7 +305,7 @@ def write_plugin(
 
     Example:
         >>> import tempfile
-        >>> from introspect.tiny import tiny_config
+        >>> from introspect._tiny import tiny_config
         >>> spec = AdapterSpec(name="tiny", model_types=("gpt2",), embed="wte", blocks="h",
         ...                    final_norm="ln_f", lm_head="lm_head")
         >>> out = write_plugin(Path(tempfile.mkdtemp()) / "pkg", spec,

@@ -79,7 +79,7 @@ class PluginLoadError(IntrospectError):
 
     Raised only in strict plugin mode (``INTROSPECT_STRICT_PLUGINS=1`` or
     ``new_plugin_manager(strict=True)``, for a plugin's CI); otherwise the plugin is skipped
-    with a :class:`~introspect.plugins.PluginWarning` and the others still work.
+    with a :class:`~introspect._plugins.PluginWarning` and the others still work.
 
     Example:
         >>> issubclass(PluginLoadError, IntrospectError)

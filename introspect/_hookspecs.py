@@ -13,7 +13,7 @@ import pluggy
 if TYPE_CHECKING:
     from torch import nn
 
-    from introspect.spec import AdapterSpec
+    from introspect._spec import AdapterSpec
 
 __all__ = ["hookimpl", "hookspec", "register_adapters", "select_adapter"]
 

@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from introspect.errors import LocatorError
+from introspect._errors import LocatorError
 
 __all__ = ["Locator", "parse"]
 

@@ -8,7 +8,7 @@ block's output into Hugging Face's ``hidden_states[-1]``; the head is
 ``output_hidden_states=True`` decides between the layouts (``hidden_states[0]`` as block 0's
 input or as block 0's output, with or without a final norm), and the winner must then pass
 every check of :func:`introspect.testing.check_conformance`. A guess that is not proven is
-never used: :class:`~introspect.errors.NoAdapterError` says what could not be matched.
+never used: :class:`~introspect._errors.NoAdapterError` says what could not be matched.
 """
 
 from __future__ import annotations
@@ -25,20 +25,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from introspect._capture import hidden_of
+from introspect._errors import IntrospectError, NoAdapterError
+from introspect._hookspecs import hookimpl
+from introspect._inspector import Inspector
 from introspect._paths import base_model as _base_model
 from introspect._paths import get_path as _get_path
-from introspect.capture import hidden_of
-from introspect.errors import IntrospectError, NoAdapterError
-from introspect.hookspecs import hookimpl
-from introspect.inspector import Inspector
-from introspect.plugins import (
+from introspect._plugins import (
     AUTHORING_HINT,
     IntrospectPluginManager,
     get_plugin_manager,
     get_registry,
 )
-from introspect.spec import AdapterSpec, HiddenStart, LogitOp, StackSpec
-from introspect.spec import config_flag as _config_flag
+from introspect._spec import AdapterSpec, HiddenStart, LogitOp, StackSpec
+from introspect._spec import config_flag as _config_flag
 from introspect.testing import check_conformance, close, example_inputs
 
 __all__ = ["DetectedAdapterWarning", "detect_adapter", "detected_message"]
@@ -581,7 +581,7 @@ def detect_adapter(
     around the unembedding (soft-caps, logit scales) tried are those of the adapters that
     ``plugin_manager`` (default: the shared one) registers, also where the model's config names
     one of them differently. Raises
-    :class:`~introspect.errors.NoAdapterError` saying why when no layout is proven. The model's
+    :class:`~introspect._errors.NoAdapterError` saying why when no layout is proven. The model's
     train/eval modes are restored afterwards.
 
     Example:
@@ -764,7 +764,7 @@ def select_adapter(model: nn.Module, candidates: Sequence[AdapterSpec]) -> Adapt
 
     Asked only after every other plugin; answers only when no adapter claims the model. It
     warns with :class:`DetectedAdapterWarning` and returns the proven spec, or raises
-    :class:`~introspect.errors.NoAdapterError` saying why no layout could be proven (the
+    :class:`~introspect._errors.NoAdapterError` saying why no layout could be proven (the
     plugin layer adds that reason to its own error).
 
     Example:

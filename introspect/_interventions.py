@@ -5,7 +5,7 @@ Every edit is a context manager built by the Inspector (``steer``, ``ablate``, `
 captures in one forward, and apply at every step of ``generate``.
 
 Three invariants hold for every edit; a value that would break one is an
-:class:`~introspect.errors.InterventionError`, never a quietly different answer:
+:class:`~introspect._errors.InterventionError`, never a quietly different answer:
 
 - an edit never changes a value's shape: a steering vector or patch value must broadcast *to*
   the value (``broadcast_shapes(v, x) == x.shape``), and ``fn`` must return the value's shape;
@@ -36,7 +36,7 @@ recording what that ``forward`` returns, before any forward hook runs; older loo
 - an edit of a block *input* is a forward pre-hook registered with ``prepend=True``, so it runs
   before every other pre-hook and every forward hook sees the edited arguments.
 
-Captures read an :class:`~introspect.capture.EditNote` the edit leaves on the module, so a
+Captures read an :class:`~introspect._capture.EditNote` the edit leaves on the module, so a
 record of the edited module says which edits its values include and keeps the values before
 them. Everything is removed on every exit path, including an exception raised by an edit.
 """
@@ -54,8 +54,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from introspect.batching import call_positions, check_positions
-from introspect.capture import (
+from introspect._batching import call_positions, check_positions
+from introspect._capture import (
     EditNote,
     Record,
     Target,
@@ -66,14 +66,14 @@ from introspect.capture import (
     only_in_thread,
     stale_targets,
 )
-from introspect.errors import InterventionError
+from introspect._errors import InterventionError
 
 if TYPE_CHECKING:
     from types import TracebackType
 
     from torch.utils.hooks import RemovableHandle
 
-    from introspect.inspector import Inspector
+    from introspect._inspector import Inspector
 
 __all__ = [
     "Edit",
@@ -150,7 +150,7 @@ class Edit:
 
     Built by :class:`introspect.Inspector` (``steer``, ``ablate``, ``patch``, ``scale``,
     ``edit``); ``label`` is what records and errors call it. ``positions`` is checked (and
-    put in its plain form by :func:`introspect.batching.check_positions`) when the edit is
+    put in its plain form by :func:`introspect._batching.check_positions`) when the edit is
     built.
 
     Example:
@@ -550,7 +550,7 @@ class _EditedForward:
         self.threads: dict[int, int] = {}
         """The thread each edit applies in (the one that entered its intervention)."""
         self.edit_notes: dict[int, EditNote] = {}
-        """Each thread's note of its latest call (read through :func:`~introspect.capture.edit_note`;
+        """Each thread's note of its latest call (read through :func:`~introspect._capture.edit_note`;
         a plain attribute, so a ``functools.wraps`` wrapper of this forward carries it)."""
         self.pre_handle: RemovableHandle | None = None
         self.__wrapped__ = self.inner

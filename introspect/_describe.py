@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from introspect.errors import MissingPartError
+from introspect._errors import MissingPartError
 
 if TYPE_CHECKING:
-    from introspect.inspector import Inspector
-    from introspect.locators import Locator
+    from introspect._inspector import Inspector
+    from introspect._locators import Locator
 
 __all__ = ["describe", "hidden_state_meaning"]
 

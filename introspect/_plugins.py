@@ -6,7 +6,7 @@ third-party plugins. Every hook is called through pluggy, one plugin at a time, 
 or by returning something a hook does not take) is named in a :class:`PluginWarning`, recorded
 in ``pm.failures`` and skipped, without taking the others down. In strict mode
 (``INTROSPECT_STRICT_PLUGINS=1`` or ``new_plugin_manager(strict=True)``) the first failure is a
-:class:`~introspect.errors.PluginLoadError` instead.
+:class:`~introspect._errors.PluginLoadError` instead.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 from pluggy import HookImpl
 
-from introspect import hookspecs
-from introspect.errors import (
+from introspect import _hookspecs as hookspecs
+from introspect._errors import (
     AdapterConflictError,
     NoAdapterError,
     PluginLoadError,
     UnsupportedArchitectureError,
 )
-from introspect.spec import AdapterSpec
+from introspect._spec import AdapterSpec
 
 if TYPE_CHECKING:
     from torch import nn
@@ -208,7 +208,7 @@ def new_plugin_manager(
 
     A plugin that fails is skipped with a :class:`PluginWarning` and listed in ``pm.failures``.
     With ``strict=True`` (default: ``INTROSPECT_STRICT_PLUGINS=1``) the first failure raises
-    :class:`~introspect.errors.PluginLoadError` naming the plugin and its distribution, which
+    :class:`~introspect._errors.PluginLoadError` naming the plugin and its distribution, which
     is what a plugin's own CI wants.
 
     Example:
@@ -442,7 +442,7 @@ def call_select_adapter(
     Plugins are asked one at a time, in pluggy's order (last registered first). One that
     raises or returns something other than an AdapterSpec or None is skipped with a
     :class:`PluginWarning`, and the next one is asked. One that raises
-    :class:`~introspect.errors.NoAdapterError` declines with a reason, appended to ``reasons``
+    :class:`~introspect._errors.NoAdapterError` declines with a reason, appended to ``reasons``
     (detection says why it could not prove a layout). ``skip`` names plugins not to ask.
 
     Example:
@@ -492,10 +492,10 @@ def resolve_adapter(
     """The AdapterSpec for ``model``: forced by name or spec, else chosen by the plugins.
 
     The adapters claiming the model's type or class are the candidates; ``select_adapter``
-    implementations may pick any spec. Detection (:mod:`introspect.detect`) is the built-in
+    implementations may pick any spec. Detection (:mod:`introspect._detect`) is the built-in
     ``select_adapter`` of last resort: when no adapter claims the model it detects the layout
     and proves it against the model's own ``hidden_states``, and a proven spec is used with a
-    :class:`~introspect.detect.DetectedAdapterWarning`. ``detect=False`` leaves it out.
+    :class:`~introspect._detect.DetectedAdapterWarning`. ``detect=False`` leaves it out.
 
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -586,7 +586,7 @@ def _hookspec_signature(fn: Any) -> str:
 def authoring_help() -> str:
     """How to write an adapter plugin, from text that ships in the package.
 
-    It lists every hook with its exact signature (read from :mod:`introspect.hookspecs`), the
+    It lists every hook with its exact signature (read from :mod:`introspect._hookspecs`), the
     entry-point group and the environment variables that help when a plugin misbehaves.
     ``introspect plugins --help-authoring`` prints it.
 

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from introspect.batching import (
+from introspect._batching import (
     call_positions,
     gather_positions,
     position_index,
     real_token_positions,
 )
-from introspect.errors import CaptureError
+from introspect._errors import CaptureError
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -494,7 +494,7 @@ class Transform:
     dtype: torch.dtype | str | None = None
     """A floating-point ``torch.dtype`` or its name (``"bfloat16"``), converted when built."""
     positions: Any = None
-    """See :func:`introspect.batching.position_index` (``"last"``: each example's last real
+    """See :func:`introspect._batching.position_index` (``"last"``: each example's last real
     token, read from the attention mask of the call)."""
 
     def __post_init__(self) -> None:
@@ -729,7 +729,7 @@ class Record:
         later step one new position; joined they cover the whole generated sequence (except the
         last token, which ``generate`` never feeds back).
 
-        Joining is refused (:class:`~introspect.errors.CaptureError`) where it would not be one
+        Joining is refused (:class:`~introspect._errors.CaptureError`) where it would not be one
         sequence per row: a step that does not start where the previous one ended (no KV
         cache, ``use_cache=False``; or two independent forwards), a changed batch, or cache
         rows reordered between steps (beam search). Records of a capture without a root model

@@ -9,7 +9,7 @@ to float rounding).
 
 Example:
     >>> from introspect import Inspector
-    >>> from introspect.models import load_model
+    >>> from introspect.zoo import load_model
     >>> model, tokenizer = load_model("toy-gpt2", progress=False)
     >>> lens = Inspector(model).logit_lens("Tokyo is the capital of", tokenizer=tokenizer)
     >>> lens.rows
@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from introspect.errors import CaptureError, LocatorError, MissingDependencyError
-from introspect.locators import Locator
-from introspect.models import encode_prompt, token_strings
+from introspect._errors import CaptureError, LocatorError, MissingDependencyError
+from introspect._locators import Locator
+from introspect._text import encode_prompt, token_strings
 
 if TYPE_CHECKING:
-    from introspect.inspector import Inspector
+    from introspect._inspector import Inspector
 
 __all__ = ["LensResult", "logit_lens", "show_token"]
 
@@ -169,7 +169,7 @@ class LensResult:
 
         Example:
             >>> from introspect import Inspector
-            >>> from introspect.models import load_model
+            >>> from introspect.zoo import load_model
             >>> model, tok = load_model("toy-gpt2", progress=False)
             >>> lens = Inspector(model).logit_lens("Hi", tokenizer=tok)
             >>> lens.token_id("a") == tok.encode("a")[0], lens.token_id(7)
@@ -193,7 +193,7 @@ class LensResult:
 
         Example:
             >>> from introspect import Inspector
-            >>> from introspect.models import load_model
+            >>> from introspect.zoo import load_model
             >>> model, tok = load_model("toy-llama", progress=False)
             >>> ids = torch.tensor([[5, 6, 7]])
             >>> lens = Inspector(model).logit_lens(ids, positions=[0, -1])
@@ -214,7 +214,7 @@ class LensResult:
 
         Example:
             >>> from introspect import Inspector
-            >>> from introspect.models import load_model
+            >>> from introspect.zoo import load_model
             >>> model, tok = load_model("toy-gpt2", progress=False)
             >>> lens = Inspector(model).logit_lens("Hi", tokenizer=tok, blocks=[-2, -1])
             >>> lens.row(-1), lens.row("block[2]")
@@ -239,7 +239,7 @@ class LensResult:
 
         Example:
             >>> from introspect import Inspector
-            >>> from introspect.models import load_model
+            >>> from introspect.zoo import load_model
             >>> model, tok = load_model("toy-gpt2", progress=False)
             >>> lens = Inspector(model).logit_lens("Hello", tokenizer=tok)
             >>> len(lens.probs_of("a")) == len(lens.rows)
@@ -254,7 +254,7 @@ class LensResult:
 
         Example:
             >>> from introspect import Inspector
-            >>> from introspect.models import load_model
+            >>> from introspect.zoo import load_model
             >>> model, tok = load_model("toy-gpt2", progress=False)
             >>> lens = Inspector(model).logit_lens("Hello", tokenizer=tok)
             >>> lens.ranks_of(int(lens.top_ids[-1, -1, 0]))[-1]
@@ -274,7 +274,7 @@ class LensResult:
 
         Example:
             >>> from introspect import Inspector
-            >>> from introspect.models import load_model
+            >>> from introspect.zoo import load_model
             >>> model, tok = load_model("toy-gpt2", progress=False)
             >>> lens = Inspector(model).logit_lens("Hello", tokenizer=tok)
             >>> lens.first_row_in_top(int(lens.top_ids[-1, -1, 0]), k=1) is not None
@@ -309,7 +309,7 @@ class LensResult:
 
         Example:
             >>> from introspect import Inspector
-            >>> from introspect.models import load_model
+            >>> from introspect.zoo import load_model
             >>> model, tok = load_model("toy-gpt2", progress=False)
             >>> lens = Inspector(model).logit_lens("Hi", tokenizer=tok, k=2)
             >>> headers, rows = lens.table(targets=["a"])
@@ -343,7 +343,7 @@ class LensResult:
 
         Example:
             >>> from introspect import Inspector
-            >>> from introspect.models import load_model
+            >>> from introspect.zoo import load_model
             >>> model, tok = load_model("toy-gpt2", progress=False)
             >>> data = Inspector(model).logit_lens("Hi there", tokenizer=tok).to_dict([-1])
             >>> sorted(data)[:4], len(data["positions"])
@@ -420,7 +420,7 @@ class LensResult:
         Example:
             >>> from importlib.util import find_spec
             >>> from introspect import Inspector
-            >>> from introspect.models import load_model
+            >>> from introspect.zoo import load_model
             >>> model, tok = load_model("toy-gpt2", progress=False)
             >>> lens = Inspector(model).logit_lens("Hi there", tokenizer=tok)
             >>> figure = lens.plot(targets=["a"]) if find_spec("matplotlib") else None
@@ -542,7 +542,7 @@ class LensResult:
 
 
 def _save_atomically(fig: Any, path: Path, dpi: int) -> None:
-    from introspect.export import write_atomically
+    from introspect._export import write_atomically
 
     suffix = path.suffix.lstrip(".") or "png"
     write_atomically(
@@ -632,7 +632,7 @@ def logit_lens(
 
     Example:
         >>> from introspect import Inspector
-        >>> from introspect.models import load_model
+        >>> from introspect.zoo import load_model
         >>> model, tok = load_model("toy-llama", progress=False)
         >>> lens = logit_lens(Inspector(model), "The capital of France is", tokenizer=tok, k=3)
         >>> lens.top_probs.shape[1:] == (len(lens.tokens), 3), lens.max_diff < 1e-4

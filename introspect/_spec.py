@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from introspect.errors import LocatorError
+from introspect._errors import LocatorError
 
 if TYPE_CHECKING:
     from typing_extensions import Self
