@@ -2,7 +2,7 @@
 
 For every model type in transformers' auto mappings for causal, masked and seq2seq language
 models, build a tiny random model from its config class (shrunk generically by
-``introspect._tiny``), then try the built-in adapters and, where none claims the type,
+``introspect.testing.tiny_config``), then try the built-in adapters and, where none claims the type,
 structure detection. Each type ends up as:
 
 - ``proven``: a built-in adapter (or detection) passes every conformance check against the
@@ -45,8 +45,12 @@ from transformers.models.auto import modeling_auto
 import introspect
 from introspect._detect import detect_adapter
 from introspect._errors import NoAdapterError, UnsupportedArchitectureError
-from introspect._inspector import resolve_adapter
-from introspect._plugins import get_plugin_manager, get_registry, new_plugin_manager
+from introspect._plugins import (
+    get_plugin_manager,
+    get_registry,
+    new_plugin_manager,
+    resolve_adapter,
+)
 from introspect._tiny import tiny_config
 from introspect.testing import build_tiny, check_conformance, example_inputs
 

@@ -33,11 +33,13 @@ if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
 __all__ = [
+    "CACHE_ARGS",
     "Capture",
     "EditNote",
     "Record",
     "StopForward",
     "Target",
+    "cache_offset",
     "call_argument",
     "call_attention_mask",
     "check_not_compiled",
@@ -285,7 +287,9 @@ def _parse_dtype(dtype: object) -> torch.dtype | None:
 # A KV cache is read only to tell whether each step continues the previous one. Cache classes
 # differ between transformers versions; these probes try each known layout.
 
-_CACHE_ARGS = ("cache", "past_key_values", "cache_params")
+CACHE_ARGS = ("cache", "past_key_values", "cache_params")
+"""The names under which a model call receives its cache (5.x ``cache``, 4.x
+``past_key_values``, state-space models ``cache_params``)."""
 _TOKEN_ARGS = ("decoder_input_ids", "decoder_inputs_embeds", "input_ids", "inputs_embeds")
 _CACHE_LAYER_STATES = ("keys", "recurrent_states", "ssm_states", "conv_states")
 
@@ -337,10 +341,26 @@ def _fingerprint(cache: Any) -> torch.Tensor | None:
     return bits.sum(dim=tuple(range(1, bits.dim())), dtype=torch.int64)
 
 
-def _cache_length(cache: Any, cache_position: Any) -> int | torch.Tensor | None:
+def cache_offset(cache: Any, cache_position: Any) -> int | torch.Tensor | None:
+    """How many positions come before a model call's first token: 0 for a call without cache.
+
+    Read from the call's ``cache_position`` (returned as a tensor, read only when needed, so a
+    hook never waits for the device), else from the KV cache it was given (a ``Cache`` object's
+    ``get_seq_length()``, or a legacy tuple's key length), at the start of the call: the model
+    fills its cache as the call runs. ``None`` when a cache holds no countable positions (a
+    state-space model's) and no ``cache_position`` says it.
+
+    Example:
+        >>> cache_offset(None, None)
+        0
+        >>> int(cache_offset(None, torch.tensor([7])))
+        7
+        >>> cache_offset(((torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4)),), None)
+        5
+    """
+    if isinstance(cache_position, torch.Tensor) and cache_position.numel():
+        return cache_position.reshape(-1)[0]
     if cache is None:
-        if isinstance(cache_position, torch.Tensor) and cache_position.numel():
-            return cache_position.reshape(-1)[0]
         return 0
     length = getattr(cache, "get_seq_length", None)
     if callable(length):
@@ -353,8 +373,6 @@ def _cache_length(cache: Any, cache_position: Any) -> int | torch.Tensor | None:
     state = _cache_state(cache)
     if isinstance(cache, (list, tuple)) and state is not None:
         return state.shape[-2]
-    if isinstance(cache_position, torch.Tensor) and cache_position.numel():
-        return cache_position.reshape(-1)[0]
     return None
 
 
@@ -1002,7 +1020,7 @@ class Capture:
         mask = _argument(index, args, kwargs, "attention_mask")
         self.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         cache = None
-        for name in _CACHE_ARGS:
+        for name in CACHE_ARGS:
             cache = _argument(index, args, kwargs, name)
             if cache is not None:
                 break
@@ -1013,7 +1031,7 @@ class Capture:
             if isinstance(tokens, torch.Tensor):
                 break
         shape = tokens.shape if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 else None
-        offset = _cache_length(cache, _argument(index, args, kwargs, "cache_position"))
+        offset = cache_offset(cache, _argument(index, args, kwargs, "cache_position"))
         previous = self._call
         self._root_calls += 1
         self._call = call = _RootCall(
@@ -1040,12 +1058,12 @@ class Capture:
         if call is None:
             return
         cache = None
-        for name in _CACHE_ARGS:
+        for name in CACHE_ARGS:
             cache = _argument(self._root_index, args, kwargs, name)
             if cache is not None:
                 break
         if cache is None and isinstance(output, Mapping):
-            cache = next((output[n] for n in _CACHE_ARGS if output.get(n) is not None), None)
+            cache = next((output[n] for n in CACHE_ARGS if output.get(n) is not None), None)
         if cache is not None:
             call.after = _fingerprint(cache)
 

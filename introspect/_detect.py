@@ -38,7 +38,6 @@ from introspect._plugins import (
     get_registry,
 )
 from introspect._spec import AdapterSpec, HiddenStart, LogitOp, StackSpec
-from introspect._spec import config_flag as _config_flag
 from introspect.testing import check_conformance, close, example_inputs
 
 __all__ = ["DetectedAdapterWarning", "detect_adapter", "detected_message"]
@@ -473,17 +472,7 @@ def _same_step_attrs(op: LogitOp, config: Any) -> list[str]:
 
 def _op_applies(model: nn.Module, op: LogitOp) -> bool:
     """Whether ``op`` would change anything on ``model`` (else it repeats the empty candidate)."""
-    if op.value is not None:
-        return True
-    config = getattr(model, "config", None)
-    if op.only_if is not None and not _config_flag(config, op.only_if):
-        return False
-    if op.tensor is not None:
-        found: Any = model
-        for part in op.tensor.split("."):
-            found = getattr(found, part, None)
-        return isinstance(found, torch.Tensor)
-    return getattr(config, op.config_attr or "", None) is not None
+    return op.value_for(model) is not None
 
 
 def _op_candidates(

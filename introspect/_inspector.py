@@ -281,7 +281,7 @@ class Inspector:
                 )
             target = self._target(loc, True)
             edits.append(Edit(target, loc.side, op, positions, label))
-        return Intervention(edits, root=self._base)
+        return Intervention(edits, root=self._base, model=self.model)
 
     def steer(
         self,

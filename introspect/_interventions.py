@@ -56,11 +56,14 @@ from torch import nn
 
 from introspect._batching import call_positions, check_positions
 from introspect._capture import (
+    CACHE_ARGS,
     EditNote,
     Record,
     Target,
+    cache_offset,
     call_argument,
     call_attention_mask,
+    check_not_compiled,
     hidden_of,
     model_changed_message,
     only_in_thread,
@@ -285,27 +288,6 @@ def _replace_hidden(value: Any, index: int, new: torch.Tensor) -> Any:
 # -- the model call an edit runs in ----------------------------------------------------------
 
 
-def _cache_length(cache: Any) -> int | None:
-    """Tokens a KV cache holds (a Cache object or a legacy tuple); ``None`` if it cannot tell."""
-    if cache is None:
-        return 0
-    length = getattr(cache, "get_seq_length", None)
-    if callable(length):
-        try:
-            return int(length())
-        except Exception:  # a cache class we do not know: refuse to guess below
-            return None
-    if isinstance(cache, (tuple, list)):
-        if not cache:
-            return 0
-        layer = cache[0]
-        if isinstance(layer, (tuple, list)) and layer and isinstance(layer[0], torch.Tensor):
-            key: torch.Tensor = layer[0]
-            if key.dim() >= 2:
-                return int(key.shape[-2])
-    return None
-
-
 @dataclass
 class _Call:
     """What one call of the model (the root) says about itself: mask, KV cache, positions."""
@@ -313,7 +295,7 @@ class _Call:
     attention_mask: torch.Tensor | None = None
     cache: Any = None
     cache_position: Any = None
-    _offset: int | None = -1
+    _offset: int | torch.Tensor | None = 0
 
     @property
     def cached(self) -> bool:
@@ -323,11 +305,9 @@ class _Call:
     @property
     def offset(self) -> int | None:
         """Tokens before this call's first one (the cache's length); ``None``: unknown."""
-        if self._offset == -1:
-            # Only cache_position is left to read lazily (it is a plain tensor of the call).
-            position = self.cache_position
-            assert isinstance(position, torch.Tensor)
-            self._offset = int(position.reshape(-1)[0].item())
+        if isinstance(self._offset, torch.Tensor):
+            # cache_position, read only when an edit needs it (reading waits for the device).
+            self._offset = int(self._offset.item())
         return self._offset
 
 
@@ -786,9 +766,17 @@ class Intervention:
         True
     """
 
-    def __init__(self, edits: Sequence[Edit], *, root: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        edits: Sequence[Edit],
+        *,
+        root: nn.Module | None = None,
+        model: nn.Module | None = None,
+    ) -> None:
         self.edits = list(edits)
         self.root = root
+        self.model = model
+        """The top-level model, checked for compilation (``model.compile()`` marks only it)."""
         self.attention_mask: torch.Tensor | None = None
         self._call: _Call | None = None
         self._states: list[tuple[_EditedForward, Edit]] = []
@@ -799,7 +787,9 @@ class Intervention:
         if not isinstance(other, Intervention):
             return NotImplemented
         return Intervention(
-            [*self.edits, *other.edits], root=self.root if self.root is not None else other.root
+            [*self.edits, *other.edits],
+            root=self.root if self.root is not None else other.root,
+            model=self.model if self.model is not None else other.model,
         )
 
     def _mask_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -810,16 +800,16 @@ class Intervention:
         # Positional arguments count too: LlamaModel(ids, mask) passes the mask by position.
         mask = call_attention_mask(module, args, kwargs)
         mask = mask if mask is not None and mask.dim() == 2 else None
-        # transformers 5.x names the cache "cache"; 4.x "past_key_values" with cache_position.
-        cache = call_argument(module, args, kwargs, "cache")
-        if cache is None:
-            cache = call_argument(module, args, kwargs, "past_key_values")
+        cache = None
+        for name in CACHE_ARGS:
+            cache = call_argument(module, args, kwargs, name)
+            if cache is not None:
+                break
         self.attention_mask = mask
-        call = _Call(mask, cache, call_argument(module, args, kwargs, "cache_position"))
-        position = call.cache_position
-        if not isinstance(position, torch.Tensor) or not position.numel():
-            # Read now: the model fills its cache as the call runs.
-            call._offset = _cache_length(cache)
+        position = call_argument(module, args, kwargs, "cache_position")
+        call = _Call(mask, cache, position)
+        # Now, before the call runs: the model fills its cache as it goes.
+        call._offset = cache_offset(cache, position)
         self._call = call
 
     def _end_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -837,6 +827,9 @@ class Intervention:
         stale = stale_targets(edit.target for edit in self.edits)
         if stale:
             raise InterventionError(model_changed_message(stale, "intervention"))
+        for watched in (self.model, self.root):
+            if watched is not None:
+                check_not_compiled(watched, action="edit", error=InterventionError)
         self._active = True
         self.attention_mask = None
         self._call = None

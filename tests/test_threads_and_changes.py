@@ -188,3 +188,18 @@ def test_replacing_a_block_while_an_edit_is_active_fails_the_next_forward(family
         with pytest.raises(CaptureError, match="model changed"):
             model(ids)
     assert "block[0]" not in cap
+
+
+def test_an_edit_on_a_compiled_model_is_refused_unless_run_eagerly() -> None:
+    model = _model("gpt2")
+    insp = Inspector(model)
+    model.compile()
+    with pytest.raises(InterventionError, match=r"compiled with model\.compile\(\)"):
+        insp.steer("block[0]", torch.ones(64)).__enter__()
+    assert _hooks(model) == 0
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.compiler.set_stance("force_eager"), torch.no_grad():
+        plain = model(ids, output_hidden_states=True).hidden_states[1]
+        with insp.steer("block[0]", torch.ones(64)):
+            steered = model(ids, output_hidden_states=True).hidden_states[1]
+    assert torch.allclose(steered - plain, torch.ones_like(plain), atol=1e-5)
