@@ -57,6 +57,17 @@ def _to_dtype_of(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
 _config_flag = config_flag  # detection imports it from here
 
 
+def _counts_from_the_start(positions: Any) -> bool:
+    """Whether ``positions`` name a position counted from the first token."""
+    if positions is None or isinstance(positions, str):
+        return False
+    if isinstance(positions, slice):
+        return True
+    if isinstance(positions, torch.Tensor):
+        return bool((positions >= 0).any())
+    return any(int(p) >= 0 for p in positions)
+
+
 class Inspector:
     """A model and its adapter: modules by locator, captures, hidden states and logits.
 
@@ -278,6 +289,16 @@ class Inspector:
                 raise InterventionError(
                     "embed.input is token ids and cannot be edited: edit 'embed' (its output) "
                     "or 'block[0].input' instead"
+                )
+            if loc.part == "lm_head" and _counts_from_the_start(
+                check_positions(positions, InterventionError)
+            ):
+                # The head runs after the model's stack, on the positions it keeps (during
+                # generate only the last): a position from the start would land on another token.
+                raise InterventionError(
+                    f"lm_head edits take positions from the end (-1, 'last'), not {positions!r}: "
+                    "the head sees only the positions it computes logits for (one during "
+                    "generate); edit 'final_norm' to reach a position counted from the start"
                 )
             target = self._target(loc, True)
             edits.append(Edit(target, loc.side, op, positions, label))

@@ -552,3 +552,19 @@ def test_an_edit_fn_returning_integers_is_refused_and_other_floats_are_cast() ->
         reference = lm(PROMPT).logits
     assert doubled.dtype == torch.float32
     assert torch.allclose(doubled, reference, atol=1e-5)
+
+
+def test_lm_head_edits_refuse_positions_counted_from_the_start() -> None:
+    """During generate the head sees only the last position: [0] would edit the wrong token."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(gpt2_config(2)).eval()
+    insp = Inspector(model)
+    for positions in ([0], slice(0, 2), torch.tensor([1])):
+        with pytest.raises(InterventionError, match="lm_head edits take positions from the end"):
+            insp.scale("lm_head", 0.0, positions=positions)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        plain = model(ids).logits
+        with insp.scale("lm_head", 0.0, positions=[-1]):
+            edited = model(ids).logits
+    assert torch.equal(edited[:, :-1], plain[:, :-1]) and edited[:, -1].abs().max() == 0
