@@ -52,7 +52,7 @@ from introspect._plugins import (
     resolve_adapter,
 )
 from introspect._tiny import tiny_config
-from introspect.testing import build_tiny, check_conformance, example_inputs
+from introspect.testing import EXTRA_OVERRIDES, build_tiny, check_conformance, example_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 MAPPINGS = (
@@ -62,13 +62,6 @@ MAPPINGS = (
     ("masked", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
     ("causal", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
 )
-# Configs the generic shrink cannot make consistent, with the extra overrides they need.
-EXTRA_OVERRIDES: dict[str, dict[str, Any]] = {
-    "deepseek_v2": {"num_experts_per_tok": 2},  # its default (None) does not run
-    "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
-    "mamba2": {"num_heads": 8, "head_dim": 16, "n_groups": 1},
-    "reformer": {"axial_pos_embds_dim": [32, 32]},
-}
 MAX_PARAMS = 30_000_000
 TIMEOUT_S = 60
 

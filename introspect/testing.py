@@ -6,39 +6,66 @@
 - ``hidden_state_locator(i)`` names the entry for every ``i``, negative included;
 - ``hidden_states[-1]`` equals what the adapter says HF applies after the last block;
 - ``logits(last block output)`` equals the model's logits (when there is a head);
-- every locator the adapter declares resolves and is recorded during the forward.
+- every locator the adapter declares resolves and is recorded during the forward;
+- where the spec's own data states how a block combines its sub-layers
+  (:func:`block_relation`), that ``attn``/``mlp`` are the modules whose outputs the block adds
+  (:func:`check_block_sums`).
 
 ``assert_conformant`` raises :class:`~introspect._errors.ConformanceError` saying which entry
-differs and by how much.
+differs and by how much. :func:`check_block_sums` (with a relation the caller states) and
+:func:`check_logit_ops` prove the sub-modules and the logit extras of one configuration; they
+return :class:`Check` lists that :func:`assert_checks` turns into an error.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
-from introspect._errors import ConformanceError
+from introspect._errors import ConformanceError, LocatorError, MissingPartError
 from introspect._inspector import Inspector
-from introspect._spec import AdapterSpec
+from introspect._spec import AdapterSpec, LogitOp, StackSpec
 from introspect._tiny import tiny_config
 
 __all__ = [
+    "EXTRA_OVERRIDES",
+    "BlockRelation",
     "Check",
     "ConformanceReport",
+    "assert_checks",
     "assert_classes_conformant",
     "assert_conformant",
+    "block_relation",
     "build_tiny",
+    "check_block_sums",
     "check_conformance",
+    "check_logit_ops",
     "close",
     "example_inputs",
     "perturb",
     "tiny_config",
 ]
+
+EXTRA_OVERRIDES: dict[str, dict[str, Any]] = {
+    "deepseek_v2": {"num_experts_per_tok": 2},  # its default (None) does not run
+    # transformers 4.x rebuilds attention_layers from attention_types: match the shrunk list.
+    "gpt_neo": {"attention_types": [[["global", "local"], 2]]},
+    # Its last num_kv_shared_layers layers reuse the caches of layers the shrink drops.
+    "gemma3n_text": {"num_kv_shared_layers": 0},
+    "mamba2": {"num_heads": 8, "head_dim": 16, "n_groups": 1},
+    "reformer": {"axial_pos_embds_dim": [32, 32]},
+}
+"""Overrides some model types need on top of :func:`tiny_config`'s generic shrink.
+
+Their configs tie sizes together in ways the shrink cannot see (Mamba-2 wants
+``hidden_size * expand == num_heads * head_dim``): pass
+``tiny_config(model_type, **EXTRA_OVERRIDES.get(model_type, {}))``.
+"""
 
 
 @dataclass(frozen=True)
@@ -73,13 +100,39 @@ class ConformanceReport:
             f"{self.model} with adapter {self.adapter!r}: "
             f"{'conformant' if self.passed else f'{len(self.failures)} check(s) failed'}"
         ]
-        for c in sorted(self.checks, key=lambda c: c.passed):
-            mark = "ok  " if c.passed else "FAIL"
-            lines.append(
-                f"  {mark} {c.name}: max |diff| {c.max_diff:.3g}"
-                + (f" ({c.detail})" if c.detail else "")
-            )
-        return "\n".join(lines)
+        return "\n".join([*lines, *_check_lines(self.checks)])
+
+
+def _check_lines(checks: Iterable[Check]) -> list[str]:
+    return [
+        f"  {'ok  ' if c.passed else 'FAIL'} {c.name}: max |diff| {c.max_diff:.3g}"
+        + (f" ({c.detail})" if c.detail else "")
+        for c in sorted(checks, key=lambda c: c.passed)
+    ]
+
+
+def assert_checks(checks: Iterable[Check], what: str = "checks") -> list[Check]:
+    """Raise ConformanceError listing the failures among ``checks``; return them all if none.
+
+    An empty list is an error too: a check that ran nothing proved nothing.
+
+    Example:
+        >>> [c.name for c in assert_checks([Check("sum", True)])]
+        ['sum']
+        >>> assert_checks([Check("sum", False, 0.5, "block[1]")], "block sums")
+        Traceback (most recent call last):
+        ...
+        introspect._errors.ConformanceError: block sums: 1 of 1 check(s) failed
+          FAIL sum: max |diff| 0.5 (block[1])
+    """
+    checks = list(checks)
+    failures = [c for c in checks if not c.passed]
+    if not checks:
+        raise ConformanceError(f"{what}: nothing was checked")
+    if failures:
+        head = f"{what}: {len(failures)} of {len(checks)} check(s) failed"
+        raise ConformanceError("\n".join([head, *_check_lines(checks)]))
+    return checks
 
 
 def perturb(model: nn.Module, scale: float = 0.05, seed: int = 0) -> nn.Module:
@@ -133,6 +186,241 @@ def _hf_hidden_states(output: Any, stack: str | None, spec: AdapterSpec) -> Any:
     if "decoder_hidden_states" in output and spec.encoder is not None:
         return output["decoder_hidden_states"]
     return output["hidden_states"]
+
+
+BlockRelation = Literal["sequential", "parallel", "post_norms", "residual_in"]
+"""How a block combines its input with its sub-layers (see :func:`check_block_sums`)."""
+
+_RELATIONS: tuple[str, ...] = get_args(BlockRelation)
+
+
+def block_relation(spec: StackSpec) -> BlockRelation | None:
+    """The block relation ``spec``'s own data states, or ``None`` where it states none.
+
+    - ``"residual_in"``: the spec says ``mlp``'s output already includes the residual stream
+      (``residual_in``), so it is the block's output (BLOOM, MPT, BERT);
+    - ``"post_norms"``: the spec names ``post_attn_norm`` and ``post_mlp_norm`` parts, the
+      norms whose outputs the block adds (Gemma-2, OLMo-2, GLM-4).
+
+    A pre-norm block gets ``None``: sequential and parallel blocks have the same spec data,
+    and so do blocks that scale their sub-layers (Granite's ``residual_multiplier``) or
+    normalise after them (DistilBERT). Their tests state the relation to
+    :func:`check_block_sums`.
+
+    Example:
+        >>> block_relation(StackSpec(blocks="h", attn="attn", mlp="mlp", residual_in=("mlp",)))
+        'residual_in'
+        >>> print(block_relation(StackSpec(blocks="h", attn="attn", mlp="mlp")))
+        None
+    """
+    if spec.attn is None or spec.mlp is None:
+        return None
+    if "mlp" in spec.residual_in:
+        return "residual_in"
+    if {"post_attn_norm", "post_mlp_norm"} <= spec.parts.keys():
+        return "post_norms"
+    return None
+
+
+def _resolves(insp: Inspector, locator: str) -> bool:
+    try:
+        insp.module(locator)
+    except (MissingPartError, LocatorError):
+        return False
+    return True
+
+
+def check_block_sums(
+    model: nn.Module,
+    inputs: Mapping[str, Any],
+    *,
+    relation: BlockRelation,
+    adapter: str | AdapterSpec | None = None,
+    stack: str | None = None,
+    blocks: Iterable[int] | None = None,
+    scale: float = 1.0,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+) -> list[Check]:
+    """Prove that ``attn`` and ``mlp`` are the modules whose outputs each block adds.
+
+    ``relation`` says how the block combines them (``x`` its input, ``s`` = ``scale``):
+
+    - ``"sequential"``: output == x + s * (attn + mlp), and ``mlp_norm`` (where the adapter
+      names one) reads x + s * attn: the MLP runs on the stream after attention;
+    - ``"parallel"``: the same sum, but the MLP reads the block's input: ``mlp_norm`` reads x,
+      or, with one shared norm, ``mlp`` reads what ``attn_norm`` returned;
+    - ``"post_norms"``: ``post_attn_norm`` reads attn and ``post_mlp_norm`` reads mlp, output
+      == x + s * (post_attn_norm + post_mlp_norm), and the MLP side (``mlp_norm``, else
+      ``mlp``) reads x + s * post_attn_norm;
+    - ``"residual_in"``: ``mlp``'s output includes the residual stream and is the block's
+      output; where ``attn``'s does not, ``mlp_norm`` reads x + s * attn.
+
+    ``blocks`` (default: all) are indices into ``stack`` (default: the main stack); ``scale``
+    is a multiplier the block applies to each sub-layer (Granite's ``residual_multiplier``).
+    Runs the model once; returns one :class:`Check` per relation and block.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> m = build_tiny(GPT2LMHeadModel, GPT2Config(n_layer=2, n_embd=32, n_head=2,
+        ...                                            vocab_size=64))
+        >>> checks = check_block_sums(m, {"input_ids": torch.tensor([[1, 2, 3]])},
+        ...                           relation="sequential")
+        >>> [(c.name, c.passed) for c in checks[:2]]
+        [('block[0] == input + attn + mlp', True), ('block[0].mlp_norm reads input + attn', True)]
+        >>> [c.passed for c in check_block_sums(m, {"input_ids": torch.tensor([[1, 2, 3]])},
+        ...                                     relation="parallel", blocks=[-1])]
+        [True, False]
+    """
+    if relation not in _RELATIONS:
+        raise ValueError(f"relation must be one of {', '.join(_RELATIONS)}, got {relation!r}")
+    insp = Inspector(model, adapter)
+    label = f"{stack}." if stack else ""
+    n = insp.num_blocks_in(stack)
+    indices = sorted({i % n for i in (range(n) if blocks is None else blocks)})
+    parts = {
+        "sequential": ("attn", "mlp"),
+        "parallel": ("attn", "mlp"),
+        "post_norms": ("attn", "mlp", "post_attn_norm", "post_mlp_norm"),
+        "residual_in": ("attn", "mlp"),
+    }[relation]
+    optional = ("attn_norm", "mlp_norm")
+    first = f"{label}block[{indices[0]}]"
+    present = [p for p in optional if _resolves(insp, f"{first}.{p}")]
+    names = [f"{label}block[{i}]{'.' + p if p else ''}" for i in indices for p in ("", *parts)]
+    names += [f"{label}block[{i}].{p}" for i in indices for p in present]
+    with torch.no_grad(), insp.capture(*names) as cap:
+        model(**inputs)
+    s = "" if scale == 1.0 else f"{scale:g} * "
+    checks: list[Check] = []
+
+    def scaled(terms: str) -> str:
+        return terms if not s else f"{s}({terms})"
+
+    def add(name: str, ours: Any, expected: Any) -> None:
+        checks.append(Check(name, close(ours, expected, atol, rtol), _diff(ours, expected)))
+
+    for i in indices:
+        block = f"{label}block[{i}]"
+        x, out = cap[block].input, cap[block].output
+        attn, mlp = cap[f"{block}.attn"].output, cap[f"{block}.mlp"].output
+        if relation in ("sequential", "parallel"):
+            add(f"{block} == input + {scaled('attn + mlp')}", out, x + scale * (attn + mlp))
+        if relation == "sequential" and "mlp_norm" in present:
+            add(
+                f"{block}.mlp_norm reads input + {s}attn",
+                cap[f"{block}.mlp_norm"].input,
+                x + scale * attn,
+            )
+        if relation == "parallel":
+            if "mlp_norm" in present:
+                add(f"{block}.mlp_norm reads input", cap[f"{block}.mlp_norm"].input, x)
+            elif "attn_norm" in present:
+                add(
+                    f"{block}.mlp reads attn_norm",
+                    cap[f"{block}.mlp"].input,
+                    cap[f"{block}.attn_norm"].output,
+                )
+        if relation == "post_norms":
+            post_attn = cap[f"{block}.post_attn_norm"]
+            post_mlp = cap[f"{block}.post_mlp_norm"]
+            add(f"{block}.post_attn_norm reads attn", post_attn.input, attn)
+            add(f"{block}.post_mlp_norm reads mlp", post_mlp.input, mlp)
+            add(
+                f"{block} == input + {scaled('post_attn_norm + post_mlp_norm')}",
+                out,
+                x + scale * (post_attn.output + post_mlp.output),
+            )
+            reader = f"{block}.mlp_norm" if "mlp_norm" in present else f"{block}.mlp"
+            add(
+                f"{reader} reads input + {s}post_attn_norm",
+                cap[reader].input,
+                x + scale * post_attn.output,
+            )
+        if relation == "residual_in":
+            add(f"{block} == mlp", out, mlp)
+            spec = insp.adapter.stack(stack)
+            if "attn" not in spec.residual_in and "mlp_norm" in present:
+                add(
+                    f"{block}.mlp_norm reads input + {s}attn",
+                    cap[f"{block}.mlp_norm"].input,
+                    x + scale * attn,
+                )
+    return checks
+
+
+def _describe_step(step: LogitOp | str) -> str:
+    if isinstance(step, str):
+        return f"module {step}"
+    source = step.config_attr or step.tensor or step.value
+    return f"{step.kind} by {source}" + (f" ** {step.power:g}" if step.power != 1.0 else "")
+
+
+def check_logit_ops(
+    model: nn.Module,
+    inputs: Mapping[str, Any],
+    *,
+    adapter: str | AdapterSpec | None = None,
+    min_effect: float = 1e-2,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+) -> list[Check]:
+    """Prove that each step the adapter adds around the head is needed for the model's logits.
+
+    The steps are ``pre_head`` ops, ``head_modules`` and ``logit_ops``. The logits from the last
+    block must equal the model's, and leaving out any one step must move them by more than
+    ``min_effect`` (a thousand times the default ``atol``). A step that does not apply to this
+    model (its config value is ``None``) fails, as does an adapter with no steps: use a config
+    where every step matters (``logits_scaling=4.0``, not Granite's default 1.0). Not part of
+    :func:`check_conformance`, because defaults often make a step a no-op.
+
+    Example:
+        >>> from transformers import CohereConfig, CohereForCausalLM
+        >>> cfg = CohereConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+        ...                    num_attention_heads=4, vocab_size=64, logit_scale=0.5,
+        ...                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        >>> checks = check_logit_ops(build_tiny(CohereForCausalLM, cfg),
+        ...                          {"input_ids": torch.tensor([[3, 4, 5]])})
+        >>> [(c.name, c.passed) for c in checks]  # doctest: +NORMALIZE_WHITESPACE
+        [('logits(block[-1].output) == model logits', True),
+         ('logits without logit_ops[0] (scale by logit_scale) differ', True)]
+    """
+    insp = Inspector(model, adapter)
+    spec = insp.adapter
+    with torch.no_grad(), insp.capture("block[-1]") as cap:
+        reference = model(**inputs)
+    if "logits" not in reference:
+        return [Check("model logits", False, float("inf"), "the model returns no logits")]
+    theirs, last = reference["logits"], cap["block[-1]"].output
+    with torch.no_grad():
+        ours = insp.logits(last)
+    checks = [
+        Check(
+            "logits(block[-1].output) == model logits",
+            close(ours, theirs, atol * 10, rtol * 10),
+            _diff(ours, theirs),
+        )
+    ]
+    steps: list[tuple[str, int, LogitOp | str]] = [
+        (name, i, step)
+        for name in ("pre_head", "head_modules", "logit_ops")
+        for i, step in enumerate(getattr(spec, name))
+    ]
+    if not steps:
+        detail = f"adapter {spec.name!r} declares no pre_head, head_modules or logit_ops"
+        return [*checks, Check("logit steps declared", False, float("inf"), detail)]
+    for name, i, step in steps:
+        title = f"logits without {name}[{i}] ({_describe_step(step)}) differ"
+        if isinstance(step, LogitOp) and step.value_for(model) is None:
+            detail = "it does not apply to this model (its config value or tensor is missing)"
+            checks.append(Check(title, False, 0.0, detail))
+            continue
+        kept = tuple(other for j, other in enumerate(getattr(spec, name)) if j != i)
+        with torch.no_grad():
+            without = Inspector(model, spec.derive(**{name: kept})).logits(last)
+        effect = _diff(without, theirs)
+        checks.append(Check(title, effect > min_effect, effect, f"needs more than {min_effect:g}"))
+    return checks
 
 
 def check_conformance(
@@ -226,6 +514,19 @@ def check_conformance(
                     f"not recorded: {', '.join(missing)}" if missing else f"{len(locs)} locators",
                 )
             )
+            relation = block_relation(spec)
+            if relation is not None:
+                report.checks.extend(
+                    check_block_sums(
+                        model,
+                        inputs,
+                        relation=relation,
+                        adapter=insp.adapter,
+                        stack=stack,
+                        atol=atol,
+                        rtol=rtol,
+                    )
+                )
     return report
 
 

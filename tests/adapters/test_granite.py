@@ -6,15 +6,10 @@ from typing import Any
 
 import pytest
 import torch
-from decoder_checks import (
-    assert_block_sums,
-    assert_case_conformant,
-    assert_logit_ops_matter,
-    build_case,
-    tiny_inputs,
-)
+from decoder_checks import assert_case_conformant, build_case, tiny_inputs
 
 from introspect import Inspector
+from introspect.testing import assert_checks, check_block_sums, check_logit_ops
 
 # Granite's defaults are all 1.0, which would hide every multiplier: use values that matter.
 MULTIPLIERS = {
@@ -40,7 +35,8 @@ def build(model_type: str, head: bool = True) -> tuple[torch.nn.Module, Any]:
 
 
 @pytest.mark.parametrize("model_type", sorted(CASES))
-def test_conformant_with_and_without_head(model_type: str) -> None:
+def test_multipliers_conformant(model_type: str) -> None:
+    # The generic tiny configs keep Granite's defaults of 1.0, which hide every multiplier.
     assert_case_conformant(CASES[model_type], model_type)
 
 
@@ -64,7 +60,8 @@ def test_hidden_state_zero_is_not_the_embedding_output(model_type: str, head: bo
 @pytest.mark.parametrize("model_type", sorted(CASES))
 def test_logits_are_divided_by_logits_scaling(model_type: str) -> None:
     model, cfg = build(model_type)
-    insp = assert_logit_ops_matter(model, tiny_inputs(cfg))
+    assert_checks(check_logit_ops(model, tiny_inputs(cfg)))
+    insp = Inspector(model)
     with torch.no_grad(), insp.capture("block[-1]") as cap:
         logits = model(**tiny_inputs(cfg)).logits
         unscaled = model.lm_head(insp.finish(cap["block[-1]"].output))
@@ -74,7 +71,8 @@ def test_logits_are_divided_by_logits_scaling(model_type: str) -> None:
 @pytest.mark.parametrize("model_type", sorted(CASES))
 def test_sub_layers_are_scaled_by_residual_multiplier(model_type: str) -> None:
     model, cfg = build(model_type)
-    assert_block_sums(model, tiny_inputs(cfg), 1, ("attn", "mlp"), scale=0.5)
+    checks = check_block_sums(model, tiny_inputs(cfg), relation="sequential", scale=0.5)
+    assert_checks(checks)
 
 
 def test_granitemoe_mlp_is_block_sparse_moe() -> None:

@@ -37,7 +37,9 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+# pre_ln is the generic tiny config (word_embed_proj_dim shrinks with hidden_size), proven by
+# tests/test_conformance_all.py.
+@pytest.mark.parametrize("variant", sorted(set(VARIANTS) - {"pre_ln"}))
 def test_conformant(variant: str) -> None:
     assert_classes_conformant(
         VARIANTS[variant],
@@ -98,8 +100,6 @@ def test_mlp_is_inline() -> None:
     assert insp.path("block[0].fc2") == "model.decoder.layers.0.fc2"
 
 
-def test_base_model_has_no_head() -> None:
+def test_base_model_paths() -> None:
     insp = Inspector(build_tiny(transformers.OPTModel, VARIANTS["projected"]))
     assert insp.path("project_out") == "decoder.project_out"
-    with pytest.raises(MissingPartError, match="no lm_head"):
-        insp.logits(torch.zeros(1, 3, HIDDEN))
