@@ -216,13 +216,12 @@ def check_not_compiled(
         ...     print(str(exc).split(":")[0])
         Linear was compiled with model.compile()
     """
-    if (
-        getattr(module, "_orig_mod", None) is not None
-        and type(module).__name__ == "OptimizedModule"
-    ):
+    # Plain dictionary look-ups: a capture per forward checks this every time, and nn.Module's
+    # __getattr__ raises (slowly) for a missing name.
+    if type(module).__name__ == "OptimizedModule" and "_orig_mod" in module._modules:
         how = "torch.compile(model)"
         fix = "pass the uncompiled model (compiled._orig_mod) and call that one"
-    elif getattr(module, "_compiled_call_impl", None) is not None:
+    elif module.__dict__.get("_compiled_call_impl") is not None:
         how = "model.compile()"
         fix = "use a copy of the model that was never compiled"
     else:
@@ -333,7 +332,10 @@ def _fingerprint(cache: Any) -> torch.Tensor | None:
     # reordered or replaced (beam search), since nothing else touches the cache between two
     # calls. Summing the values' bit patterns as integers is exact and independent of the
     # memory layout (a float sum of a reordered copy can differ in its last bit).
-    state = _cache_state(cache)
+    return _checksum(_cache_state(cache))
+
+
+def _checksum(state: torch.Tensor | None) -> torch.Tensor | None:
     as_int = _SAME_SIZE_INT.get(state.element_size()) if state is not None else None
     if state is None or as_int is None:
         return None
@@ -384,6 +386,7 @@ class _RootCall:
     """
 
     __slots__ = (
+        "_after_state",
         "_cache",
         "after",
         "batch",
@@ -411,6 +414,9 @@ class _RootCall:
         self.cache_type = type(cache).__name__
         self.before = _fingerprint(cache) if cache is not None else None
         self.after: torch.Tensor | None = None
+        # The cache state at the end of the call and its version counter, held only until the
+        # next call begins (see Capture._root_done); the checksum is taken then, if at all.
+        self._after_state: tuple[torch.Tensor, int] | None = None
         # Weakly: a record must not keep a whole KV cache alive.
         self._cache: weakref.ref[Any] | None = None
         if cache is not None:
@@ -1033,6 +1039,11 @@ class Capture:
         shape = tokens.shape if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 else None
         offset = cache_offset(cache, _argument(index, args, kwargs, "cache_position"))
         previous = self._call
+        if previous is not None and previous._after_state is not None:
+            state, version = previous._after_state
+            previous._after_state = None
+            if state._version == version:  # untouched since that call ended
+                previous.after = _checksum(state)
         self._root_calls += 1
         self._call = call = _RootCall(
             self._root_calls,
@@ -1053,7 +1064,11 @@ class Capture:
     def _root_done(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> None:
-        # What the cache holds after this call, before anything (a beam reorder) can touch it.
+        # What the cache holds after this call, before anything (a beam reorder) can touch it:
+        # the state tensor and its version counter, no computation. The checksum is taken when
+        # a next call begins, and only if the tensor was not changed in place meanwhile;
+        # otherwise the step's history is unknown, and a batch of several rows is not joined.
+        # A capture of a plain forward so pays nothing for it.
         call = self._call
         if call is None:
             return
@@ -1064,8 +1079,8 @@ class Capture:
                 break
         if cache is None and isinstance(output, Mapping):
             cache = next((output[n] for n in CACHE_ARGS if output.get(n) is not None), None)
-        if cache is not None:
-            call.after = _fingerprint(cache)
+        state = _cache_state(cache) if cache is not None else None
+        call._after_state = (state, state._version) if state is not None else None
 
     def _count_model_call(self, *_: Any) -> None:
         self._model_calls += 1
@@ -1152,6 +1167,8 @@ class Capture:
         return scoped
 
     def _remove(self) -> None:
+        if self._call is not None:
+            self._call._after_state = None  # no next call: the last state is not needed
         self._depths.clear()
         for handle in self._handles:
             handle.remove()

@@ -113,6 +113,26 @@ def test_concat_joins_a_forward_continued_by_hand_through_its_cache(lm: nn.Modul
     assert torch.allclose(cap.concat("block[1]"), full, atol=ATOL)
 
 
+@pytest.mark.parametrize("how", ["replaced", "in place"])
+def test_concat_refuses_a_cache_reordered_between_two_forwards(lm: nn.Module, how: str) -> None:
+    """Beam search moves rows of the cache between steps; so may a hand-written loop."""
+    insp = Inspector(lm)
+    kwarg = _cache_kwarg(lm)
+    with torch.no_grad(), insp.capture("block[1]") as cap:
+        first = lm(PROMPT[:, :4], use_cache=True)
+        cache = first.get("cache", first.get("past_key_values"))
+        if how == "replaced":
+            cache.reorder_cache(torch.tensor([1, 0]))
+        else:
+            layer = cache.layers[0] if hasattr(cache, "layers") else None
+            keys = layer.keys if layer is not None else cache.key_cache[0]
+            keys.copy_(keys.flip(0))
+        lm(PROMPT[:, 4:], **{kwarg: cache}, use_cache=True)
+    with pytest.raises(CaptureError, match="cannot join the steps"):
+        cap.concat("block[1]")
+    assert len(cap.steps("block[1]")) == 2
+
+
 # -- a mask passed positionally ----------------------------------------------------------------
 
 RIGHT_PADDED = torch.tensor([[5, 17, 42, 9], [8, 1, 0, 0]])
