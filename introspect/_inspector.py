@@ -30,6 +30,7 @@ from introspect._interventions import (
     patching_sweep,
 )
 from introspect._layout import hidden_layout
+from introspect._lens import logit_lens
 from introspect._locators import Locator
 from introspect._paths import base_model, get_path
 from introspect._plugins import AUTHORING_HINT, IntrospectPluginManager, resolve_adapter
@@ -726,7 +727,6 @@ class Inspector:
             >>> lens.rows, lens.top_ids.shape, lens.max_diff < 1e-4
             (['block[0]', 'block[1]'], torch.Size([2, 3, 3]), True)
         """
-        from introspect._lens import logit_lens
 
         return logit_lens(
             self,

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from introspect._errors import CaptureError, LocatorError, MissingDependencyError
+from introspect._export import write_atomically
 from introspect._locators import Locator
 from introspect._text import encode_prompt, token_strings
 
@@ -542,7 +543,6 @@ class LensResult:
 
 
 def _save_atomically(fig: Any, path: Path, dpi: int) -> None:
-    from introspect._export import write_atomically
 
     suffix = path.suffix.lstrip(".") or "png"
     write_atomically(

@@ -186,7 +186,11 @@ def test_the_readme_says_which_torch_make_install_gets() -> None:
 def test_make_install_leaves_the_test_plugins_to_make_dev() -> None:
     def planned(*argv: str) -> str:
         done = subprocess.run(
-            ["make", "-n", *argv], capture_output=True, text=True, cwd=ROOT, check=True
+            ["make", "--no-print-directory", "-n", *argv],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            check=True,
         )
         return done.stdout
 
