@@ -321,12 +321,11 @@ def capture_to_file(
     Example:
         >>> import tempfile, os
         >>> from introspect import Inspector
-        >>> from introspect._text import encode_prompt
         >>> from introspect.zoo import load_model
         >>> model, tok = load_model("toy-gpt2", progress=False)
         >>> out = os.path.join(tempfile.mkdtemp(), "run.safetensors")
-        >>> side = capture_to_file(Inspector(model), encode_prompt(tok, "Hi there", model),
-        ...                        ["embed", "block[-1]"], out, tokenizer=tok)
+        >>> inputs = {"input_ids": torch.tensor([[17, 42]])}  # token ids: any tokenizer
+        >>> side = capture_to_file(Inspector(model), inputs, ["embed", "block[-1]"], out)
         >>> side["tensors"]["block[3]"]["shape"]
         [1, 2, 64]
     """
