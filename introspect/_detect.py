@@ -483,7 +483,7 @@ def _op_candidates(
     out: list[tuple[LogitOp, ...]] = [()]
     singles = [(op,) for ops in registered for op in ops]
     renamed = [
-        (op.model_copy(update={"config_attr": attr}),)
+        (op.derive(config_attr=attr),)
         for (op,) in singles
         for attr in _same_step_attrs(op, config)
     ]
@@ -522,7 +522,7 @@ def _find_head(
                 if logit_ops:
                     fields["logit_ops"] = logit_ops
                 try:
-                    insp = Inspector(model, adapter=draft.model_copy(update=fields))
+                    insp = Inspector(model, adapter=draft.derive(**fields))
                     ours = insp.logits(raw_last)
                 except Exception:  # a candidate that cannot even run is not the head
                     continue
@@ -672,7 +672,7 @@ def detect_adapter(
                         f"{head['head_modules'][0]} only before its head (logits() does too)"
                     ),
                 }
-            draft = draft.model_copy(update=head)
+            draft = draft.derive(**head)
         try:
             draft = _drop_unrecorded(model, probe_inputs, draft)
         except IntrospectError as exc:
@@ -700,12 +700,12 @@ def _drop_unrecorded(model: nn.Module, inputs: Mapping[str, Any], spec: AdapterS
         if stack is spec:
             update.update(changes)
         else:
-            update["encoder"] = stack.model_copy(update=changes)
+            update["encoder"] = stack.derive(**changes)
     if not update:
         return spec
-    spec = spec.model_copy(update=update)
+    spec = spec.derive(**update)
     if not _has_sub_modules(spec.model_dump()):
-        spec = spec.model_copy(update={"notes": ()})
+        spec = spec.derive(notes=())
     return spec
 
 
