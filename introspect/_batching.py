@@ -352,6 +352,63 @@ def position_index(
     return out
 
 
+def later_call_index(
+    positions: Any,
+    batch: int,
+    seq: int,
+    offset: int | None,
+    device: torch.device | None = None,
+) -> list[int] | torch.Tensor:
+    """Positions of a later call of one sequence (``offset`` tokens before it, in its KV cache).
+
+    Non-negative positions count in the whole sequence, as edits count them: a call holds those
+    in ``offset .. offset + seq`` (an empty list when it holds none, e.g. a prompt position at a
+    later generation step); negative ones count from the newest token. A per-example tensor
+    must place every example's positions in the same call. ``offset=None`` (a cache whose
+    length cannot be read) allows only negative positions.
+
+    Example:
+        >>> later_call_index([0, 5, -1], batch=1, seq=1, offset=5)
+        [0]
+        >>> later_call_index([0], batch=1, seq=1, offset=5)
+        []
+    """
+    positions = check_positions(positions)
+    if offset is None:
+        if isinstance(positions, list) and all(p < 0 for p in positions):
+            return position_index(positions, batch, seq, None, device) or []
+        raise CaptureError(
+            f"this call holds {seq} token(s) after a KV cache whose length cannot be read, so "
+            f"positions={positions} cannot be placed: use negative positions or 'last'"
+        )
+    total = offset + seq
+    if isinstance(positions, slice):
+        return [a - offset for a in range(total)[positions] if a >= offset]
+    if isinstance(positions, torch.Tensor):
+        rows = _per_row(positions, batch, total) - offset
+        inside = rows >= 0
+        if bool(inside.all()):
+            return rows.to(device) if device is not None else rows
+        if not bool(inside.any()):
+            return []
+        raise CaptureError(
+            f"per-example positions {positions.tolist()} fall in different calls for different "
+            f"examples (this call holds positions {offset}..{total - 1}): capture without "
+            "positions and index the joined steps instead"
+        )
+    assert isinstance(positions, list)
+    local = []
+    for p in positions:
+        if p >= total:
+            continue  # a later token's: recorded when the call that holds it runs
+        if p < -total:
+            raise CaptureError(f"position {p} is out of range for a sequence of {total} tokens")
+        absolute = p % total
+        if absolute >= offset:
+            local.append(absolute - offset)
+    return local
+
+
 def gather_positions(value: torch.Tensor, index: list[int] | torch.Tensor) -> torch.Tensor:
     """``value[:, index]`` for shared indices, or each example's own rows for a tensor index.
 

@@ -22,6 +22,7 @@ from torch import nn
 from introspect._batching import (
     call_positions,
     gather_positions,
+    later_call_index,
     position_index,
     real_token_positions,
 )
@@ -536,12 +537,25 @@ class Transform:
             or (self.positions is not None)
         )
 
-    def __call__(self, value: Any, attention_mask: torch.Tensor | None = None) -> Any:
+    def __call__(
+        self,
+        value: Any,
+        attention_mask: torch.Tensor | None = None,
+        offset: int | None = 0,
+        cached: bool = False,
+    ) -> Any:
+        """``value`` transformed. ``offset`` is the number of tokens before this call and
+        ``cached`` whether it runs with a KV cache: then non-negative positions count in the
+        whole sequence, as edits count them (a position beyond this call is a later step's)."""
         if not isinstance(value, torch.Tensor):
             return value
         if self.positions is not None and value.dim() >= 2:
             batch, seq = value.shape[0], value.shape[1]
-            index = position_index(self.positions, batch, seq, attention_mask, value.device)
+            index: list[int] | torch.Tensor | None
+            if (cached or offset != 0) and not isinstance(self.positions, str):
+                index = later_call_index(self.positions, batch, seq, offset, value.device)
+            else:
+                index = position_index(self.positions, batch, seq, attention_mask, value.device)
             if index is not None:
                 value = gather_positions(value, index)
         if self.detach:
@@ -657,10 +671,20 @@ class Record:
         active = transform is not None and transform.active
         if active:
             assert transform is not None
-            new_inp = transform(inp, attention_mask)
-            new_out = transform(out, attention_mask)
-            inp_before = new_inp if inp_before is inp else transform(inp_before, attention_mask)
-            out_before = new_out if out_before is out else transform(out_before, attention_mask)
+            offset: int | None = 0
+            cached = call is not None and call.has_cache
+            if transform.positions is not None and call is not None:
+                offset = call.start()  # reads cache_position only when positions need it
+            new_inp = transform(inp, attention_mask, offset, cached)
+            new_out = transform(out, attention_mask, offset, cached)
+            if inp_before is not inp:
+                inp_before = transform(inp_before, attention_mask, offset, cached)
+            else:
+                inp_before = new_inp
+            if out_before is not out:
+                out_before = transform(out_before, attention_mask, offset, cached)
+            else:
+                out_before = new_out
             inp, out = new_inp, new_out
         self._input, self._output = inp, out
         self._input_before, self._output_before = inp_before, out_before

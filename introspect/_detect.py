@@ -483,9 +483,7 @@ def _op_candidates(
     out: list[tuple[LogitOp, ...]] = [()]
     singles = [(op,) for ops in registered for op in ops]
     renamed = [
-        (op.derive(config_attr=attr),)
-        for (op,) in singles
-        for attr in _same_step_attrs(op, config)
+        (op.derive(config_attr=attr),) for (op,) in singles for attr in _same_step_attrs(op, config)
     ]
     for ops in [*singles, *registered, *renamed]:
         if ops not in out and all(_op_applies(model, op) for op in ops):

@@ -44,6 +44,7 @@ them. Everything is removed on every exit path, including an exception raised by
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -614,7 +615,14 @@ class _EditedForward:
                 )
             return x + vector
         assert op.fn is not None
+        version = x._version
         new = op.fn(x, make_record())
+        if x._version != version:
+            raise InterventionError(
+                f"{edit.name}: fn(value, record) changed the value in place (e.g. x.mul_(0)), which "
+                "also changes what the model and the records already hold: return a new tensor "
+                "(x * 0) instead"
+            )
         if not isinstance(new, torch.Tensor) or new.shape != x.shape:
             got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
             raise InterventionError(
@@ -786,8 +794,10 @@ class Intervention:
     def __add__(self, other: Intervention) -> Intervention:
         if not isinstance(other, Intervention):
             return NotImplemented
+        # Fresh Edit objects: an edit's per-call state is keyed by its identity, so sharing one
+        # with an intervention that is active would tie the two together.
         return Intervention(
-            [*self.edits, *other.edits],
+            [dataclasses.replace(edit) for edit in (*self.edits, *other.edits)],
             root=self.root if self.root is not None else other.root,
             model=self.model if self.model is not None else other.model,
         )

@@ -284,3 +284,28 @@ def test_capture_repr_says_targets_state_records_and_stop() -> None:
     assert repr(steps) == (
         "Capture(targets=['block[0]'], inactive, recorded=['block[0]' (3 steps)], stop=False)"
     )
+
+
+# -- capture positions during generate count in the whole sequence, as edits do ----------------
+
+
+@pytest.mark.parametrize("positions", [[0], [1, 6], slice(0, 2), [-1], "last"])
+def test_capture_positions_during_generate_are_those_of_the_whole_sequence(
+    family: str, positions: Any
+) -> None:
+    config_fn, lm_cls, _ = FAMILIES[family]
+    model = build_tiny(lm_cls, config_fn())
+    insp = Inspector(model)
+    ids = torch.tensor([[5, 17, 42, 9, 77]])
+    with torch.no_grad(), insp.capture("block[0]", positions=positions) as cap:
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), insp.capture("block[0]") as full:
+        model(out[:, :-1])
+    whole = full["block[0]"].output  # every position the generation fed back
+    if positions in ("last", [-1]):
+        want = whole[:, [4, 5, 6]]  # the newest token of each call
+    elif isinstance(positions, slice):
+        want = whole[:, positions]
+    else:
+        want = whole[:, [p for p in positions if p < whole.shape[1]]]
+    assert torch.allclose(cap.concat("block[0]"), want, atol=ATOL)

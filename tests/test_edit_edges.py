@@ -568,3 +568,34 @@ def test_lm_head_edits_refuse_positions_counted_from_the_start() -> None:
         with insp.scale("lm_head", 0.0, positions=[-1]):
             edited = model(ids).logits
     assert torch.equal(edited[:, :-1], plain[:, :-1]) and edited[:, -1].abs().max() == 0
+
+
+def test_an_active_intervention_inside_a_sum_keeps_its_own_scoping() -> None:
+    """`a + b` builds fresh edits: leaving it must not strip `a`'s positions or thread."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(2)).eval()
+    insp = Inspector(model)
+    ids = torch.tensor([[5, 17, 42, 0, 0], [8, 1, 99, 23, 4]])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    vector = torch.full((64,), 2.0)
+    a = insp.steer("block[0]", vector, positions="last")
+    with torch.no_grad(), a:
+        with insp.capture("block[0]") as before:
+            model(input_ids=ids, attention_mask=mask)
+        with a + insp.scale("block[1]", 1.0):
+            pass
+        with insp.capture("block[0]") as after:
+            model(input_ids=ids, attention_mask=mask)
+    assert torch.equal(before["block[0]"].output, after["block[0]"].output)
+
+
+def test_an_edit_fn_that_changes_the_value_in_place_is_refused() -> None:
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(gpt2_config(2)).eval()
+    insp = Inspector(model)
+    with (
+        pytest.raises(InterventionError, match="changed the value in place"),
+        torch.no_grad(),
+        insp.edit("block[0]", lambda x, rec: x.mul_(0)),
+    ):
+        model(torch.tensor([[1, 2, 3]]))
