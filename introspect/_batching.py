@@ -368,7 +368,7 @@ def later_call_index(
     length cannot be read) allows only negative positions.
 
     Example:
-        >>> later_call_index([0, 5, -1], batch=1, seq=1, offset=5)
+        >>> later_call_index([0, 5], batch=1, seq=1, offset=5)
         [0]
         >>> later_call_index([0], batch=1, seq=1, offset=5)
         []
@@ -404,7 +404,8 @@ def later_call_index(
         if p < -total:
             raise CaptureError(f"position {p} is out of range for a sequence of {total} tokens")
         absolute = p % total
-        if absolute >= offset:
+        if absolute >= offset and absolute - offset not in local:
+            # [5, -1] at the step holding position 5 name one token: record it once.
             local.append(absolute - offset)
     return local
 

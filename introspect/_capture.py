@@ -935,6 +935,93 @@ class StopForward(Exception):
 KeyFn = Callable[[str], str]
 
 
+def _begin_call(
+    index: dict[str, int],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    previous: _RootCall | None,
+    number: int,
+) -> tuple[torch.Tensor | None, _RootCall]:
+    """The attention mask of a call (of the model, or of one stack) and what it says about its
+    positions; settles the previous call's cache checksum first (see :func:`_end_call`)."""
+    mask = _argument(index, args, kwargs, "attention_mask")
+    mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    cache = None
+    for name in CACHE_ARGS:
+        cache = _argument(index, args, kwargs, name)
+        if cache is not None:
+            break
+    # The positions a cache counts are the decoder's on an encoder-decoder model.
+    tokens = None
+    for name in _TOKEN_ARGS:
+        tokens = _argument(index, args, kwargs, name)
+        if isinstance(tokens, torch.Tensor):
+            break
+    shape = tokens.shape if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 else None
+    offset = cache_offset(cache, _argument(index, args, kwargs, "cache_position"))
+    if previous is not None and previous._after_state is not None:
+        state, version = previous._after_state
+        previous._after_state = None
+        if state._version == version:  # untouched since that call ended
+            previous.after = _checksum(state)
+    call = _RootCall(
+        number,
+        offset,
+        shape[1] if shape is not None else None,
+        shape[0] if shape is not None else None,
+        cache,
+    )
+    if offset is None and cache is not None:
+        # A cache that counts no positions (a state-space model's): an empty one starts
+        # at 0, the very cache object of the previous call continues where it ended.
+        if call.before is None:
+            call.offset = 0
+        elif previous is not None and previous.holds(cache) and previous.seq is not None:
+            start = previous.start()
+            call.offset = start + previous.seq if start is not None else None
+    return mask, call
+
+
+def _end_call(
+    call: _RootCall | None,
+    index: dict[str, int],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    output: Any,
+) -> None:
+    """Keep what the cache holds after ``call``, before anything (a beam reorder) touches it.
+
+    The state tensor and its version counter, no computation: the checksum is taken when a
+    next call begins, and only if the tensor was not changed in place meanwhile; otherwise the
+    step's history is unknown, and a batch of several rows is not joined. A capture of a plain
+    forward so pays nothing for it.
+    """
+    if call is None:
+        return
+    cache = None
+    for name in CACHE_ARGS:
+        cache = _argument(index, args, kwargs, name)
+        if cache is not None:
+            break
+    if cache is None and isinstance(output, Mapping):
+        cache = next((output[n] for n in CACHE_ARGS if output.get(n) is not None), None)
+    state = _cache_state(cache) if cache is not None else None
+    call._after_state = (state, state._version) if state is not None else None
+
+
+class _StackCall:
+    """The current call of one stack's root (an encoder or a decoder), for modules inside it."""
+
+    __slots__ = ("call", "depth", "index", "mask", "number")
+
+    def __init__(self, module: nn.Module) -> None:
+        self.depth = 0
+        self.index = _param_index(module)
+        self.mask: torch.Tensor | None = None
+        self.call: _RootCall | None = None
+        self.number = 0
+
+
 class Capture:
     """A context manager that records ``Target``s while a forward (or ``generate``) runs.
 
@@ -976,7 +1063,7 @@ class Capture:
         self.keep_raw = keep_raw
         self._key_fn = key_fn
         self._handles: list[RemovableHandle] = []
-        self._depths: dict[int, list[int]] = {}
+        self._stacks: dict[int, _StackCall] = {}
         self._active = False
         self._thread = 0
         self._call: _RootCall | None = None
@@ -996,8 +1083,14 @@ class Capture:
         keep_raw = self.keep_raw
         copy_output = target.copy_output
 
+        # Inside a stack (encoder, decoder) its own call says which tokens are real and where
+        # the positions start; elsewhere the model's call does.
+        stacks = self._stacks
+        within = id(target.within) if target.within is not None else None
+
         def keep(args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, ran: bool) -> None:
             # An active edit wraps the module's forward; only then is there a note to read.
+            stack = stacks.get(within) if within is not None else None
             note = None
             if "forward" in module_dict:
                 notes = getattr(module_dict["forward"], "edit_notes", None)
@@ -1012,10 +1105,10 @@ class Capture:
                 output_index=output_index,
                 transform=transform,
                 ran=ran,
-                attention_mask=self.attention_mask,
+                attention_mask=self.attention_mask if stack is None else stack.mask,
                 note=note if isinstance(note, EditNote) else None,
                 keep_raw=keep_raw,
-                call=self._call,
+                call=self._call if stack is None else stack.call,
             )
             first = records.get(key)
             if first is None:
@@ -1046,44 +1139,10 @@ class Capture:
         if stale:
             # A module replaced while the capture is open would silently record nothing.
             raise CaptureError(model_changed_message(stale, "capture"))
-        index = self._root_index
-        mask = _argument(index, args, kwargs, "attention_mask")
-        self.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        cache = None
-        for name in CACHE_ARGS:
-            cache = _argument(index, args, kwargs, name)
-            if cache is not None:
-                break
-        # The positions a cache counts are the decoder's on an encoder-decoder model.
-        tokens = None
-        for name in _TOKEN_ARGS:
-            tokens = _argument(index, args, kwargs, name)
-            if isinstance(tokens, torch.Tensor):
-                break
-        shape = tokens.shape if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 else None
-        offset = cache_offset(cache, _argument(index, args, kwargs, "cache_position"))
-        previous = self._call
-        if previous is not None and previous._after_state is not None:
-            state, version = previous._after_state
-            previous._after_state = None
-            if state._version == version:  # untouched since that call ended
-                previous.after = _checksum(state)
         self._root_calls += 1
-        self._call = call = _RootCall(
-            self._root_calls,
-            offset,
-            shape[1] if shape is not None else None,
-            shape[0] if shape is not None else None,
-            cache,
+        self.attention_mask, self._call = _begin_call(
+            self._root_index, args, kwargs, self._call, self._root_calls
         )
-        if offset is None and cache is not None:
-            # A cache that counts no positions (a state-space model's): an empty one starts
-            # at 0, the very cache object of the previous call continues where it ended.
-            if call.before is None:
-                call.offset = 0
-            elif previous is not None and previous.holds(cache) and previous.seq is not None:
-                start = previous.start()
-                call.offset = start + previous.seq if start is not None else None
 
     def _root_done(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -1093,18 +1152,7 @@ class Capture:
         # a next call begins, and only if the tensor was not changed in place meanwhile;
         # otherwise the step's history is unknown, and a batch of several rows is not joined.
         # A capture of a plain forward so pays nothing for it.
-        call = self._call
-        if call is None:
-            return
-        cache = None
-        for name in CACHE_ARGS:
-            cache = _argument(self._root_index, args, kwargs, name)
-            if cache is not None:
-                break
-        if cache is None and isinstance(output, Mapping):
-            cache = next((output[n] for n in CACHE_ARGS if output.get(n) is not None), None)
-        state = _cache_state(cache) if cache is not None else None
-        call._after_state = (state, state._version) if state is not None else None
+        _end_call(self._call, self._root_index, args, kwargs, output)
 
     def _count_model_call(self, *_: Any) -> None:
         self._model_calls += 1
@@ -1163,17 +1211,26 @@ class Capture:
         within = target.within
         if within is None:
             return hook
-        depth = self._depths.get(id(within))
-        if depth is None:
-            depth = self._depths[id(within)] = [0]
+        stack = self._stacks.get(id(within))
+        if stack is None:
+            stack = self._stacks[id(within)] = _StackCall(within)
 
             def enter(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                depth[0] += 1
+                # A stack's own mask and cache: the decoder's, not the encoder's mask that the
+                # model received, and the encoder's even when generate calls it directly.
+                stack.depth += 1
+                if stack.depth == 1:
+                    stack.number += 1
+                    stack.mask, stack.call = _begin_call(
+                        stack.index, args, kwargs, stack.call, stack.number
+                    )
 
             def leave(
                 module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
             ) -> None:
-                depth[0] -= 1
+                stack.depth -= 1
+                if stack.depth == 0:
+                    _end_call(stack.call, stack.index, args, kwargs, output)
 
             owner = self._thread
             self._handles.append(
@@ -1186,14 +1243,17 @@ class Capture:
             )
 
         def scoped(module: nn.Module, *rest: Any) -> Any:
-            return hook(module, *rest) if depth[0] > 0 else None
+            return hook(module, *rest) if stack.depth > 0 else None
 
         return scoped
 
     def _remove(self) -> None:
         if self._call is not None:
             self._call._after_state = None  # no next call: the last state is not needed
-        self._depths.clear()
+        for stack in self._stacks.values():
+            if stack.call is not None:
+                stack.call._after_state = None
+        self._stacks.clear()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

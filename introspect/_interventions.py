@@ -507,6 +507,23 @@ def _patch_value(
     return value.expand(x.shape)
 
 
+def _read_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
+    """What a call of ``module`` (the model, or one stack) says: its mask, cache and start."""
+    # Positional arguments count too: LlamaModel(ids, mask) passes the mask by position.
+    mask = call_attention_mask(module, args, kwargs)
+    mask = mask if mask is not None and mask.dim() == 2 else None
+    cache = None
+    for name in CACHE_ARGS:
+        cache = call_argument(module, args, kwargs, name)
+        if cache is not None:
+            break
+    position = call_argument(module, args, kwargs, "cache_position")
+    call = _Call(mask, cache, position)
+    # Now, before the call runs: the model fills its cache as it goes.
+    call._offset = cache_offset(cache, position)
+    return call
+
+
 _LOCK = RLock()
 """Guards installing and removing wrapped forwards (see :meth:`Intervention.__enter__`)."""
 
@@ -529,6 +546,9 @@ class _EditedForward:
         self.output_edits: list[Edit] = []
         self.calls: dict[int, Callable[[], _Call | None]] = {}
         self.threads: dict[int, int] = {}
+        self.scoped: set[int] = set()
+        """Edits that apply only while their stack runs (no call of it: the module ran in
+        another stack)."""
         """The thread each edit applies in (the one that entered its intervention)."""
         self.edit_notes: dict[int, EditNote] = {}
         """Each thread's note of its latest call (read through :func:`~introspect._capture.edit_note`;
@@ -576,6 +596,8 @@ class _EditedForward:
             if self.threads.get(id(edit), thread) != thread:
                 continue  # another thread's edit: this forward is not its business
             call = self.call(edit)
+            if call is None and id(edit) in self.scoped:
+                continue  # a shared module running in another stack than the edit's
             hits = _locate(edit, batch, seq, call, x.device)
             if hits is False:
                 continue
@@ -716,9 +738,13 @@ class _EditedForward:
         module.forward = state
         return state
 
-    def add(self, edit: Edit, call: Callable[[], _Call | None] | None = None) -> None:
+    def add(
+        self, edit: Edit, call: Callable[[], _Call | None] | None = None, scoped: bool = False
+    ) -> None:
         if call is not None:
             self.calls[id(edit)] = call
+        if scoped:
+            self.scoped.add(id(edit))
         self.threads[id(edit)] = get_ident()
         if edit.side == "input":
             if self.pre_handle is None:
@@ -737,6 +763,7 @@ class _EditedForward:
                     break
         self.calls.pop(id(edit), None)
         self.threads.pop(id(edit), None)
+        self.scoped.discard(id(edit))
         if not self.input_edits:
             for note in self.edit_notes.values():
                 note.input_edits, note.input_before = (), None
@@ -787,6 +814,7 @@ class Intervention:
         """The top-level model, checked for compilation (``model.compile()`` marks only it)."""
         self.attention_mask: torch.Tensor | None = None
         self._call: _Call | None = None
+        self._stacks: dict[int, Callable[[], _Call | None]] = {}
         self._states: list[tuple[_EditedForward, Edit]] = []
         self._handles: list[RemovableHandle] = []
         self._active = False
@@ -807,20 +835,8 @@ class Intervention:
         if stale:
             # An edited module replaced while the edit is active would silently not be edited.
             raise InterventionError(model_changed_message(stale, "intervention"))
-        # Positional arguments count too: LlamaModel(ids, mask) passes the mask by position.
-        mask = call_attention_mask(module, args, kwargs)
-        mask = mask if mask is not None and mask.dim() == 2 else None
-        cache = None
-        for name in CACHE_ARGS:
-            cache = call_argument(module, args, kwargs, name)
-            if cache is not None:
-                break
-        self.attention_mask = mask
-        position = call_argument(module, args, kwargs, "cache_position")
-        call = _Call(mask, cache, position)
-        # Now, before the call runs: the model fills its cache as it goes.
-        call._offset = cache_offset(cache, position)
-        self._call = call
+        self._call = _read_call(module, args, kwargs)
+        self.attention_mask = self._call.attention_mask
 
     def _end_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         # A module called outside a model call is an independent forward, not the last step.
@@ -828,6 +844,44 @@ class Intervention:
 
     def _current_call(self) -> _Call | None:
         return self._call
+
+    def _stack_source(self, within: nn.Module, owner: int) -> Callable[[], _Call | None]:
+        """The current call of a stack (encoder, decoder) for the edits of modules inside it.
+
+        A stack's own call holds its own mask (the decoder's, not the encoder's mask that the
+        model received) and its own cache (none for an encoder, even when the model's call
+        carries the decoder's); outside any call of the stack there is none, so an edit of a
+        module several stacks share (T5's embedding on transformers 4.x) applies only within
+        its own stack.
+        """
+        found = self._stacks.get(id(within))
+        if found is not None:
+            return found
+        current: list[_Call | None] = [None]
+        depth = [0]
+
+        def enter(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            depth[0] += 1
+            if depth[0] == 1:
+                current[0] = _read_call(module, args, kwargs)
+
+        def leave(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            depth[0] -= 1
+            if depth[0] == 0:
+                current[0] = None
+
+        self._handles.append(
+            within.register_forward_pre_hook(only_in_thread(owner, enter), with_kwargs=True)
+        )
+        self._handles.append(
+            within.register_forward_hook(only_in_thread(owner, leave), always_call=True)
+        )
+
+        def source() -> _Call | None:
+            return current[0]
+
+        self._stacks[id(within)] = source
+        return source
 
     def __enter__(self) -> Intervention:
         if self._active:
@@ -860,9 +914,13 @@ class Intervention:
             # module must not both install (or both remove) its wrapped forward.
             with _LOCK:
                 for edit in self.edits:
+                    within = edit.target.within
+                    source = (
+                        self._current_call if within is None else self._stack_source(within, owner)
+                    )
                     state = _EditedForward.attach(edit.target)
                     self._states.append((state, edit))
-                    state.add(edit, self._current_call)
+                    state.add(edit, source, scoped=within is not None)
         except BaseException:
             self._remove()
             raise
@@ -876,6 +934,7 @@ class Intervention:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._stacks.clear()
         self._call = None
         self._active = False
 
