@@ -6,6 +6,7 @@ with hooks, and applies what the model applies after its last block.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -446,6 +447,15 @@ class Inspector:
             raise InterventionError(
                 f"edit() needs a callable fn(value, record) -> value, got {type(fn).__name__}"
             )
+        try:
+            inspect.signature(fn).bind(None, None)
+        except TypeError:
+            raise InterventionError(
+                f"edit() calls fn(value, record) with two arguments, but {fn!r} does not take "
+                "them: write it as def fn(value, record): ... (use record or ignore it)"
+            ) from None
+        except ValueError:
+            pass  # a builtin without a signature: it will tell at the call
         name = getattr(fn, "__name__", type(fn).__name__)
         return self._edits(locator, EditOp("fn", fn=fn), positions, f"edit({name})")
 
@@ -598,6 +608,11 @@ class Inspector:
             >>> all(torch.allclose(a, b) for a, b in zip(ours, theirs))
             True
         """
+        if not args and not inputs:
+            raise CaptureError(
+                "hidden_states() runs the model: pass its inputs, e.g. "
+                "insp.hidden_states(input_ids=ids) or insp.hidden_states(**batch)"
+            )
         layout = self._hidden_layout(stack)
         wanted = list(range(len(layout))) if indices is None else list(indices)
         locs = [self.hidden_state_locator(i, stack) for i in wanted]
@@ -678,6 +693,12 @@ class Inspector:
             >>> torch.allclose(insp.logits(cap["block[-1]"].output), out.logits, atol=1e-5)
             True
         """
+        if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+            what = hidden.dtype if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+            raise CaptureError(
+                f"logits() reads a residual stream of floats [..., hidden], got {what}: pass a "
+                "record's output (token ids go through the model, not through logits())"
+            )
         head = self.module("lm_head")
         chain = [self._head_module(path) for path in self.adapter.head_modules]
         x = hidden if finished else self.finish(hidden)

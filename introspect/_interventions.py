@@ -246,7 +246,8 @@ def mean_activation(activations: Any, side: Side = "output") -> torch.Tensor:
     """The mean vector of a set of activations (every axis but the last is averaged).
 
     ``activations`` is a tensor ``[..., hidden]``, a Record (its ``output`` at every step), or a
-    list of them.
+    list of them. A Record of a padded batch contributes its real tokens only (its attention
+    mask says which).
 
     Example:
         >>> mean_activation(torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])).tolist()
@@ -256,7 +257,20 @@ def mean_activation(activations: Any, side: Side = "output") -> torch.Tensor:
     rows: list[torch.Tensor] = []
     for item in items:
         if isinstance(item, Record):
-            values = [step.input if side == "input" else step.output for step in item.steps]
+            values = []
+            for step in item.steps:
+                value = step.input if side == "input" else step.output
+                mask = step.attention_mask
+                if (
+                    mask is not None
+                    and not step._positions
+                    and isinstance(value, torch.Tensor)
+                    and value.dim() >= 3
+                    and mask.shape[0] == value.shape[0]
+                ):
+                    # Padding is no activation of the model's: leave it out of the mean.
+                    value = torch.cat(step.real_tokens(side))
+                values.append(value)
         else:
             values = [item]
         for value in values:
@@ -585,9 +599,21 @@ class _EditedForward:
     ) -> tuple[Any, tuple[str, ...]]:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
             what = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            why = (
+                "token ids cannot be edited: edit 'embed' or a block input instead"
+                if isinstance(x, torch.Tensor) and not x.is_floating_point()
+                else "e.g. the module was called by hand on a single vector"
+            )
             raise InterventionError(
                 f"{edits[0].name}: the value here is {what}, not a [batch, seq, ...] float tensor "
-                "(token ids cannot be edited: edit 'embed' or a block input instead)"
+                f"({why})"
+            )
+        if x.dim() == 2 and any(e.positions is not None for e in edits):
+            # [batch, hidden] (insp.logits of one position, say) would read as [batch, seq].
+            raise InterventionError(
+                f"{edits[0].name}: the value here is {tuple(x.shape)}, which has no sequence axis, "
+                "so positions cannot be placed in it: pass [batch, seq, hidden] (keep the "
+                "position axis, e.g. h[:, -1:]) or leave the edit without positions"
             )
         batch, seq = x.shape[0], x.shape[1]
         applied: list[str] = []

@@ -599,3 +599,50 @@ def test_an_edit_fn_that_changes_the_value_in_place_is_refused() -> None:
         insp.edit("block[0]", lambda x, rec: x.mul_(0)),
     ):
         model(torch.tensor([[1, 2, 3]]))
+
+
+def test_positions_on_a_value_without_a_sequence_axis_are_refused() -> None:
+    """insp.logits(h[:, -1]) under a positional edit of final_norm: [batch, hidden] has no seq."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(gpt2_config(2)).eval()
+    insp = Inspector(model)
+    with torch.no_grad(), insp.capture("block[-1]") as cap:
+        model(torch.tensor([[1, 2, 3]]))
+    h = cap["block[-1]"].output
+    with insp.steer("final_norm", torch.ones(64), positions=[-1]):
+        with pytest.raises(InterventionError, match="no sequence axis"):
+            insp.logits(h[:, -1])
+        kept = insp.logits(h[:, -1:])
+    with insp.steer("final_norm", torch.ones(64)):
+        everywhere = insp.logits(h)
+    assert torch.allclose(kept[:, 0], everywhere[:, -1], atol=1e-5)
+
+
+def test_mean_ablation_of_a_padded_record_averages_real_tokens_only() -> None:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(2)).eval()
+    insp = Inspector(model)
+    with torch.no_grad(), insp.capture("block[0]") as cap:
+        insp.run_batch([[5, 17, 42, 9], [8, 1]], padding_side="right")
+    rec = cap["block[0]"]
+    real = torch.cat([rec.output[0, :4], rec.output[1, :2]])
+    ablate = insp.ablate("block[0]", mean_over=rec)
+    edit = ablate.edits[0]
+    assert edit.op.tensor is not None
+    assert torch.allclose(edit.op.tensor, real.mean(0), atol=1e-6)
+
+
+def test_an_edit_fn_of_the_wrong_arity_is_refused_when_built() -> None:
+    torch.manual_seed(0)
+    insp = Inspector(GPT2LMHeadModel(gpt2_config(2)).eval())
+    with pytest.raises(InterventionError, match="two arguments"):
+        insp.edit("block[0]", lambda x: x)
+
+
+def test_hidden_states_and_logits_check_their_inputs() -> None:
+    torch.manual_seed(0)
+    insp = Inspector(GPT2LMHeadModel(gpt2_config(2)).eval())
+    with pytest.raises(CaptureError, match="pass its inputs"):
+        insp.hidden_states()
+    with pytest.raises(CaptureError, match="residual stream of floats"):
+        insp.logits(torch.tensor([[1, 2, 3]]))
