@@ -59,6 +59,15 @@ def _to_dtype_of(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
 _config_flag = config_flag  # detection imports it from here
 
 
+def _stream_width(norm: nn.Module | None) -> int | None:
+    """The width a norm normalises (the residual stream's), where it says so."""
+    shape = getattr(norm, "normalized_shape", None)
+    if isinstance(shape, (tuple, list)) and shape:
+        return int(shape[-1])
+    weight = getattr(norm, "weight", None)
+    return int(weight.shape[-1]) if isinstance(weight, torch.Tensor) and weight.dim() == 1 else None
+
+
 def _counts_from_the_start(positions: Any) -> bool:
     """Whether ``positions`` name a position counted from the first token."""
     if positions is None or isinstance(positions, str):
@@ -699,6 +708,14 @@ class Inspector:
                 f"logits() reads a residual stream of floats [..., hidden], got {what}: pass a "
                 "record's output (token ids go through the model, not through logits())"
             )
+        if not finished:
+            width = _stream_width(self._after_module(self.adapter, "final_norm"))
+            if width is not None and hidden.shape[-1] != width:
+                raise CaptureError(
+                    f"logits() reads the residual stream [..., {width}] of "
+                    f"{self.adapter.name}, got a last axis of {hidden.shape[-1]}: pass a block's "
+                    "output (or finished=True for a value after the final norm)"
+                )
         head = self.module("lm_head")
         chain = [self._head_module(path) for path in self.adapter.head_modules]
         x = hidden if finished else self.finish(hidden)

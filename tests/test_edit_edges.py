@@ -646,3 +646,10 @@ def test_hidden_states_and_logits_check_their_inputs() -> None:
         insp.hidden_states()
     with pytest.raises(CaptureError, match="residual stream of floats"):
         insp.logits(torch.tensor([[1, 2, 3]]))
+
+
+def test_logits_of_the_wrong_width_is_a_clear_error() -> None:
+    torch.manual_seed(0)
+    insp = Inspector(LlamaForCausalLM(llama_config(2)).eval())
+    with pytest.raises(CaptureError, match=r"residual stream \[\.\.\., 64\]"):
+        insp.logits(torch.randn(1, 3, 32))
