@@ -43,6 +43,8 @@ __all__ = [
     "cache_offset",
     "call_argument",
     "call_attention_mask",
+    "call_index",
+    "call_state",
     "check_not_compiled",
     "edit_note",
     "hidden_of",
@@ -149,6 +151,19 @@ def _argument(
     return value
 
 
+def call_index(module: nn.Module) -> dict[str, int]:
+    """Where each positional argument of ``module``'s forward lands (read once per function).
+
+    Example:
+        >>> class Net(nn.Module):
+        ...     def forward(self, x, scale=None):
+        ...         return x
+        >>> call_index(Net())
+        {'x': 0, 'scale': 1}
+    """
+    return _param_index(module)
+
+
 def call_argument(
     module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str
 ) -> Any:
@@ -186,6 +201,28 @@ def call_attention_mask(
     """
     mask = _argument(_param_index(module), args, kwargs, "attention_mask")
     return mask if isinstance(mask, torch.Tensor) else None
+
+
+def call_state(
+    index: dict[str, int], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[torch.Tensor | None, Any, Any]:
+    """What one call says about its tokens: its 2-D attention mask, its cache, its positions.
+
+    ``index`` is the forward's positional layout (:func:`call_argument` computes it); the mask
+    and cache may come by keyword or positionally. Captures and edits both read calls here.
+
+    Example:
+        >>> call_state({}, (), {"attention_mask": torch.ones(1, 3), "cache_position": 7})[::2]
+        (tensor([[1., 1., 1.]]), 7)
+    """
+    mask = _argument(index, args, kwargs, "attention_mask")
+    mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    cache = None
+    for name in CACHE_ARGS:
+        cache = _argument(index, args, kwargs, name)
+        if cache is not None:
+            break
+    return mask, cache, _argument(index, args, kwargs, "cache_position")
 
 
 def _forced_eager() -> bool:
@@ -944,13 +981,7 @@ def _begin_call(
 ) -> tuple[torch.Tensor | None, _RootCall]:
     """The attention mask of a call (of the model, or of one stack) and what it says about its
     positions; settles the previous call's cache checksum first (see :func:`_end_call`)."""
-    mask = _argument(index, args, kwargs, "attention_mask")
-    mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-    cache = None
-    for name in CACHE_ARGS:
-        cache = _argument(index, args, kwargs, name)
-        if cache is not None:
-            break
+    mask, cache, position = call_state(index, args, kwargs)
     # The positions a cache counts are the decoder's on an encoder-decoder model.
     tokens = None
     for name in _TOKEN_ARGS:
@@ -958,7 +989,7 @@ def _begin_call(
         if isinstance(tokens, torch.Tensor):
             break
     shape = tokens.shape if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 else None
-    offset = cache_offset(cache, _argument(index, args, kwargs, "cache_position"))
+    offset = cache_offset(cache, position)
     if previous is not None and previous._after_state is not None:
         state, version = previous._after_state
         previous._after_state = None

@@ -57,13 +57,12 @@ from torch import nn
 
 from introspect._batching import call_positions, check_positions
 from introspect._capture import (
-    CACHE_ARGS,
     EditNote,
     Record,
     Target,
     cache_offset,
-    call_argument,
-    call_attention_mask,
+    call_index,
+    call_state,
     check_not_compiled,
     hidden_of,
     model_changed_message,
@@ -524,14 +523,7 @@ def _patch_value(
 def _read_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
     """What a call of ``module`` (the model, or one stack) says: its mask, cache and start."""
     # Positional arguments count too: LlamaModel(ids, mask) passes the mask by position.
-    mask = call_attention_mask(module, args, kwargs)
-    mask = mask if mask is not None and mask.dim() == 2 else None
-    cache = None
-    for name in CACHE_ARGS:
-        cache = call_argument(module, args, kwargs, name)
-        if cache is not None:
-            break
-    position = call_argument(module, args, kwargs, "cache_position")
+    mask, cache, position = call_state(call_index(module), args, kwargs)
     call = _Call(mask, cache, position)
     # Now, before the call runs: the model fills its cache as it goes.
     call._offset = cache_offset(cache, position)
