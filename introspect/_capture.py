@@ -1107,7 +1107,7 @@ class Capture:
         transform = self.transform
         total = len({t.key for t in self.targets})
         key = target.key
-        module_dict = target.module.__dict__
+        module = target.module
         input_kwarg = target.input_kwarg
         output_index = target.output_index
         stop = self.stop
@@ -1120,13 +1120,7 @@ class Capture:
         within = id(target.within) if target.within is not None else None
 
         def keep(args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, ran: bool) -> None:
-            # An active edit wraps the module's forward; only then is there a note to read.
             stack = stacks.get(within) if within is not None else None
-            note = None
-            if "forward" in module_dict:
-                notes = getattr(module_dict["forward"], "edit_notes", None)
-                if notes:
-                    note = notes.get(get_ident())
             rec = Record(
                 key,
                 args,
@@ -1137,7 +1131,7 @@ class Capture:
                 transform=transform,
                 ran=ran,
                 attention_mask=self.attention_mask if stack is None else stack.mask,
-                note=note if isinstance(note, EditNote) else None,
+                note=edit_note(module),
                 keep_raw=keep_raw,
                 call=self._call if stack is None else stack.call,
             )

@@ -33,10 +33,10 @@ from introspect._interventions import (
 from introspect._layout import hidden_layout
 from introspect._lens import logit_lens
 from introspect._locators import Locator
-from introspect._paths import base_model, get_path
+from introspect._paths import get_path
 from introspect._plugins import AUTHORING_HINT, IntrospectPluginManager, resolve_adapter
 from introspect._resolve import Resolver
-from introspect._spec import AdapterSpec, LogitOp, StackSpec, config_flag
+from introspect._spec import AdapterSpec, LogitOp, StackSpec
 
 if TYPE_CHECKING:
     from introspect._lens import LensResult
@@ -44,19 +44,11 @@ if TYPE_CHECKING:
 __all__ = ["Inspector", "get_hidden_state", "resolve_adapter"]
 
 
-# Detection imports these two; they live in introspect._paths.
-_base_model = base_model
-_get_path = get_path
-
-
 def _to_dtype_of(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     param = next(module.parameters(), None)
     if param is None or not param.is_floating_point() or not x.is_floating_point():
         return x
     return x.to(param.dtype)
-
-
-_config_flag = config_flag  # detection imports it from here
 
 
 def _stream_width(norm: nn.Module | None) -> int | None:
@@ -650,12 +642,12 @@ class Inspector:
             True
         """
         spec = self.adapter.stack(self._stack_key(stack))
-        norm = _get_path(self._base, spec.final_norm) if spec.final_norm else None
+        norm = self._after_module(spec, "final_norm")
         return hidden if norm is None else norm(hidden)
 
     def _after_module(self, spec: StackSpec, name: str) -> nn.Module | None:
         path = spec.final_norm if name == "final_norm" else spec.modules[name]
-        return _get_path(self._base, path) if path else None
+        return get_path(self._base, path) if path else None
 
     def finish(self, hidden: torch.Tensor, stack: str | None = None) -> torch.Tensor:
         """Everything HF applies after the last block before ``hidden_states[-1]``.
@@ -729,7 +721,7 @@ class Inspector:
         return LogitOp.apply_all(self.adapter.logit_ops, logits, self.model)
 
     def _head_module(self, path: str) -> nn.Module:
-        module = _get_path(self.model, path)
+        module = get_path(self.model, path)
         if module is None:
             raise MissingPartError(
                 f"adapter {self.adapter.name!r} says the head of {type(self.model).__name__} "
