@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect import AdapterSpec, hookimpl
+from introspect import AdapterSpec, HeadSpec, hookimpl
 
 GPT2 = AdapterSpec(
     name="gpt2",
@@ -17,6 +17,7 @@ GPT2 = AdapterSpec(
     final_norm="ln_f",
     modules={"pos_embed": "wpe"},
     parts={"attn_norm": "ln_1", "mlp_norm": "ln_2"},
+    heads={"attn": HeadSpec(o="c_proj", scores="q·kᵀ/√head_dim + mask")},
     lm_head="lm_head",
 )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from introspect import AdapterSpec, hookimpl
+from introspect import AdapterSpec, HeadSpec, hookimpl
 
 __all__ = ["LLAMA", "PHI3", "derive"]
 
@@ -36,6 +36,7 @@ LLAMA = AdapterSpec(
     mlp="mlp",
     final_norm="norm",
     parts={"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
+    heads={"attn": HeadSpec(o="o_proj", scores="q·kᵀ/√head_dim + mask (rotary q, k)")},
     lm_head="lm_head",
 )
 

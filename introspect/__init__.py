@@ -55,7 +55,7 @@ if TYPE_CHECKING:
         get_registry,
         new_plugin_manager,
     )
-    from introspect._spec import AdapterSpec, LogitOp, StackSpec, StreamOp
+    from introspect._spec import AdapterSpec, HeadSpec, LogitOp, StackSpec, StreamOp
     from introspect.zoo import ByteTokenizerWarning, load_model
 
 # Where each public name lives (one flat namespace over private parts, as httpx does).
@@ -101,7 +101,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ["PluginWarning", "get_plugin_manager", "get_registry", "new_plugin_manager"], "_plugins"
     ),
-    **dict.fromkeys(["AdapterSpec", "LogitOp", "StackSpec", "StreamOp"], "_spec"),
+    **dict.fromkeys(["AdapterSpec", "HeadSpec", "LogitOp", "StackSpec", "StreamOp"], "_spec"),
 }
 
 __all__ = [
@@ -113,6 +113,7 @@ __all__ = [
     "CaptureError",
     "ConformanceError",
     "DetectedAdapterWarning",
+    "HeadSpec",
     "Inspector",
     "Intervention",
     "InterventionError",

@@ -47,6 +47,7 @@ __all__ = [
     "call_state",
     "check_not_compiled",
     "edit_note",
+    "enter_uses",
     "hidden_of",
     "model_changed_message",
     "only_in_thread",
@@ -486,6 +487,30 @@ class Target:
     holds: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
     """Whether ``module`` is still where the locator resolved it (the model has not changed
     since); ``None``: not known, assumed to hold."""
+    uses: Callable[[], contextlib.AbstractContextManager[Any]] | None = field(
+        default=None, compare=False, repr=False
+    )
+    """What must be in place while the module is hooked (a head site's tap), entered by
+    captures and edits after their own checks and exited with them."""
+    unjoinable: str | None = None
+    """Why the steps of this target's records cannot be joined into one sequence (the key
+    axis of ``k``, ``v`` and ``pattern`` grows with the cache)."""
+
+
+def enter_uses(stack: contextlib.ExitStack, targets: Iterable[Target]) -> None:
+    """Enter what each target needs in place (once per distinct ``uses``), onto ``stack``.
+
+    Example:
+        >>> entered = []
+        >>> use = lambda: contextlib.nullcontext(entered.append(1))
+        >>> with contextlib.ExitStack() as stack:
+        ...     enter_uses(stack, [Target("a", nn.Linear(1, 1), uses=use)])
+        >>> entered
+        [1]
+    """
+    for target in targets:
+        if target.uses is not None:
+            stack.enter_context(target.uses())
 
 
 def stale_targets(targets: Iterable[Target]) -> list[str]:
@@ -670,6 +695,7 @@ class Record:
         "_ran",
         "_raw_kept",
         "_raw_output",
+        "_unjoinable",
         "attention_mask",
         "edits",
         "key",
@@ -690,9 +716,11 @@ class Record:
         note: EditNote | None = None,
         keep_raw: bool = True,
         call: _RootCall | None = None,
+        unjoinable: str | None = None,
     ) -> None:
         self.key = key
         self._call = call
+        self._unjoinable = unjoinable
         self._ran = raw_output is not None if ran is None else ran
         inp = input_of(args, kwargs, input_kwarg)
         out = hidden_of(raw_output, output_index) if self._ran else None
@@ -827,6 +855,10 @@ class Record:
             torch.Size([1, 4, 2])
         """
         steps = self.steps
+        if self._unjoinable is not None and len(steps) > 1:
+            raise CaptureError(
+                f"cannot join the steps of {self.key}: {self._unjoinable}; {_STEPS_INSTEAD}"
+            )
         values = [step._side(side) for step in steps]
         if not all(isinstance(v, torch.Tensor) and v.dim() >= 2 for v in values):
             raise CaptureError(f"{self.key}.{side} is not a [batch, seq, ...] tensor at every step")
@@ -1094,6 +1126,7 @@ class Capture:
         self.keep_raw = keep_raw
         self._key_fn = key_fn
         self._handles: list[RemovableHandle] = []
+        self._uses = contextlib.ExitStack()
         self._stacks: dict[int, _StackCall] = {}
         self._active = False
         self._thread = 0
@@ -1134,6 +1167,7 @@ class Capture:
                 note=edit_note(module),
                 keep_raw=keep_raw,
                 call=self._call if stack is None else stack.call,
+                unjoinable=target.unjoinable,
             )
             first = records.get(key)
             if first is None:
@@ -1218,6 +1252,7 @@ class Capture:
                         only_in_thread(owner, self._root_done), with_kwargs=True
                     )
                 )
+            enter_uses(self._uses, self.targets)
             for target in self.targets:
                 hook = only_in_thread(owner, self._scoped(target, self._make_hook(target)))
                 if target.needs_output:
@@ -1282,6 +1317,7 @@ class Capture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._uses.close()
         self._active = False
 
     def __exit__(

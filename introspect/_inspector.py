@@ -7,6 +7,7 @@ with hooks, and applies what the model applies after its last block.
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ from introspect._errors import (
     LocatorError,
     MissingPartError,
 )
+from introspect._heads import HEAD_AXIS
 from introspect._interventions import (
     Edit,
     EditOp,
@@ -58,6 +60,57 @@ def _stream_width(norm: nn.Module | None) -> int | None:
         return int(shape[-1])
     weight = getattr(norm, "weight", None)
     return int(weight.shape[-1]) if isinstance(weight, torch.Tensor) and weight.dim() == 1 else None
+
+
+Heads = int | Sequence[int] | None
+"""Heads an edit touches: one index, several, or ``None`` (the whole value)."""
+
+
+def _head_site(loc: Locator) -> str | None:
+    """The head value a locator names (``q``, ``z``, ... or ``o``), else ``None``."""
+    if not loc.is_block or not loc.sub or "." not in loc.sub:
+        return None
+    return loc.sub.partition(".")[2]
+
+
+def _attn_part(loc: Locator) -> str:
+    """The attention part of a block locator (``block[0].attn`` for ``block[0]``)."""
+    part = (loc.sub or "attn").partition(".")[0]
+    return str(loc.model_copy(update={"sub": part, "side": "output"}))
+
+
+def _check_heads(heads: Any) -> tuple[int, ...] | None:
+    """``heads=`` in its plain form (a tuple of ints), checked before any forward."""
+    if heads is None:
+        return None
+    items = [heads] if isinstance(heads, numbers.Integral) else heads
+    if isinstance(items, (str, bytes)) or not isinstance(items, (Sequence, range, torch.Tensor)):
+        raise InterventionError(
+            f"heads= takes a head index or a list of them (e.g. heads=3, heads=[0, 5]), got "
+            f"{type(heads).__name__}: {heads!r:.60}"
+        )
+    if isinstance(items, torch.Tensor):
+        items = items.flatten().tolist()
+    out: list[int] = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, numbers.Integral):
+            raise InterventionError(
+                f"heads= takes integer head indices, got {type(item).__name__}: {item!r:.40}"
+            )
+        out.append(int(item))
+    if not out:
+        raise InterventionError("heads= is empty: name at least one head (or leave heads=None)")
+    return tuple(out)
+
+
+def _heads_in_range(heads: tuple[int, ...], count: int, loc: Locator) -> tuple[int, ...]:
+    bad = [h for h in heads if not -count <= h < count]
+    if bad:
+        raise InterventionError(
+            f"head {bad[0]} is out of range for {loc}, which has {count} heads (use "
+            f"{-count}..{count - 1})"
+        )
+    return tuple(sorted({h % count for h in heads}))
 
 
 def _counts_from_the_start(positions: Any) -> bool:
@@ -120,6 +173,70 @@ class Inspector:
             3
         """
         return self._resolver.num_blocks(stack)
+
+    # -- attention heads ------------------------------------------------------------------------
+
+    def _head_counts(self, stack: str | None, part: str) -> tuple[int, int, int]:
+        prefix = f"{stack}." if stack else ""
+        loc = self.locator(f"{prefix}block[0].{part}")
+        tap = self._resolver.head_tap(loc, part)
+        return tap.heads, tap.kv_heads, tap.head_dim
+
+    @property
+    def num_heads(self) -> int:
+        """Query heads of each attention module of the main stack (from the model's config).
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64))
+            >>> insp = Inspector(m)
+            >>> insp.num_heads, insp.num_kv_heads, insp.head_dim
+            (4, 4, 8)
+        """
+        return self._head_counts(None, "attn")[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Key/value heads (fewer than ``num_heads`` with grouped- or multi-query attention)."""
+        return self._head_counts(None, "attn")[1]
+
+    @property
+    def head_dim(self) -> int:
+        """The width of each query/key head."""
+        return self._head_counts(None, "attn")[2]
+
+    def num_heads_in(self, stack: str | None = None, part: str = "attn") -> int:
+        """Query heads of ``part`` (``attn``, or e.g. ``cross_attn``) in ``stack``.
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64))
+            >>> Inspector(m).num_heads_in()
+            4
+        """
+        return self._head_counts(stack, part)[0]
+
+    def num_kv_heads_in(self, stack: str | None = None, part: str = "attn") -> int:
+        """Key/value heads of ``part`` in ``stack``.
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64))
+            >>> Inspector(m).num_kv_heads_in()
+            4
+        """
+        return self._head_counts(stack, part)[1]
+
+    def head_dim_in(self, stack: str | None = None, part: str = "attn") -> int:
+        """The query/key head width of ``part`` in ``stack``.
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64))
+            >>> Inspector(m).head_dim_in()
+            8
+        """
+        return self._head_counts(stack, part)[2]
 
     def locator(self, text: str | Locator) -> Locator:
         """Parse ``text`` and resolve its block index (errors name the valid range).
@@ -269,6 +386,14 @@ class Inspector:
                 continue
             by_key[key] = self._target(loc, needs_output)
         positions = check_positions(positions)
+        if positions is not None:
+            patterns = [str(loc) for loc in expanded if _head_site(loc) == "pattern"]
+            if patterns:
+                raise CaptureError(
+                    f"positions= selects tokens on the sequence axis, which {patterns[0]} "
+                    "([batch, heads, query, key]) does not have first: capture the pattern "
+                    "whole and index its query axis (pattern[:, :, -1])"
+                )
         transform = Transform(detach=detach, device=device, dtype=dtype, positions=positions)
         return Capture(
             list(by_key.values()),
@@ -282,12 +407,34 @@ class Inspector:
 
     # -- interventions --------------------------------------------------------------------------
 
-    def _edits(self, locator: str | Locator, op: Any, positions: Any, label: str) -> Intervention:
+    def _edits(
+        self, locator: str | Locator, op: Any, positions: Any, label: str, heads: Heads = None
+    ) -> Intervention:
         locs = self.expand([locator])
         if not locs:
             raise InterventionError(f"{locator} names no module on this model")
+        wanted = _check_heads(heads)
+        if wanted is not None:
+            label += f" heads={list(wanted)}"
         edits = []
         for loc in locs:
+            site = _head_site(loc)
+            if wanted is not None and site not in HEAD_AXIS:
+                raise InterventionError(
+                    f"heads= edits single heads of a head locator (block[i].attn.q, .k, .v, "
+                    f".z, .result or .pattern), but {loc} is not one: edit "
+                    f"'{_attn_part(loc)}.z' to reach heads before the output projection"
+                )
+            if site == "pattern" and positions is not None:
+                raise InterventionError(
+                    f"{loc} is [batch, heads, query, key], so positions= cannot be placed on "
+                    "it: edit it whole, or change some query rows with edit(fn)"
+                )
+            head_list: tuple[int, ...] | None = None
+            if wanted is not None:
+                tap = self._resolver.head_tap(loc)
+                count = tap.kv_heads if site in ("k", "v") else tap.heads
+                head_list = _heads_in_range(wanted, count, loc)
             if loc.side == "input" and loc.part == "embed" and not loc.is_block:
                 raise InterventionError(
                     "embed.input is token ids and cannot be edited: edit 'embed' (its output) "
@@ -304,7 +451,25 @@ class Inspector:
                     "generate); edit 'final_norm' to reach a position counted from the start"
                 )
             target = self._target(loc, True)
-            edits.append(Edit(target, loc.side, op, positions, label))
+            no_cache = None
+            if site in ("k", "v"):
+                no_cache = (
+                    f"an edit of {site} reaches this call's attention but not the KV cache that "
+                    "later steps read (the cache keeps the unedited values), so under a cache it "
+                    "would be silently partial: run with use_cache=False, or edit q, z or result"
+                )
+            edits.append(
+                Edit(
+                    target,
+                    loc.side,
+                    op,
+                    positions,
+                    label,
+                    heads=head_list,
+                    head_axis=HEAD_AXIS.get(site or "", 2),
+                    no_cache=no_cache,
+                )
+            )
         return Intervention(edits, root=self._base, model=self.model)
 
     def steer(
@@ -313,6 +478,8 @@ class Inspector:
         vector: Any,
         scale: float = 1.0,
         positions: Positions = None,
+        *,
+        heads: Heads = None,
     ) -> Intervention:
         """Add ``scale * vector`` to what ``locator`` names while the model runs.
 
@@ -343,6 +510,7 @@ class Inspector:
             EditOp("add", tensor=tensor, factor=factor),
             positions,
             f"steer(scale={factor:g})",
+            heads,
         )
 
     def ablate(
@@ -350,6 +518,8 @@ class Inspector:
         locator: str | Locator,
         mean_over: Any = None,
         positions: Positions = None,
+        *,
+        heads: Heads = None,
     ) -> Intervention:
         """Zero what ``locator`` names, or replace it by the mean of ``mean_over``.
 
@@ -366,15 +536,25 @@ class Inspector:
             (0.0, ('block[0].mlp: ablate(zero)',))
         """
         if mean_over is None:
-            return self._edits(locator, EditOp("zero"), positions, "ablate(zero)")
-        mean = mean_activation(mean_over, self.locator(locator).side)
-        return self._edits(locator, EditOp("set", tensor=mean), positions, "ablate(mean)")
+            return self._edits(locator, EditOp("zero"), positions, "ablate(zero)", heads)
+        loc = self.locator(locator)
+        site = _head_site(loc)
+        if site == "pattern":
+            raise InterventionError(
+                f"mean ablation of {loc} is not defined (its key axis differs between inputs): "
+                "ablate it to zero, patch a pattern of this shape, or edit it with a function"
+            )
+        trailing = 2 if site in HEAD_AXIS else 1
+        mean = mean_activation(mean_over, loc.side, trailing)
+        return self._edits(locator, EditOp("set", tensor=mean), positions, "ablate(mean)", heads)
 
     def patch(
         self,
         locator: str | Locator,
         value: Any,
         positions: Positions = None,
+        *,
+        heads: Heads = None,
     ) -> Intervention:
         """Replace what ``locator`` names by ``value`` (at ``positions``, or everywhere).
 
@@ -399,7 +579,7 @@ class Inspector:
         if isinstance(value, Record):
             value = value.input if loc.side == "input" else value.output
         return self._edits(
-            locator, EditOp("set", tensor=as_value(value, "value")), positions, "patch"
+            locator, EditOp("set", tensor=as_value(value, "value")), positions, "patch", heads
         )
 
     def scale(
@@ -407,6 +587,8 @@ class Inspector:
         locator: str | Locator,
         factor: float,
         positions: Positions = None,
+        *,
+        heads: Heads = None,
     ) -> Intervention:
         """Multiply what ``locator`` names by ``factor`` while the model runs.
 
@@ -420,13 +602,17 @@ class Inspector:
             0.0
         """
         number = as_factor(factor, "factor")
-        return self._edits(locator, EditOp("scale", factor=number), positions, f"scale({number:g})")
+        return self._edits(
+            locator, EditOp("scale", factor=number), positions, f"scale({number:g})", heads
+        )
 
     def edit(
         self,
         locator: str | Locator,
         fn: Callable[[torch.Tensor, Record], torch.Tensor],
         positions: Positions = None,
+        *,
+        heads: Heads = None,
     ) -> Intervention:
         """Replace what ``locator`` names by ``fn(value, record)`` while the model runs.
 
@@ -458,7 +644,7 @@ class Inspector:
         except ValueError:
             pass  # a builtin without a signature: it will tell at the call
         name = getattr(fn, "__name__", type(fn).__name__)
-        return self._edits(locator, EditOp("fn", fn=fn), positions, f"edit({name})")
+        return self._edits(locator, EditOp("fn", fn=fn), positions, f"edit({name})", heads)
 
     def patching_sweep(
         self,

@@ -43,6 +43,7 @@ them. Everything is removed on every exit path, including an exception raised by
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -64,6 +65,7 @@ from introspect._capture import (
     call_index,
     call_state,
     check_not_compiled,
+    enter_uses,
     hidden_of,
     model_changed_message,
     only_in_thread,
@@ -169,6 +171,13 @@ class Edit:
     op: EditOp
     positions: Any = None
     label: str = "edit"
+    heads: tuple[int, ...] | None = None
+    """Only these heads of a head value are edited (the others keep their value)."""
+    head_axis: int = 2
+    """The axis of the value that counts heads (1 for ``pattern``)."""
+    no_cache: str | None = None
+    """Why this edit cannot apply in a call with a KV cache (``k``/``v``: the cache keeps the
+    unedited keys), or ``None``."""
 
     def __post_init__(self) -> None:
         self.positions = check_positions(self.positions, InterventionError)
@@ -241,12 +250,13 @@ def as_factor(value: Any, what: str) -> float:
     return factor
 
 
-def mean_activation(activations: Any, side: Side = "output") -> torch.Tensor:
+def mean_activation(activations: Any, side: Side = "output", trailing: int = 1) -> torch.Tensor:
     """The mean vector of a set of activations (every axis but the last is averaged).
 
     ``activations`` is a tensor ``[..., hidden]``, a Record (its ``output`` at every step), or a
     list of them. A Record of a padded batch contributes its real tokens only (its attention
-    mask says which).
+    mask says which). ``trailing`` axes are kept (2 for a head value ``[batch, seq, heads,
+    head_dim]``: the mean is one vector per head).
 
     Example:
         >>> mean_activation(torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])).tolist()
@@ -274,10 +284,13 @@ def mean_activation(activations: Any, side: Side = "output") -> torch.Tensor:
             values = [item]
         for value in values:
             tensor = as_value(value, "mean_over")
-            if tensor.dim() == 0:
-                raise InterventionError("mean_over needs activations [..., hidden], got a scalar")
-            rows.append(tensor.detach().reshape(-1, tensor.shape[-1]).float())
-    if not rows or len({r.shape[-1] for r in rows}) != 1:
+            if tensor.dim() < trailing + (1 if trailing > 1 else 0):
+                raise InterventionError(
+                    f"mean_over needs activations [..., hidden], got shape {tuple(tensor.shape)}"
+                )
+            kept = tuple(tensor.shape[tensor.dim() - trailing :])
+            rows.append(tensor.detach().reshape(-1, *kept).float())
+    if not rows or len({r.shape[1:] for r in rows}) != 1:
         raise InterventionError(
             "mean_over needs at least one activation, all with the same hidden size"
         )
@@ -478,6 +491,23 @@ def _locate_tensor(
     return _Hits(hits[:, :seq])
 
 
+def _head_mask(edit: Edit, x: torch.Tensor) -> torch.Tensor:
+    """Booleans that broadcast to ``x``: true on the edited heads."""
+    assert edit.heads is not None
+    axis = edit.head_axis
+    count = x.shape[axis] if x.dim() > axis else 0
+    if not edit.heads or max(edit.heads) >= count:
+        raise InterventionError(
+            f"{edit.name}: heads={list(edit.heads)} do not fit a value of shape "
+            f"{tuple(x.shape)} with {count} heads on axis {axis}"
+        )
+    keep = torch.zeros(count, dtype=torch.bool, device=x.device)
+    keep[list(edit.heads)] = True
+    shape = [1] * x.dim()
+    shape[axis] = count
+    return keep.view(shape)
+
+
 def _fits(value: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether ``value`` broadcasts *to* ``x``'s shape (``broadcast_shapes(v, x) == x``)."""
     if value.dim() > x.dim():
@@ -616,12 +646,16 @@ class _EditedForward:
             call = self.call(edit)
             if call is None and id(edit) in self.scoped:
                 continue  # a shared module running in another stack than the edit's
+            if edit.no_cache is not None and call is not None and call.cached:
+                raise InterventionError(f"{edit.name}: {edit.no_cache}")
             hits = _locate(edit, batch, seq, call, x.device)
             if hits is False:
                 continue
             new = self._compute(edit, x, hits, make_record, call)
             if hits is not None:
                 new = torch.where(hits.where(x), new, x)
+            if edit.heads is not None:
+                new = torch.where(_head_mask(edit, x), new, x)
             elif new is not x and edit.op.kind in ("set", "fn"):
                 # The caller may still hold this tensor and the model may add to it in place.
                 new = new.clone(memory_format=torch.contiguous_format)
@@ -835,6 +869,7 @@ class Intervention:
         self._stacks: dict[int, Callable[[], _Call | None]] = {}
         self._states: list[tuple[_EditedForward, Edit]] = []
         self._handles: list[RemovableHandle] = []
+        self._uses = contextlib.ExitStack()
         self._active = False
 
     def __add__(self, other: Intervention) -> Intervention:
@@ -917,6 +952,7 @@ class Intervention:
         self._call = None
         owner = get_ident()
         try:
+            enter_uses(self._uses, {id(e.target): e.target for e in self.edits}.values())
             if self.root is not None:
                 self._handles.append(
                     self.root.register_forward_pre_hook(
@@ -952,6 +988,7 @@ class Intervention:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._uses.close()
         self._stacks.clear()
         self._call = None
         self._active = False

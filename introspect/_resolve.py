@@ -10,6 +10,7 @@ caches are keyed on the parsed locator itself, never on a string two locators co
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,9 +18,10 @@ from torch import nn
 
 from introspect._capture import Target
 from introspect._errors import LocatorError, MissingPartError
+from introspect._heads import SITES, HeadSite, HeadTap, head_tap
 from introspect._locators import Locator
 from introspect._paths import Chain, base_model, chain_holds, walk
-from introspect._spec import AdapterSpec, StackSpec
+from introspect._spec import AdapterSpec, HeadSpec, StackSpec
 
 __all__ = ["Resolver"]
 
@@ -191,19 +193,22 @@ class Resolver:
             chain = blocks_chain + block_chain
             if loc.sub is None:
                 return block, chain
-            if loc.sub in ("attn", "mlp"):
-                path = getattr(stack, loc.sub)
+            part, _, site = loc.sub.partition(".")
+            if part in ("attn", "mlp"):
+                path = getattr(stack, part)
             else:
-                path = stack.parts.get(loc.sub)
-                if path is None and loc.sub not in stack.missing:
+                path = stack.parts.get(part)
+                if path is None and part not in stack.missing:
                     valid = self.valid_names(stack, True)
                     raise LocatorError(
-                        f"unknown block part {loc.sub!r} in {loc} for adapter "
+                        f"unknown block part {part!r} in {loc} for adapter "
                         f"{self.adapter.name!r}; valid: {', '.join(valid)}"
                     )
             found, sub_chain = walk(block, path) if path else (None, ())
             if found is None:
-                raise self.missing(loc, stack, loc.sub)
+                raise self.missing(loc, stack, part)
+            if site:
+                return self._head_site(loc, stack, part, site, found, chain + sub_chain)
             return found, chain + sub_chain
         if loc.part == "lm_head":
             if loc.stack is not None and stack_key != self.adapter.stack_name:
@@ -233,6 +238,63 @@ class Resolver:
         if found is None:
             raise self.missing(loc, stack, loc.part)
         return found, base_chain + found_chain
+
+    # -- attention heads ------------------------------------------------------------------------
+
+    def head_spec(self, loc: Locator, stack: StackSpec, part: str) -> HeadSpec:
+        """The head layout of an attention part, or the error saying why there is none."""
+        spec = stack.heads.get(part)
+        if spec is not None:
+            return spec
+        reason = stack.missing.get("heads")
+        if reason is None:
+            attention = sorted(stack.heads) or ["none"]
+            reason = (
+                f"adapter {self.adapter.name!r} states no head layout for {part!r} (parts "
+                f"with heads: {', '.join(attention)})"
+            )
+            if self.adapter.name.startswith("detected"):
+                reason += (
+                    "; a detected adapter does not guess head layouts: write an adapter with "
+                    "a HeadSpec (introspect scaffold)"
+                )
+        raise MissingPartError(f"{loc} has no attention heads: {reason}")
+
+    def head_tap(self, loc: Locator, part: str | None = None) -> HeadTap:
+        """The tap of the attention part a block locator names (``block[i].attn``)."""
+        stack = self.adapter.stack(self.stack_key(loc.stack))
+        part = part if part is not None else (loc.sub or "attn").partition(".")[0]
+        spec = self.head_spec(loc, stack, part)
+        attn_loc = loc.model_copy(update={"sub": part, "side": "output"})
+        attn = self._module_and_chain(attn_loc)[0]
+        config = getattr(self.model, "config", None)
+        try:
+            return head_tap(attn, spec, config, str(attn_loc))
+        except ValueError as exc:
+            raise MissingPartError(f"{attn_loc} has no head counts: {exc}") from None
+
+    def _head_site(
+        self, loc: Locator, stack: StackSpec, part: str, site: str, attn: nn.Module, chain: Chain
+    ) -> tuple[nn.Module, Chain]:
+        spec = self.head_spec(loc, stack, part)
+        if site == "o":
+            found, o_chain = walk(attn, spec.o)
+            if found is None:
+                raise MissingPartError(
+                    f"{loc}: the head layout says the output projection is {spec.o!r}, which "
+                    f"{type(attn).__name__} lacks"
+                )
+            return found, chain + o_chain
+        if site not in SITES:
+            valid = ", ".join(f"{part}.{s}" for s in (*SITES, "o"))
+            raise LocatorError(f"unknown head locator {loc}: valid after block[i]: {valid}")
+        tap = self.head_tap(loc, part)
+        reason = tap.why_not(site)
+        if reason is not None:
+            raise MissingPartError(
+                f"{loc} cannot be read on adapter {self.adapter.name!r}: {reason}"
+            )
+        return tap.sites[site], chain
 
     def path(self, loc: Locator) -> str:
         """The dotted path of the module a locator names, from the top-level model."""
@@ -283,6 +345,20 @@ class Resolver:
         if root_path:
             within, root_chain = self.stack_root(root_path)
             chain = chain + root_chain
+        uses = None
+        unjoinable = None
+        if isinstance(module, HeadSite):
+            tap = self.head_tap(loc)
+            site = module.name
+
+            def uses() -> contextlib.AbstractContextManager[None]:
+                return tap.use(site)
+
+            if site in ("k", "v", "pattern"):
+                unjoinable = (
+                    f"under a KV cache the key axis of {site} holds every cached position, so "
+                    "its steps overlap"
+                )
         target = Target(
             key=loc.module_key,
             module=module,
@@ -292,5 +368,7 @@ class Resolver:
             within=within,
             copy_output=name in stack.outputs_changed_in_place,
             holds=lambda: chain_holds(chain),
+            uses=uses,
+            unjoinable=unjoinable,
         )
         return target, chain

@@ -21,7 +21,15 @@ from introspect._errors import LocatorError
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["AdapterSpec", "LogitOp", "StackSpec", "StreamOp", "config_flag"]
+__all__ = [
+    "AdapterSpec",
+    "HeadSpec",
+    "LogitOp",
+    "StackSpec",
+    "StreamOp",
+    "config_flag",
+    "config_int",
+]
 
 _ONE_PATH = r"[A-Za-z_0-9]+(\.[A-Za-z_0-9]+)*"
 _PATH = re.compile(rf"^{_ONE_PATH}(\|{_ONE_PATH})*$")
@@ -51,6 +59,21 @@ def config_flag(config: Any, names: str) -> bool:
         if value is not None:
             return bool(value)
     return False
+
+
+def config_int(config: Any, names: str | None) -> int | None:
+    """Integer config attribute ``a``, or ``b`` where the config has no ``a`` (``"a|b"``).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> config_int(SimpleNamespace(n_head=4), "num_key_value_heads|n_head")
+        4
+    """
+    for name in (names or "").split("|"):
+        value = getattr(config, name, None) if name else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
 
 
 class _Frozen(BaseModel):
@@ -224,6 +247,73 @@ class StreamOp(_Frozen):
         return hidden * self.value if self.kind == "scale" else hidden / self.value
 
 
+class HeadSpec(_Frozen):
+    """How one attention module splits into heads: the facts head locators need, as data.
+
+    Head locators (``block[i].attn.q``, ``.k``, ``.v``, ``.pattern``, ``.z``, ``.result``,
+    ``.o``) are read at two places of the attention module. ``z`` (each head's mix of values)
+    is the input of the output projection ``o`` split per head, and ``result`` each head's
+    write through ``o``: these need only ``o``. ``q``, ``k``, ``v`` and ``pattern`` are the
+    arguments and weights of the attention function transformers calls from ``core`` (its
+    ``AttentionInterface``); where the architecture computes attention inline instead,
+    ``qkv_missing`` says so and those locators are refused with that reason.
+
+    Counts are read from the model's config: ``"a|b"`` reads ``a``, or ``b`` where the config
+    has no ``a``. ``num_kv_heads`` defaults to ``num_heads`` where the config has none;
+    ``kv_heads_attr`` (an attribute of ``core``) wins where set (Falcon's layouts);
+    ``multi_query`` names a config flag meaning one key/value head (GPT-BigCode).
+    ``head_dim`` defaults to ``hidden_size // num_heads``. ``scores`` states what the
+    attention scores are before the softmax, for the docs and the proofs.
+
+    Example:
+        >>> HeadSpec(o="o_proj").scores
+        'q·kᵀ·scaling + mask'
+    """
+
+    o: str
+    core: str | None = None
+    num_heads: str = "num_attention_heads"
+    num_kv_heads: str | None = "num_key_value_heads"
+    kv_heads_attr: str | None = None
+    multi_query: str | None = None
+    head_dim: str | None = "head_dim"
+    hidden_size: str = "hidden_size"
+    scores: str = "q·kᵀ·scaling + mask"
+    qkv_missing: str | None = None
+    """Why ``q``/``k``/``v``/``pattern`` are not available (``None``: they are)."""
+
+    _v_paths = field_validator("o", "core")(_check_path)
+
+    def counts(self, config: Any, core: Any = None) -> tuple[int, int, int]:
+        """``(num_heads, num_kv_heads, head_dim)`` for a model's config.
+
+        Example:
+            >>> from types import SimpleNamespace
+            >>> cfg = SimpleNamespace(num_attention_heads=8, num_key_value_heads=2, hidden_size=64)
+            >>> HeadSpec(o="o_proj").counts(cfg)
+            (8, 2, 8)
+        """
+        heads = config_int(config, self.num_heads)
+        if heads is None or heads <= 0:
+            raise ValueError(f"the config has no head count {self.num_heads!r}")
+        kv = config_int(config, self.num_kv_heads) or heads
+        if self.multi_query is not None and config_flag(config, self.multi_query):
+            kv = 1
+        if self.kv_heads_attr is not None and core is not None:
+            found = getattr(core, self.kv_heads_attr, None)
+            if isinstance(found, int):
+                kv = found
+        dim = config_int(config, self.head_dim)
+        if dim is None:
+            hidden = config_int(config, self.hidden_size)
+            if hidden is None:
+                raise ValueError(
+                    f"the config has neither {self.head_dim!r} nor {self.hidden_size!r}"
+                )
+            dim = hidden // heads
+        return heads, kv, dim
+
+
 HiddenStart = Literal["block_input", "block_output"]
 
 
@@ -276,6 +366,10 @@ class StackSpec(_Frozen):
     """What HF does to the stream after some blocks outside any module (RWKV's rescaling).
     Then ``hidden_states`` entries are read as the input of the next module (``block[i+1]``
     or the first of ``after_blocks``), which already includes the change."""
+    heads: dict[str, HeadSpec] = Field(default_factory=dict)
+    """The head layout of each attention part (``attn``, or a ``parts`` name such as
+    ``cross_attn``), for ``block[i].attn.q`` and the other head locators. A part without one
+    refuses head locators, with the reason ``missing["heads"]`` where set."""
     root: str | None = None
     """The module that runs this whole stack (``encoder``, ``decoder``): a module several
     stacks share (T5's embedding on transformers 4.x is one module) is recorded for this
@@ -301,6 +395,18 @@ class StackSpec(_Frozen):
                     f"outputs_changed_in_place names {name!r}, which is not a locator of this "
                     f"stack (valid: {', '.join(sorted(known))})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> StackSpec:
+        for name in self.heads:
+            if name != "attn" and name not in self.parts:
+                raise ValueError(
+                    f"heads names {name!r}, which is not 'attn' or a part of this stack "
+                    f"(parts: {', '.join(sorted(self.parts)) or 'none'})"
+                )
+        if "attn" in self.heads and self.attn is None:
+            raise ValueError("heads names 'attn', but this stack has no attn module")
         return self
 
     @model_validator(mode="after")

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from introspect._errors import ConformanceError, LocatorError, MissingPartError
+from introspect._heads import CORE_SITES, HeadTap
 from introspect._inspector import Inspector
 from introspect._spec import AdapterSpec, LogitOp, StackSpec
 from introspect._tiny import tiny_config
@@ -44,10 +45,12 @@ __all__ = [
     "build_tiny",
     "check_block_sums",
     "check_conformance",
+    "check_heads",
     "check_logit_ops",
     "close",
     "example_inputs",
     "perturb",
+    "recompute_pattern",
     "tiny_config",
 ]
 
@@ -551,6 +554,212 @@ def assert_conformant(
     if not report.passed:
         raise ConformanceError(report.describe())
     return report
+
+
+def _attentions_field(spec: AdapterSpec, stack: str | None, part: str) -> str:
+    """Which field of Hugging Face's output holds ``output_attentions`` for a stack's part."""
+    if part != "attn":
+        return "cross_attentions"
+    if spec.encoder is None:
+        return "attentions"
+    return "encoder_attentions" if stack == "encoder" else "decoder_attentions"
+
+
+def recompute_pattern(
+    q: torch.Tensor, k: torch.Tensor, arguments: Mapping[str, Any], sinks: Any = None
+) -> torch.Tensor:
+    """``softmax(q·kᵀ·scaling (soft-capped) + mask)`` from captured ``q`` ``[b, s, h, d]``,
+    ``k`` ``[b, t, kv, d]`` and what the attention function was given (``scaling``,
+    ``softcap``, ``attention_mask``; ``sinks``: one extra logit per head, left out after the
+    softmax, as GPT-OSS does).
+
+    Example:
+        >>> q, k = torch.randn(1, 3, 2, 4), torch.randn(1, 3, 2, 4)
+        >>> p = recompute_pattern(q, k, {"attention_mask": None})
+        >>> p.shape, bool(p.sum(-1).allclose(torch.ones(1, 2, 3, dtype=p.dtype)))
+        (torch.Size([1, 2, 3, 3]), True)
+    """
+    heads, kv = q.shape[2], k.shape[2]
+    qh = q.transpose(1, 2).double()
+    kh = k.transpose(1, 2).double()
+    if kv != heads:
+        kh = kh.repeat_interleave(heads // kv, dim=1)
+    scaling = arguments.get("scaling")
+    scores = qh @ kh.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scaling is None else scaling)
+    softcap = arguments.get("softcap")
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    mask = arguments.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        mask = mask[..., : kh.shape[-2]]
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask.double()
+    if isinstance(sinks, torch.Tensor):
+        column = sinks.double().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        both = torch.cat([scores, column], dim=-1)
+        return torch.softmax(both - both.amax(-1, keepdim=True), dim=-1)[..., :-1]
+    return torch.softmax(scores, dim=-1)
+
+
+def check_heads(
+    model: nn.Module,
+    inputs: Mapping[str, Any],
+    *,
+    adapter: str | AdapterSpec | None = None,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+    head: int = 1,
+) -> list[Check]:
+    """Prove every head locator of every attention part with a head layout, block by block.
+
+    - ``pattern`` equals Hugging Face's own ``output_attentions`` (run under eager attention);
+    - ``softmax(q·kᵀ·scaling + mask)`` recomputed from the captured ``q``/``k`` and the
+      arguments the attention function received reproduces ``pattern``;
+    - ``result.sum(heads) + bias`` equals the output projection ``o``'s output, and ``o``
+      applied to ``z`` reproduces it;
+    - ``ablate(z, heads=[head])`` equals ``o`` run on ``z`` with that head zeroed.
+
+    Where the architecture computes attention inline (``q``/``k``/``v``/``pattern``
+    unavailable), the checks of ``z``, ``result`` and the ablation still run.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64)).eval()
+        >>> checks = check_heads(m, {"input_ids": torch.tensor([[1, 2, 3]])})
+        >>> all(c.passed for c in checks), len(checks) > 8
+        (True, True)
+    """
+    insp = Inspector(model, adapter)
+    checks: list[Check] = []
+    add = checks.append
+    for stack in insp.adapter.stack_names:
+        spec = insp.adapter.stack(stack)
+        prefix = f"{stack}." if stack else ""
+        for part, head_spec in spec.heads.items():
+            n = insp.num_blocks_in(stack)
+            taps: list[HeadTap] = []
+            for i in range(n):
+                try:
+                    loc = insp.locator(f"{prefix}block[{i}].{part}")
+                    taps.append(insp._resolver.head_tap(loc, part))
+                except MissingPartError:
+                    break  # e.g. a decoder block without cross-attention in this config
+            if len(taps) != n:
+                continue
+            core = taps[0].why_not("q") is None
+            sites = ["z", "result", "o", *(sorted(CORE_SITES) if core else [])]
+            names = [f"{prefix}block[{i}].{part}.{s}" for i in range(n) for s in sites]
+            reference = None
+            if core:
+                field_name = _attentions_field(insp.adapter, stack, part)
+                with torch.no_grad(), _eager(model):
+                    out = model(**inputs, output_attentions=True)
+                reference = out.get(field_name) if hasattr(out, "get") else None
+            for tap in taps:
+                tap.arguments = [] if core else None
+            try:
+                with torch.no_grad(), insp.capture(*names) as cap:
+                    model(**inputs)
+            finally:
+                calls = [tap.arguments or [] for tap in taps]
+                for tap in taps:
+                    tap.arguments = None
+            for i, tap in enumerate(taps):
+                where = f"{prefix}block[{i}].{part}"
+                o_out = cap[f"{where}.o"].output
+                result = cap[f"{where}.result"].output
+                z = cap[f"{where}.z"].output
+                bias = getattr(tap.o, "bias", None)
+                summed = result.sum(dim=2) + (bias if isinstance(bias, torch.Tensor) else 0)
+                add(
+                    Check(
+                        f"{where}.result sums to o",
+                        close(summed, o_out, atol, rtol),
+                        _diff(summed, o_out),
+                    )
+                )
+                with torch.no_grad():
+                    again = tap.o(z.flatten(-2))
+                add(
+                    Check(
+                        f"{where}.o(z) == o output",
+                        close(again, o_out, atol, rtol),
+                        _diff(again, o_out),
+                    )
+                )
+                if not core:
+                    continue
+                pattern = cap[f"{where}.pattern"].output
+                theirs = reference[i] if reference is not None and i < len(reference) else None
+                ok = theirs is not None and close(pattern, theirs, atol, rtol)
+                add(
+                    Check(
+                        f"{where}.pattern == output_attentions",
+                        ok,
+                        _diff(pattern, theirs) if theirs is not None else float("inf"),
+                        "" if theirs is not None else "no output_attentions entry",
+                    )
+                )
+                q = cap[f"{where}.q"].output
+                k = cap[f"{where}.k"].output
+                arguments = calls[i][0] if calls[i] else {}
+                sinks = getattr(tap.core, "sinks", None)
+                mine = recompute_pattern(q, k, arguments, sinks).to(pattern.dtype)
+                add(
+                    Check(
+                        f"{where}.pattern == softmax(q·kᵀ·scaling + mask)",
+                        close(mine, pattern, atol, rtol),
+                        _diff(mine, pattern),
+                        head_spec.scores,
+                    )
+                )
+            where = f"{prefix}block[{n - 1}].{part}"
+            tap = taps[-1]
+            h = min(head, tap.heads - 1)
+            with (
+                torch.no_grad(),
+                insp.ablate(f"{where}.z", heads=[h]),
+                insp.capture(f"{where}.z", f"{where}.o") as cap,
+            ):
+                model(**inputs)
+            z_before = cap[f"{where}.z"].input.clone()
+            z_before[..., h, :] = 0
+            with torch.no_grad():
+                hand = tap.o(z_before.flatten(-2))
+            edited = cap[f"{where}.o"].output
+            add(
+                Check(
+                    f"{where}: ablate z heads=[{h}] == o(z with head {h} zeroed)",
+                    close(edited, hand, atol, rtol),
+                    _diff(edited, hand),
+                )
+            )
+    return checks
+
+
+class _eager:
+    """Run ``model`` under eager attention for a while (its configs switched, then restored)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.configs = {id(c): c for c in _configs(model)}
+        self.before: dict[int, Any] = {}
+
+    def __enter__(self) -> None:
+        for key, config in self.configs.items():
+            self.before[key] = config.__dict__.get("_attn_implementation_internal")
+            config.__dict__["_attn_implementation_internal"] = "eager"
+
+    def __exit__(self, *exc: object) -> None:
+        for key, config in self.configs.items():
+            config.__dict__["_attn_implementation_internal"] = self.before[key]
+
+
+def _configs(model: nn.Module) -> list[Any]:
+    found = [getattr(model, "config", None)]
+    found += [getattr(m, "config", None) for m in model.modules()]
+    return [c for c in found if c is not None and hasattr(c, "_attn_implementation")]
 
 
 def _accepts(model: nn.Module, name: str) -> bool:

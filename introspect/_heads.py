@@ -1,0 +1,466 @@
+"""Attention heads: the places inside an attention module where heads can be read and edited.
+
+A head locator (``block[i].attn.q``, ``.k``, ``.v``, ``.pattern``, ``.z``, ``.result``) names
+a value that passes *inside* the attention module, not a module. Each is given a
+:class:`HeadSite`: an identity module that the value is passed through while a capture or an
+edit uses it, so that the hook engine records and edits it exactly as it records and edits a
+block (its record's ``output`` is the value, after any edit; ``input`` the value before).
+
+Where the values pass through a site, per attention module (a :class:`HeadTap`):
+
+- ``z`` and ``result``: hooks on the output projection ``o``. ``z`` is ``o``'s input split per
+  head; ``result`` is each head's write through ``o`` (``z`` times ``o``'s weight, head by
+  head), and when ``result`` is edited ``o``'s output becomes ``result.sum(heads) + bias``.
+- ``q``, ``k``, ``v``, ``pattern``: the arguments and the weights of the attention function
+  transformers calls (its ``AttentionInterface``). While a site is in use, the module that
+  calls it (``core``) is given a copy of its config whose attention implementation is
+  ``"introspect_heads"``: a function registered once with transformers that passes ``q``, ``k``
+  and ``v`` through their sites, calls the implementation the model really uses, and passes
+  the weights through ``pattern``. A module that did not call it while a site was in use is an
+  error, never a silently empty record.
+- ``pattern`` needs the attention weights, which only eager attention computes: while a
+  ``pattern`` site is in use the model's config is switched to ``eager`` (so its masks are
+  built for eager too) and restored afterwards.
+
+Nothing is left on the model once the last capture or edit that uses a site exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import sys
+from collections.abc import Callable, Iterator
+from threading import RLock, get_ident
+from typing import Any
+from weakref import WeakKeyDictionary
+
+import torch
+from torch import nn
+
+from introspect._errors import CaptureError, MissingPartError
+from introspect._spec import HeadSpec
+
+__all__ = [
+    "CORE_SITES",
+    "HEAD_AXIS",
+    "IMPLEMENTATION",
+    "SITES",
+    "HeadSite",
+    "HeadTap",
+    "head_tap",
+]
+
+SITES = ("q", "k", "v", "pattern", "z", "result")
+"""The head values, in the order a forward computes them."""
+CORE_SITES = frozenset({"q", "k", "v", "pattern"})
+"""The values read from the attention function (the others from the output projection)."""
+HEAD_AXIS = {"q": 2, "k": 2, "v": 2, "z": 2, "result": 2, "pattern": 1}
+"""Which axis of each value counts heads (``pattern`` is ``[batch, heads, query, key]``)."""
+IMPLEMENTATION = "introspect_heads"
+"""The attention implementation name a tapped module's config copy carries."""
+
+_LOCK = RLock()
+_TAPS: WeakKeyDictionary[nn.Module, HeadTap] = WeakKeyDictionary()
+_CORES: WeakKeyDictionary[nn.Module, HeadTap] = WeakKeyDictionary()
+_EAGER: dict[int, list[Any]] = {}
+"""id(config) -> [config, users, implementation before the switch to eager]."""
+_REGISTERED = False
+
+
+class HeadSite(nn.Module):
+    """An identity module a head value is passed through while something uses it.
+
+    Example:
+        >>> site = HeadSite("q")
+        >>> x = torch.ones(1, 2, 4, 8)
+        >>> site(x) is x, site.active()
+        (True, False)
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states
+
+    def active(self) -> bool:
+        """Whether a capture hooks this site or an edit wraps it (else it is not called)."""
+        found = self.__dict__
+        return bool(found["_forward_hooks"] or found["_forward_pre_hooks"]) or "forward" in found
+
+
+def _modeling_module(module: nn.Module) -> Any:
+    return sys.modules.get(type(module).__module__)
+
+
+def uses_attention_interface(core: nn.Module) -> bool:
+    """Whether ``core``'s transformers modeling file dispatches through the attention interface.
+
+    Example:
+        >>> uses_attention_interface(nn.Linear(2, 2))
+        False
+    """
+    found = _modeling_module(core)
+    return (
+        getattr(found, "ALL_ATTENTION_FUNCTIONS", None) is not None
+        and getattr(found, "eager_attention_forward", None) is not None
+    )
+
+
+def _register() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(IMPLEMENTATION, _attend)
+    _REGISTERED = True
+
+
+def _attend(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *args: Any,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    tap = _CORES.get(module)
+    if tap is None:
+        raise CaptureError(
+            f"{type(module).__name__} asked for the {IMPLEMENTATION!r} attention implementation "
+            "outside a capture or edit of its heads: set its config's attention implementation "
+            "back (e.g. model.set_attn_implementation('sdpa'))"
+        )
+    return tap.attend(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def _switch_eager(config: Any) -> None:
+    entry = _EAGER.get(id(config))
+    if entry is None:
+        before = getattr(config, "_attn_implementation", None)
+        _EAGER[id(config)] = [config, 1, before]
+        config.__dict__["_attn_implementation_internal"] = "eager"
+    else:
+        entry[1] += 1
+
+
+def _restore_eager(config: Any) -> None:
+    entry = _EAGER.get(id(config))
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] == 0:
+        del _EAGER[id(config)]
+        config.__dict__["_attn_implementation_internal"] = entry[2]
+
+
+def _weight_per_head(o: nn.Module, heads: int) -> Callable[[], torch.Tensor]:
+    """A function giving ``o``'s weight as ``[out, heads, head_dim]`` (read at each call)."""
+    weight = getattr(o, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise MissingPartError(
+            f"the output projection {type(o).__name__} has no 2-D weight, so each head's result "
+            "cannot be computed"
+        )
+    if isinstance(o, nn.Linear):
+        return lambda: o.weight.view(o.weight.shape[0], heads, -1)
+    nf = getattr(o, "nf", None)
+    if isinstance(nf, int) and weight.shape[1] == nf:
+        # transformers' Conv1D (GPT-2 family): weight is [in, out].
+        def transposed() -> torch.Tensor:
+            current = o.weight
+            assert isinstance(current, torch.Tensor)
+            return current.t().reshape(current.shape[1], heads, -1)
+
+        return transposed
+    raise MissingPartError(
+        f"the output projection {type(o).__name__} is neither nn.Linear nor transformers' "
+        "Conv1D, so each head's result cannot be computed from its weight"
+    )
+
+
+class HeadTap:
+    """The sites of one attention module, and what must be in place while they are used.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> cfg = LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+        ...                   num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+        >>> model = LlamaForCausalLM(cfg).eval()
+        >>> attn = model.model.layers[0].self_attn
+        >>> tap = head_tap(attn, HeadSpec(o="o_proj"), cfg, "block[0].attn")
+        >>> tap.heads, tap.kv_heads, tap.head_dim
+        (4, 2, 8)
+    """
+
+    def __init__(self, attn: nn.Module, spec: HeadSpec, config: Any, label: str) -> None:
+        self.attn = attn
+        self.spec = spec
+        self.label = label
+        self.sites = {name: HeadSite(name) for name in SITES}
+        core: nn.Module | None = attn
+        if spec.core:
+            core = attn.get_submodule(spec.core) if _has(attn, spec.core) else None
+        self.core = core
+        o = attn.get_submodule(spec.o) if _has(attn, spec.o) else None
+        if o is None:
+            raise MissingPartError(
+                f"{label}: the head layout says the output projection is {spec.o!r} inside "
+                f"{type(attn).__name__}, which has no such module"
+            )
+        self.o = o
+        self.heads, self.kv_heads, self.head_dim = spec.counts(config, core)
+        self._per_head = _weight_per_head(o, self.heads) if _has_weight(o) else None
+        self._uses: dict[str, int] = dict.fromkeys(SITES, 0)
+        self._core_users = 0
+        self._o_users = 0
+        self._handles: list[Any] = []
+        self._o_handles: list[Any] = []
+        self._real_config: Any = None
+        self._eager_config: Any = None
+        self._ran: dict[int, bool] = {}
+        self.arguments: list[dict[str, Any]] | None = None
+        """Set to a list to keep what each call gave the attention function (the mask, the
+        scaling and the other keyword arguments): the conformance checks recompute the
+        pattern from them. ``None`` (the default) keeps nothing."""
+
+    # -- what a site needs --------------------------------------------------------------------
+
+    def why_not(self, site: str) -> str | None:
+        """Why ``site`` cannot be read on this module (``None``: it can)."""
+        if site in CORE_SITES:
+            if self.spec.qkv_missing:
+                return self.spec.qkv_missing
+            if self.core is None:
+                return f"the head layout names core={self.spec.core!r}, which is missing"
+            if not uses_attention_interface(self.core):
+                import transformers
+
+                return (
+                    f"{type(self.core).__name__} computes attention inline on transformers "
+                    f"{transformers.__version__}, not through transformers' attention interface, "
+                    "so q, k, v and pattern cannot be read without re-implementing it (z, result "
+                    "and o can)"
+                )
+        if site == "result" and self._per_head is None:
+            return f"the output projection {type(self.o).__name__} has no 2-D weight"
+        return None
+
+    @contextlib.contextmanager
+    def use(self, site: str) -> Iterator[None]:
+        """Hold what ``site`` needs in place (entered by captures and edits that use it)."""
+        with _LOCK:
+            self._acquire(site)
+        try:
+            yield
+        finally:
+            with _LOCK:
+                self._release(site)
+
+    def _acquire(self, site: str) -> None:
+        reason = self.why_not(site)
+        if reason is not None:
+            raise MissingPartError(f"{self.label}.{site} cannot be read: {reason}")
+        if site in CORE_SITES:
+            if self._core_users == 0:
+                self._install_core()
+            self._core_users += 1
+            if site == "pattern":
+                _switch_eager(self._real_config)
+                self._eager_config = self._real_config
+        else:
+            if self._o_users == 0:
+                self._o_handles = [
+                    self.o.register_forward_pre_hook(self._o_pre, with_kwargs=True),
+                    self.o.register_forward_hook(self._o_post, with_kwargs=True),
+                ]
+            self._o_users += 1
+        self._uses[site] += 1
+
+    def _release(self, site: str) -> None:
+        self._uses[site] -= 1
+        if site in CORE_SITES:
+            if site == "pattern":
+                _restore_eager(self._eager_config)
+            self._core_users -= 1
+            if self._core_users == 0:
+                self._remove_core()
+        else:
+            self._o_users -= 1
+            if self._o_users == 0:
+                for handle in self._o_handles:
+                    handle.remove()
+                self._o_handles = []
+
+    def _install_core(self) -> None:
+        _register()
+        core = self.core
+        assert core is not None
+        real = core.__dict__.get("config")
+        if real is None:
+            raise MissingPartError(f"{self.label}: {type(core).__name__} has no config attribute")
+        view = copy.copy(real)
+        view.__dict__["_attn_implementation_internal"] = IMPLEMENTATION
+        self._real_config = real
+        core.config = view
+        _CORES[core] = self
+        self._handles = [
+            core.register_forward_pre_hook(self._core_enter),
+            core.register_forward_hook(self._core_leave),
+        ]
+
+    def _remove_core(self) -> None:
+        core = self.core
+        assert core is not None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if core.__dict__.get("config") is not self._real_config:
+            core.config = self._real_config
+        _CORES.pop(core, None)
+        self._real_config = None
+
+    # -- the forward --------------------------------------------------------------------------
+
+    def _core_enter(self, module: nn.Module, args: Any) -> None:
+        self._ran[get_ident()] = False
+
+    def _core_leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._ran.pop(get_ident(), True):
+            return
+        used = [s for s in CORE_SITES if self.sites[s].active()]
+        if used:
+            raise CaptureError(
+                f"{self.label}: {type(module).__name__} ran without calling the attention "
+                f"function, so {', '.join(sorted(used))} would be missing or unedited (a "
+                "configuration that bypasses transformers' attention interface, such as GPT-2's "
+                "reorder_and_upcast_attn)"
+            )
+
+    def _function(self, module: nn.Module) -> Callable[..., Any]:
+        implementation = getattr(self._real_config, "_attn_implementation", None)
+        if implementation in (None, "eager", IMPLEMENTATION):
+            return _modeling_module(module).eager_attention_forward  # type: ignore[no-any-return]
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        return ALL_ATTENTION_FUNCTIONS[implementation]  # type: ignore[no-any-return]
+
+    def attend(
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention function with ``q``, ``k``, ``v`` and ``pattern`` passed through sites."""
+        self._ran[get_ident()] = True
+        function = self._function(module)
+        if self.arguments is not None:
+            self.arguments.append({"attention_mask": attention_mask, **kwargs})
+        sites = self.sites
+        if query.dim() != 4 or key.dim() != 4:
+            raise CaptureError(
+                f"{self.label}: the attention function received query {tuple(query.shape)} and "
+                f"key {tuple(key.shape)}, not [batch, heads, seq, head_dim]"
+            )
+        heads, kv_heads = query.shape[1], key.shape[1]
+        if (heads, kv_heads) != (self.heads, self.kv_heads):
+            raise CaptureError(
+                f"{self.label}: the attention function received {heads} query and {kv_heads} "
+                f"key/value heads, but the adapter's head layout says {self.heads} and "
+                f"{self.kv_heads}: the adapter's HeadSpec is wrong for this model"
+            )
+        if sites["q"].active():
+            query = sites["q"](query.transpose(1, 2)).transpose(1, 2)
+        if sites["k"].active():
+            key = sites["k"](key.transpose(1, 2)).transpose(1, 2)
+        if sites["v"].active():
+            value = sites["v"](value.transpose(1, 2)).transpose(1, 2)
+        out, weights = function(module, query, key, value, attention_mask, *args, **kwargs)
+        if sites["pattern"].active():
+            if weights is None:
+                raise CaptureError(
+                    f"{self.label}.pattern: the attention implementation "
+                    f"{getattr(self._real_config, '_attn_implementation', None)!r} returned no "
+                    "weights; load the model with attn_implementation='eager'"
+                )
+            new = sites["pattern"](weights)
+            if new is not weights:
+                values = value
+                if kv_heads != heads:
+                    values = value.repeat_interleave(heads // kv_heads, dim=1)
+                out = torch.matmul(new.to(values.dtype), values).transpose(1, 2).contiguous()
+                weights = new
+        return out, weights
+
+    def _o_pre(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        site = self.sites["z"]
+        if not site.active() or not args:
+            return None
+        x = args[0]
+        z = x.unflatten(-1, (self.heads, -1))
+        new = site(z)
+        if new is z:
+            return None
+        return (new.reshape(x.shape), *args[1:]), kwargs
+
+    def _o_post(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> Any:
+        site = self.sites["result"]
+        if not site.active() or not args or self._per_head is None:
+            return None
+        x = args[0]
+        z = x.unflatten(-1, (self.heads, -1))
+        weight = self._per_head()
+        result = torch.einsum("...hd,ohd->...ho", z, weight.to(z.dtype))
+        new = site(result)
+        if new is result:
+            return None
+        out = new.sum(dim=-2)
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            out = out + bias.to(out.dtype)
+        return out.to(output.dtype) if isinstance(output, torch.Tensor) else out
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _has_weight(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.dim() == 2
+
+
+def head_tap(attn: nn.Module, spec: HeadSpec, config: Any, label: str) -> HeadTap:
+    """The tap of an attention module (one per module and head layout, kept while it lives).
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> cfg = GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=64)
+        >>> attn = GPT2LMHeadModel(cfg).transformer.h[0].attn
+        >>> tap = head_tap(attn, HeadSpec(o="c_proj"), cfg, "block[0].attn")
+        >>> tap is head_tap(attn, HeadSpec(o="c_proj"), cfg, "block[0].attn"), tap.head_dim
+        (True, 8)
+    """
+    with _LOCK:
+        tap = _TAPS.get(attn)
+        if tap is not None and tap.spec == spec and tap.o is attn.get_submodule(spec.o):
+            return tap
+        tap = HeadTap(attn, spec, config, label)
+        _TAPS[attn] = tap
+        return tap
