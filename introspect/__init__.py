@@ -18,6 +18,13 @@ from typing import TYPE_CHECKING, Any
 from introspect._version import __version__
 
 if TYPE_CHECKING:
+    from introspect._attention import (
+        AttentionPatterns,
+        HeadScores,
+        attention_patterns,
+        head_scores,
+    )
+    from introspect._attribution import Attribution
     from introspect._batching import (
         encode_batch,
         last_token_positions,
@@ -60,6 +67,10 @@ if TYPE_CHECKING:
 
 # Where each public name lives (one flat namespace over private parts, as httpx does).
 _EXPORTS: dict[str, str] = {
+    **dict.fromkeys(
+        ["AttentionPatterns", "HeadScores", "attention_patterns", "head_scores"], "_attention"
+    ),
+    "Attribution": "_attribution",
     **dict.fromkeys(
         [
             "encode_batch",
@@ -108,11 +119,14 @@ __all__ = [
     "AdapterConflictError",
     "AdapterError",
     "AdapterSpec",
+    "AttentionPatterns",
+    "Attribution",
     "ByteTokenizerWarning",
     "Capture",
     "CaptureError",
     "ConformanceError",
     "DetectedAdapterWarning",
+    "HeadScores",
     "HeadSpec",
     "Inspector",
     "Intervention",
@@ -133,6 +147,7 @@ __all__ = [
     "StreamOp",
     "UnsupportedArchitectureError",
     "__version__",
+    "attention_patterns",
     "capture_to_file",
     "describe",
     "detect_adapter",
@@ -140,6 +155,7 @@ __all__ = [
     "get_hidden_state",
     "get_plugin_manager",
     "get_registry",
+    "head_scores",
     "hookimpl",
     "last_token_positions",
     "load_capture",

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from introspect._attribution import Attribution, direct_logit_attribution
 from introspect._batching import PaddingSide, Positions, check_positions, encode_batch
 from introspect._capture import Capture, Record, Target, Transform
 from introspect._errors import (
@@ -955,6 +956,36 @@ class Inspector:
             keep_logits=keep_logits,
             batch_index=batch_index,
             targets=targets,
+        )
+
+    def direct_logit_attribution(
+        self,
+        inputs: str | torch.Tensor | Mapping[str, Any],
+        token: int | str,
+        position: int = -1,
+        *,
+        per_head: bool = False,
+        tokenizer: Any = None,
+    ) -> Attribution:
+        """Each component's direct contribution to ``token``'s logit at ``position``.
+
+        Labels are ``"embed"``, ``"block[i].attn"``, ``"block[i].mlp"`` (or, with
+        ``per_head=True``, ``"block[i].attn.head[h]"``) and ``"bias"`` (everything that does not
+        depend on the input). Each term goes through the final norm with its scale frozen at
+        this forward's value and through the unembedding; the values sum to the model's own
+        logit (checked at every call). Architectures whose stream is not such a sum (post-norm
+        BERT, Mamba, RWKV) or whose head is not linear after the norm (soft-capping) are refused
+        with the reason. See :mod:`introspect._attribution`.
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64))
+            >>> dla = Inspector(m.eval()).direct_logit_attribution(torch.tensor([[1, 2, 3]]), 9)
+            >>> abs(float(dla.values.sum()) - dla.logit) < 1e-4
+            True
+        """
+        return direct_logit_attribution(
+            self, inputs, token, position, per_head=per_head, tokenizer=tokenizer
         )
 
     def __repr__(self) -> str:
