@@ -206,6 +206,26 @@ class Inspector:
         """The width of each query/key head."""
         return self._head_counts(None, "attn")[2]
 
+    def head_count(self, locator: str | Locator) -> int:
+        """How many heads a head locator's value has (``num_kv_heads`` for ``k``/``v``).
+
+        Example:
+            >>> from transformers import LlamaConfig, LlamaForCausalLM
+            >>> cfg = LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+            ...                   num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+            >>> insp = Inspector(LlamaForCausalLM(cfg))
+            >>> insp.head_count("block[0].attn.z"), insp.head_count("block[0].attn.k")
+            (4, 2)
+        """
+        loc = self.locator(locator)
+        site = _head_site(loc)
+        if site not in HEAD_AXIS:
+            raise LocatorError(
+                f"{loc} is not a head locator (block[i].attn.q, .k, .v, .z, .result or .pattern)"
+            )
+        tap = self._resolver.head_tap(loc)
+        return tap.kv_heads if site in ("k", "v") else tap.heads
+
     def num_heads_in(self, stack: str | None = None, part: str = "attn") -> int:
         """Query heads of ``part`` (``attn``, or e.g. ``cross_attn``) in ``stack``.
 
@@ -433,9 +453,7 @@ class Inspector:
                 )
             head_list: tuple[int, ...] | None = None
             if wanted is not None:
-                tap = self._resolver.head_tap(loc)
-                count = tap.kv_heads if site in ("k", "v") else tap.heads
-                head_list = _heads_in_range(wanted, count, loc)
+                head_list = _heads_in_range(wanted, self.head_count(loc), loc)
             if loc.side == "input" and loc.part == "embed" and not loc.is_block:
                 raise InterventionError(
                     "embed.input is token ids and cannot be edited: edit 'embed' (its output) "
@@ -656,8 +674,12 @@ class Inspector:
         locators: str | Sequence[str] = "block[:]",
         positions: Sequence[int] | None = None,
         relative: bool = False,
+        heads: str | None = None,
     ) -> torch.Tensor:
         """Activation patching over locators x positions: ``[len(locators), len(positions)]``.
+
+        ``heads="each"`` sweeps the heads of head locators instead: ``[len(locators), heads]``
+        (every position patched), or ``[len(locators), heads, len(positions)]``.
 
         ``effect[i, j]`` is ``metric(corrupted run with locator i at position j patched from the
         clean run) - metric(corrupted run)``; ``metric`` maps the model's output to a number
@@ -682,6 +704,7 @@ class Inspector:
             locators=locators,
             positions=positions,
             relative=relative,
+            heads=heads,
         )
 
     # -- batches ----------------------------------------------------------------------------------

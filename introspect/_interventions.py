@@ -1031,6 +1031,7 @@ def patching_sweep(
     locators: str | Sequence[str] = "block[:]",
     positions: Sequence[int] | None = None,
     relative: bool = False,
+    heads: str | None = None,
 ) -> torch.Tensor:
     """Activation patching: the metric's change when one (locator, position) comes from clean.
 
@@ -1039,6 +1040,10 @@ def patching_sweep(
     ``effect[i, j] = metric(patched) - metric(corrupted)`` for locator ``i`` and position
     ``positions[j]`` (every position by default); ``relative=True`` divides by
     ``metric(clean) - metric(corrupted)``, so 1.0 means the patch restores the clean behaviour.
+
+    ``heads="each"`` patches one head at a time of head locators (``block[:].attn.z``,
+    ``.result``, ``.q`` ...): ``effect[i, h]`` patches head ``h`` of locator ``i`` at every
+    position, or ``effect[i, h, j]`` at ``positions[j]`` when positions are given.
 
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -1050,7 +1055,17 @@ def patching_sweep(
         >>> patching_sweep(insp, clean, corrupted, logit_difference(5, 6)).shape
         torch.Size([2, 3])
     """
+    if heads not in (None, "each"):
+        raise InterventionError(f"heads= takes 'each' (one head at a time) or None, got {heads!r}")
     names = [str(loc) for loc in insp.expand([locators] if isinstance(locators, str) else locators)]
+    counts: list[int] = []
+    if heads == "each":
+        counts = [insp.head_count(name) for name in names]
+        if len(set(counts)) > 1:
+            raise InterventionError(
+                f"heads='each' needs locators with one head count, got {sorted(set(counts))}: "
+                "sweep k/v (key/value heads) apart from q/z/result (query heads)"
+            )
     model = insp.model
     clean_ids = clean.get("input_ids")
     corrupted_ids = corrupted.get("input_ids")
@@ -1064,7 +1079,10 @@ def patching_sweep(
             f"got {tuple(clean_ids.shape)} and {tuple(corrupted_ids.shape)}: pad them to one length"
         )
     seq = int(corrupted_ids.shape[1]) if isinstance(corrupted_ids, torch.Tensor) else None
-    if positions is None:
+    positions_given = positions is not None or heads != "each"
+    if heads == "each" and positions is None:
+        positions = []
+    elif positions is None:
         if seq is None:
             raise InterventionError("pass positions=[...] when the inputs have no input_ids")
         positions = list(range(seq))
@@ -1082,11 +1100,28 @@ def patching_sweep(
             rec = cap[name]
             values[name] = rec.input if name.endswith(".input") else rec.output
         base = score(model(**corrupted))
-        effect = torch.zeros(len(names), len(positions))
-        for i, name in enumerate(names):
-            for j, p in enumerate(positions):
-                with insp.patch(name, values[name], positions=[p]):
-                    effect[i, j] = score(model(**corrupted)) - base
+        if heads == "each":
+            n = counts[0]
+            effect = (
+                torch.zeros(len(names), n, len(positions))
+                if positions_given
+                else (torch.zeros(len(names), n))
+            )
+            for i, name in enumerate(names):
+                for h in range(n):
+                    if not positions_given:
+                        with insp.patch(name, values[name], heads=h):
+                            effect[i, h] = score(model(**corrupted)) - base
+                        continue
+                    for j, p in enumerate(positions):
+                        with insp.patch(name, values[name], positions=[p], heads=h):
+                            effect[i, h, j] = score(model(**corrupted)) - base
+        else:
+            effect = torch.zeros(len(names), len(positions))
+            for i, name in enumerate(names):
+                for j, p in enumerate(positions):
+                    with insp.patch(name, values[name], positions=[p]):
+                        effect[i, j] = score(model(**corrupted)) - base
     if relative:
         gap = clean_score - base
         if gap == 0:

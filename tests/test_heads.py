@@ -1,0 +1,234 @@
+"""Head locators and head edits at their edges: errors first, nothing left behind, generation.
+
+The happy path of every architecture is proven in ``test_heads_all``; these tests try what a
+researcher gets wrong or pushes: bad head indices, heads= where it means nothing, a pattern
+captured from a model loaded with sdpa (switched to eager and back, even on an error), nested
+uses, k/v edits under a KV cache (refused: the cache would keep the unedited keys), per-head
+mean ablation, and q captured through generate equal to a full forward's q.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from conftest import gpt2_config, llama_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+from introspect import CaptureError, Inspector, InterventionError, LocatorError, MissingPartError
+from introspect.testing import build_tiny
+
+IDS = torch.tensor([[5, 17, 42, 9, 77, 3], [8, 1, 99, 23, 4, 60]])
+
+
+def llama(implementation: str = "sdpa") -> Any:
+    model = build_tiny(LlamaForCausalLM, llama_config())
+    model.set_attn_implementation(implementation)
+    return model
+
+
+def _hooks(model: Any) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def _configs(model: Any) -> list[Any]:
+    return [m.config for m in model.modules() if hasattr(m, "config")]
+
+
+def test_counts() -> None:
+    insp = Inspector(llama())
+    assert (insp.num_heads, insp.num_kv_heads, insp.head_dim) == (4, 2, 16)
+    assert insp.head_count("block[1].attn.v") == 2
+    assert insp.head_count("block[1].attn.result") == 4
+    with pytest.raises(LocatorError, match="not a head locator"):
+        insp.head_count("block[1].attn")
+
+
+def test_pattern_switches_to_eager_and_back_even_on_error() -> None:
+    model = llama("sdpa")
+    insp = Inspector(model)
+    model(IDS)  # transformers 5 installs its own hooks on first use
+    hooks = _hooks(model)
+    with insp.capture("block[0].attn.pattern"):
+        assert model.config._attn_implementation == "eager"
+        with insp.capture("block[1].attn.pattern"):  # nested: restored only at the outer exit
+            pass
+        assert model.config._attn_implementation == "eager"
+        model(IDS)
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(RuntimeError, match="boom"), insp.capture("block[0].attn.q"):
+        assert model.model.layers[0].self_attn.config is not model.config
+        raise RuntimeError("boom")
+    assert model.model.layers[0].self_attn.config is model.config
+    assert all(c._attn_implementation == "sdpa" for c in _configs(model))
+    assert _hooks(model) == hooks
+
+
+def test_bad_heads_are_errors_before_any_forward() -> None:
+    model = llama()
+    insp = Inspector(model)
+    calls: list[int] = []
+    handle = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(InterventionError, match=r"head 4 is out of range .* 4 heads"):
+            insp.ablate("block[0].attn.z", heads=[4])
+        with pytest.raises(InterventionError, match=r"head 2 is out of range .* 2 heads"):
+            insp.ablate("block[0].attn.k", heads=2)  # k has num_kv_heads
+        with pytest.raises(InterventionError, match="not one: edit 'block\\[0\\].attn.z'"):
+            insp.ablate("block[0]", heads=[0])
+        with pytest.raises(InterventionError, match="not one"):
+            insp.scale("block[0].attn", 0.0, heads=[0])
+        with pytest.raises(InterventionError, match="integer head indices"):
+            insp.ablate("block[0].attn.z", heads=[0.5])
+        with pytest.raises(InterventionError, match="heads= is empty"):
+            insp.ablate("block[0].attn.z", heads=[])
+        with pytest.raises(InterventionError, match="takes a head index"):
+            insp.ablate("block[0].attn.z", heads="all")
+        with pytest.raises(InterventionError, match="positions= cannot be placed"):
+            insp.ablate("block[0].attn.pattern", positions=[1])
+        with pytest.raises(InterventionError, match="mean ablation of"):
+            insp.ablate("block[0].attn.pattern", mean_over=torch.ones(4))
+        with pytest.raises(CaptureError, match="does not have first"):
+            insp.capture("block[0].attn.pattern", positions="last")
+        with pytest.raises(LocatorError, match="unknown head locator"):
+            insp.capture("block[0].attn.scores")
+        with pytest.raises(LocatorError, match="out of range"):
+            insp.capture("block[7].attn.q")
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_steering_one_query_head_changes_only_its_pattern() -> None:
+    model = llama()
+    insp = Inspector(model)
+    with insp.capture("block[0].attn.pattern") as clean:
+        model(IDS)
+    vector = torch.randn(16)
+    with (
+        insp.steer("block[0].attn.q", vector, scale=3.0, heads=[2]),
+        insp.capture("block[0].attn.pattern", "block[0].attn.q") as cap,
+    ):
+        model(IDS)
+    before, after = clean["block[0].attn.pattern"].output, cap["block[0].attn.pattern"].output
+    changed = (after - before).abs().amax(dim=(0, 2, 3))
+    assert changed[2] > 1e-3 and torch.all(changed[[0, 1, 3]] == 0)
+    q = cap["block[0].attn.q"]
+    assert torch.allclose(q.output[:, :, 2], q.input[:, :, 2] + 3.0 * vector)
+    assert torch.equal(q.output[:, :, 0], q.input[:, :, 0])
+
+
+def test_heads_and_positions_together() -> None:
+    model = build_tiny(GPT2LMHeadModel, gpt2_config())
+    insp = Inspector(model)
+    with (
+        insp.ablate("block[1].attn.z", heads=[1, -1], positions=[2]),
+        insp.capture("block[1].attn.z") as cap,
+    ):
+        model(IDS)
+    z = cap["block[1].attn.z"]
+    zeroed = torch.zeros(z.output.shape[:3], dtype=torch.bool)
+    zeroed[:, 2, [1, 3]] = True
+    assert torch.all(z.output[zeroed] == 0)
+    assert torch.equal(z.output[~zeroed], z.input[~zeroed])
+    assert z.edits == ("block[1].attn.z: ablate(zero) heads=[1, -1]",)
+
+
+def test_mean_ablation_is_one_vector_per_head() -> None:
+    model = llama()
+    insp = Inspector(model)
+    with insp.capture("block[0].attn.z") as ref:
+        model(IDS)
+    values = ref["block[0].attn.z"].output
+    with (
+        insp.ablate("block[0].attn.z", mean_over=ref["block[0].attn.z"], heads=[3]),
+        insp.capture("block[0].attn.z") as cap,
+    ):
+        model(IDS)
+    out = cap["block[0].attn.z"].output
+    assert torch.allclose(out[:, :, 3], values[:, :, 3].mean(dim=(0, 1)).expand_as(out[:, :, 3]))
+    assert torch.equal(out[:, :, :3], values[:, :, :3])
+
+
+def test_result_edit_equals_o_from_the_edited_results() -> None:
+    model = build_tiny(GPT2LMHeadModel, gpt2_config())
+    insp = Inspector(model)
+    with (
+        insp.scale("block[2].attn.result", 0.5, heads=0),
+        insp.capture("block[2].attn.result", "block[2].attn.o") as cap,
+    ):
+        model(IDS)
+    result = cap["block[2].attn.result"]
+    assert torch.allclose(result.output[:, :, 0], 0.5 * result.input[:, :, 0])
+    bias = insp.module("block[2].attn.o").bias
+    assert torch.allclose(cap["block[2].attn.o"].output, result.output.sum(2) + bias, atol=1e-6)
+
+
+def test_kv_edits_under_a_cache_are_refused() -> None:
+    model = llama()
+    insp = Inspector(model)
+    prompt = IDS[:1, :3]
+    with (
+        insp.ablate("block[0].attn.k", heads=0),
+        pytest.raises(InterventionError, match="not the KV cache"),
+    ):
+        model.generate(prompt, max_new_tokens=2, do_sample=False)
+    with insp.ablate("block[0].attn.v", heads=0):
+        out = model.generate(prompt, max_new_tokens=2, do_sample=False, use_cache=False)
+    assert out.shape == (1, 5)
+
+
+def test_q_through_generate_equals_a_full_forward() -> None:
+    model = llama()
+    insp = Inspector(model)
+    prompt = IDS[:1, :3]
+    with insp.capture("block[1].attn.q", "block[1].attn.z", "block[1].attn.k") as cap:
+        out = model.generate(prompt, max_new_tokens=3, do_sample=False)
+    with insp.capture("block[1].attn.q", "block[1].attn.z") as full:
+        model(out[:, :-1])
+    for name in ("block[1].attn.q", "block[1].attn.z"):
+        assert torch.allclose(cap.concat(name), full[name].output, atol=1e-5)
+    with pytest.raises(CaptureError, match="key axis of k"):
+        cap.concat("block[1].attn.k")
+    steps = cap.steps("block[1].attn.k")
+    assert [s.shape[1] for s in steps] == [3, 4, 5]
+
+
+def test_attention_free_and_missing_layouts_are_refused() -> None:
+    from transformers import RwkvConfig, RwkvForCausalLM
+
+    model = RwkvForCausalLM(
+        RwkvConfig(num_hidden_layers=2, hidden_size=32, attention_hidden_size=32, vocab_size=64)
+    ).eval()
+    insp = Inspector(model)
+    with pytest.raises(MissingPartError, match="no attention heads"):
+        insp.capture("block[0].attn.z")
+    with pytest.raises(MissingPartError, match="no attention heads"):
+        insp.num_heads  # noqa: B018
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    heads=st.lists(st.integers(0, 3), min_size=1, max_size=4),
+    factor=st.floats(-2, 2, allow_nan=False),
+)
+def test_scaling_heads_of_z_matches_o_on_scaled_z(heads: list[int], factor: float) -> None:
+    model = _GPT2
+    insp = Inspector(model)
+    with (
+        insp.scale("block[1].attn.z", factor, heads=heads),
+        insp.capture("block[1].attn.z", "block[1].attn.o") as cap,
+        torch.no_grad(),
+    ):
+        model(IDS)
+    z = cap["block[1].attn.z"].input.clone()
+    z[:, :, sorted(set(heads))] *= factor
+    with torch.no_grad():
+        hand = insp.module("block[1].attn.o")(z.flatten(-2))
+    assert torch.allclose(cap["block[1].attn.o"].output, hand, atol=1e-5)
+
+
+_GPT2 = build_tiny(GPT2LMHeadModel, gpt2_config())
