@@ -77,7 +77,7 @@ def test_bad_heads_are_errors_before_any_forward() -> None:
             insp.ablate("block[0].attn.z", heads=[4])
         with pytest.raises(InterventionError, match=r"head 2 is out of range .* 2 heads"):
             insp.ablate("block[0].attn.k", heads=2)  # k has num_kv_heads
-        with pytest.raises(InterventionError, match="not one: edit 'block\\[0\\].attn.z'"):
+        with pytest.raises(InterventionError, match=r"not one: edit 'block\[0\].attn.z'"):
             insp.ablate("block[0]", heads=[0])
         with pytest.raises(InterventionError, match="not one"):
             insp.scale("block[0].attn", 0.0, heads=[0])
