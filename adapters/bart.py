@@ -11,13 +11,17 @@ Facts measured against Hugging Face (transformers 4.57 and 5.x):
 - ``logits = lm_head(h) + final_logits_bias``: the bias is a buffer of the top-level model.
 - There is no MLP module: ``block[i].fc1`` and ``block[i].fc2`` name its two linears.
 - ``BartForCausalLM`` has only the decoder: adapter ``bart-causal`` serves it.
+- Heads: every attention module (``self_attn``, the decoder's ``encoder_attn`` named
+  ``cross_attn``) calls transformers' attention function itself and projects through
+  ``out_proj``. The encoder counts ``encoder_attention_heads``, the decoder (self- and
+  cross-attention) ``decoder_attention_heads``; ``head_dim = d_model // heads``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect import AdapterSpec, LogitOp, StackSpec, hookimpl
+from introspect import AdapterSpec, HeadSpec, LogitOp, StackSpec, hookimpl
 
 _MISSING = {
     "final_norm": (
@@ -43,6 +47,28 @@ _DECODER_PARTS = {
     "cross_attn_norm": "encoder_attn_layer_norm",
 }
 
+
+def _heads(count: str, scores: str) -> HeadSpec:
+    """BART's head layout with the head count read from config attribute ``count``."""
+    return HeadSpec(
+        o="out_proj",
+        num_heads=count,
+        num_kv_heads=None,
+        head_dim=None,
+        hidden_size="d_model",
+        scores=scores,
+    )
+
+
+_ENCODER_HEADS = {"attn": _heads("encoder_attention_heads", "q·kᵀ/√head_dim + padding mask")}
+_DECODER_HEADS = {
+    "attn": _heads("decoder_attention_heads", "q·kᵀ/√head_dim + causal and padding mask"),
+    "cross_attn": _heads(
+        "decoder_attention_heads",
+        "q·kᵀ/√head_dim + the encoder's padding mask (queries: decoder, keys: encoder output)",
+    ),
+}
+
 ENCODER = StackSpec(
     embed="encoder.embed_tokens",
     blocks="encoder.layers",
@@ -52,6 +78,7 @@ ENCODER = StackSpec(
         "embed_norm": "encoder.layernorm_embedding",
     },
     parts=_PARTS,
+    heads=_ENCODER_HEADS,
     missing=_MISSING,
     root="encoder",
 )
@@ -70,6 +97,7 @@ BART = AdapterSpec(
         "embed_norm": "decoder.layernorm_embedding",
     },
     parts=_DECODER_PARTS,
+    heads=_DECODER_HEADS,
     missing=_MISSING,
     root="decoder",
     lm_head="lm_head",
@@ -89,6 +117,7 @@ BART_CAUSAL = BART.derive(
     root=None,
     # Without an encoder the decoder's cross-attention never runs.
     parts=_PARTS,
+    heads={"attn": _DECODER_HEADS["attn"]},
     logit_ops=(),
     notes=("attn_norm/mlp_norm are applied after each residual add (post-LN)",),
 )

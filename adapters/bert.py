@@ -17,19 +17,27 @@ Facts measured against Hugging Face (transformers 4.57 and 5.x):
   intermediate activations as input and the block output as output. ``block[i].attn_out`` and
   ``block[i].mlp_out`` are the two projections alone (their outputs are the sub-layer's
   contribution before the residual add). DistilBERT's ``attention`` and ``ffn`` are pure.
+- Heads: BERT/RoBERTa's ``attention`` (BertAttention) holds the attention proper in
+  ``attention.self`` (the module that calls the attention function, ``core="self"``) and the
+  output projection in ``attention.output.dense`` (``o``; its output is the heads' sum
+  before the residual add and the LayerNorm). DistilBERT's ``attention`` does both, with
+  ``out_lin`` as ``o``. On transformers 4.x all three compute attention inline, so only
+  ``z``, ``result`` and ``o`` can be read there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect import AdapterSpec, hookimpl
+from introspect import AdapterSpec, HeadSpec, hookimpl
 
 _NO_FINAL_NORM = (
     "{name} is post-LN: every block ends in its own LayerNorm and Hugging Face applies no norm "
     "after the last block, so hidden_states[-1] is the raw last block output (the masked-LM "
     "head has its own LayerNorm inside; logits() applies it)"
 )
+
+_SCORES = "q·kᵀ/√head_dim + padding mask (causal too where the model is a decoder)"
 
 BERT = AdapterSpec(
     name="bert",
@@ -52,6 +60,11 @@ BERT = AdapterSpec(
         "mlp_in": "intermediate",
         "mlp_out": "output.dense",
         "mlp_norm": "output.LayerNorm",
+    },
+    heads={
+        "attn": HeadSpec(
+            o="output.dense", core="self", num_kv_heads=None, head_dim=None, scores=_SCORES
+        )
     },
     missing={
         "final_norm": _NO_FINAL_NORM.format(name="BERT"),
@@ -92,6 +105,16 @@ DISTILBERT = AdapterSpec(
         "embed_norm": "embeddings.LayerNorm",
     },
     parts={"attn_norm": "sa_layer_norm", "mlp_norm": "output_layer_norm"},
+    heads={
+        "attn": HeadSpec(
+            o="out_lin",
+            num_heads="n_heads",
+            num_kv_heads=None,
+            head_dim=None,
+            hidden_size="dim",
+            scores="q·kᵀ/√head_dim + padding mask",
+        )
+    },
     missing={"final_norm": _NO_FINAL_NORM.format(name="DistilBERT")},
     head_modules=("vocab_transform", "activation", "vocab_layer_norm"),
     lm_head="vocab_projector",

@@ -6,13 +6,18 @@
   argument and return ``residual + dropout(sub_layer(x))``: their record's ``output`` is the
   residual stream after that sub-layer, not the sub-layer's own contribution.
 - ALiBi positions: nothing is added to the embedding.
+- Heads: ``n_head`` heads projected through ``self_attention.dense``. BLOOM computes
+  attention inline (``alibi.baddbmm``), not through transformers' attention function, so
+  ``z``, ``result`` and ``o`` can be read and ``q``/``k``/``v``/``pattern`` are refused.
+  ``result`` needs the projection to run as one module: with ``pretraining_tp > 1`` and
+  ``slow_but_exact`` BLOOM applies ``dense``'s weight in slices without calling it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect import AdapterSpec, hookimpl
+from introspect import AdapterSpec, HeadSpec, hookimpl
 
 BLOOM = AdapterSpec(
     name="bloom",
@@ -25,6 +30,15 @@ BLOOM = AdapterSpec(
     final_norm="ln_f",
     modules={"embed_norm": "word_embeddings_layernorm"},
     parts={"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
+    heads={
+        "attn": HeadSpec(
+            o="dense",
+            num_heads="n_head",
+            num_kv_heads=None,
+            head_dim=None,
+            scores="q·kᵀ/√head_dim + ALiBi + mask",
+        )
+    },
     residual_in=("attn", "mlp"),
     lm_head="lm_head",
     notes=(

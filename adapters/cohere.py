@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect import AdapterSpec, LogitOp, hookimpl
+from introspect import AdapterSpec, HeadSpec, LogitOp, hookimpl
 
 from .llama import LLAMA
 
@@ -27,6 +27,16 @@ COHERE = LLAMA.derive(
             "Cohere runs attention and MLP in parallel on the output of input_layernorm "
             "(block[i].attn_norm), so there is no separate MLP norm"
         ),
+    },
+    heads={
+        "attn": HeadSpec(
+            o="o_proj",
+            scores=(
+                "q·kᵀ/√head_dim + mask (Cohere: q, k LayerNorm-ed per head when use_qk_norm, "
+                "then rotary (interleaved); Cohere2: rotary q, k and a sliding window on the "
+                "sliding_attention layers only, no positions at all on the full ones)"
+            ),
+        )
     },
     logit_ops=(LogitOp(kind="scale", config_attr="logit_scale"),),
     notes=(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect import AdapterSpec, hookimpl
+from introspect import AdapterSpec, HeadSpec, hookimpl
 
 from .llama import LLAMA
 
@@ -33,6 +33,21 @@ DEEPSEEK = LLAMA.derive(
     missing={
         "router": _DENSE.format(what="router"),
         "shared_experts": _DENSE.format(what="shared experts"),
+    },
+    heads={
+        "attn": HeadSpec(
+            o="o_proj",
+            # q and k heads are qk_nope_head_dim + qk_rope_head_dim wide; config.head_dim is
+            # only the rotary part. v heads (and so z) are v_head_dim wide.
+            head_dim="qk_head_dim",
+            head_dim_attr="qk_head_dim",
+            scores=(
+                "q·kᵀ·qk_head_dim^-½ (times mscale² under YaRN rope scaling with "
+                "mscale_all_dim) + mask; each q and k head is [a part without positions "
+                "(qk_nope_head_dim), a rotary part (qk_rope_head_dim)], k's rotary part shared "
+                "by all heads; v heads are v_head_dim wide"
+            ),
+        )
     },
     notes=(
         "block[i].mlp is the dense MLP for i < config.first_k_dense_replace and the sparse-MoE "

@@ -10,13 +10,22 @@
 On parallel configs the block adds the attention output into the MLP's output tensor in place
 (``mlp_output += attention_output``); captures of ``block[i].mlp`` record a copy taken when the
 MLP returns, so the record is the MLP's own output.
+
+Heads: ``num_attention_heads`` query heads projected through ``self_attention.dense``. The
+key/value head count depends on the layout, and the attention module states it itself
+(``self_attention.num_kv_heads``, read through ``kv_heads_attr``): 1 on multi-query configs
+(Falcon-7B), the config's ``num_kv_heads`` on the new decoder architecture (grouped:
+Falcon-40B has 8; the forward broadcasts each to its group of query heads) and on
+``multi_query=False`` configs (where it equals ``num_attention_heads``). Falcon computes
+attention inline, not through transformers' attention function, so ``z``, ``result`` and
+``o`` can be read and ``q``/``k``/``v``/``pattern`` are refused.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect import AdapterSpec, hookimpl
+from introspect import AdapterSpec, HeadSpec, hookimpl
 
 FALCON = AdapterSpec(
     name="falcon",
@@ -30,6 +39,15 @@ FALCON = AdapterSpec(
     parts={
         "attn_norm": "ln_attn|input_layernorm",
         "mlp_norm": "ln_mlp|post_attention_layernorm",
+    },
+    heads={
+        "attn": HeadSpec(
+            o="dense",
+            num_kv_heads="num_kv_heads",
+            kv_heads_attr="num_kv_heads",
+            scores="rotary configs: q·kᵀ/√head_dim + mask (rotary q, k); ALiBi configs: "
+            "(q·kᵀ + ALiBi)/√head_dim + mask",
+        )
     },
     missing={
         "mlp_norm": (

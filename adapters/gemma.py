@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect import AdapterSpec, LogitOp, hookimpl
+from introspect import AdapterSpec, HeadSpec, LogitOp, hookimpl
 
 from .llama import LLAMA
 
@@ -30,6 +30,7 @@ GEMMA = LLAMA.derive(
     name="gemma",
     model_types=("gemma",),
     description="Gemma: the Llama layout, embeddings scaled by sqrt(hidden_size), (1 + w) RMSNorm",
+    heads={"attn": HeadSpec(o="o_proj", scores="q·kᵀ/√head_dim + mask (rotary q, k)")},
     notes=(_SCALED_EMBEDDINGS,),
 )
 
@@ -44,6 +45,16 @@ GEMMA2 = GEMMA.derive(
         "post_attn_norm": "post_attention_layernorm",
         "mlp_norm": "pre_feedforward_layernorm",
         "post_mlp_norm": "post_feedforward_layernorm",
+    },
+    heads={
+        "attn": HeadSpec(
+            o="o_proj",
+            scores=(
+                "q·kᵀ·query_pre_attn_scalar^-½, soft-capped (attn_logit_softcapping · "
+                "tanh(s / attn_logit_softcapping)), + mask (rotary q, k; sliding window on the "
+                "sliding_attention layers)"
+            ),
+        )
     },
     logit_ops=(LogitOp(kind="softcap", config_attr="final_logit_softcapping"),),
     notes=(
@@ -68,6 +79,16 @@ GEMMA3_TEXT = GEMMA2.derive(
     embed="embed_tokens|model.embed_tokens",
     blocks="layers|model.layers",
     final_norm="norm|model.norm",
+    heads={
+        "attn": HeadSpec(
+            o="o_proj",
+            scores=(
+                "q·kᵀ·query_pre_attn_scalar^-½ (soft-capped where attn_logit_softcapping is "
+                "set) + mask (q, k RMS-normalised per head, then rotary, with the local rotary "
+                "base on sliding_attention layers, which also mask a sliding window)"
+            ),
+        )
+    },
 )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect import AdapterSpec, hookimpl
+from introspect import AdapterSpec, HeadSpec, hookimpl
 
 from .llama import LLAMA
 
@@ -25,6 +25,15 @@ GLM4 = LLAMA.derive(
         "post_attn_norm": "post_self_attn_layernorm",
         "mlp_norm": "post_attention_layernorm",
         "post_mlp_norm": "post_mlp_layernorm",
+    },
+    heads={
+        "attn": HeadSpec(
+            o="o_proj",
+            scores=(
+                "q·kᵀ/√head_dim + mask (interleaved rotary on the first partial_rotary_factor "
+                "of each q and k head)"
+            ),
+        )
     },
     notes=(
         "block[i] output = h + post_mlp_norm(mlp(mlp_norm(h))) with "

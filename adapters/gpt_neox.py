@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect import AdapterSpec, hookimpl
+from introspect import AdapterSpec, HeadSpec, hookimpl
 
 GPT_NEOX = AdapterSpec(
     name="gpt_neox",
@@ -22,6 +22,17 @@ GPT_NEOX = AdapterSpec(
     mlp="mlp",
     final_norm="final_layer_norm",
     parts={"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
+    heads={
+        "attn": HeadSpec(
+            o="dense",
+            num_kv_heads=None,
+            head_dim=None,
+            scores=(
+                "q·kᵀ/√head_dim + mask (rotary on the first rotary_pct / partial_rotary_factor "
+                "of each q and k head)"
+            ),
+        )
+    },
     lm_head="lm_head|embed_out",
     notes=(
         "use_parallel_residual=True: block[i].mlp_norm normalises the block input, not the "

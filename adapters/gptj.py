@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect import AdapterSpec, hookimpl
+from introspect import AdapterSpec, HeadSpec, hookimpl
 
 _PARALLEL = (
     "attention and MLP run in parallel on the output of ln_1 (block[i].attn_norm), so there "
@@ -26,6 +26,17 @@ GPTJ = AdapterSpec(
     final_norm="ln_f",
     parts={"attn_norm": "ln_1"},
     missing={"mlp_norm": _PARALLEL},
+    heads={
+        "attn": HeadSpec(
+            o="out_proj",
+            num_kv_heads=None,
+            head_dim=None,
+            scores=(
+                "q·kᵀ/√head_dim in float32 + mask (interleaved rotary on the first rotary_dim "
+                "dims of each q and k head, all of it where rotary_dim is None)"
+            ),
+        )
+    },
     lm_head="lm_head",
     notes=("block[i] output = input + attn(ln_1(input)) + mlp(ln_1(input))",),
 )

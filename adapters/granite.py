@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect import AdapterSpec, LogitOp, hookimpl
+from introspect import AdapterSpec, HeadSpec, LogitOp, hookimpl
 
 from .llama import LLAMA
 
@@ -31,6 +31,15 @@ GRANITE = LLAMA.derive(
     description=(
         "Granite: the Llama layout with embedding and residual multipliers, logits / logits_scaling"
     ),
+    heads={
+        "attn": HeadSpec(
+            o="o_proj",
+            scores=(
+                "q·kᵀ·attention_multiplier + mask (rotary q, k; the scale is the config's "
+                "attention_multiplier, not 1/√head_dim)"
+            ),
+        )
+    },
     logit_ops=(LogitOp(kind="divide", config_attr="logits_scaling"),),
     notes=_NOTES,
 )

@@ -36,7 +36,15 @@ LLAMA = AdapterSpec(
     mlp="mlp",
     final_norm="norm",
     parts={"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
-    heads={"attn": HeadSpec(o="o_proj", scores="q·kᵀ/√head_dim + mask (rotary q, k)")},
+    heads={
+        "attn": HeadSpec(
+            o="o_proj",
+            scores=(
+                "q·kᵀ/√head_dim + mask (rotary q, k; Qwen3 RMS-normalises each q and k head "
+                "first; sliding window where the config enables one)"
+            ),
+        )
+    },
     lm_head="lm_head",
 )
 
@@ -44,6 +52,15 @@ PHI3 = LLAMA.derive(
     name="phi3",
     model_types=("phi3",),
     description="Phi-3: the Llama layout with fused qkv_proj and gate_up_proj projections",
+    heads={
+        "attn": HeadSpec(
+            o="o_proj",
+            scores=(
+                "q·kᵀ/√head_dim + mask (rotary q, k on the first partial_rotary_factor of each "
+                "head; sliding window where config.sliding_window is set)"
+            ),
+        )
+    },
     notes=(
         "resid_attn_dropout / resid_mlp_dropout sit between each sub-layer and the residual "
         "add; they are identities in eval mode",

@@ -22,6 +22,11 @@ _MISSING = {
         "mixer, block[i].mixer"
     ),
     "mlp": ("a Mamba block has no MLP: it is input + mixer(norm(input)); capture block[i].mixer"),
+    "heads": (
+        "a Mamba block has no attention: its sequence mixing is the selective state-space "
+        "mixer, block[i].mixer (Mamba-2's num_heads are state-space heads inside it, with no "
+        "queries, keys or attention pattern)"
+    ),
 }
 
 MAMBA = AdapterSpec(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect import AdapterSpec, hookimpl
+from introspect import AdapterSpec, HeadSpec, hookimpl
 
 from .llama import LLAMA
 
@@ -26,6 +26,15 @@ MIXTRAL = LLAMA.derive(
     description="Mixtral: the Llama layout with a sparse-MoE MLP in every block",
     mlp="mlp|block_sparse_moe",
     parts={**_NORMS, "router": "mlp.gate|block_sparse_moe.gate"},
+    heads={
+        "attn": HeadSpec(
+            o="o_proj",
+            scores=(
+                "q·kᵀ/√head_dim + mask (rotary q, k; sliding window where "
+                "config.sliding_window is set)"
+            ),
+        )
+    },
     notes=(
         "block[i].mlp is the sparse-MoE module (MixtralSparseMoeBlock: gate + experts), named "
         "block_sparse_moe on transformers 4.x and mlp on 5.x",
@@ -46,6 +55,15 @@ QWEN2_MOE = LLAMA.derive(
     model_types=("qwen2_moe",),
     description="Qwen2-MoE: the Llama layout with sparse-MoE MLPs and a gated shared expert",
     parts={**_NORMS, "router": "mlp.gate", "shared_experts": "mlp.shared_expert"},
+    heads={
+        "attn": HeadSpec(
+            o="o_proj",
+            scores=(
+                "q·kᵀ/√head_dim + mask (rotary q, k; a sliding window on the "
+                "sliding_attention layers, which use_sliding_window and max_window_layers select)"
+            ),
+        )
+    },
     missing={
         "router": _DENSE_NO_ROUTER,
         "shared_experts": "this block's MLP is dense, so it has no shared expert",
@@ -64,6 +82,15 @@ QWEN3_MOE = LLAMA.derive(
     model_types=("qwen3_moe",),
     description="Qwen3-MoE: the Llama layout (with q/k norms) and sparse-MoE MLPs",
     parts={**_NORMS, "router": "mlp.gate"},
+    heads={
+        "attn": HeadSpec(
+            o="o_proj",
+            scores=(
+                "q·kᵀ/√head_dim + mask (q, k RMS-normalised per head, then rotary; sliding "
+                "window where config.sliding_window is set)"
+            ),
+        )
+    },
     missing={
         "router": _DENSE_NO_ROUTER,
         "shared_experts": "Qwen3-MoE has no shared expert (Qwen2-MoE and DeepSeek do)",
@@ -83,6 +110,16 @@ GPT_OSS = LLAMA.derive(
         "and a sparse-MoE MLP in every block"
     ),
     parts={**_NORMS, "router": "mlp.router"},
+    heads={
+        "attn": HeadSpec(
+            o="o_proj",
+            scores=(
+                "q·kᵀ/√head_dim + mask (rotary q, k; sliding window on the sliding_attention "
+                "layers), softmaxed together with one learned sink logit per head (the core's "
+                "sinks), which is then dropped: a row of the pattern sums to less than 1"
+            ),
+        )
+    },
     notes=("block[i].mlp is the sparse-MoE module (GptOssMLP: router + experts)",),
 )
 

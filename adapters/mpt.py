@@ -4,13 +4,17 @@
 ``h + down_proj(act(up_proj(norm_2(h))))``: its record's output equals the block's output,
 not the MLP's own contribution. Attention does not add the residual. ALiBi positions:
 nothing is added to the embedding.
+
+Heads: ``n_heads`` heads of ``d_model // n_heads``, projected through ``attn.out_proj``.
+MPT computes attention inline, not through transformers' attention function, so ``z``,
+``result`` and ``o`` can be read and ``q``/``k``/``v``/``pattern`` are refused.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect import AdapterSpec, hookimpl
+from introspect import AdapterSpec, HeadSpec, hookimpl
 
 MPT = AdapterSpec(
     name="mpt",
@@ -22,6 +26,17 @@ MPT = AdapterSpec(
     mlp="ffn",
     final_norm="norm_f",
     parts={"attn_norm": "norm_1", "mlp_norm": "norm_2"},
+    heads={
+        "attn": HeadSpec(
+            o="out_proj",
+            num_heads="n_heads",
+            num_kv_heads=None,
+            head_dim=None,
+            hidden_size="d_model",
+            scores="q·kᵀ·softmax_scale (default 1/√head_dim) + ALiBi + mask (q, k clipped "
+            "to ±clip_qkv where set)",
+        )
+    },
     residual_in=("mlp",),
     lm_head="lm_head",
     notes=(

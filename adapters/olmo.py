@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect import AdapterSpec, hookimpl
+from introspect import AdapterSpec, HeadSpec, hookimpl
 
 from .llama import LLAMA
 
@@ -19,6 +19,15 @@ OLMO = LLAMA.derive(
     name="olmo",
     model_types=("olmo",),
     description="OLMo: the Llama layout with parameter-free LayerNorms",
+    heads={
+        "attn": HeadSpec(
+            o="o_proj",
+            scores=(
+                "q·kᵀ/√head_dim + mask (q, k, v clamped to ±clip_qkv where it is set, then "
+                "rotary q, k)"
+            ),
+        )
+    },
     notes=(
         "attn_norm, mlp_norm and final_norm are LayerNorms without weights or biases "
         "(OlmoLayerNorm), so perturbing parameters cannot change them",
@@ -39,6 +48,15 @@ OLMO2 = LLAMA.derive(
         "post_mlp_norm": "post_feedforward_layernorm",
     },
     missing={"attn_norm": _NO_PRE_NORM, "mlp_norm": _NO_PRE_NORM},
+    heads={
+        "attn": HeadSpec(
+            o="o_proj",
+            scores=(
+                "q·kᵀ/√head_dim + mask (q and k RMS-normalised across all heads together, "
+                "then rotary)"
+            ),
+        )
+    },
     notes=(
         "block[i] output = h + post_mlp_norm(mlp(h)) with h = input + post_attn_norm(attn(input))",
         "HF's post_attention_layernorm is the norm after attention (post_attn_norm)",
@@ -53,6 +71,15 @@ OLMOE = LLAMA.derive(
         "attn_norm": "input_layernorm",
         "mlp_norm": "post_attention_layernorm",
         "router": "mlp.gate",
+    },
+    heads={
+        "attn": HeadSpec(
+            o="o_proj",
+            scores=(
+                "q·kᵀ/√head_dim + mask (q and k RMS-normalised across all heads together; "
+                "q, k, v clamped to ±clip_qkv where it is set; then rotary q, k)"
+            ),
+        )
     },
     notes=("block[i].mlp is the sparse-MoE module (OlmoeSparseMoeBlock: gate + experts)",),
 )

@@ -11,13 +11,16 @@ Facts that make OPT unlike GPT-2, all measured against Hugging Face:
   ``final_norm`` is a MissingPartError and ``hidden_states[-1]`` is the raw last block output
   (then ``project_out`` where present).
 - There is no MLP module: ``block[i].fc1`` and ``block[i].fc2`` name its two linears.
+- Heads: ``self_attn`` projects through ``out_proj``. OPT scales the query by
+  ``1/√head_dim`` right after ``q_proj`` and calls the attention function with
+  ``scaling=1.0``: ``block[i].attn.q`` is the already scaled query.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect import AdapterSpec, hookimpl
+from introspect import AdapterSpec, HeadSpec, hookimpl
 
 OPT = AdapterSpec(
     name="opt",
@@ -38,6 +41,14 @@ OPT = AdapterSpec(
         "mlp_norm": "final_layer_norm",
         "fc1": "fc1",
         "fc2": "fc2",
+    },
+    heads={
+        "attn": HeadSpec(
+            o="out_proj",
+            num_kv_heads=None,
+            head_dim=None,
+            scores="q·kᵀ + mask (q is q_proj's output already scaled by 1/√head_dim)",
+        )
     },
     missing={
         "mlp": (

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect import AdapterSpec, hookimpl
+from introspect import AdapterSpec, HeadSpec, hookimpl
 
 PHI = AdapterSpec(
     name="phi",
@@ -25,6 +25,15 @@ PHI = AdapterSpec(
             "Phi runs attention and MLP in parallel on the output of input_layernorm "
             "(block[i].attn_norm), so there is no separate MLP norm"
         ),
+    },
+    heads={
+        "attn": HeadSpec(
+            o="dense",
+            scores=(
+                "q·kᵀ/√head_dim + mask (q, k LayerNorm-ed when qk_layernorm; rotary on the "
+                "first partial_rotary_factor of each head)"
+            ),
+        )
     },
     lm_head="lm_head",
     notes=("block[i] output = input + attn(attn_norm(input)) + mlp(attn_norm(input))",),

@@ -14,6 +14,10 @@ Facts measured against Hugging Face (transformers 4.57 and 5.x):
   block too. In train mode nothing is rescaled and the entries are the block outputs.
 - ``block[i].attn`` is the time-mixing (``attention``) and ``block[i].mlp`` the channel-mixing
   (``feed_forward``) sub-layer; each returns its output and its recurrent state.
+- There are no attention heads: the time-mixing is a linear recurrence (the WKV kernel: per
+  channel, an exponentially decaying sum over past keys and values, gated by the
+  receptance), with no queries, no split into heads and no attention pattern, so head
+  locators (``block[i].attn.q``, ``.z``, ``.pattern``, ...) are refused.
 """
 
 from __future__ import annotations
@@ -33,7 +37,13 @@ RWKV = AdapterSpec(
     final_norm="ln_out",
     parts={"attn_norm": "ln1", "mlp_norm": "ln2", "pre_ln": "pre_ln"},
     missing={
-        "pre_ln": "only block 0 has pre_ln (the LayerNorm RWKV applies to the embedding lookup)"
+        "pre_ln": "only block 0 has pre_ln (the LayerNorm RWKV applies to the embedding lookup)",
+        "heads": (
+            "RWKV has no attention heads: block[i].attn is its time-mixing, a linear "
+            "recurrence (WKV: a per-channel decaying sum of past keys and values, gated by "
+            "the receptance) with no queries, no split into heads and no attention pattern; "
+            "capture block[i].attn instead (its output is the time-mixing's contribution)"
+        ),
     },
     hidden_states_start="block_output",
     between_blocks=(

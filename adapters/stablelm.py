@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect import AdapterSpec, hookimpl
+from introspect import AdapterSpec, HeadSpec, hookimpl
 
 STABLELM = AdapterSpec(
     name="stablelm",
@@ -27,6 +27,17 @@ STABLELM = AdapterSpec(
             "input_layernorm's output (block[i].attn_norm), so there is no separate MLP norm"
         ),
     },
+    heads={
+        "attn": HeadSpec(
+            o="o_proj",
+            # StableLM's attention always splits hidden_size evenly over the heads.
+            head_dim=None,
+            scores=(
+                "q·kᵀ/√head_dim + mask (q, k LayerNorm-ed per head when qk_layernorm; rotary "
+                "on the first partial_rotary_factor of each head)"
+            ),
+        )
+    },
     lm_head="lm_head",
 )
 
@@ -35,6 +46,15 @@ STARCODER2 = STABLELM.derive(
     model_types=("starcoder2",),
     description="StarCoder2 (Llama layout with LayerNorm and biases)",
     missing={},
+    heads={
+        "attn": HeadSpec(
+            o="o_proj",
+            scores=(
+                "q·kᵀ/√head_dim + mask (rotary q, k; sliding window where "
+                "config.sliding_window is set)"
+            ),
+        )
+    },
 )
 
 

@@ -17,13 +17,19 @@ Facts measured against Hugging Face (transformers 4.57 and 5.x):
   (``attn_layer``, ``cross_attn_layer``, ``mlp_layer``: norm, sub-module, residual add) hold
   the stream after the residual add.
 - ``T5EncoderModel`` has only the encoder: adapter ``t5-encoder`` names it as its one stack.
+- Heads: ``SelfAttention`` and the decoder's ``EncDecAttention`` (``cross_attn``) each have
+  ``num_heads`` heads of ``d_kv`` (not ``d_model // num_heads``), projected through ``o``.
+  The scores are not scaled: ``q·kᵀ + position bias + mask``, where the relative position
+  bias is computed by the first block's self-attention and reused by every later block (zero
+  in cross-attention). On 5.x the attention function receives it as ``position_bias``; on
+  4.x T5 computes attention inline, so only ``z``, ``result`` and ``o`` can be read there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect import AdapterSpec, LogitOp, StackSpec, hookimpl
+from introspect import AdapterSpec, HeadSpec, LogitOp, StackSpec, hookimpl
 
 _ENCODER_PARTS = {
     "attn_layer": "layer.0",
@@ -32,6 +38,14 @@ _ENCODER_PARTS = {
     "mlp_norm": "layer.1.layer_norm",
 }
 
+
+def _heads(scores: str) -> HeadSpec:
+    """T5's head layout: ``num_heads`` heads of ``d_kv``, unscaled scores."""
+    return HeadSpec(o="o", num_heads="num_heads", num_kv_heads=None, head_dim="d_kv", scores=scores)
+
+
+_SELF_HEADS = _heads("q·kᵀ (no scaling) + relative position bias + mask")
+
 ENCODER = StackSpec(
     embed="encoder.embed_tokens",
     blocks="encoder.block",
@@ -39,6 +53,7 @@ ENCODER = StackSpec(
     mlp="layer.1.DenseReluDense",
     final_norm="encoder.final_layer_norm",
     parts=_ENCODER_PARTS,
+    heads={"attn": _SELF_HEADS},
     residual_in=("attn_layer", "mlp_layer"),
     root="encoder",
 )
@@ -62,6 +77,13 @@ T5 = AdapterSpec(
         "cross_attn_norm": "layer.1.layer_norm",
         "mlp_layer": "layer.2",
         "mlp_norm": "layer.2.layer_norm",
+    },
+    heads={
+        "attn": _SELF_HEADS,
+        "cross_attn": _heads(
+            "q·kᵀ (no scaling) + the encoder's padding mask (no position bias: queries from "
+            "the decoder, keys from the encoder output)"
+        ),
     },
     residual_in=("attn_layer", "cross_attn_layer", "mlp_layer"),
     root="decoder",

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from introspect._errors import CaptureError, MissingPartError
+from introspect._paths import get_path
 from introspect._spec import HeadSpec
 
 __all__ = [
@@ -204,9 +205,9 @@ class HeadTap:
         self.sites = {name: HeadSite(name) for name in SITES}
         core: nn.Module | None = attn
         if spec.core:
-            core = attn.get_submodule(spec.core) if _has(attn, spec.core) else None
+            core = get_path(attn, spec.core)
         self.core = core
-        o = attn.get_submodule(spec.o) if _has(attn, spec.o) else None
+        o = get_path(attn, spec.o)
         if o is None:
             raise MissingPartError(
                 f"{label}: the head layout says the output projection is {spec.o!r} inside "
@@ -370,12 +371,13 @@ class HeadTap:
                 f"{self.label}: the attention function received query {tuple(query.shape)} and "
                 f"key {tuple(key.shape)}, not [batch, heads, seq, head_dim]"
             )
-        heads, kv_heads = query.shape[1], key.shape[1]
-        if (heads, kv_heads) != (self.heads, self.kv_heads):
+        heads, kv_heads, width = query.shape[1], key.shape[1], query.shape[-1]
+        if (heads, kv_heads, width) != (self.heads, self.kv_heads, self.head_dim):
             raise CaptureError(
                 f"{self.label}: the attention function received {heads} query and {kv_heads} "
-                f"key/value heads, but the adapter's head layout says {self.heads} and "
-                f"{self.kv_heads}: the adapter's HeadSpec is wrong for this model"
+                f"key/value heads of width {width}, but the adapter's head layout says "
+                f"{self.heads} and {self.kv_heads} of width {self.head_dim}: the adapter's "
+                "HeadSpec is wrong for this model"
             )
         if sites["q"].active():
             query = sites["q"](query.transpose(1, 2)).transpose(1, 2)
@@ -433,14 +435,6 @@ class HeadTap:
         return out.to(output.dtype) if isinstance(output, torch.Tensor) else out
 
 
-def _has(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
-
-
 def _has_weight(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
     return isinstance(weight, torch.Tensor) and weight.dim() == 2
@@ -459,7 +453,7 @@ def head_tap(attn: nn.Module, spec: HeadSpec, config: Any, label: str) -> HeadTa
     """
     with _LOCK:
         tap = _TAPS.get(attn)
-        if tap is not None and tap.spec == spec and tap.o is attn.get_submodule(spec.o):
+        if tap is not None and tap.spec == spec and tap.o is get_path(attn, spec.o):
             return tap
         tap = HeadTap(attn, spec, config, label)
         _TAPS[attn] = tap

@@ -260,7 +260,8 @@ class HeadSpec(_Frozen):
 
     Counts are read from the model's config: ``"a|b"`` reads ``a``, or ``b`` where the config
     has no ``a``. ``num_kv_heads`` defaults to ``num_heads`` where the config has none;
-    ``kv_heads_attr`` (an attribute of ``core``) wins where set (Falcon's layouts);
+    ``kv_heads_attr`` and ``head_dim_attr`` (attributes of ``core``) win where set (Falcon's
+    layouts; DeepSeek's q/k width, a sum no config attribute holds on every version);
     ``multi_query`` names a config flag meaning one key/value head (GPT-BigCode).
     ``head_dim`` defaults to ``hidden_size // num_heads``. ``scores`` states what the
     attention scores are before the softmax, for the docs and the proofs.
@@ -275,6 +276,7 @@ class HeadSpec(_Frozen):
     num_heads: str = "num_attention_heads"
     num_kv_heads: str | None = "num_key_value_heads"
     kv_heads_attr: str | None = None
+    head_dim_attr: str | None = None
     multi_query: str | None = None
     head_dim: str | None = "head_dim"
     hidden_size: str = "hidden_size"
@@ -304,6 +306,10 @@ class HeadSpec(_Frozen):
             if isinstance(found, int):
                 kv = found
         dim = config_int(config, self.head_dim)
+        if self.head_dim_attr is not None and core is not None:
+            found = getattr(core, self.head_dim_attr, None)
+            if isinstance(found, int):
+                dim = found
         if dim is None:
             hidden = config_int(config, self.hidden_size)
             if hidden is None:

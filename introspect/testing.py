@@ -566,12 +566,17 @@ def _attentions_field(spec: AdapterSpec, stack: str | None, part: str) -> str:
 
 
 def recompute_pattern(
-    q: torch.Tensor, k: torch.Tensor, arguments: Mapping[str, Any], sinks: Any = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    arguments: Mapping[str, Any],
+    sinks: Any = None,
+    causal: bool = False,
 ) -> torch.Tensor:
     """``softmax(q·kᵀ·scaling (soft-capped) + mask)`` from captured ``q`` ``[b, s, h, d]``,
     ``k`` ``[b, t, kv, d]`` and what the attention function was given (``scaling``,
-    ``softcap``, ``attention_mask``; ``sinks``: one extra logit per head, left out after the
-    softmax, as GPT-OSS does).
+    ``position_bias``, ``softcap``, ``attention_mask``; ``sinks``: one extra logit per head, left out after the
+    softmax, as GPT-OSS does). ``causal`` masks later keys too (GPT-2 on transformers 4.x
+    applies causality from a buffer of its own, not through the mask it is given).
 
     Example:
         >>> q, k = torch.randn(1, 3, 2, 4), torch.randn(1, 3, 2, 4)
@@ -580,24 +585,37 @@ def recompute_pattern(
         (torch.Size([1, 2, 3, 3]), True)
     """
     heads, kv = q.shape[2], k.shape[2]
-    qh = q.transpose(1, 2).double()
-    kh = k.transpose(1, 2).double()
+    # In the model's own dtype: a fully masked row (a padding query) then comes out as the
+    # model computes it, uniform where min + score rounds to min.
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    qh = q.transpose(1, 2).to(dtype)
+    kh = k.transpose(1, 2).to(dtype)
     if kv != heads:
         kh = kh.repeat_interleave(heads // kv, dim=1)
     scaling = arguments.get("scaling")
     scores = qh @ kh.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scaling is None else scaling)
+    bias = arguments.get("position_bias")  # T5 on transformers 5: a keyword of its own
+    if isinstance(bias, torch.Tensor):
+        scores = scores + bias[..., -scores.shape[-2] :, : kh.shape[-2]].to(dtype)
     softcap = arguments.get("softcap")
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
     mask = arguments.get("attention_mask")
+    if causal:
+        # GPT-2 on transformers 4.x gets a padding-only mask and hides later keys itself.
+        queries, keys = scores.shape[-2], scores.shape[-1]
+        later = torch.ones(queries, keys, dtype=torch.bool, device=scores.device).triu(
+            keys - queries + 1
+        )
+        scores = scores.masked_fill(later, torch.finfo(dtype).min)
     if isinstance(mask, torch.Tensor):
         mask = mask[..., : kh.shape[-2]]
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         else:
-            scores = scores + mask.double()
+            scores = scores + mask.to(dtype)
     if isinstance(sinks, torch.Tensor):
-        column = sinks.double().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        column = sinks.to(dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
         both = torch.cat([scores, column], dim=-1)
         return torch.softmax(both - both.amax(-1, keepdim=True), dim=-1)[..., :-1]
     return torch.softmax(scores, dim=-1)
@@ -704,14 +722,31 @@ def check_heads(
                 )
                 q = cap[f"{where}.q"].output
                 k = cap[f"{where}.k"].output
-                arguments = calls[i][0] if calls[i] else {}
-                sinks = getattr(tap.core, "sinks", None)
-                mine = recompute_pattern(q, k, arguments, sinks).to(pattern.dtype)
+                v = cap[f"{where}.v"].output
+                shapes = (q.shape[2:], k.shape[2], z.shape[-1])
+                wanted = ((tap.heads, tap.head_dim), tap.kv_heads, v.shape[-1])
                 add(
                     Check(
-                        f"{where}.pattern == softmax(q·kᵀ·scaling + mask)",
-                        close(mine, pattern, atol, rtol),
-                        _diff(mine, pattern),
+                        f"{where}: q is [.., {tap.heads}, {tap.head_dim}], k has "
+                        f"{tap.kv_heads} heads, z is as wide as v",
+                        tuple(shapes[0]) == wanted[0] and shapes[1:] == wanted[1:],
+                        0.0,
+                        f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                        f"z {tuple(z.shape)}",
+                    )
+                )
+                arguments = calls[i][0] if calls[i] else {}
+                sinks = getattr(tap.core, "sinks", None)
+                causal = bool(getattr(tap.core, "is_causal", False))
+                mine = recompute_pattern(q, k, arguments, sinks, causal).to(pattern.dtype)
+                # A padding query attends to nothing real: models differ in how they fill
+                # such a row (uniform over all keys or over some), so only real queries count.
+                real = _real_queries(inputs, stack, insp.adapter, pattern)
+                add(
+                    Check(
+                        f"{where}.pattern == softmax(q·kᵀ·scaling + mask) (real queries)",
+                        close(mine[real], pattern[real], atol, rtol),
+                        _diff(mine[real], pattern[real]),
                         head_spec.scores,
                     )
                 )
@@ -737,6 +772,20 @@ def check_heads(
                 )
             )
     return checks
+
+
+def _real_queries(
+    inputs: Mapping[str, Any], stack: str | None, spec: AdapterSpec, pattern: torch.Tensor
+) -> torch.Tensor:
+    """``[batch, heads, query, key]`` booleans: true on the rows of real (unpadded) queries."""
+    name = "attention_mask"
+    if spec.encoder is not None and stack != "encoder":
+        name = "decoder_attention_mask"
+    mask = inputs.get(name)
+    rows = torch.ones(pattern.shape[0], pattern.shape[2], dtype=torch.bool)
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] >= pattern.shape[2]:
+        rows = mask[:, -pattern.shape[2] :].bool()
+    return rows[:, None, :, None].expand(pattern.shape).to(pattern.device)
 
 
 class _eager:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect import AdapterSpec, LogitOp, hookimpl
+from introspect import AdapterSpec, HeadSpec, LogitOp, hookimpl
 from introspect_toylm.model import ToyAttention, ToyBlock, ToyLM, ToyLMConfig
 
 __all__ = ["TOYLM", "ToyAttention", "ToyBlock", "ToyLM", "ToyLMConfig", "register_adapters"]
@@ -30,6 +30,22 @@ TOYLM = AdapterSpec(
     final_norm="norm",
     modules={"pos_embed": "pos"},
     parts={"attn_norm": "attn_norm", "mlp_norm": "mlp_norm"},
+    # ToyAttention projects its heads through ``out``: z, result and o can be read. It
+    # computes attention inline in plain PyTorch, so q, k, v and pattern cannot.
+    heads={
+        "attn": HeadSpec(
+            o="out",
+            num_heads="num_heads",
+            num_kv_heads=None,
+            head_dim=None,
+            scores="q·kᵀ/√head_dim + causal mask",
+            qkv_missing=(
+                "ToyAttention computes attention inline in plain PyTorch (not through "
+                "transformers' attention interface), so q, k, v and pattern cannot be read "
+                "(z, result and o can)"
+            ),
+        )
+    },
     lm_head="head",
     logit_ops=(LogitOp(kind="scale", config_attr="logit_scale"),),
 )
