@@ -15,6 +15,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from introspect._errors import IntrospectError
@@ -458,6 +459,28 @@ def _lens_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _plot_path(text: str | None) -> Path | None:
+    """The ``--plot`` file, checked before the model loads (an existing file is replaced)."""
+    from importlib.util import find_spec
+
+    from introspect._errors import CaptureError, MissingDependencyError
+
+    if not text:
+        return None
+    plot = Path(text).expanduser()
+    if plot.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise CaptureError(f"--plot {text!r} must end in .png, .svg or .pdf")
+    if not (plot.parent if str(plot.parent) else Path(".")).is_dir():
+        raise CaptureError(f"the folder of --plot {text!r} does not exist: create it")
+    if plot.is_dir():
+        raise CaptureError(f"--plot {text!r} is a folder: name a file, e.g. {text}/plot.png")
+    if find_spec("matplotlib") is None:
+        raise MissingDependencyError(
+            '--plot needs matplotlib: pip install matplotlib (or "introspect-lm[demo]")'
+        )
+    return plot
+
+
 def _lens_target_summary(lens: Any, target: int, position: int) -> str:
     """One line on where a followed token rises through the blocks."""
     from introspect._lens import show_token
@@ -483,22 +506,9 @@ def _lens_target_summary(lens: Any, target: int, position: int) -> str:
     _lens_options,
 )
 def _lens(args: argparse.Namespace) -> int:
-    from importlib.util import find_spec
-    from pathlib import Path
-
-    from introspect._errors import CaptureError, MissingDependencyError
     from introspect._lens import logit_lens, show_token
 
-    plot = Path(args.plot).expanduser() if args.plot else None
-    if plot is not None:
-        if plot.suffix.lower() not in (".png", ".svg", ".pdf"):
-            raise CaptureError(f"--plot {args.plot!r} must end in .png, .svg or .pdf")
-        if not (plot.parent if str(plot.parent) else Path(".")).is_dir():
-            raise CaptureError(f"the folder of --plot {args.plot!r} does not exist: create it")
-        if find_spec("matplotlib") is None:
-            raise MissingDependencyError(
-                '--plot needs matplotlib: pip install matplotlib (or "introspect-lm[demo]")'
-            )
+    plot = _plot_path(args.plot)
     positions = args.position or [-1]
     _, tokenizer, insp = _load(args)
     # The plot shows every position; the table only needs the chosen ones.
@@ -535,6 +545,236 @@ def _lens(args: argparse.Namespace) -> int:
     last = f"block[{insp.num_blocks - 1}]"
     if lens.max_diff is not None:
         print(f"{last} reproduces the model's own logits (max |diff| {lens.max_diff:.2g})")
+    if plot is not None:
+        print(f"wrote {plot}")
+    return 0
+
+
+def _whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} must be at least {minimum}")
+        return value
+
+    return parse
+
+
+def _cell(tokens: Sequence[str], key: int, weight: float) -> str:
+    from introspect._lens import show_token
+
+    return f"{key} {show_token(tokens[key], 14)} {weight:.3f}"
+
+
+def _attention_options(parser: argparse.ArgumentParser) -> None:
+    _model_options(parser)
+    parser.add_argument("--prompt", required=True, help="the text to run the model on")
+    parser.add_argument(
+        "-b",
+        "--block",
+        type=int,
+        required=True,
+        metavar="N",
+        help="the block whose attention to show; negative counts from the end",
+    )
+    parser.add_argument(
+        "--head",
+        type=int,
+        metavar="H",
+        help="one head (drawn large with --plot); default: every head of the block",
+    )
+    parser.add_argument(
+        "-p",
+        "--position",
+        type=int,
+        default=-1,
+        metavar="N",
+        help="the query position the table reads; negative counts from the end (default: -1)",
+    )
+    parser.add_argument(
+        "-k", "--top", type=_whole_number(1), default=2, help="keys per head in the table"
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="write the block's patterns as a grid of heatmaps (one per head; one large with "
+        "--head), query down, key across, tokens on both axes",
+    )
+
+
+@command(
+    "attention",
+    "one block's attention patterns: the keys each head reads most (and --plot heatmaps)",
+    _attention_options,
+)
+def _attention(args: argparse.Namespace) -> int:
+    from introspect._attention import attention_patterns
+    from introspect._lens import show_token
+
+    plot = _plot_path(args.plot)
+    _, tokenizer, insp = _load(args)
+    # The block and the head are checked against the model before it runs.
+    att = attention_patterns(insp, args.prompt, args.block, head=args.head, tokenizer=tokenizer)
+    strongest = att.strongest(args.position, k=args.top)
+    query = args.position % len(att.tokens)
+    if plot is not None:
+        att.plot(plot, title=f"attention of block[{att.block}]: {args.model} on {args.prompt!r}")
+    if args.json:
+        payload = {"model": args.model, **att.to_dict()}
+        if plot is not None:
+            payload["plot"] = str(plot)
+        print(json.dumps(payload, indent=2, ensure_ascii=False))
+        return 0
+    heads = f"head {att.heads[0]}" if len(att.heads) == 1 else f"{len(att.heads)} heads"
+    print(
+        f"{args.model}: block[{att.block}], {heads}: the keys position {query} "
+        f"({show_token(att.tokens[query])}) attends to most, of {len(att.tokens)} tokens "
+        "(each: position, token, weight)"
+    )
+    rows = [
+        [head, *(_cell(att.tokens, key, weight) for key, weight in keys)]
+        for head, keys in zip(att.heads, strongest, strict=True)
+    ]
+    width = max(len(keys) for keys in strongest)
+    print_table(rows, ["head", *(f"key {i + 1}" for i in range(width))])
+    if plot is not None:
+        print(f"wrote {plot}")
+    return 0
+
+
+def _heads_options(parser: argparse.ArgumentParser) -> None:
+    _model_options(parser)
+    parser.add_argument(
+        "--score",
+        choices=["induction", "previous-token"],
+        default="induction",
+        help="what to score each head on (default: induction)",
+    )
+    parser.add_argument(
+        "--prompt",
+        help="score on this text's tokens, repeated, instead of random tokens (optional)",
+    )
+    parser.add_argument(
+        "--seq-len",
+        type=_whole_number(2),
+        metavar="N",
+        help="random tokens per run (default: 50)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=_whole_number(1),
+        default=2,
+        metavar="N",
+        help="how many times each run is repeated (default: 2; induction needs 2 or more)",
+    )
+    parser.add_argument(
+        "--batch",
+        type=_whole_number(1),
+        metavar="N",
+        help="random sequences, one per row, scored together (default: 8)",
+    )
+    parser.add_argument(
+        "--seed", type=int, metavar="N", help="seed of the random tokens (default: 0)"
+    )
+    parser.add_argument(
+        "--bos",
+        action="store_true",
+        help="put the tokenizer's (else the config's) BOS token before every sequence",
+    )
+    parser.add_argument(
+        "-n", "--top", type=_whole_number(1), default=10, help="how many heads to list"
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="write a blocks x heads heatmap of the score, the top heads boxed",
+    )
+
+
+@command(
+    "heads",
+    "score every attention head (induction, previous-token) on repeated token sequences",
+    _heads_options,
+)
+def _heads(args: argparse.Namespace) -> int:
+    from introspect._attention import SCORES, head_scores
+    from introspect._errors import CaptureError
+
+    plot = _plot_path(args.plot)
+    if args.prompt is not None:
+        given = [
+            flag
+            for flag, value in (
+                ("--seq-len", args.seq_len),
+                ("--batch", args.batch),
+                ("--seed", args.seed),
+            )
+            if value is not None
+        ]
+        if given:
+            raise CaptureError(
+                f"{', '.join(given)} choose random tokens; with --prompt the sequence is the "
+                "prompt's tokens: leave them out"
+            )
+    if args.score == "induction" and args.repeats < 2:
+        raise CaptureError("--score induction needs --repeats 2 or more (a repeat to find)")
+    model, tokenizer, insp = _load(args)
+    bos = None
+    if args.bos:
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if bos is None:
+            bos = getattr(getattr(model, "config", None), "bos_token_id", None)
+        if not isinstance(bos, int):
+            raise CaptureError(
+                f"--bos: {args.model} names no BOS token (neither its tokenizer nor its config)"
+            )
+    options: dict[str, Any] = {}
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise CaptureError(
+                f"{args.model} has no tokenizer, so it cannot read --prompt: leave it out to "
+                "score on random tokens"
+            )
+        options["tokens"] = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
+    else:
+        options.update(seq_len=args.seq_len, batch=args.batch, seed=args.seed or 0)
+    scores = head_scores(
+        insp, args.score, repeats=args.repeats, tokenizer=tokenizer, bos=bos, **options
+    )
+    if plot is not None:
+        scores.plot(plot, top=min(args.top, 10))
+    if args.json:
+        payload = {"model": args.model, **scores.to_dict(args.top)}
+        if args.prompt is not None:
+            payload["prompt"] = args.prompt
+        if plot is not None:
+            payload["plot"] = str(plot)
+        print(json.dumps(payload, indent=2))
+        return 0
+    blocks, heads = scores.values.shape
+    source = (
+        f"{scores.batch} random sequence{'s' if scores.batch != 1 else ''} of "
+        f"{scores.seq_len} tokens, each repeated {scores.repeats} times (seed {scores.seed})"
+        if args.prompt is None
+        else f"the prompt's {scores.seq_len} tokens, repeated {scores.repeats} times"
+    )
+    print(
+        f"{args.model}: {scores.score} score of {blocks * heads} heads ({blocks} blocks x "
+        f"{heads} heads) on {source}"
+    )
+    print(f"(the {SCORES[scores.score]})")
+    print_table(
+        [
+            [rank + 1, f"block[{block}]", head, f"{value:.3f}"]
+            for rank, (block, head, value) in enumerate(scores.top(args.top))
+        ],
+        ["rank", "block", "head", "score"],
+    )
     if plot is not None:
         print(f"wrote {plot}")
     return 0

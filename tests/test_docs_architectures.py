@@ -79,3 +79,16 @@ def test_coverage_section_and_check(tmp_path: Path) -> None:
     assert main([str(page)]) == 0
     assert main(["--check", str(page)]) == 0
     assert page.read_text().startswith("# Supported architectures")
+
+
+def test_attention_layouts_are_current() -> None:
+    page = ROOT / "docs" / "attention.md"
+    render_attention = _docs_gen.render_attention  # type: ignore[attr-defined]
+    text = page.read_text()
+    assert render_attention(text) == text, (
+        "the head layouts table in docs/attention.md is out of date with the adapters: run "
+        "python tools/docs_gen.py (make docs) and commit it"
+    )
+    for spec in builtin_specs():
+        if spec.heads:
+            assert f"| `{spec.name}` | `" in text, spec.name

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from introspect import Inspector
+from introspect import Inspector, head_scores
 from introspect.cli import main
 from introspect.testing import assert_conformant
 from introspect.zoo import DEMO_INSTALL, load_model, smollm2_cache_dir
@@ -155,6 +155,74 @@ def test_the_readme_command(tmp_path: Path) -> None:
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
     assert 1000 < width < 1600 and 1400 < height < 2000  # five positions, thirty blocks
+
+
+def _spy_on_captures(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
+    asked: list[tuple[str, ...]] = []
+    real = Inspector.capture
+
+    def spy(self: Inspector, *locators: Any, **kwargs: Any) -> Any:
+        asked.append(tuple(str(x) for x in locators))
+        return real(self, *locators, **kwargs)
+
+    monkeypatch.setattr(Inspector, "capture", spy)
+    return asked
+
+
+@needs_smollm2
+def test_head_scores_are_reproducible_and_read_the_pattern(
+    smollm2: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, tokenizer = smollm2
+    insp = Inspector(model)
+    asked = _spy_on_captures(monkeypatch)
+    options: dict[str, Any] = {
+        "seq_len": 20,
+        "batch": 2,
+        "blocks": [17, 18],
+        "tokenizer": tokenizer,
+    }
+    a = head_scores(insp, "induction", seed=7, **options)
+    b = head_scores(insp, "induction", seed=7, **options)
+    c = head_scores(insp, "induction", seed=8, **options)
+    assert asked == [("block[17].attn.pattern", "block[18].attn.pattern")] * 3
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.values, b.values)
+    assert not torch.equal(a.input_ids, c.input_ids) and not torch.equal(a.values, c.values)
+    assert not set(a.input_ids.flatten().tolist()) & set(tokenizer.all_special_ids)
+    # The same numbers by hand from Hugging Face's own output_attentions (eager attention).
+    configs = [m.config for m in model.modules() if getattr(m, "config", None) is not None]
+    before = [c.__dict__.get("_attn_implementation_internal") for c in configs]
+    try:
+        for config in configs:
+            config.__dict__["_attn_implementation_internal"] = "eager"
+        with torch.no_grad():
+            attentions = model(input_ids=a.input_ids, output_attentions=True).attentions
+    finally:
+        for config, value in zip(configs, before, strict=True):
+            config.__dict__["_attn_implementation_internal"] = value
+    for row, block in enumerate((17, 18)):
+        att = attentions[block]
+        by_hand = torch.stack([att[:, :, i, i - 19] for i in range(20, 40)], -1).mean((0, 2))
+        torch.testing.assert_close(a.values[row], by_hand, atol=1e-5, rtol=1e-4)
+
+
+@needs_smollm2
+def test_the_induction_and_previous_token_heads_of_the_docs(smollm2: tuple[Any, Any]) -> None:
+    """docs/attention.md: `python tools/attention_smollm2.py` (8 x 50 tokens x 2, seed 0)."""
+    model, tokenizer = smollm2
+    insp = Inspector(model)
+    induction = head_scores(insp, "induction", tokenizer=tokenizer)
+    top = induction.top(5)
+    assert [(b, h) for b, h, _ in top] == [(18, 6), (17, 3), (17, 4), (17, 5), (18, 7)]
+    assert [round(v, 2) for _, _, v in top] == pytest.approx(
+        [0.90, 0.81, 0.77, 0.66, 0.61], abs=0.01
+    )
+    # Nothing before block 17 copies: every score there is below 0.05.
+    assert float(induction.values[:17].max()) < 0.05
+    previous = head_scores(insp, "previous-token", tokenizer=tokenizer)
+    top = previous.top(3)
+    assert [(b, h) for b, h, _ in top] == [(16, 0), (11, 1), (2, 1)]
+    assert [round(v, 2) for _, _, v in top] == pytest.approx([0.90, 0.85, 0.72], abs=0.01)
 
 
 @needs_smollm2
