@@ -17,7 +17,10 @@ Where the values pass through a site, per attention module (a :class:`HeadTap`):
   ``"introspect_heads"``: a function registered once with transformers that passes ``q``, ``k``
   and ``v`` through their sites, calls the implementation the model really uses, and passes
   the weights through ``pattern``. A module that did not call it while a site was in use is an
-  error, never a silently empty record.
+  error, never a silently empty record. Where the modeling file computes attention inline, the
+  module's forward is followed instead (:class:`_Trace`, a ``TorchFunctionMode`` active only
+  inside it): the scores matmul gives ``q`` and ``k``, the softmax ``pattern``, the values
+  matmul ``v``.
 - ``pattern`` needs the attention weights, which only eager attention computes: while a
   ``pattern`` site is in use the model's config is switched to ``eager`` (so its masks are
   built for eager too) and restored afterwards.
@@ -37,6 +40,7 @@ from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from introspect._errors import CaptureError, MissingPartError
 from introspect._paths import get_path
@@ -108,6 +112,27 @@ def uses_attention_interface(core: nn.Module) -> bool:
         getattr(found, "ALL_ATTENTION_FUNCTIONS", None) is not None
         and getattr(found, "eager_attention_forward", None) is not None
     )
+
+
+def fixed_implementation(core: nn.Module) -> str | None:
+    """The attention implementation ``core``'s class was chosen for when the model loaded.
+
+    transformers 4.x picks some attention classes at load time from a table in the modeling
+    file (``{"eager": BertSelfAttention, "sdpa": BertSdpaSelfAttention}``): such a module keeps
+    its implementation whatever the config says later. ``None`` where the class is the eager
+    one or the file has no such table.
+
+    Example:
+        >>> fixed_implementation(nn.Linear(2, 2)) is None
+        True
+    """
+    cls = type(core)
+    for value in vars(_modeling_module(core) or object).values():
+        if isinstance(value, dict) and "eager" in value and cls in value.values():
+            if value["eager"] is cls:
+                return None
+            return next(str(k) for k, v in value.items() if v is cls)
+    return None
 
 
 def _register() -> None:
@@ -215,6 +240,9 @@ class HeadTap:
             )
         self.o = o
         self.heads, self.kv_heads, self.head_dim = spec.counts(config, core)
+        self.config = config
+        self.inline = core is not None and not uses_attention_interface(core)
+        """Whether ``core`` computes attention inline (then q/k/v/pattern are traced)."""
         self._per_head = _weight_per_head(o, self.heads) if _has_weight(o) else None
         self._uses: dict[str, int] = dict.fromkeys(SITES, 0)
         self._core_users = 0
@@ -224,6 +252,7 @@ class HeadTap:
         self._real_config: Any = None
         self._eager_config: Any = None
         self._ran: dict[int, bool] = {}
+        self._modes: dict[int, _Trace] = {}
         self.arguments: list[dict[str, Any]] | None = None
         """Set to a list to keep what each call gave the attention function (the mask, the
         scaling and the other keyword arguments): the conformance checks recompute the
@@ -238,14 +267,17 @@ class HeadTap:
                 return self.spec.qkv_missing
             if self.core is None:
                 return f"the head layout names core={self.spec.core!r}, which is missing"
-            if not uses_attention_interface(self.core):
+
+        if site == "pattern" and self.core is not None:
+            fixed = fixed_implementation(self.core)
+            if fixed is not None:
                 import transformers
 
                 return (
-                    f"{type(self.core).__name__} computes attention inline on transformers "
-                    f"{transformers.__version__}, not through transformers' attention interface, "
-                    "so q, k, v and pattern cannot be read without re-implementing it (z, result "
-                    "and o can)"
+                    f"{type(self.core).__name__} was built for {fixed} attention when the model "
+                    f"loaded (transformers {transformers.__version__} picks this class then), "
+                    "which computes no attention weights: load the model with "
+                    "attn_implementation='eager' to read patterns (q, k and v work as loaded)"
                 )
         if site == "result" and self._per_head is None:
             return f"the output projection {type(self.o).__name__} has no 2-D weight"
@@ -298,9 +330,16 @@ class HeadTap:
                 self._o_handles = []
 
     def _install_core(self) -> None:
-        _register()
         core = self.core
         assert core is not None
+        if self.inline:
+            self._real_config = core.__dict__.get("config") or self.config
+            self._handles = [
+                core.register_forward_pre_hook(self._inline_enter),
+                core.register_forward_hook(self._inline_leave, always_call=True),
+            ]
+            return
+        _register()
         real = core.__dict__.get("config")
         if real is None:
             raise MissingPartError(f"{self.label}: {type(core).__name__} has no config attribute")
@@ -320,7 +359,7 @@ class HeadTap:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if core.__dict__.get("config") is not self._real_config:
+        if not self.inline and core.__dict__.get("config") is not self._real_config:
             core.config = self._real_config
         _CORES.pop(core, None)
         self._real_config = None
@@ -340,6 +379,37 @@ class HeadTap:
                 f"function, so {', '.join(sorted(used))} would be missing or unedited (a "
                 "configuration that bypasses transformers' attention interface, such as GPT-2's "
                 "reorder_and_upcast_attn)"
+            )
+
+    def _inline_enter(self, module: nn.Module, args: Any) -> None:
+        if not any(self.sites[s].active() for s in CORE_SITES):
+            return
+        mode = _Trace(self)
+        self._modes[get_ident()] = mode
+        mode.__enter__()  # type: ignore[no-untyped-call]
+
+    def _inline_leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        mode = self._modes.pop(get_ident(), None)
+        if mode is None:
+            return
+        mode.__exit__(None, None, None)  # type: ignore[no-untyped-call]
+        if mode.failed is not None:
+            return  # the forward is already raising
+        used = sorted(s for s in CORE_SITES if self.sites[s].active())
+        missing = [s for s in used if s not in mode.seen]
+        if missing:
+            found = (
+                ""
+                if not mode.sdpa
+                else (
+                    ": it called scaled_dot_product_attention, which computes no weights; load "
+                    "the model with attn_implementation='eager'"
+                )
+            )
+            raise CaptureError(
+                f"{self.label}: {type(module).__name__} computes attention inline, and this "
+                f"call did not show the steps {', '.join(missing)} are read from (the scores "
+                f"matmul, the softmax, the values matmul){found}"
             )
 
     def _function(self, module: nn.Module) -> Callable[..., Any]:
@@ -433,6 +503,152 @@ class HeadTap:
         if isinstance(bias, torch.Tensor):
             out = out + bias.to(out.dtype)
         return out.to(output.dtype) if isinstance(output, torch.Tensor) else out
+
+
+_MATMULS = {
+    torch.matmul,
+    torch.Tensor.matmul,
+    torch.Tensor.__matmul__,
+    torch.bmm,
+    torch.Tensor.bmm,
+    torch.baddbmm,
+    torch.Tensor.baddbmm,
+}
+_SOFTMAXES = {torch.softmax, torch.Tensor.softmax, nn.functional.softmax}
+
+
+class _Trace(TorchFunctionMode):
+    """Follows an inline attention forward: the scores matmul (q, kᵀ), the softmax (the
+    pattern) and the values matmul (v), passing each through its site.
+
+    Only the calls whose shapes are those of this module's heads count (``[b, h, s, d]`` or
+    ``[b*h, s, d]`` with ``d`` the head width), so a matmul elsewhere in the forward (rotary
+    frequencies) is left alone; a call that does not fit where one is expected is not guessed
+    at: the capture then ends with an error (see :meth:`HeadTap._inline_leave`).
+    """
+
+    def __init__(self, tap: HeadTap) -> None:
+        super().__init__()
+        self.tap = tap
+        self.stage = 0
+        self.seen: set[str] = set()
+        self.sdpa = False
+        self.failed: BaseException | None = None
+        self.batch = 0
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = dict(kwargs or {})
+        try:
+            if func is nn.functional.scaled_dot_product_attention and self.stage == 0:
+                self.sdpa = True
+                return self._sdpa(func, args, kwargs)
+            if func in _MATMULS and self.stage in (0, 2):
+                return self._matmul(func, args, kwargs)
+            elif func in _SOFTMAXES and self.stage == 1:
+                out = func(*args, **kwargs)
+                new = self._pass("pattern", out, key_axis=True)
+                self.stage = 2
+                return new
+        except BaseException as exc:
+            self.failed = exc
+            raise
+        return func(*args, **kwargs)
+
+    def _sdpa(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """q, k and v of a ``scaled_dot_product_attention`` call (it computes no pattern)."""
+        values = list(args)
+        for index, name in enumerate(("query", "key", "value")):
+            found = kwargs.get(name, values[index] if index < len(values) else None)
+            if not isinstance(found, torch.Tensor) or found.dim() != 4:
+                return func(*values, **kwargs)
+            if index == 0:
+                self.batch = found.shape[0]
+            new = self._pass(name[0], found)
+            if name in kwargs:
+                kwargs[name] = new
+            else:
+                values[index] = new
+        self.stage = 1  # no weights: a pattern (stage 2) is never reached
+        return func(*values, **kwargs)
+
+    def _matmul(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        values = list(args)
+        if func in (torch.baddbmm, torch.Tensor.baddbmm):
+            # baddbmm(input, batch1, batch2, *, beta, alpha): BLOOM adds ALiBi this way.
+            slots: list[tuple[str, int]] = [("batch1", 1), ("batch2", 2)]
+        else:
+            slots = [("input", 0), ("other", 1)]
+
+        def get(slot: tuple[str, int]) -> Any:
+            name, index = slot
+            return (
+                kwargs[name] if name in kwargs else (values[index] if index < len(values) else None)
+            )
+
+        def put(slot: tuple[str, int], value: torch.Tensor) -> None:
+            name, index = slot
+            if name in kwargs:
+                kwargs[name] = value
+            else:
+                values[index] = value
+
+        a, b = get(slots[0]), get(slots[1])
+        if not (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.dim() in (3, 4)
+            and b.dim() == a.dim()
+            and a.is_floating_point()
+        ):
+            return func(*values, **kwargs)
+        tap = self.tap
+        if self.stage == 0:
+            if a.shape[-1] != tap.head_dim or b.shape[-2] != tap.head_dim:
+                return func(*values, **kwargs)
+            self.batch = a.shape[0] if a.dim() == 4 else a.shape[0] // tap.heads
+            put(slots[0], self._pass("q", a))
+            k = b.transpose(-1, -2)
+            new_k = self._pass("k", k)
+            if new_k is not k:
+                put(slots[1], new_k.transpose(-1, -2))
+            self.stage = 1
+            return func(*values, **kwargs)
+        # stage 2: the weights times the values
+        if a.shape[-1] != b.shape[-2]:
+            return func(*values, **kwargs)
+        put(slots[1], self._pass("v", b))
+        self.stage = 3
+        return func(*values, **kwargs)
+
+    def _pass(self, name: str, value: torch.Tensor, key_axis: bool = False) -> torch.Tensor:
+        """``value`` through site ``name`` in the site's layout, back in the model's.
+
+        The model's layout is ``[batch, heads, seq, d]`` or ``[batch * heads, seq, d]``; the
+        site's is ``[batch, seq, heads, d]`` (``[batch, heads, query, key]`` for the pattern).
+        """
+        self.seen.add(name)
+        site = self.tap.sites[name]
+        if not site.active():
+            return value
+        shape = value.shape
+        split = value.dim() == 3
+        grouped = value.view(self.batch, shape[0] // self.batch, *shape[1:]) if split else value
+        tap = self.tap
+        repeated = name in ("k", "v") and tap.kv_heads < tap.heads and grouped.shape[1] == tap.heads
+        if repeated:
+            # Copied to every query head of its group before the product (repeat_kv): shown
+            # once per key/value head, as the other paths show them; an edit reaches every copy.
+            grouped = grouped[:, :: tap.heads // tap.kv_heads]
+        shown = grouped if key_axis else grouped.transpose(1, 2)
+        new: torch.Tensor = site(shown)
+        if new is shown:
+            return value
+        back = new if key_axis else new.transpose(1, 2)
+        if repeated:
+            back = back.repeat_interleave(tap.heads // tap.kv_heads, dim=1)
+        return back.reshape(shape) if split else back
 
 
 def _has_weight(module: nn.Module) -> bool:

@@ -666,7 +666,7 @@ def check_heads(
                     break  # e.g. a decoder block without cross-attention in this config
             if len(taps) != n:
                 continue
-            core = taps[0].why_not("q") is None
+            core = taps[0].why_not("pattern") is None
             sites = ["z", "result", "o", *(sorted(CORE_SITES) if core else [])]
             names = [f"{prefix}block[{i}].{part}.{s}" for i in range(n) for s in sites]
             reference = None
@@ -735,6 +735,20 @@ def check_heads(
                         f"z {tuple(z.shape)}",
                     )
                 )
+                # z is the pattern's mix of the values, head by head (kv heads repeated).
+                values = v.transpose(1, 2)
+                if values.shape[1] != pattern.shape[1]:
+                    values = values.repeat_interleave(pattern.shape[1] // values.shape[1], dim=1)
+                mixed = (pattern.to(values.dtype) @ values).transpose(1, 2)
+                add(
+                    Check(
+                        f"{where}.z == pattern · v",
+                        close(mixed, z, atol, rtol),
+                        _diff(mixed, z),
+                    )
+                )
+                if tap.inline:
+                    continue  # its terms (mask, ALiBi, ...) are inline: stated, not passed
                 arguments = calls[i][0] if calls[i] else {}
                 sinks = getattr(tap.core, "sinks", None)
                 causal = bool(getattr(tap.core, "is_causal", False))

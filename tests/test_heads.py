@@ -232,3 +232,53 @@ def test_scaling_heads_of_z_matches_o_on_scaled_z(heads: list[int], factor: floa
 
 
 _GPT2 = build_tiny(GPT2LMHeadModel, gpt2_config())
+
+
+def _inline_models() -> list[Any]:
+    """Models whose attention transformers computes inline (traced, not dispatched)."""
+    from transformers import BloomConfig, BloomForCausalLM, FalconConfig, FalconForCausalLM
+
+    bloom = build_tiny(
+        BloomForCausalLM, BloomConfig(n_layer=2, hidden_size=64, n_head=4, vocab_size=128)
+    )
+    falcon = build_tiny(
+        FalconForCausalLM,
+        FalconConfig(
+            num_hidden_layers=2,
+            hidden_size=64,
+            num_attention_heads=4,
+            vocab_size=128,
+            multi_query=True,
+            alibi=False,
+        ),
+    )
+    return [bloom, falcon]
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["bloom-baddbmm", "falcon-multi-query"])
+def test_inline_attention_edits_reach_the_product(index: int) -> None:
+    model = _inline_models()[index]
+    model.config._attn_implementation = "eager"
+    insp = Inspector(model)
+    with insp.capture("block[1].attn.pattern", "block[1].attn.z") as clean:
+        model(IDS)
+    vector = torch.randn(insp.head_dim)
+    with (
+        insp.steer("block[1].attn.q", vector, scale=2.0, heads=[1]),
+        insp.capture("block[1].attn.pattern") as cap,
+    ):
+        model(IDS)
+    changed = cap["block[1].attn.pattern"].output - clean["block[1].attn.pattern"].output
+    per_head = changed.abs().amax(dim=(0, 2, 3))
+    assert per_head[1] > 1e-4 and torch.all(per_head[[0, 2, 3]] == 0)
+    with insp.ablate("block[1].attn.pattern", heads=0), insp.capture("block[1].attn.z") as cap:
+        model(IDS)
+    z = cap["block[1].attn.z"].output
+    assert torch.all(z[:, :, 0] == 0)
+    assert torch.allclose(z[:, :, 1:], clean["block[1].attn.z"].output[:, :, 1:], atol=1e-6)
+    with insp.ablate("block[1].attn.v", heads=0), insp.capture("block[1].attn.z") as cap:
+        model(IDS)
+    if insp.num_kv_heads == 1:  # one value head serves every query head
+        assert torch.all(cap["block[1].attn.z"].output == 0)
+    else:
+        assert torch.all(cap["block[1].attn.z"].output[:, :, 0] == 0)
