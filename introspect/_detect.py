@@ -38,7 +38,7 @@ from introspect._plugins import (
     get_registry,
 )
 from introspect._spec import AdapterSpec, HiddenStart, LogitOp, StackSpec
-from introspect.testing import check_conformance, close, example_inputs
+from introspect.testing import check_conformance, check_heads, close, example_inputs
 
 __all__ = ["DetectedAdapterWarning", "detect_adapter", "detected_message"]
 
@@ -675,7 +675,55 @@ def detect_adapter(
             draft = _drop_unrecorded(model, probe_inputs, draft)
         except IntrospectError as exc:
             raise _refuse(model, f"the detected layout does not run ({exc})") from exc
-        return _prove(model, probe_inputs, draft, tol)
+        spec = _prove(model, probe_inputs, draft, tol)
+        return _learn_heads(model, probe_inputs, spec, tol, plugin_manager)
+
+
+_HEADS_NOTE = (
+    "head layout learned from adapter {name!r} and proven by check_heads (patterns equal "
+    "output_attentions; z, result and o agree)"
+)
+
+
+def _learn_heads(
+    model: nn.Module,
+    inputs: Mapping[str, Any],
+    spec: AdapterSpec,
+    tol: tuple[float, float],
+    plugin_manager: IntrospectPluginManager | None,
+) -> AdapterSpec:
+    """``spec`` with the first registered head layout that ``check_heads`` proves on ``model``.
+
+    Only a single-stack model with a detected ``attn`` is tried; the candidates are the
+    distinct ``HeadSpec``s of the registered adapters whose output projection exists in the
+    attention module. None proven: ``spec`` unchanged, head locators refused with the reason.
+    """
+    if spec.encoder is not None or spec.attn is None:
+        return spec
+    attn = _get_path(_base_model(model), f"{spec.blocks}.0.{spec.attn}")
+    if attn is None:
+        return spec
+    seen: set[str] = set()
+    registry = get_registry(plugin_manager or get_plugin_manager())
+    for source in registry.specs.values():
+        for head in (
+            source.heads.get("attn"),
+            *(s.heads.get("attn") for s in [source.encoder] if s),
+        ):
+            if head is None or _get_path(attn, head.o) is None:
+                continue
+            key = head.derive(scores="").model_dump_json()
+            if key in seen:
+                continue
+            seen.add(key)
+            candidate = spec.derive(heads={"attn": head})
+            try:
+                checks = check_heads(model, inputs, adapter=candidate, atol=tol[0], rtol=tol[1])
+            except Exception:  # a layout that does not fit this model: try the next
+                continue
+            if checks and all(c.passed for c in checks):
+                return candidate.derive(notes=(*spec.notes, _HEADS_NOTE.format(name=source.name)))
+    return spec
 
 
 def _drop_unrecorded(model: nn.Module, inputs: Mapping[str, Any], spec: AdapterSpec) -> AdapterSpec:

@@ -121,7 +121,13 @@ def _model_call(model: BaseModel, indent: str) -> str:
 def _classes_used(model: BaseModel) -> set[str]:
     names = {type(model).__name__}
     for _, value in _non_default(model):
-        items = value if isinstance(value, tuple) else (value,)
+        items = (
+            tuple(value.values())
+            if isinstance(value, dict)
+            else value
+            if isinstance(value, tuple)
+            else (value,)
+        )
         for item in items:
             if isinstance(item, BaseModel):
                 names |= _classes_used(item)

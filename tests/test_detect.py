@@ -282,3 +282,25 @@ def test_xlstm_output_logit_soft_cap_is_detected_and_proven() -> None:
     (op,) = spec.logit_ops
     assert (op.kind, op.config_attr) == ("softcap", "output_logit_soft_cap")
     assert_conformant(model, {**example_inputs(config), "use_cache": False}, adapter=spec)
+
+
+def test_detection_learns_a_registered_head_layout_and_proves_it() -> None:
+    from introspect.testing import assert_checks, check_heads
+
+    model, inputs = build("llama")
+    pm, _ = without_builtin("llama")
+    with pytest.warns(DetectedAdapterWarning):
+        insp = Inspector(model, plugin_manager=pm)
+    assert list(insp.adapter.heads) == ["attn"]
+    assert any("head layout learned from adapter" in n for n in insp.adapter.notes)
+    assert_checks(check_heads(model, inputs, adapter=insp.adapter), "detected heads")
+    assert insp.num_heads == model.config.num_attention_heads
+
+
+def test_detected_attention_free_model_refuses_heads_with_the_reason() -> None:
+    model, _ = build("mamba")
+    pm, _ = without_builtin("mamba")
+    with pytest.warns(DetectedAdapterWarning):
+        insp = Inspector(model, plugin_manager=pm)
+    with pytest.raises(MissingPartError, match=r"attn|heads"):
+        insp.capture("block[0].attn.pattern")
