@@ -297,8 +297,16 @@ class Resolver:
         return tap.sites[site], chain
 
     def path(self, loc: Locator) -> str:
-        """The dotted path of the module a locator names, from the top-level model."""
+        """The dotted path of the module a locator names, from the top-level model.
+
+        A head value (``block[0].attn.q``) is not a module: its path is the attention
+        module's, then ``:`` and the value's name (``transformer.h.0.attn:q``).
+        """
         module = self.module(loc)
+        if isinstance(module, HeadSite):
+            part = (loc.sub or "attn").partition(".")[0]
+            attn = loc.model_copy(update={"sub": part, "side": "output"})
+            return f"{self.path(attn)}:{module.name}"
         name = self._paths.get(id(module)) if self._paths is not None else None
         if name is None or walk(self.model, name)[0] is not module:
             self._paths = {}

@@ -282,3 +282,46 @@ def test_inline_attention_edits_reach_the_product(index: int) -> None:
         assert torch.all(cap["block[1].attn.z"].output == 0)
     else:
         assert torch.all(cap["block[1].attn.z"].output[:, :, 0] == 0)
+
+
+def test_paths_of_head_values() -> None:
+    insp = Inspector(build_tiny(GPT2LMHeadModel, gpt2_config()))
+    assert insp.path("block[1].attn.q") == "transformer.h.1.attn:q"
+    assert insp.path("block[1].attn.o") == "transformer.h.1.attn.c_proj"
+
+
+def test_threads_capture_their_own_head_values() -> None:
+    import threading
+
+    model = llama()
+    insp = Inspector(model)
+    rows = {i: IDS[i : i + 1] for i in range(2)}
+    with torch.no_grad(), insp.capture("block[1].attn.z", "block[1].attn.pattern") as ref:
+        for ids in rows.values():
+            model(ids)
+    expected = ref.steps("block[1].attn.z")
+    hooks = _hooks(model)
+    got: dict[int, list[torch.Tensor]] = {}
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(10):
+                with torch.no_grad(), insp.capture("block[1].attn.z") as cap:
+                    model(rows[i])
+                got.setdefault(i, []).append(cap["block[1].attn.z"].output)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in rows]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in rows:
+        assert len(got[i]) == 10
+        for value in got[i]:
+            assert torch.allclose(value, expected[i], atol=1e-5)
+    assert model.model.layers[1].self_attn.config is model.config
+    assert _hooks(model) == hooks
