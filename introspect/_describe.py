@@ -50,7 +50,7 @@ def hidden_state_meaning(inspector: Inspector, loc: Locator) -> str:
 
 
 def describe(inspector: Inspector) -> dict[str, Any]:
-    """The adapter, block count, every locator with its module path, and ``hidden_states``.
+    """The adapter, block count, every locator with its module path, ``hidden_states`` and heads.
 
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -59,6 +59,8 @@ def describe(inspector: Inspector) -> dict[str, Any]:
         >>> info = describe(Inspector(m))
         >>> info["adapter"], info["num_blocks"], info["locators"][0]
         ('gpt2', 2, {'locator': 'embed', 'path': 'transformer.wte', 'module': 'Embedding'})
+        >>> info["heads"]
+        [{'part': 'block[i].attn', 'heads': 2, 'kv_heads': 2, 'head_dim': 16}]
     """
     insp = inspector
     params = sum(p.numel() for p in insp.model.parameters())
@@ -83,6 +85,26 @@ def describe(inspector: Inspector) -> dict[str, Any]:
             if stack:
                 entry["stack"] = stack
             hidden.append(entry)
+    heads = []
+    for stack in stacks:
+        for part in insp.adapter.stack(stack).heads:
+            try:
+                counts = (
+                    insp.num_heads_in(stack, part),
+                    insp.num_kv_heads_in(stack, part),
+                    insp.head_dim_in(stack, part),
+                )
+            except MissingPartError:
+                continue  # e.g. a decoder without cross-attention in this config
+            prefix = f"{stack}." if stack else ""
+            heads.append(
+                {
+                    "part": f"{prefix}block[i].{part}",
+                    "heads": counts[0],
+                    "kv_heads": counts[1],
+                    "head_dim": counts[2],
+                }
+            )
     return {
         "model_class": type(insp.model).__name__,
         "adapter": insp.adapter.name,
@@ -94,4 +116,5 @@ def describe(inspector: Inspector) -> dict[str, Any]:
         else None,
         "locators": locators,
         "hidden_states": hidden,
+        "heads": heads,
     }
