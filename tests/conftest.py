@@ -101,3 +101,24 @@ def hook_state(model: nn.Module) -> dict[str, tuple[list[Any], list[Any], list[A
         )
         for name, m in model.named_modules()
     }
+
+
+@pytest.fixture(scope="module")
+def built() -> Callable[[Any], Any]:
+    """Build each registry case's model once per test module, or skip with the reason.
+
+    The cases and how they build live in ``test_conformance_all`` (``CASES``, ``_build``).
+    """
+    from test_conformance_all import _build
+
+    cache: dict[Any, Any] = {}
+
+    def get(case: Any) -> Any:
+        if case not in cache:
+            cache[case] = _build(case)
+        found = cache[case]
+        if isinstance(found, str):
+            pytest.skip(found)
+        return found
+
+    return get

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import gpt2_config, llama_config
-from test_conformance_all import CASES, SPECS, Built, _build
+from test_conformance_all import CASES, SPECS, Built
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 from introspect import CaptureError, Inspector, LocatorError
@@ -37,21 +37,6 @@ REFUSED = {
     "mamba2": "not one embedding",
     "rwkv": "not one embedding",
 }
-
-
-@pytest.fixture(scope="module")
-def built() -> Callable[[Any], Built]:
-    cache: dict[Any, Built | str] = {}
-
-    def get(case: Any) -> Built:
-        if case not in cache:
-            cache[case] = _build(case)
-        found = cache[case]
-        if isinstance(found, str):
-            pytest.skip(found)
-        return found
-
-    return get
 
 
 def _has_head(insp: Inspector) -> bool:

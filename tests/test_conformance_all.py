@@ -145,22 +145,6 @@ def _build(case: Case) -> Built | str:
     return Built(model, inputs)
 
 
-@pytest.fixture(scope="module")
-def built() -> Callable[[Case], Built]:
-    """Build each case's model once for every test of this module, or skip with the reason."""
-    cache: dict[Case, Built | str] = {}
-
-    def get(case: Case) -> Built:
-        if case not in cache:
-            cache[case] = _build(case)
-        found = cache[case]
-        if isinstance(found, str):
-            pytest.skip(found)
-        return found
-
-    return get
-
-
 def test_every_builtin_adapter_has_cases() -> None:
     assert {"gpt2", "llama", "t5", "bart-causal"} <= SPECS.keys()
     assert {c.adapter for c in CASES} == SPECS.keys()

@@ -15,25 +15,10 @@ from typing import Any
 
 import pytest
 import torch
-from test_conformance_all import CASES, SPECS, Built, _build
+from test_conformance_all import CASES, SPECS, Built
 
 from introspect import Inspector, MissingPartError
 from introspect.testing import assert_checks, build_tiny, check_heads
-
-
-@pytest.fixture(scope="module")
-def built() -> Callable[[Any], Built]:
-    cache: dict[Any, Built | str] = {}
-
-    def get(case: Any) -> Built:
-        if case not in cache:
-            cache[case] = _build(case)
-        found = cache[case]
-        if isinstance(found, str):
-            pytest.skip(found)
-        return found
-
-    return get
 
 
 def _padded(inputs: dict[str, Any], side: str) -> dict[str, Any]:
