@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from introspect._errors import CaptureError, LocatorError, MissingDependencyError
-from introspect._lens import _plain, _save_atomically
+from introspect._lens import _plain, _save_atomically, main_blocks
 from introspect._locators import Locator
 from introspect._text import encode_prompt, token_strings
 
@@ -103,32 +103,13 @@ def _whole(name: str, value: Any, minimum: int, why: str = "") -> int:
 
 
 def _device_of(insp: Inspector) -> torch.device:
-    return next((p.device for p in insp.model.parameters()), torch.device("cpu"))
+    return next((p.device for p in insp.model.parameters() if not p.is_meta), torch.device("cpu"))
 
 
 def _block_indices(insp: Inspector, blocks: int | str | Sequence[int | str] | None) -> list[int]:
     """Block indices of the main stack (ints, negative allowed, or locators like block[2:])."""
-    if blocks is None:
-        return list(range(insp.num_blocks))
-    wanted: list[int | str] = [blocks] if isinstance(blocks, str | int) else list(blocks)
-    if not wanted:
-        raise LocatorError("blocks is empty: pass None for every block, or e.g. [0, -1]")
-    texts = []
-    for b in wanted:
-        index = _as_int(b)
-        if index is None and not isinstance(b, str):
-            raise LocatorError(
-                f"blocks holds {b!r}: each is a block index (an int, -1 = the last block) or "
-                "a locator such as 'block[10:]'"
-            )
-        texts.append(f"block[{index}]" if index is not None else str(b))
     found: list[int] = []
-    for loc in insp.expand(texts):
-        if not loc.is_block or loc.sub is not None or loc.side != "output" or loc.stack:
-            raise LocatorError(
-                f"blocks names blocks of the main stack; {loc} is not one (use e.g. "
-                "blocks=[0, -1] or blocks=['block[10:]'])"
-            )
+    for loc in main_blocks(insp, blocks, "head_scores reads the patterns of blocks"):
         assert loc.index is not None
         if loc.index not in found:
             found.append(loc.index)

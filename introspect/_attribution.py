@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from introspect._capture import onloaded
 from introspect._errors import CaptureError
 from introspect._lens import _as_inputs, _target_id
 from introspect._spec import LogitOp
@@ -134,17 +135,18 @@ def frozen_norm(norm: nn.Module | None, x: torch.Tensor, atol: float = 1e-4) -> 
     if norm is None:
         return FrozenNorm(False, torch.ones(hidden, dtype=torch.float64, device=x.device), None)
     with torch.no_grad():
-        expected = norm(x).double()
+        expected = norm(x).double().to(x.device)
     xd = x.double()
-    weight = getattr(norm, "weight", None)
-    bias = getattr(norm, "bias", None)
     weights: list[torch.Tensor] = [torch.ones(hidden, dtype=torch.float64, device=x.device)]
-    if isinstance(weight, torch.Tensor) and weight.shape == (hidden,):
-        w = weight.detach().double()
-        weights = [w, 1.0 + w, *weights]
     biases: list[torch.Tensor | None] = [None]
-    if isinstance(bias, torch.Tensor) and bias.shape == (hidden,):
-        biases.insert(0, bias.detach().double())
+    with onloaded(norm, "freezing the final norm"):  # accelerate may have offloaded them
+        weight = getattr(norm, "weight", None)
+        bias = getattr(norm, "bias", None)
+        if isinstance(weight, torch.Tensor) and weight.shape == (hidden,):
+            w = weight.detach().double().to(x.device)
+            weights = [w, 1.0 + w, *weights]
+        if isinstance(bias, torch.Tensor) and bias.shape == (hidden,):
+            biases.insert(0, bias.detach().double().to(x.device))
     best = float("inf")
     for center in (True, False):
         centered = xd - xd.mean(-1, keepdim=True) if center else xd
@@ -259,17 +261,23 @@ def direct_logit_attribution(
     logits = output["logits"] if isinstance(output, Mapping) else output[0]
     at = position
     stream = cap[f"block[{insp.num_blocks - 1}]"].output[:, at]
-    terms: list[tuple[str, torch.Tensor]] = [("embed", cap["block[0]"].input[:, at])]
+    # Everything is summed where the stream is: blocks dispatched across devices record theirs.
+    device = stream.device
+    terms: list[tuple[str, torch.Tensor]] = [("embed", cap["block[0]"].input[:, at].to(device))]
     constant = torch.zeros_like(stream, dtype=torch.float64)
     for key, label in pairs:
-        value = cap[key].output[:, at]
+        value = cap[key].output[:, at].to(device)
         if per_head and label.endswith(".attn"):
-            result = cap[f"{key}.result"].output[:, at]  # [batch, heads, hidden]
+            result = cap[f"{key}.result"].output[:, at].to(device)  # [batch, heads, hidden]
             o_out = cap[f"{key}.o"].output[:, at]
             total = result.sum(dim=1).double()
             leftover = value.double() - total  # the projection's bias (and nothing else)
-            bias = getattr(insp.module(f"{key}.o"), "bias", None)
-            expected = bias.detach().double() if isinstance(bias, torch.Tensor) else 0.0
+            o_proj = insp.module(f"{key}.o")
+            with onloaded(o_proj, "direct logit attribution"):
+                bias = getattr(o_proj, "bias", None)
+                expected = (
+                    bias.detach().double().to(device) if isinstance(bias, torch.Tensor) else 0.0
+                )
             gap = float((leftover - expected).abs().max()) if o_out is not None else 0.0
             if gap > atol * max(1.0, float(value.abs().max())):
                 raise CaptureError(
@@ -292,32 +300,28 @@ def direct_logit_attribution(
         )
     norm = insp._after_module(insp.adapter, "final_norm")
     frozen = frozen_norm(norm, stream)
-    column = weight[token_id].detach().double()
+    with onloaded(head, "direct logit attribution"):  # accelerate may have offloaded them
+        loaded = getattr(head, "weight", weight)
+        column = loaded[token_id].detach().double().to(device)
+        head_bias = getattr(head, "bias", None)
+        offset = (
+            head_bias.detach().double()[token_id].to(device)
+            if isinstance(head_bias, torch.Tensor)
+            else torch.zeros((), dtype=torch.float64, device=device)
+        )
 
     def through(x: torch.Tensor) -> torch.Tensor:
-        value = frozen.part(x.double()) @ column
-        for op in insp.adapter.pre_head:
-            value = _linear(op, value, insp)
-        for op in insp.adapter.logit_ops:
-            if op.kind != "add":
-                value = _linear(op, value, insp)
-        return value
+        return _head_steps(frozen.part(x.double()) @ column, insp)
 
     values = [through(t) for _, t in terms]
     bias_value = through(constant)
     if frozen.bias is not None:
-        bias_value = bias_value + through_affine(frozen.bias, column, insp)
-    head_bias = getattr(head, "bias", None)
-    offset = (
-        head_bias.detach().double()[token_id]
-        if isinstance(head_bias, torch.Tensor)
-        else torch.zeros((), dtype=torch.float64)
-    )
+        bias_value = bias_value + _head_steps(frozen.bias.double() @ column, insp)
     for op in insp.adapter.logit_ops:  # in order: a constant added, then scaled, is scaled
         if op.kind == "add":
             added = op.value_for(insp.model)
             if isinstance(added, torch.Tensor):
-                offset = offset + added.detach().double().reshape(-1)[token_id]
+                offset = offset + added.detach().double().reshape(-1)[token_id].to(device)
             elif added is not None:
                 offset = offset + float(added)
         else:
@@ -325,7 +329,7 @@ def direct_logit_attribution(
     bias_value = bias_value + offset
     labels = [label for label, _ in terms] + ["bias"]
     table = torch.stack([*values, bias_value.expand_as(values[0])], dim=-1)
-    model_logit = logits[:, at, token_id].double()
+    model_logit = logits[:, at, token_id].double().to(device)
     diff = float((table.sum(-1) - model_logit).abs().max())
     if diff > atol * max(1.0, float(model_logit.abs().max())):
         raise CaptureError(
@@ -339,9 +343,8 @@ def direct_logit_attribution(
     return Attribution(labels, out.float(), logit, token_id, position, diff)
 
 
-def through_affine(bias: torch.Tensor, column: torch.Tensor, insp: Inspector) -> torch.Tensor:
-    """The final norm's bias through the unembedding column and the head's linear steps."""
-    value = bias.double() @ column
+def _head_steps(value: torch.Tensor, insp: Inspector) -> torch.Tensor:
+    """A value on the unembedding column through the head's linear steps (its scales)."""
     for op in insp.adapter.pre_head:
         value = _linear(op, value, insp)
     for op in insp.adapter.logit_ops:

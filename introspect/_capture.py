@@ -49,8 +49,11 @@ __all__ = [
     "edit_note",
     "enter_uses",
     "hidden_of",
+    "input_device",
     "model_changed_message",
+    "onloaded",
     "only_in_thread",
+    "settle_offloaded",
     "stale_targets",
 ]
 
@@ -538,6 +541,103 @@ def model_changed_message(keys: Sequence[str], what: str) -> str:
         f"so the {what} would silently miss {'it' if len(keys) == 1 else 'them'}: build the "
         f"{what} again from the Inspector"
     )
+
+
+# -- models dispatched with accelerate -------------------------------------------------------
+# accelerate (``device_map=...`` at load, ``dispatch_model``, ``cpu_offload``, ``disk_offload``)
+# wraps a module's ``forward`` with a hook (``module._hf_hook``). An offloading hook loads the
+# module's weights at the start of its forward and puts them back on the meta device at the
+# end: outside its forward such a module's weights hold no values.
+
+
+def _offload_hooks(module: nn.Module) -> list[Any]:
+    """The accelerate hooks of ``module`` that offload its weights outside its forward."""
+    hook = module.__dict__.get("_hf_hook")
+    if hook is None:
+        return []
+    chained = getattr(hook, "hooks", None)  # a SequentialHook holds several
+    hooks = chained if isinstance(chained, (list, tuple)) else (hook,)
+    return [h for h in hooks if getattr(h, "offload", False)]
+
+
+@contextlib.contextmanager
+def onloaded(module: nn.Module, what: str = "") -> Iterator[None]:
+    """Inside the block, ``module``'s own weights hold their values, also where accelerate
+    offloads them.
+
+    A module dispatched with accelerate's offloading keeps its weights on the meta device
+    outside its forward, so reading ``module.weight`` there gives a tensor without values
+    (and ``einsum`` with it silently gives another). Inside this block its hook has loaded them
+    as at the start of its forward; they are offloaded again on exit, so read what you need
+    (``module.weight`` anew: the hook replaces the parameter) and keep a reference. Weights on
+    the meta device that no hook of the module holds are an error. ``what`` names the reader.
+
+    Example:
+        >>> lin = nn.Linear(2, 2)
+        >>> with onloaded(lin):
+        ...     lin.weight.device.type
+        'cpu'
+    """
+    if not any(p.is_meta for p in module.parameters(recurse=False)):
+        yield
+        return
+    hooks = _offload_hooks(module)
+    if not hooks:
+        raise CaptureError(
+            f"{what or 'reading'} {type(module).__name__}'s weights: they are on the meta device "
+            "and hold no values, and no accelerate offloading hook of that module holds them "
+            "(load the weights, or dispatch the model with accelerate so that each offloaded "
+            "module keeps its own hook: device_map=..., cpu_offload, disk_offload)"
+        )
+    for hook in hooks:
+        hook.pre_forward(module)
+    try:
+        yield
+    finally:
+        for hook in reversed(hooks):
+            hook.post_forward(module, None)
+
+
+def settle_offloaded(model: nn.Module | None) -> None:
+    """Offload again what accelerate loaded for forwards that an exception interrupted.
+
+    An offloading hook puts its module's weights back on the meta device only when its forward
+    returns; an early stop (or an error) raised inside that forward leaves them loaded on the
+    execution device. Captures and edits call this when they exit on an exception; modules
+    that no forward interrupted (all their weights already offloaded) are left alone.
+
+    Example:
+        >>> settle_offloaded(nn.Linear(2, 2))  # no accelerate hooks: nothing to do
+    """
+    if model is None:
+        return
+    # A plain walk (model.modules() builds every name): an early stop pays it at every call.
+    modules = [model]
+    hooked = []
+    for module in modules:
+        for child in module._modules.values():
+            if child is not None:
+                modules.append(child)
+        if "_hf_hook" in module.__dict__:
+            hooked.append(module)
+    for module in hooked:
+        for hook in _offload_hooks(module):
+            inner = bool(getattr(hook, "place_submodules", False))
+            if any(not p.is_meta for p in module.parameters(recurse=inner)):
+                hook.post_forward(module, None)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's inputs go: its first parameter that holds values (else the CPU).
+
+    A model dispatched with accelerate moves inputs to each module's execution device itself;
+    its offloaded parameters are on the meta device, which holds no values.
+
+    Example:
+        >>> input_device(nn.Linear(2, 2))
+        device(type='cpu')
+    """
+    return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
 
 
 _is_compiling: Callable[[], bool] = getattr(
@@ -1327,6 +1427,10 @@ class Capture:
         tb: TracebackType | None,
     ) -> bool:
         self._remove()
+        if exc is not None:
+            # An early stop ends the forward inside the modules that called the one recorded:
+            # accelerate's offloading hooks among them never offloaded their weights again.
+            settle_offloaded(self.model if self.model is not None else self.root)
         return isinstance(exc, StopForward) and exc.capture is self
 
     def _key(self, locator: str) -> str:

@@ -133,7 +133,7 @@ def _probe_inputs(model: nn.Module) -> dict[str, Any]:
     inputs = example_inputs(config, batch=2, seq=6)
     embed = model.get_input_embeddings()  # type: ignore[operator]
     rows = getattr(embed, "num_embeddings", None)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
     for key in ("input_ids", "decoder_input_ids"):
         if key in inputs and isinstance(rows, int):
             inputs[key] = inputs[key] % rows

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from introspect._capture import onloaded
 from introspect._errors import CaptureError, MissingPartError
 from introspect._paths import get_path
 from introspect._spec import HeadSpec
@@ -493,13 +494,14 @@ class HeadTap:
             return None
         x = args[0]
         z = x.unflatten(-1, (self.heads, -1))
-        weight = self._per_head()
+        with onloaded(module, f"{self.label}.result"):  # offloaded by accelerate after forward
+            weight = self._per_head()
+            bias = getattr(module, "bias", None)
         result = torch.einsum("...hd,ohd->...ho", z, weight.to(z.dtype))
         new = site(result)
         if new is result:
             return None
         out = new.sum(dim=-2)
-        bias = getattr(module, "bias", None)
         if isinstance(bias, torch.Tensor):
             out = out + bias.to(out.dtype)
         return out.to(output.dtype) if isinstance(output, torch.Tensor) else out

@@ -16,7 +16,7 @@ from torch import nn
 
 from introspect._attribution import Attribution, direct_logit_attribution
 from introspect._batching import PaddingSide, Positions, check_positions, encode_batch
-from introspect._capture import Capture, Record, Target, Transform
+from introspect._capture import Capture, Record, Target, Transform, input_device
 from introspect._errors import (
     CaptureError,
     InterventionError,
@@ -729,7 +729,7 @@ class Inspector:
         if tokenizer is not None:
             pad_id = None  # the tokenizer's pad (or end-of-sequence) token wins
         batch = encode_batch(prompts, tokenizer, padding_side=padding_side, pad_token_id=pad_id)
-        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        device = input_device(self.model)  # not meta: accelerate may have offloaded weights
         return {k: v.to(device) for k, v in batch.items()}
 
     def run_batch(
@@ -1037,7 +1037,7 @@ def get_hidden_state(
     insp = Inspector(model)
     locator = insp.locator(f"block[{int(layer_index)}]")
     inputs = tokenizer(prompt, return_tensors="pt")
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = input_device(model)
     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     with insp.capture(locator) as cap, torch.no_grad():
         model(**inputs)

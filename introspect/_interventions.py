@@ -69,6 +69,7 @@ from introspect._capture import (
     hidden_of,
     model_changed_message,
     only_in_thread,
+    settle_offloaded,
     stale_targets,
 )
 from introspect._errors import InterventionError
@@ -563,6 +564,28 @@ def _read_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
 _LOCK = RLock()
 """Guards installing and removing wrapped forwards (see :meth:`Intervention.__enter__`)."""
 
+_WRAP_DEPTH = 8
+"""How many ``__wrapped__`` links :func:`_wrapper_of` follows."""
+
+
+def _wrapper_of(module: nn.Module) -> _EditedForward | None:
+    """The edit wrapper ``module``'s forward runs: its ``forward`` itself, or one wrapped by
+    wrappers installed after it (accelerate's ``add_hook_to_module``, transformers 4.x while it
+    records hidden states), which link it as ``__wrapped__``.
+
+    Example:
+        >>> _wrapper_of(nn.Linear(2, 2)) is None
+        True
+    """
+    forward = module.__dict__.get("forward")
+    for _ in range(_WRAP_DEPTH):
+        if isinstance(forward, _EditedForward):
+            return forward if forward.module is module else None
+        forward = getattr(forward, "__wrapped__", None)
+        if forward is None:
+            return None
+    return None
+
 
 class _EditedForward:
     """Installed as ``module.forward`` while edits of the module are active.
@@ -783,8 +806,8 @@ class _EditedForward:
     @classmethod
     def attach(cls, target: Target) -> _EditedForward:
         module = target.module
-        current = module.__dict__.get("forward")
-        if isinstance(current, _EditedForward):
+        current = _wrapper_of(module)
+        if current is not None:
             return current
         state = cls(module, target)
         module.forward = state
@@ -827,11 +850,28 @@ class _EditedForward:
                 note.output_edits, note.output_before = (), None
         if self.input_edits or self.output_edits:
             return
-        if self.module.__dict__.get("forward") is self:
+        forward: Any = self.module.__dict__.get("forward")
+        if forward is self:
             if self.previous is None:
                 del self.module.forward
             else:
                 self.module.forward = self.previous
+            return
+        # Wrapped after it was installed (accelerate's add_hook_to_module keeps the forward it
+        # wraps in module._old_forward and calls that; functools links __wrapped__): link the
+        # wrapper past this one, or it would stay in the model after the edit.
+        inner = self.previous if self.previous is not None else self.inner
+        if self.module.__dict__.get("_old_forward") is self:
+            self.module.__dict__["_old_forward"] = inner
+        for _ in range(_WRAP_DEPTH):
+            following = getattr(forward, "__wrapped__", None)
+            if following is self:
+                with contextlib.suppress(AttributeError, TypeError):
+                    forward.__wrapped__ = inner
+                break
+            if following is None:
+                break
+            forward = following
 
 
 class Intervention:
@@ -888,6 +928,16 @@ class Intervention:
         if stale:
             # An edited module replaced while the edit is active would silently not be edited.
             raise InterventionError(model_changed_message(stale, "intervention"))
+        lost = [edit.name for state, edit in self._states if _wrapper_of(state.module) is not state]
+        if lost:
+            # Its forward replaced (accelerate's remove_hook_from_module puts back the forward
+            # it had wrapped): the edit would silently not apply.
+            raise InterventionError(
+                f"{', '.join(lost)}: the module's forward was replaced while this edit was "
+                "active (e.g. accelerate's remove_hook_from_module, which puts back the forward "
+                "it wrapped), so the edit would silently not apply: dispatch or undispatch the "
+                "model outside the 'with' block of an edit"
+            )
         self._call = _read_call(module, args, kwargs)
         self.attention_mask = self._call.attention_mask
 
@@ -1000,6 +1050,10 @@ class Intervention:
         tb: TracebackType | None,
     ) -> None:
         self._remove()
+        if exc is not None:
+            # An error (or an early stop) inside a forward leaves the weights accelerate loaded
+            # for the modules it interrupted on the execution device.
+            settle_offloaded(self.model if self.model is not None else self.root)
 
     def __repr__(self) -> str:
         return f"Intervention({', '.join(e.name for e in self.edits)})"

@@ -40,7 +40,7 @@ from introspect._text import encode_prompt, token_strings
 if TYPE_CHECKING:
     from introspect._inspector import Inspector
 
-__all__ = ["LensResult", "logit_lens", "show_token"]
+__all__ = ["LensResult", "logit_lens", "main_blocks", "show_token"]
 
 
 def show_token(token: str, width: int = 0) -> str:
@@ -571,9 +571,20 @@ def _as_inputs(insp: Inspector, inputs: Any, tokenizer: Any) -> dict[str, Any]:
     )
 
 
-def _rows(
-    insp: Inspector, blocks: Sequence[int | str] | None, include_embed: bool
+def main_blocks(
+    insp: Inspector, blocks: int | str | Sequence[int | str] | None, what: str
 ) -> list[Locator]:
+    """The main-stack block locators ``blocks`` names: ints (negative allowed) or locators
+    such as ``block[10:]``; ``None`` is every block. ``what`` says what the caller reads, in
+    errors (``"the logit lens reads block outputs"``).
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> from introspect import Inspector
+        >>> m = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=64))
+        >>> [str(x) for x in main_blocks(Inspector(m), [0, "block[-1:]"], "the lens reads")]
+        ['block[0]', 'block[2]']
+    """
     if blocks is None:
         wanted: list[int | str] = ["block[:]"]
     else:
@@ -593,9 +604,16 @@ def _rows(
     for loc in locs:
         if not loc.is_block or loc.sub is not None or loc.side != "output" or loc.stack:
             raise LocatorError(
-                f"the logit lens reads block outputs of the main stack; {loc} is not one "
+                f"{what} of the main stack; {loc} is not one "
                 "(use e.g. blocks=[0, -1] or blocks=['block[10:]'])"
             )
+    return locs
+
+
+def _rows(
+    insp: Inspector, blocks: Sequence[int | str] | None, include_embed: bool
+) -> list[Locator]:
+    locs = main_blocks(insp, blocks, "the logit lens reads block outputs")
     if include_embed:
         first = insp.hidden_state_locator(0)
         if first.side != "input":

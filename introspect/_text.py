@@ -17,7 +17,7 @@ __all__ = ["encode_prompt", "token_strings"]
 
 
 def _device_of(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
+    return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
 
 
 def encode_prompt(tokenizer: Any, prompt: str, model: nn.Module) -> dict[str, torch.Tensor]:

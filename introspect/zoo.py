@@ -53,6 +53,7 @@ from introspect._progress import progress_enabled, steps
 __all__ = [
     "CACHE_ENV",
     "DEMO_INSTALL",
+    "DEVICE_MAPS",
     "ZOO",
     "ByteTokenizerWarning",
     "ZooModel",
@@ -580,7 +581,7 @@ def _check_hub_id(name: str) -> None:
         )
 
 
-def _load_pretrained(name: str, progress: bool) -> tuple[nn.Module, Any]:
+def _load_pretrained(name: str, progress: bool, **load_options: Any) -> tuple[nn.Module, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
     path = Path(name).expanduser()
@@ -608,7 +609,9 @@ def _load_pretrained(name: str, progress: bool) -> tuple[nn.Module, Any]:
             ) from exc
         bar.next()
         try:
-            model = _auto_class(config).from_pretrained(source, trust_remote_code=False)
+            model = _auto_class(config).from_pretrained(
+                source, trust_remote_code=False, **load_options
+            )
         except (OSError, ValueError, pickle.UnpicklingError) as error:
             # transformers 4.x wraps the refusal of a pickle in an OSError; 5.x raises it.
             refusal: BaseException | None = error
@@ -681,17 +684,48 @@ def check_device(device: torch.device | str) -> torch.device:
     return found
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+"""The ``device_map`` strategies :func:`load_model` accepts (those of ``from_pretrained``)."""
+
+
+def _dispatch(model: nn.Module, strategy: str) -> None:
+    """Spread a model built in memory over the devices as ``from_pretrained`` does."""
+    accelerate = importlib.import_module("accelerate")  # untyped; an optional dependency
+    utils = importlib.import_module("accelerate.utils")
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    max_memory = None
+    if strategy != "sequential":
+        max_memory = utils.get_balanced_memory(
+            model, no_split_module_classes=no_split, low_zero=strategy == "balanced_low_0"
+        )
+    device_map = accelerate.infer_auto_device_map(
+        model, max_memory=max_memory, no_split_module_classes=no_split
+    )
+    if "disk" in device_map.values():
+        raise ModelLoadError(
+            f"device_map={strategy!r} leaves no room for {type(model).__name__} on this "
+            "machine's devices and memory: free some memory"
+        )
+    skip = getattr(model, "_skip_keys_device_placement", None)
+    accelerate.dispatch_model(model, device_map=device_map, skip_keys=skip)
+
+
 def load_model(
     name: str,
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
     progress: bool = True,
+    device_map: str | None = None,
 ) -> tuple[nn.Module, Any]:
     """Load a model by short name, hub id or folder; returns ``(model, tokenizer)`` in eval mode.
 
     Short names: ``smollm2`` (real weights, see the module docs), ``toy-gpt2``, ``toy-llama``.
     The tokenizer is ``None`` for a folder without one. ``progress`` shows bars on stderr.
+    ``device_map`` (one of :data:`DEVICE_MAPS`, instead of ``device``) spreads the model over
+    the available devices with accelerate: passed to ``from_pretrained(device_map=...)`` for a
+    hub id or folder (``dtype`` then applies while loading), a short name's model is dispatched
+    the same way once built.
 
     Example:
         >>> model, tokenizer = load_model("toy-gpt2", progress=False)
@@ -699,11 +733,28 @@ def load_model(
         ('GPT2LMHeadModel', False)
     """
     wanted_dtype = _dtype(dtype)
+    if device_map is not None:
+        if device_map not in DEVICE_MAPS:
+            raise ModelLoadError(
+                f"unknown device_map {device_map!r}: use {', '.join(DEVICE_MAPS)} (or device=...)"
+            )
+        if device is not None:
+            raise ModelLoadError(
+                "pass a device or a device_map, not both: a device_map places every module itself"
+            )
+        _need_modules(f"device_map={device_map!r}", "accelerate")
     if device is not None:
         check_device(device)
     entry = ZOO.get(name.lower())
     if entry is not None:
         model, tokenizer = entry.build(progress)
+    elif device_map is not None:
+        # Offloaded weights cannot be cast after loading: the dtype applies while loading.
+        options: dict[str, Any] = {"device_map": device_map}
+        if wanted_dtype is not None:
+            options["dtype"] = wanted_dtype
+        model, tokenizer = _load_pretrained(name, progress, **options)
+        return model.eval(), tokenizer
     else:
         model, tokenizer = _load_pretrained(name, progress)
     model.eval()
@@ -711,6 +762,8 @@ def load_model(
         model.to(dtype=wanted_dtype)
     if device is not None:
         model.to(device)
+    if device_map is not None:
+        _dispatch(model, device_map)
     return model, tokenizer
 
 
