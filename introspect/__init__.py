@@ -33,6 +33,7 @@ if TYPE_CHECKING:
         real_token_positions,
     )
     from introspect._capture import Capture, Record
+    from introspect._dataset import ActivationDataset
     from introspect._describe import describe
     from introspect._detect import DetectedAdapterWarning, detect_adapter
     from introspect._errors import (
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
         UnsupportedArchitectureError,
     )
     from introspect._export import capture_to_file, load_capture, save_tensors
+    from introspect._extract import extract
     from introspect._hookspecs import hookimpl
     from introspect._inspector import Inspector, get_hidden_state
     from introspect._interventions import Intervention, logit_difference, mean_activation
@@ -82,9 +84,11 @@ _EXPORTS: dict[str, str] = {
         "_batching",
     ),
     **dict.fromkeys(["Capture", "Record"], "_capture"),
+    "ActivationDataset": "_dataset",
     "describe": "_describe",
     **dict.fromkeys(["DetectedAdapterWarning", "detect_adapter"], "_detect"),
     **dict.fromkeys(["capture_to_file", "load_capture", "save_tensors"], "_export"),
+    "extract": "_extract",
     **dict.fromkeys(
         [
             "AdapterConflictError",
@@ -116,6 +120,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "ActivationDataset",
     "AdapterConflictError",
     "AdapterError",
     "AdapterSpec",
@@ -152,6 +157,7 @@ __all__ = [
     "describe",
     "detect_adapter",
     "encode_batch",
+    "extract",
     "get_hidden_state",
     "get_plugin_manager",
     "get_registry",

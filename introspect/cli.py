@@ -7,6 +7,7 @@ function (its ``configure`` callback adds the options).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -227,10 +228,21 @@ _MODEL_HELP = (
 )
 
 
+def _device_map_option(parser: argparse.ArgumentParser) -> None:
+    """``--device-map``, read by :func:`_load` (every command that loads a model offers it)."""
+    parser.add_argument(
+        "--device-map",
+        choices=["auto", "balanced", "balanced_low_0", "sequential"],
+        help="spread the model over the available devices (and offload what does not fit) "
+        "with accelerate, as from_pretrained(device_map=...) does; instead of --device",
+    )
+
+
 def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help=_MODEL_HELP)
     parser.add_argument("--adapter", metavar="NAME", help="force this adapter instead of detecting")
     parser.add_argument("--device", help="run on this device, e.g. cuda or cpu (default: cpu)")
+    _device_map_option(parser)
     parser.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], help="cast the weights first"
     )
@@ -258,7 +270,11 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     if args.device is not None:
         check_device(args.device)
     model, tokenizer = load_model(
-        args.model, device=args.device, dtype=args.dtype, progress=not args.no_progress
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        progress=not args.no_progress,
+        device_map=getattr(args, "device_map", None),
     )
     return model, tokenizer, Inspector(model, adapter=args.adapter)
 
@@ -777,6 +793,255 @@ def _heads(args: argparse.Namespace) -> int:
     )
     if plot is not None:
         print(f"wrote {plot}")
+    return 0
+
+
+def _extract_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help=_MODEL_HELP)
+    parser.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="the corpus, repeatable: a .txt file (one document per line), a .jsonl file (a "
+        "'text' field per line) or a folder written by datasets' save_to_disk",
+    )
+    parser.add_argument(
+        "--at",
+        action="append",
+        required=True,
+        metavar="LOCATOR",
+        help="what to record, repeatable: block[:], block[-1], block[0].input, embed, ...",
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="the dataset folder (new, or to resume)"
+    )
+    parser.add_argument(
+        "--positions",
+        choices=["all", "last"],
+        default="all",
+        help="a row per token (all, the default) or per document, its last token (last)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_whole_number(1),
+        default=8,
+        metavar="N",
+        help="documents per forward pass (default: 8)",
+    )
+    parser.add_argument(
+        "--max-length",
+        type=_whole_number(1),
+        metavar="N",
+        help="truncate longer documents to N tokens, listed in the manifest (default: the "
+        "model's context length)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float16", "bfloat16", "float32"],
+        default="float16",
+        help="the dtype the activations are stored in (default: float16)",
+    )
+    parser.add_argument(
+        "--text-field",
+        default="text",
+        metavar="F",
+        help="the text field of .jsonl records and datasets rows (default: text)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="delete an extraction already in DIR and start over (never other files)",
+    )
+    parser.add_argument(
+        "--nproc",
+        type=_whole_number(1),
+        default=1,
+        metavar="N",
+        help="run N processes on this machine through torchrun (default: 1); or launch "
+        "'torchrun --nproc-per-node N -m introspect extract ...' yourself",
+    )
+    parser.add_argument(
+        "--device",
+        help="run on this device, e.g. cuda or cpu (default: cpu); under torchrun, cuda means "
+        "each rank's own GPU (cuda:LOCAL_RANK)",
+    )
+    parser.add_argument("--adapter", metavar="NAME", help="force this adapter instead of detecting")
+    _device_map_option(parser)
+    parser.add_argument(
+        "--model-dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="cast the weights first (default: as loaded)",
+    )
+    parser.add_argument(
+        "--shard-rows",
+        type=_whole_number(1),
+        metavar="N",
+        help="rows per shard file (default: about 256 MiB of values per shard)",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (also: INTROSPECT_PROGRESS=0)"
+    )
+    _json_flag(parser)
+
+
+def _extract_argv(args: argparse.Namespace) -> list[str]:
+    """The command line a rank runs: this one without --nproc."""
+    argv = ["extract", args.model]
+    for path in args.input:
+        argv += ["--input", path]
+    for loc in args.at:
+        argv += ["--at", loc]
+    argv += ["--out", args.out, "--positions", args.positions, "--dtype", args.dtype]
+    argv += ["--batch-size", str(args.batch_size), "--text-field", args.text_field]
+    for flag, value in (
+        ("--max-length", args.max_length),
+        ("--device", args.device),
+        ("--device-map", getattr(args, "device_map", None)),
+        ("--adapter", args.adapter),
+        ("--model-dtype", args.model_dtype),
+        ("--shard-rows", args.shard_rows),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
+    for flag, value in (
+        ("--force", args.force),
+        ("--no-progress", args.no_progress),
+        ("--json", args.json),
+        ("--debug", getattr(args, "debug", False)),
+    ):
+        if value:
+            argv.append(flag)
+    return argv
+
+
+def _extract_summary(out: str, manifest: dict[str, Any], note: str, *, ran: bool) -> None:
+    rows = manifest["rows"]
+    locators = manifest["locators"]
+    shown = ", ".join(locators) if len(locators) <= 3 else f"{locators[0]}, ..., {locators[-1]}"
+    shapes = {"x".join(map(str, shape)) or "1" for shape in manifest["shapes"].values()}
+    width = f"{shapes.pop()} " if len(shapes) == 1 else ""
+    files = [out_dir / s["file"] for out_dir in [Path(out)] for s in manifest["shards"]]
+    size = sum(f.stat().st_size for f in files if f.exists())
+    unit = "tokens" if manifest["positions"] == "all" else "documents, last token"
+    print(
+        f"{note}{out}: {rows:,} rows ({unit}) from {manifest['documents']['total']:,} documents; "
+        f"{len(locators)} locator{'s' if len(locators) != 1 else ''} ({shown}) of {width}"
+        f"{manifest['dtype']} values; {len(files)} shard{'s' if len(files) != 1 else ''}, "
+        f"{size / 2**20:.1f} MiB"
+    )
+    cut = manifest["truncation"]
+    if cut["documents"]:
+        print(
+            f"{cut['documents']:,} documents truncated to {cut['max_length']:,} tokens "
+            f"({cut['tokens_removed']:,} tokens left out; listed in manifest.json)"
+        )
+    empty = manifest["documents"]["empty"]
+    if empty:
+        print(f"{len(empty):,} empty documents (no tokens, no rows; listed in manifest.json)")
+    run = manifest.get("run") or {}
+    if ran and run.get("tokens_per_second"):
+        print(
+            f"{run['tokens']:,} tokens through the model in {run['seconds']:.1f} s "
+            f"({run['tokens_per_second']:,.0f} tokens/s, {run['world_size']} "
+            f"process{'es' if run['world_size'] != 1 else ''})"
+        )
+
+
+@command(
+    "extract",
+    "stream a corpus's activations to DIR (safetensors shards + manifest.json); resumable, "
+    "runs under torchrun",
+    _extract_options,
+)
+def _extract(args: argparse.Namespace) -> int:
+    from introspect._corpus import read_inputs
+    from introspect._dataset import MANIFEST, read_json
+    from introspect._errors import IntrospectError
+    from introspect._extract import (
+        check_output_dir,
+        extract,
+        init_distributed,
+        launch,
+        settings_of,
+    )
+    from introspect._locators import Locator
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        for text in args.at:
+            Locator.parse(text)  # a malformed locator is an error before anything is read
+        docs = read_inputs(args.input, args.text_field)
+        settings = settings_of(
+            model=args.model,
+            locators=args.at,
+            inputs=docs,
+            positions=args.positions,
+            dtype=args.dtype,
+            text_field=args.text_field,
+            max_length=args.max_length,
+            adapter=args.adapter,
+            model_dtype=args.model_dtype,
+        )
+        if check_output_dir(args.out, settings, force=args.force) == "complete":
+            if rank == 0:
+                manifest = read_json(Path(args.out).expanduser() / MANIFEST)
+                if args.json:
+                    print(json.dumps(manifest, indent=2, ensure_ascii=False))
+                else:
+                    _extract_summary(
+                        args.out, manifest, "already complete, nothing to do: ", ran=False
+                    )
+            return 0
+        if args.nproc > 1 and world == 1:
+            return launch(_extract_argv(args), args.nproc)
+        distributed = init_distributed()
+        try:
+            device = args.device
+            if (
+                distributed
+                and device is not None
+                and device.startswith("cuda")
+                and ":" not in device
+            ):
+                device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+            load_args = argparse.Namespace(
+                **{**vars(args), "dtype": args.model_dtype, "device": device}
+            )
+            _, tokenizer, insp = _load(load_args)
+            manifest = extract(
+                insp,
+                tokenizer,
+                docs,
+                args.at,
+                args.out,
+                positions=args.positions,
+                dtype=args.dtype,
+                batch_size=args.batch_size,
+                max_length=args.max_length,
+                text_field=args.text_field,
+                force=args.force,
+                model_name=args.model,
+                shard_rows=args.shard_rows,
+                progress=not args.no_progress,
+            )
+        finally:
+            if distributed:
+                import torch.distributed as dist
+
+                with contextlib.suppress(Exception):
+                    dist.destroy_process_group()
+    except IntrospectError as exc:
+        if world > 1:
+            # Every rank prints its own error: say whose it is.
+            raise type(exc)(f"rank {rank} of {world}: {exc}") from exc
+        raise
+    if rank == 0:
+        if args.json:
+            print(json.dumps(manifest, indent=2, ensure_ascii=False))
+        else:
+            _extract_summary(args.out, manifest, "wrote ", ran=True)
     return 0
 
 
