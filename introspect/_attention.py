@@ -36,7 +36,6 @@ import math
 import operator
 import os
 import textwrap
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -702,11 +701,8 @@ class AttentionPatterns:
         what = f"head {self.heads[0]}" if single else f"{count} heads"
         heading = title or f"attention of block[{self.block}], {what}: {self.model_class}"
         fig.suptitle(textwrap.fill(heading, max(40, int(width * 11))), fontsize=10)
-        with warnings.catch_warnings():
-            # Tokens in scripts the default font lacks are drawn as boxes, not errors.
-            warnings.filterwarnings("ignore", message=r"Glyph .* missing from")
-            if path is not None:
-                _save_atomically(fig, Path(path), dpi)
+        if path is not None:
+            _save_atomically(fig, Path(path), dpi)
         return fig
 
     def __repr__(self) -> str:

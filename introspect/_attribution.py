@@ -208,7 +208,7 @@ def _components(
                     f"adapter {insp.adapter.name!r} normalises the attention output before "
                     "adding it (post_attn_norm): heads are not additive terms of its stream"
                 )
-            names += [f"block[{i}].attn.result", f"block[{i}].attn.o"]
+            names.append(f"block[{i}].attn.result")
     return names, writers, pairs
 
 
@@ -269,7 +269,6 @@ def direct_logit_attribution(
         value = cap[key].output[:, at].to(device)
         if per_head and label.endswith(".attn"):
             result = cap[f"{key}.result"].output[:, at].to(device)  # [batch, heads, hidden]
-            o_out = cap[f"{key}.o"].output[:, at]
             total = result.sum(dim=1).double()
             leftover = value.double() - total  # the projection's bias (and nothing else)
             o_proj = insp.module(f"{key}.o")
@@ -278,7 +277,7 @@ def direct_logit_attribution(
                 expected = (
                     bias.detach().double().to(device) if isinstance(bias, torch.Tensor) else 0.0
                 )
-            gap = float((leftover - expected).abs().max()) if o_out is not None else 0.0
+            gap = float((leftover - expected).abs().max())
             if gap > atol * max(1.0, float(value.abs().max())):
                 raise CaptureError(
                     f"{key}'s output is not the sum of its heads' results plus the output "

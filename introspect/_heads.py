@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from threading import RLock, get_ident
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -185,6 +185,33 @@ def _restore_eager(config: Any) -> None:
         config.__dict__["_attn_implementation_internal"] = entry[2]
 
 
+@contextlib.contextmanager
+def eager(configs: Iterable[Any]) -> Iterator[None]:
+    """Run under eager attention while inside: ``configs`` switched, then restored.
+
+    Counted with the switches head captures make, so nesting either in the other restores
+    each config only when the last user leaves.
+
+    Example:
+        >>> from transformers import GPT2Config
+        >>> config = GPT2Config(attn_implementation="sdpa")
+        >>> with eager([config]):
+        ...     inside = config._attn_implementation
+        >>> inside, config._attn_implementation
+        ('eager', 'sdpa')
+    """
+    found = list(configs)
+    with _LOCK:
+        for config in found:
+            _switch_eager(config)
+    try:
+        yield
+    finally:
+        with _LOCK:
+            for config in found:
+                _restore_eager(config)
+
+
 def _weight_per_head(o: nn.Module, heads: int) -> Callable[[], torch.Tensor]:
     """A function giving ``o``'s weight as ``[out, heads, head_dim]`` (read at each call)."""
     weight = getattr(o, "weight", None)
@@ -245,7 +272,6 @@ class HeadTap:
         self.inline = core is not None and not uses_attention_interface(core)
         """Whether ``core`` computes attention inline (then q/k/v/pattern are traced)."""
         self._per_head = _weight_per_head(o, self.heads) if _has_weight(o) else None
-        self._uses: dict[str, int] = dict.fromkeys(SITES, 0)
         self._core_users = 0
         self._o_users = 0
         self._handles: list[Any] = []
@@ -313,10 +339,8 @@ class HeadTap:
                     self.o.register_forward_hook(self._o_post, with_kwargs=True),
                 ]
             self._o_users += 1
-        self._uses[site] += 1
 
     def _release(self, site: str) -> None:
-        self._uses[site] -= 1
         if site in CORE_SITES:
             if site == "pattern":
                 _restore_eager(self._eager_config)

@@ -1154,28 +1154,18 @@ def patching_sweep(
             rec = cap[name]
             values[name] = rec.input if name.endswith(".input") else rec.output
         base = score(model(**corrupted))
-        if heads == "each":
-            n = counts[0]
-            effect = (
-                torch.zeros(len(names), n, len(positions))
-                if positions_given
-                else (torch.zeros(len(names), n))
-            )
-            for i, name in enumerate(names):
-                for h in range(n):
-                    if not positions_given:
-                        with insp.patch(name, values[name], heads=h):
-                            effect[i, h] = score(model(**corrupted)) - base
-                        continue
-                    for j, p in enumerate(positions):
-                        with insp.patch(name, values[name], positions=[p], heads=h):
-                            effect[i, h, j] = score(model(**corrupted)) - base
-        else:
-            effect = torch.zeros(len(names), len(positions))
-            for i, name in enumerate(names):
-                for j, p in enumerate(positions):
-                    with insp.patch(name, values[name], positions=[p]):
-                        effect[i, j] = score(model(**corrupted)) - base
+        # One loop for every sweep: a head axis of one None (no heads=) and a position axis
+        # of one None (heads="each" without positions: every position at once), dropped after.
+        head_axis: list[int | None] = list(range(counts[0])) if heads == "each" else [None]
+        spots: list[int | None] = list(positions) if positions_given else [None]
+        effect = torch.zeros(len(names), len(head_axis), len(spots))
+        for i, name in enumerate(names):
+            for a, h in enumerate(head_axis):
+                for j, p in enumerate(spots):
+                    at = None if p is None else [p]
+                    with insp.patch(name, values[name], positions=at, heads=h):
+                        effect[i, a, j] = score(model(**corrupted)) - base
+        effect = effect[:, 0] if heads != "each" else effect if positions_given else effect[..., 0]
     if relative:
         gap = clean_score - base
         if gap == 0:

@@ -528,11 +528,8 @@ class LensResult:
             side.tick_params(axis="y", labelleft=False)
         heading = title or f"logit lens: {self.model_class} ({self.adapter} adapter)"
         fig.suptitle(textwrap.fill(heading, max(40, int(width * 9))))
-        with warnings.catch_warnings():
-            # Tokens in scripts the default font lacks are drawn as boxes, not errors.
-            warnings.filterwarnings("ignore", message=r"Glyph .* missing from")
-            if path is not None:
-                _save_atomically(fig, Path(path), dpi)
+        if path is not None:
+            _save_atomically(fig, Path(path), dpi)
         return fig
 
     def __repr__(self) -> str:
@@ -543,11 +540,13 @@ class LensResult:
 
 
 def _save_atomically(fig: Any, path: Path, dpi: int) -> None:
-
     suffix = path.suffix.lstrip(".") or "png"
-    write_atomically(
-        [(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=suffix, bbox_inches="tight"))]
-    )
+    with warnings.catch_warnings():
+        # Tokens in scripts the default font lacks are drawn as boxes, not errors.
+        warnings.filterwarnings("ignore", message=r"Glyph .* missing from")
+        write_atomically(
+            [(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=suffix, bbox_inches="tight"))]
+        )
 
 
 def _as_inputs(insp: Inspector, inputs: Any, tokenizer: Any) -> dict[str, Any]:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from introspect._errors import ConformanceError, LocatorError, MissingPartError
-from introspect._heads import CORE_SITES, HeadTap
+from introspect._heads import CORE_SITES, HeadTap, eager
 from introspect._inspector import Inspector
 from introspect._spec import AdapterSpec, LogitOp, StackSpec
 from introspect._tiny import tiny_config
@@ -672,7 +672,7 @@ def check_heads(
             reference = None
             if core:
                 field_name = _attentions_field(insp.adapter, stack, part)
-                with torch.no_grad(), _eager(model):
+                with torch.no_grad(), eager({id(c): c for c in _configs(model)}.values()):
                     out = model(**inputs, output_attentions=True)
                 reference = out.get(field_name) if hasattr(out, "get") else None
             for tap in taps:
@@ -800,23 +800,6 @@ def _real_queries(
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] >= pattern.shape[2]:
         rows = mask[:, -pattern.shape[2] :].bool()
     return rows[:, None, :, None].expand(pattern.shape).to(pattern.device)
-
-
-class _eager:
-    """Run ``model`` under eager attention for a while (its configs switched, then restored)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.configs = {id(c): c for c in _configs(model)}
-        self.before: dict[int, Any] = {}
-
-    def __enter__(self) -> None:
-        for key, config in self.configs.items():
-            self.before[key] = config.__dict__.get("_attn_implementation_internal")
-            config.__dict__["_attn_implementation_internal"] = "eager"
-
-    def __exit__(self, *exc: object) -> None:
-        for key, config in self.configs.items():
-            config.__dict__["_attn_implementation_internal"] = self.before[key]
 
 
 def _configs(model: nn.Module) -> list[Any]:
