@@ -55,6 +55,7 @@ __all__ = [
     "only_in_thread",
     "settle_offloaded",
     "stale_targets",
+    "tensor_version",
 ]
 
 
@@ -343,6 +344,21 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
     if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.numel() > 0:
         return value
     return None
+
+
+def tensor_version(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter (``None`` for inference tensors, which have none).
+
+    Example:
+        >>> tensor_version(torch.zeros(2))
+        0
+        >>> with torch.inference_mode():
+        ...     print(tensor_version(torch.zeros(2)))
+        None
+    """
+    if tensor.is_inference():
+        return None
+    return int(tensor._version)
 
 
 def _cache_state(cache: Any) -> torch.Tensor | None:
@@ -1125,7 +1141,7 @@ def _begin_call(
     if previous is not None and previous._after_state is not None:
         state, version = previous._after_state
         previous._after_state = None
-        if state._version == version:  # untouched since that call ended
+        if tensor_version(state) == version:  # untouched since that call ended
             previous.after = _checksum(state)
     call = _RootCall(
         number,
@@ -1169,7 +1185,14 @@ def _end_call(
     if cache is None and isinstance(output, Mapping):
         cache = next((output[n] for n in CACHE_ARGS if output.get(n) is not None), None)
     state = _cache_state(cache) if cache is not None else None
-    call._after_state = (state, state._version) if state is not None else None
+    version = tensor_version(state) if state is not None else None
+    if state is not None and version is None:
+        # An inference tensor keeps no version counter, so a later in-place change (a beam
+        # reorder) could not be seen: take the checksum now, while the state is the call's.
+        call.after = _checksum(state)
+        call._after_state = None
+        return
+    call._after_state = (state, version) if state is not None and version is not None else None
 
 
 class _StackCall:

@@ -506,8 +506,10 @@ class HeadTap:
         x = args[0]
         z = x.unflatten(-1, (self.heads, -1))
         new = site(z)
-        if new is z:
+        if new is z and not in_graph(z):
             return None
+        # Under autograd the model goes on with the recorded value (a view of the same
+        # numbers), so gradients with respect to the record are the model's.
         return (new.reshape(x.shape), *args[1:]), kwargs
 
     def _o_post(
@@ -523,11 +525,15 @@ class HeadTap:
             bias = getattr(module, "bias", None)
         result = torch.einsum("...hd,ohd->...ho", z, weight.to(z.dtype))
         new = site(result)
-        if new is result:
+        if new is result and not in_graph(result):
             return None
         out = new.sum(dim=-2)
         if isinstance(bias, torch.Tensor):
             out = out + bias.to(out.dtype)
+        if new is result and isinstance(output, torch.Tensor):
+            # Unedited under autograd: the model keeps o's own numbers (a sum over heads
+            # rounds differently), and its gradient flows through the record instead.
+            return ValueFrom.apply(output, out.to(output.dtype))
         return out.to(output.dtype) if isinstance(output, torch.Tensor) else out
 
 
@@ -669,12 +675,43 @@ class _Trace(TorchFunctionMode):
             grouped = grouped[:, :: tap.heads // tap.kv_heads]
         shown = grouped if key_axis else grouped.transpose(1, 2)
         new: torch.Tensor = site(shown)
-        if new is shown:
+        if new is shown and not in_graph(shown):
             return value
         back = new if key_axis else new.transpose(1, 2)
         if repeated:
             back = back.repeat_interleave(tap.heads // tap.kv_heads, dim=1)
         return back.reshape(shape) if split else back
+
+
+def in_graph(value: torch.Tensor) -> bool:
+    """Whether autograd follows ``value`` here (then the model must go on with the record).
+
+    Example:
+        >>> in_graph(torch.ones(2, requires_grad=True)), in_graph(torch.ones(2))
+        (True, False)
+    """
+    return value.requires_grad and torch.is_grad_enabled()
+
+
+class ValueFrom(torch.autograd.Function):
+    """``value``'s numbers with ``through``'s gradient path: ``through`` equals ``value`` up to
+    rounding, and the gradient reaches what ``through`` was computed from, not ``value``'s graph.
+
+    Example:
+        >>> a = torch.ones(2, requires_grad=True)
+        >>> b = torch.ones(2, requires_grad=True)
+        >>> ValueFrom.apply(a.detach() * 3, b * 3).sum().backward()
+        >>> b.grad
+        tensor([3., 3.])
+    """
+
+    @staticmethod
+    def forward(ctx: Any, value: torch.Tensor, through: torch.Tensor) -> torch.Tensor:
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
+        return None, grad
 
 
 def _has_weight(module: nn.Module) -> bool:

@@ -71,6 +71,7 @@ from introspect._capture import (
     only_in_thread,
     settle_offloaded,
     stale_targets,
+    tensor_version,
 )
 from introspect._errors import InterventionError
 
@@ -95,14 +96,6 @@ __all__ = [
 Side = Literal["input", "output"]
 EditFn = Callable[[torch.Tensor, Record], torch.Tensor]
 """``fn(value, record) -> value``: ``value`` is the current hidden tensor, ``record`` the call."""
-
-
-def _version(tensor: torch.Tensor) -> int | None:
-    """The tensor's in-place version counter (``None`` for inference tensors, which have none)."""
-    try:
-        return int(tensor._version)
-    except RuntimeError:
-        return None
 
 
 @dataclass
@@ -134,7 +127,7 @@ class EditOp:
         """
         assert self.tensor is not None
         source = self.tensor
-        version = None if source.requires_grad else _version(source)
+        version = None if source.requires_grad else tensor_version(source)
         key = (like.device, like.dtype, version if version is not None else -1)
         if version is not None:
             cached = self._cast.get(key)
