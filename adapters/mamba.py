@@ -6,6 +6,10 @@ Facts measured against Hugging Face (transformers 4.57 and 5.x):
   ``hidden_states[i]`` is block ``i``'s output for ``i < L`` and the last entry is
   ``norm_f`` applied to the last block's output (``hidden_states_start="block_output"``).
   Block 0's input is the raw ``embed`` lookup.
+- Mamba2 from transformers 5.25 on records the usual layout instead: ``hidden_states[0]`` is
+  the embedding output (block 0's input), ``hidden_states[i]`` block ``i-1``'s output and the
+  last entry ``norm_f`` of the last block (4.57 to 5.24: the layout above). Stated per version
+  in ``by_version``; Mamba and FalconMamba keep the layout above on 5.25.
 - A block is ``input + mixer(norm(input))``: there is no attention and no MLP; the selective
   state-space ``mixer`` and its ``norm`` are ``block[i].mixer`` and ``block[i].norm``.
 """
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from introspect import AdapterSpec, hookimpl
+from introspect import AdapterSpec, VersionFacts, hookimpl
 
 _MISSING = {
     "attn": (
@@ -46,7 +50,20 @@ MAMBA = AdapterSpec(
 MAMBA2 = MAMBA.derive(
     name="mamba2",
     model_types=("mamba2",),
-    description="Mamba2 (multi-head SSD blocks, final RMSNorm, no embedding entry)",
+    description="Mamba2 (multi-head SSD blocks, final RMSNorm; embedding entry from 5.25)",
+    by_version=(
+        VersionFacts(
+            transformers=">=5.25.0.dev0",
+            facts={
+                "hidden_states_start": "block_input",
+                "notes": (
+                    "hidden_states[0] = embed output (block[0].input); hidden_states[i] = "
+                    "block[i-1].output; hidden_states[L] = norm_f(block[L-1])",
+                ),
+            },
+            why="transformers 5.25 added the embedding output as Mamba2's hidden_states[0]",
+        ),
+    ),
 )
 
 

@@ -64,7 +64,14 @@ if TYPE_CHECKING:
         get_registry,
         new_plugin_manager,
     )
-    from introspect._spec import AdapterSpec, HeadSpec, LogitOp, StackSpec, StreamOp
+    from introspect._spec import (
+        AdapterSpec,
+        HeadSpec,
+        LogitOp,
+        StackSpec,
+        StreamOp,
+        VersionFacts,
+    )
     from introspect.zoo import ByteTokenizerWarning, load_model
 
 # Where each public name lives (one flat namespace over private parts, as httpx does).
@@ -116,7 +123,9 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ["PluginWarning", "get_plugin_manager", "get_registry", "new_plugin_manager"], "_plugins"
     ),
-    **dict.fromkeys(["AdapterSpec", "HeadSpec", "LogitOp", "StackSpec", "StreamOp"], "_spec"),
+    **dict.fromkeys(
+        ["AdapterSpec", "HeadSpec", "LogitOp", "StackSpec", "StreamOp", "VersionFacts"], "_spec"
+    ),
 }
 
 __all__ = [
@@ -151,6 +160,7 @@ __all__ = [
     "StackSpec",
     "StreamOp",
     "UnsupportedArchitectureError",
+    "VersionFacts",
     "__version__",
     "attention_patterns",
     "capture_to_file",

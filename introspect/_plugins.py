@@ -548,6 +548,7 @@ def resolve_adapter(
                 f"adapter must be None, an adapter name or an AdapterSpec, got "
                 f"{type(adapter).__name__}"
             )
+    spec = spec.on_transformers()
     if spec.unsupported:
         raise UnsupportedArchitectureError(
             f"{type(model).__name__} is not supported by adapter {spec.name!r}: {spec.unsupported}"

@@ -27,6 +27,7 @@ __all__ = [
     "LogitOp",
     "StackSpec",
     "StreamOp",
+    "VersionFacts",
     "config_flag",
     "config_int",
 ]
@@ -322,6 +323,81 @@ class HeadSpec(_Frozen):
 
 HiddenStart = Literal["block_input", "block_output"]
 
+_NOT_VERSIONED = frozenset({"name", "by_version", "model_types", "architectures"})
+
+
+def installed_transformers() -> str:
+    """The installed transformers version (``"0"`` where it is not installed).
+
+    Example:
+        >>> installed_transformers()[0].isdigit()
+        True
+    """
+    try:
+        from importlib.metadata import version
+
+        return version("transformers")
+    except Exception:
+        return "0"
+
+
+class VersionFacts(_Frozen):
+    """Facts of an adapter that hold only on some transformers versions, as data.
+
+    ``transformers`` is a PEP 440 specifier set (``">=5.25"``, ``">=4.51,<5"``; pre-releases
+    of a matching version match too); ``facts`` are fields of the spec as they are on those
+    versions, applied over the spec's own (later entries win). ``why`` says what changed, for
+    the docs and the error when a fact fails its proof.
+
+    Example:
+        >>> facts = VersionFacts(transformers=">=5.25", facts={"hidden_states_start": "block_input"})
+        >>> facts.matches("5.25.0"), facts.matches("5.24.1"), facts.matches("5.26.0.dev0")
+        (True, False, True)
+    """
+
+    transformers: str
+    facts: dict[str, Any]
+    why: str = ""
+
+    @field_validator("transformers")
+    @classmethod
+    def _check_specifier(cls, value: str) -> str:
+        from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+        try:
+            SpecifierSet(value)
+        except InvalidSpecifier:
+            raise ValueError(
+                f"{value!r} is not a version specifier such as '>=5.25' or '>=4.51,<5'"
+            ) from None
+        return value
+
+    @field_validator("facts")
+    @classmethod
+    def _check_facts(cls, value: dict[str, Any]) -> dict[str, Any]:
+        fixed = sorted(_NOT_VERSIONED & set(value))
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)} cannot change with the transformers version")
+        if not value:
+            raise ValueError("facts is empty: name the fields that differ on these versions")
+        return value
+
+    def matches(self, version: str) -> bool:
+        """Whether ``version`` (of transformers) is in this entry's range.
+
+        Example:
+            >>> VersionFacts(transformers="<5", facts={"output_index": 1}).matches("4.57.6")
+            True
+        """
+        from packaging.specifiers import SpecifierSet
+        from packaging.version import InvalidVersion, Version
+
+        try:
+            parsed = Version(version)
+        except InvalidVersion:
+            return False
+        return SpecifierSet(self.transformers).contains(parsed, prereleases=True)
+
 
 class StackSpec(_Frozen):
     """One stack of blocks: its embedding, its blocks and what follows them.
@@ -459,6 +535,38 @@ class AdapterSpec(StackSpec):
     unsupported: str | None = None
     """When set, the architecture is refused with this reason instead of answered wrongly."""
     notes: tuple[str, ...] = ()
+    by_version: tuple[VersionFacts, ...] = ()
+    """Facts that differ between transformers versions (see :class:`VersionFacts`); the spec's
+    own fields hold where none matches. :meth:`on_transformers` gives the spec for a version."""
+
+    @model_validator(mode="after")
+    def _check_by_version(self) -> AdapterSpec:
+        for entry in self.by_version:
+            # Each version's spec must be a valid spec too: a typo is an error here, not on
+            # the one install that has that version.
+            self.model_validate({**self.model_dump(), **entry.facts, "by_version": ()})
+        return self
+
+    def on_transformers(self, version: str | None = None) -> AdapterSpec:
+        """This spec as it holds on transformers ``version`` (default: the installed one).
+
+        Example:
+            >>> spec = AdapterSpec(name="x", blocks="layers", by_version=(
+            ...     VersionFacts(transformers=">=5.25", facts={"hidden_states_start": "block_input"}),
+            ... ), hidden_states_start="block_output")
+            >>> spec.on_transformers("5.24.0").hidden_states_start
+            'block_output'
+            >>> spec.on_transformers("5.25.0").hidden_states_start
+            'block_input'
+        """
+        found = version if version is not None else installed_transformers()
+        changes: dict[str, Any] = {}
+        for entry in self.by_version:
+            if entry.matches(found):
+                changes.update(entry.facts)
+        if not changes:
+            return self
+        return self.model_validate({**self.model_dump(), **changes})
 
     @field_validator("name")
     @classmethod

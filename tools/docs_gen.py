@@ -190,6 +190,12 @@ def _notes(specs: Sequence[AdapterSpec]) -> str:
         if spec.unsupported:
             facts.append(f"refused: {spec.unsupported}")
         facts += list(spec.notes)
+        for entry in spec.by_version:
+            changed = ", ".join(f"`{k}={v!r}`" for k, v in entry.facts.items() if k != "notes")
+            facts.append(
+                f"on transformers `{entry.transformers}`: {changed}"
+                + (f" ({entry.why})" if entry.why else "")
+            )
         for stack_label, stack in _stacks(spec):
             prefix = f"{stack_label}: " if stack_label else ""
             for part, reason in stack.missing.items():

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
+from packaging.version import Version
 
 from introspect import Inspector, MissingPartError
 from introspect.testing import assert_classes_conformant, build_tiny, example_inputs
@@ -57,8 +58,14 @@ def test_mamba2_chunked_scan_conformant() -> None:
     assert_classes_conformant(config_fn(), [head_cls, base_cls], expect_adapter=adapter)
 
 
+def _has_embedding_entry(family: str) -> bool:
+    """Measured, not read from the adapter: Mamba2's hidden_states gained the embedding
+    output as entry 0 in transformers 5.25; Mamba and FalconMamba have none on any version."""
+    return family == "mamba2" and Version(transformers.__version__) >= Version("5.25.0.dev0")
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_hidden_states_have_no_embedding_entry(family: str) -> None:
+def test_hidden_states_layout_on_this_transformers(family: str) -> None:
     config_fn, head_cls, _, _ = FAMILIES[family]
     config = config_fn()
     model = build_tiny(head_cls, config)
@@ -70,14 +77,35 @@ def test_hidden_states_have_no_embedding_entry(family: str) -> None:
         out = model(**inputs, output_hidden_states=True)
     hidden = out.hidden_states
     assert len(hidden) == n + 1 == insp.num_hidden_states()
+    # Block 0 reads the raw lookup.
+    assert torch.equal(cap["block[0]"].input, cap["embed"].output)
+    if _has_embedding_entry(family):
+        assert torch.equal(hidden[0], cap["embed"].output)
+        assert str(insp.hidden_state_locator(0)) == "block[0].input"
+        for i in range(1, n):
+            assert torch.equal(hidden[i], cap[f"block[{i - 1}]"].output)
+            assert str(insp.hidden_state_locator(i)) == f"block[{i - 1}]"
+        assert torch.equal(hidden[-1], cap["final_norm"].output)
+        return
     for i in range(n):
         assert torch.equal(hidden[i], cap[f"block[{i}]"].output)
         assert str(insp.hidden_state_locator(i)) == f"block[{i}]"
     assert torch.equal(hidden[-1], cap["final_norm"].output)
     assert str(insp.hidden_state_locator(-1)) == "final_norm"
-    # Block 0 reads the raw lookup, which is not among the hidden states.
-    assert torch.equal(cap["block[0]"].input, cap["embed"].output)
+    # The raw lookup is not among the hidden states.
     assert not torch.equal(hidden[0], cap["embed"].output)
+
+
+def test_mamba2_layout_is_data_per_version() -> None:
+    from introspect import get_registry
+
+    spec = get_registry().specs["mamba2"]
+    assert spec.on_transformers("5.24.0").hidden_states_start == "block_output"
+    assert spec.on_transformers("4.57.6").hidden_states_start == "block_output"
+    assert spec.on_transformers("5.25.0").hidden_states_start == "block_input"
+    assert get_registry().specs["mamba"].on_transformers("5.25.0").hidden_states_start == (
+        "block_output"
+    )
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
