@@ -20,9 +20,11 @@ __all__ = [
     "PaddingSide",
     "Positions",
     "check_positions",
+    "context_length",
     "encode_batch",
     "gather_positions",
     "last_token_positions",
+    "max_positions",
     "pad_batch",
     "position_ids_from_mask",
     "position_index",
@@ -54,6 +56,93 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     mask = _check_mask(attention_mask)
     positions = mask.long().cumsum(-1) - 1
     return positions.masked_fill(mask == 0, 1)
+
+
+_LENGTH_ATTRIBUTES = (
+    "n_positions",
+    "max_position_embeddings",
+    "n_ctx",
+    "max_seq_len",
+    "max_sequence_length",
+    "max_positions",
+)
+"""Where configs state the length a model was built for, in the order they are read."""
+
+_COMPUTED_POSITIONS = ("rope_parameters", "rope_theta", "rope_scaling", "rotary_emb_base")
+"""Config attributes of rotary models that compute each position's rotation on the fly."""
+
+_HEAD_COUNTS = ("num_attention_heads", "n_head", "n_heads", "num_heads")
+
+
+def _config_of(model_or_config: Any) -> Any:
+    config = getattr(model_or_config, "config", model_or_config)
+    if config is None:
+        return None
+    text = getattr(config, "get_text_config", None)
+    if callable(text) and not any(_length_in(config, name) for name in _LENGTH_ATTRIBUTES):
+        # A multimodal config states the text model's length in its text sub-config.
+        config = text()
+    return config
+
+
+def _length_in(config: Any, name: str) -> int | None:
+    value = getattr(config, name, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def context_length(model_or_config: Any) -> int | None:
+    """The length a model was built for, as its config states it; ``None`` when it states none.
+
+    The first of ``n_positions``, ``max_position_embeddings``, ``n_ctx``, ``max_seq_len``,
+    ``max_sequence_length`` and ``max_positions`` that is a positive int (read from the text
+    sub-config of a multimodal config). Whether a longer sequence can run at all is
+    :func:`max_positions`'s answer; this length is the sensible default for cutting documents.
+
+    Example:
+        >>> from transformers import GPT2Config, LlamaConfig
+        >>> context_length(GPT2Config(n_positions=512)), context_length(LlamaConfig())
+        (512, 2048)
+    """
+    config = _config_of(model_or_config)
+    for name in _LENGTH_ATTRIBUTES:
+        found = _length_in(config, name)
+        if found is not None:
+            return found
+    return None
+
+
+def max_positions(model_or_config: Any) -> int | None:
+    """The longest sequence a model can run, or ``None`` when no length makes it fail.
+
+    The rule, the one every length check of introspect applies: a model whose positions are
+    looked up in a table of :func:`context_length` rows cannot run past it (the lookup fails
+    with an ``IndexError`` or a shape error deep in the forward). That is every model with a
+    context length except
+
+    - rotary models (a config with ``rope_parameters``, ``rope_theta``, ``rope_scaling`` or
+      ``rotary_emb_base``: Llama, Mistral, Qwen, GPT-NeoX, ...), which compute each
+      position's rotation and run longer sequences (how well they do there is another matter);
+    - models without attention (no head count in the config: RWKV), which have no positions.
+
+    So GPT-2, OPT, GPT-Neo, BERT and BART (learned tables), GPT-J and CodeGen (a rotary table
+    computed once, of that many rows) and MPT (an ALiBi bias built to that length) have a
+    maximum; models that state no length (BLOOM's ALiBi, T5's relative buckets, Mamba) have
+    none.
+
+    Example:
+        >>> from transformers import GPT2Config, LlamaConfig
+        >>> max_positions(GPT2Config(n_positions=512)), max_positions(LlamaConfig())
+        (512, None)
+    """
+    config = _config_of(model_or_config)
+    length = context_length(config)
+    if length is None:
+        return None
+    if any(getattr(config, name, None) is not None for name in _COMPUTED_POSITIONS):
+        return None
+    if not any(_length_in(config, name) for name in _HEAD_COUNTS):
+        return None
+    return length
 
 
 def last_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from introspect._batching import pad_batch, position_ids_from_mask
+from introspect._batching import context_length, max_positions, pad_batch, position_ids_from_mask
 from introspect._corpus import Inputs, read_inputs
 from introspect._dataset import (
     FORMAT,
@@ -648,15 +648,6 @@ def launch(argv: Sequence[str], nproc: int) -> int:
 # -- the engine -------------------------------------------------------------------------------
 
 
-def _model_limit(model: Any) -> int | None:
-    config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def _value(cap: Any, loc: Locator) -> Any:
     record = cap[str(loc.with_side("output"))]
     return record.input if loc.side == "input" else record.output
@@ -1022,9 +1013,17 @@ def extract(
             f"{type(insp.model).__name__} is an encoder-decoder model: extract runs "
             "decoder-only and encoder-only models"
         )
+    hard = max_positions(insp.model)
+    if max_length is not None and hard is not None and max_length > hard:
+        raise CaptureError(
+            f"--max-length {max_length} is more than this model's {hard} positions "
+            f"({type(insp.model).__name__} looks each position up in a table of {hard} rows): "
+            f"use --max-length {hard} or less, or leave it out (the default is the model's "
+            "context)"
+        )
     docs = inputs if isinstance(inputs, Inputs) else read_inputs(inputs, text_field)
     locs = _check_locators(insp, locators)
-    limit = max_length if max_length is not None else _model_limit(insp.model)
+    limit = max_length if max_length is not None else context_length(insp.model)
     param = next((p for p in insp.model.parameters()), None)
     model_dtype = str(param.dtype).removeprefix("torch.") if param is not None else "float32"
     settings = settings_of(

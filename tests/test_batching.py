@@ -152,3 +152,35 @@ def test_left_padded_generation_captures_each_example_as_alone(lm: nn.Module) ->
             )
         assert torch.equal(sequences[i, -3:], lone[0, -3:])
         assert torch.allclose(cap.concat("block[2]")[i], alone.concat("block[2]")[0], atol=ATOL)
+
+
+def test_max_positions_only_where_a_longer_sequence_fails() -> None:
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTJConfig,
+        LlamaConfig,
+        MambaConfig,
+        MptConfig,
+        RwkvConfig,
+        T5Config,
+    )
+
+    from introspect._batching import context_length, max_positions
+
+    # Looked up in a table of that many rows: learned (GPT-2), a rotary table computed once
+    # (GPT-J), an ALiBi bias built to that length (MPT).
+    assert max_positions(GPT2Config(n_positions=512)) == 512
+    assert max_positions(GPTJConfig(n_positions=300)) == 300
+    assert max_positions(MptConfig(max_seq_len=256)) == 256
+    # Computed rotations (Llama), no positions (RWKV, Mamba), relative buckets (T5).
+    assert max_positions(LlamaConfig(max_position_embeddings=128)) is None
+    assert context_length(LlamaConfig(max_position_embeddings=128)) == 128
+    assert max_positions(RwkvConfig(context_length=64)) is None
+    assert context_length(RwkvConfig(context_length=64)) == 64
+    assert max_positions(MambaConfig()) is context_length(MambaConfig()) is None
+    assert max_positions(T5Config()) is None
+    # A model is read through its config; a plain module states nothing.
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=16))
+    assert max_positions(gpt2) == 16
+    assert max_positions(nn.Linear(2, 2)) is None

@@ -482,6 +482,30 @@ def test_cli_unknown_locators_fail_before_any_file_is_written(
         assert not (tmp_path / "acts").exists()
 
 
+def test_max_length_past_the_position_table_fails_before_any_file_is_written(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # toy-gpt2 looks positions up in a table of 512 rows: position 512 would be an IndexError
+    # inside the embedding, after progress.json was written.
+    corpus = _corpus(tmp_path, ["a " * 1100])  # 1,100 tokens
+    out = tmp_path / "acts"
+    code = main(["extract", "toy-gpt2", "--input", str(corpus), "--at", "block[0]",
+                 "--out", str(out), "--max-length", "1000"])  # fmt: skip
+    _, err = capsys.readouterr()
+    assert code == 1
+    assert _error_line(err) == (
+        "introspect: error: --max-length 1000 is more than this model's 512 positions "
+        "(GPT2LMHeadModel looks each position up in a table of 512 rows): use --max-length 512 "
+        "or less, or leave it out (the default is the model's context)"
+    )
+    assert not out.exists()
+    # The table's own length is allowed, and a rotary model may run past its configured length.
+    code, _, err = _extract_cli(capsys, "--input", str(corpus), "--at", "block[0]", "--out",
+                                str(tmp_path / "rotary"), "--max-length", "1000")  # fmt: skip
+    assert code == 0, err
+    assert ActivationDataset(tmp_path / "rotary").manifest["max_length"] == 1000
+
+
 def test_full_disk_keeps_complete_shards_and_resumes(
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
