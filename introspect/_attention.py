@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from introspect._batching import max_positions
 from introspect._errors import CaptureError, LocatorError, MissingDependencyError
 from introspect._lens import _plain, _save_atomically, main_blocks
 from introspect._locators import Locator
@@ -149,15 +150,6 @@ def _vocab_size(insp: Inspector, tokenizer: Any) -> int:
         # never trained on.
         rows = min(rows, len(tokenizer))
     return rows
-
-
-def _max_positions(insp: Inspector) -> int | None:
-    config = getattr(insp.model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def _token_rows(tokens: Any) -> torch.Tensor:
@@ -490,11 +482,13 @@ def head_scores(
             )
     offset = 0 if bos is None else 1
     total = offset + length * repeats
-    limit = _max_positions(insp)
+    limit = max_positions(insp.model)
     if limit is not None and total > limit:
+        # The bos token comes once, before the repeats: 1 + 10 x 2 = 21.
+        sum_text = f"{length} x {repeats}" if bos is None else f"1 + {length} x {repeats}"
         raise CaptureError(
-            f"{offset + length} x {repeats} = {total} tokens is longer than this model's "
-            f"{limit} positions: use a shorter seq_len or fewer repeats"
+            f"{sum_text} = {total} tokens is longer than this model's {limit} positions: use a "
+            "shorter seq_len or fewer repeats"
         )
     ids = rows.repeat(1, repeats)
     if bos is not None:

@@ -301,7 +301,6 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
         ({"blocks": [5]}, "out of range"),
         ({"blocks": []}, "blocks is empty"),
         ({"seq_len": 94}, "seq_len 94 is more than the 93 distinct non-special tokens"),
-        ({"seq_len": 70}, "70 x 2 = 140 tokens is longer than this model's 128 positions"),
         ({"tokens": [3, 4], "seq_len": 2}, "with tokens= the sequences are the tokens given"),
         ({"tokens": [3]}, "at least 2 are needed"),
         ({"tokens": [3, 500]}, "tokens holds id 500, outside this model's vocabulary (0..95)"),
@@ -316,6 +315,37 @@ def test_bad_arguments_fail_before_the_model_runs(kwargs: dict[str, Any], messag
         head_scores(Inspector(model), **arguments)
     assert message in str(caught.value)
     assert forwards.count == 0
+
+
+def test_a_sequence_past_the_position_table_is_refused_with_true_arithmetic() -> None:
+    # GPT-2 looks positions up in a table of n_positions rows: a longer sequence cannot run.
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=96, n_positions=20)
+    model = build_tiny(GPT2LMHeadModel, config)
+    forwards = Forwards(model)
+    insp = Inspector(model)
+    cases = [
+        ({"seq_len": 11}, "11 x 2 = 22 tokens"),
+        # The bos token comes once, before the two repeats.
+        ({"seq_len": 10, "bos": 1}, "1 + 10 x 2 = 21 tokens"),
+        ({"seq_len": 7, "repeats": 3, "bos": 1}, "1 + 7 x 3 = 22 tokens"),
+    ]
+    for kwargs, sum_text in cases:
+        with pytest.raises(CaptureError) as caught:
+            head_scores(insp, "induction", batch=1, **kwargs)
+        assert str(caught.value) == (
+            f"{sum_text} is longer than this model's 20 positions: use a shorter seq_len or "
+            "fewer repeats"
+        )
+    assert forwards.count == 0
+    assert head_scores(insp, "induction", seq_len=10, batch=1).values.shape == (1, 4)
+    assert forwards.count == 1
+
+
+def test_a_rotary_model_runs_past_its_configured_length() -> None:
+    # Rotary positions are computed, not looked up: 140 tokens run on a 128-position Llama, as
+    # they do in Hugging Face's own forward (the one rule: introspect._batching.max_positions).
+    scores = head_scores(Inspector(llama()), "induction", seq_len=70, batch=1)
+    assert scores.values.shape == (2, 4) and bool(scores.values.isfinite().all())
 
 
 def test_a_model_without_attention_is_a_clear_error() -> None:
