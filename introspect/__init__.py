@@ -41,6 +41,7 @@ if TYPE_CHECKING:
         AdapterError,
         CaptureError,
         ConformanceError,
+        FactError,
         InterventionError,
         IntrospectError,
         LocatorError,
@@ -64,6 +65,7 @@ if TYPE_CHECKING:
         get_registry,
         new_plugin_manager,
     )
+    from introspect._proof import UnprovenWarning
     from introspect._spec import (
         AdapterSpec,
         HeadSpec,
@@ -102,6 +104,7 @@ _EXPORTS: dict[str, str] = {
             "AdapterError",
             "CaptureError",
             "ConformanceError",
+            "FactError",
             "InterventionError",
             "IntrospectError",
             "LocatorError",
@@ -118,6 +121,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["Inspector", "get_hidden_state"], "_inspector"),
     **dict.fromkeys(["Intervention", "logit_difference", "mean_activation"], "_interventions"),
     **dict.fromkeys(["LensResult", "logit_lens"], "_lens"),
+    "UnprovenWarning": "_proof",
     "Locator": "_locators",
     **dict.fromkeys(["ByteTokenizerWarning", "load_model"], "zoo"),
     **dict.fromkeys(
@@ -140,6 +144,7 @@ __all__ = [
     "CaptureError",
     "ConformanceError",
     "DetectedAdapterWarning",
+    "FactError",
     "HeadScores",
     "HeadSpec",
     "Inspector",
@@ -159,6 +164,7 @@ __all__ = [
     "Record",
     "StackSpec",
     "StreamOp",
+    "UnprovenWarning",
     "UnsupportedArchitectureError",
     "VersionFacts",
     "__version__",

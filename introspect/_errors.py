@@ -15,6 +15,7 @@
     ├── CaptureError                     a capture was asked something it cannot record
     ├── InterventionError                an edit (steer, patch, ablate, ...) cannot be applied
     └── ConformanceError (AssertionError) an adapter disagrees with Hugging Face's own outputs
+        └── FactError                    a stated fact fails its proof on this install
 
 Every message says what happened, the likely cause and what to do next.
 """
@@ -26,6 +27,7 @@ __all__ = [
     "AdapterError",
     "CaptureError",
     "ConformanceError",
+    "FactError",
     "InterventionError",
     "IntrospectError",
     "LocatorError",
@@ -105,3 +107,14 @@ class InterventionError(IntrospectError):
 
 class ConformanceError(IntrospectError, AssertionError):
     """An adapter's view of a model disagrees with Hugging Face's own outputs."""
+
+
+class FactError(ConformanceError):
+    """An adapter's stated fact does not hold on this install (a release moved it).
+
+    ``checks`` holds every check of the proof (``introspect._proof.Check``), failures included.
+    """
+
+    def __init__(self, message: str, checks: tuple[object, ...] = ()) -> None:
+        super().__init__(message)
+        self.checks = checks

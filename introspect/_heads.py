@@ -533,7 +533,7 @@ class HeadTap:
         if new is result and isinstance(output, torch.Tensor):
             # Unedited under autograd: the model keeps o's own numbers (a sum over heads
             # rounds differently), and its gradient flows through the record instead.
-            return ValueFrom.apply(output, out.to(output.dtype))
+            return ValueFrom.apply(output, out.to(output.dtype))  # type: ignore[no-untyped-call]
         return out.to(output.dtype) if isinstance(output, torch.Tensor) else out
 
 

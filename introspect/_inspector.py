@@ -38,6 +38,15 @@ from introspect._lens import logit_lens
 from introspect._locators import Locator
 from introspect._paths import get_path
 from introspect._plugins import AUTHORING_HINT, IntrospectPluginManager, resolve_adapter
+from introspect._proof import (
+    Proof,
+    accepts,
+    fact_error,
+    hf_hidden_states,
+    lazy_hidden_checks,
+    prove_at_first_use,
+    remember,
+)
 from introspect._resolve import Resolver
 from introspect._spec import AdapterSpec, LogitOp, StackSpec
 
@@ -143,12 +152,23 @@ class Inspector:
         *,
         plugin_manager: IntrospectPluginManager | None = None,
         detect: bool = True,
+        prove: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Inspector needs a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.adapter = resolve_adapter(model, adapter, plugin_manager, detect=detect)
         self._resolver = Resolver(model, self.adapter, AUTHORING_HINT)
+        self.proof = Proof("detected" if self.adapter.name.startswith("detected-") else "skipped")
+        """The verdict on this adapter's facts for this model class on this install
+        (:mod:`introspect._proof`): ``proven``, ``deferred`` (proven on this model when
+        ``hidden_states`` first runs), ``off``, ``detected`` (proven by detection on this very
+        model) or ``skipped`` (``prove=False``)."""
+        if prove and self.proof.status != "detected":
+            spec = self.adapter
+            self.proof = prove_at_first_use(
+                model, spec, lambda clone: type(self)(clone, spec, prove=False)
+            )
 
     # -- resolution (introspect._resolve owns it; the model may change between two calls) -----
 
@@ -824,11 +844,17 @@ class Inspector:
                 "hidden_states() runs the model: pass its inputs, e.g. "
                 "insp.hidden_states(input_ids=ids) or insp.hidden_states(**batch)"
             )
+        if self.proof.status == "failed":
+            raise fact_error(self.adapter, type(self.model), self.proof.checks)
         layout = self._hidden_layout(stack)
         wanted = list(range(len(layout))) if indices is None else list(indices)
         locs = [self.hidden_state_locator(i, stack) for i in wanted]
-        with self.capture(*locs, stop=True) as cap:
-            self.model(*args, **inputs)
+        # No clone could prove the layout: prove it on this forward, against HF's own entries.
+        lazy = self.proof.status == "deferred" and (
+            accepts(self.model, "output_hidden_states") or hasattr(self.model, "config")
+        )
+        with self.capture(*locs, stop=not lazy) as cap:
+            output = self.model(*args, **inputs, **({"output_hidden_states": True} if lazy else {}))
         values = []
         for loc in locs:
             rec = cap[str(loc.with_side("output"))]
@@ -837,7 +863,36 @@ class Inspector:
                 assert loc.index is not None
                 value = self._between(value, loc.index, self.adapter.stack(self._stack_key(stack)))
             values.append(value)
+        if lazy:
+            self._prove_on(output, values, wanted, locs, stack)
         return tuple(values)
+
+    def _prove_on(
+        self,
+        output: Any,
+        values: Sequence[torch.Tensor],
+        wanted: Sequence[int],
+        locs: Sequence[Locator],
+        stack: str | None,
+    ) -> None:
+        """Prove the layout on a forward of the real model (where no clone could be built)."""
+        try:
+            theirs = hf_hidden_states(output, self._stack_key(stack), self.adapter)
+        except (KeyError, TypeError, AttributeError):
+            return  # the model reports no hidden_states: nothing to prove against yet
+        if theirs is None:
+            return
+        if len(theirs) != self.num_hidden_states(stack):
+            picked: list[Any] = list(theirs)
+        else:
+            picked = [theirs[i] for i in wanted]
+        checks = tuple(lazy_hidden_checks(values, picked, locs))
+        passed = all(c.passed for c in checks)
+        reason = "proven on this model's own hidden_states" if passed else self.proof.reason
+        self.proof = Proof("proven" if passed else "failed", checks, reason)
+        remember(self.adapter, type(self.model), self.proof)
+        if not passed:
+            raise fact_error(self.adapter, type(self.model), checks)
 
     # -- after the last block ------------------------------------------------------------------
 

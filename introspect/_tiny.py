@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["TINY_SIZES", "tiny_config", "tiny_overrides"]
+__all__ = ["EXTRA_OVERRIDES", "TINY_SIZES", "tiny_config", "tiny_overrides"]
 
 TINY_SIZES: dict[str, int] = {
     "layers": 2,
@@ -263,3 +263,20 @@ def tiny_config(model_type_or_config: Any, **extra: Any) -> Any:
     values.update(tiny_overrides(config))
     values.update(extra)
     return type(config)(**values)
+
+
+EXTRA_OVERRIDES: dict[str, dict[str, Any]] = {
+    "deepseek_v2": {"num_experts_per_tok": 2},  # its default (None) does not run
+    # transformers 4.x rebuilds attention_layers from attention_types: match the shrunk list.
+    "gpt_neo": {"attention_types": [[["global", "local"], 2]]},
+    # Its last num_kv_shared_layers layers reuse the caches of layers the shrink drops.
+    "gemma3n_text": {"num_kv_shared_layers": 0},
+    "mamba2": {"num_heads": 8, "head_dim": 16, "n_groups": 1},
+    "reformer": {"axial_pos_embds_dim": [32, 32]},
+}
+"""Overrides some model types need on top of :func:`tiny_config`'s generic shrink.
+
+Their configs tie sizes together in ways the shrink cannot see (Mamba-2 wants
+``hidden_size * expand == num_heads * head_dim``): pass
+``tiny_config(model_type, **EXTRA_OVERRIDES.get(model_type, {}))``.
+"""

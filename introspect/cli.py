@@ -252,7 +252,7 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     _json_flag(parser)
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+def _load(args: argparse.Namespace, *, prove: bool = True) -> tuple[Any, Any, Any]:
     """The model, its tokenizer and an Inspector, after checking the cheap options first."""
     from introspect._errors import ModelLoadError, NoAdapterError
     from introspect._inspector import Inspector
@@ -276,7 +276,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         progress=not args.no_progress,
         device_map=getattr(args, "device_map", None),
     )
-    return model, tokenizer, Inspector(model, adapter=args.adapter)
+    return model, tokenizer, Inspector(model, adapter=args.adapter, prove=prove)
 
 
 @command("inspect", "show a model's adapter, blocks, locators and index semantics", _model_options)
@@ -400,25 +400,41 @@ def _finite(value: float) -> float | None:
     _verify_options,
 )
 def _verify(args: argparse.Namespace) -> int:
+    from introspect._errors import FactError
+    from introspect._inspector import Inspector
     from introspect._progress import steps
+    from introspect._proof import Check, Proof, forget
     from introspect._text import encode_prompt
     from introspect.testing import check_conformance, example_inputs
 
-    model, tokenizer, insp = _load(args)
+    # Not proven on loading: a fact that fails is what this command shows in detail.
+    model, tokenizer, insp = _load(args, prove=False)
     if tokenizer is not None:
         inputs = encode_prompt(tokenizer, args.prompt, model)
     else:
         inputs = example_inputs(model.config, batch=1, model=model)
-    with steps("verify", ["running the conformance checks"], enabled=not args.no_progress) as bar:
+    labels = ["running the conformance checks", "proving on a shrunk clone"]
+    with steps("verify", labels, enabled=not args.no_progress) as bar:
         report = check_conformance(
             model, inputs, adapter=insp.adapter, atol=args.atol, rtol=args.rtol
         )
         bar.next()
+        forget()  # prove again (from the disk cache where it holds a verdict)
+        try:
+            first_use = Inspector(model, insp.adapter).proof
+        except FactError as exc:
+            checks = tuple(c for c in exc.checks if isinstance(c, Check))
+            first_use = Proof("failed", checks, str(exc).partition(":")[0])
+        bar.next()
+    report.checks.extend(
+        Check(f"first use: {c.name}", c.passed, c.max_diff, c.detail) for c in first_use.checks
+    )
     if args.json:
         payload = {
             "model": args.model,
             "adapter": report.adapter,
             "passed": report.passed,
+            "first_use": {"status": first_use.status, "reason": first_use.reason},
             "checks": [
                 {
                     "check": c.name,
@@ -436,6 +452,10 @@ def _verify(args: argparse.Namespace) -> int:
             for c in report.checks
         ]
         print_table(rows, ["check", "result", "max |diff|", "detail"])
+        print(
+            f"proof at first use (a shrunk clone of {type(model).__name__}): {first_use.status}"
+            + (f" ({first_use.reason})" if first_use.reason else "")
+        )
         failed = len(report.failures)
         total = len(report.checks)
         if failed:

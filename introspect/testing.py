@@ -19,7 +19,6 @@ return :class:`Check` lists that :func:`assert_checks` turns into an error.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -30,8 +29,17 @@ from torch import nn
 from introspect._errors import ConformanceError, LocatorError, MissingPartError
 from introspect._heads import CORE_SITES, HeadTap, eager
 from introspect._inspector import Inspector
+from introspect._proof import (
+    Check,
+    block_checks,
+    check_lines,
+    close,
+    diff,
+    example_inputs,
+    perturb,
+)
 from introspect._spec import AdapterSpec, LogitOp, StackSpec
-from introspect._tiny import tiny_config
+from introspect._tiny import EXTRA_OVERRIDES, tiny_config
 
 __all__ = [
     "EXTRA_OVERRIDES",
@@ -53,32 +61,6 @@ __all__ = [
     "recompute_pattern",
     "tiny_config",
 ]
-
-EXTRA_OVERRIDES: dict[str, dict[str, Any]] = {
-    "deepseek_v2": {"num_experts_per_tok": 2},  # its default (None) does not run
-    # transformers 4.x rebuilds attention_layers from attention_types: match the shrunk list.
-    "gpt_neo": {"attention_types": [[["global", "local"], 2]]},
-    # Its last num_kv_shared_layers layers reuse the caches of layers the shrink drops.
-    "gemma3n_text": {"num_kv_shared_layers": 0},
-    "mamba2": {"num_heads": 8, "head_dim": 16, "n_groups": 1},
-    "reformer": {"axial_pos_embds_dim": [32, 32]},
-}
-"""Overrides some model types need on top of :func:`tiny_config`'s generic shrink.
-
-Their configs tie sizes together in ways the shrink cannot see (Mamba-2 wants
-``hidden_size * expand == num_heads * head_dim``): pass
-``tiny_config(model_type, **EXTRA_OVERRIDES.get(model_type, {}))``.
-"""
-
-
-@dataclass(frozen=True)
-class Check:
-    """One conformance check: what it compared, whether it held, and the largest difference."""
-
-    name: str
-    passed: bool
-    max_diff: float = 0.0
-    detail: str = ""
 
 
 @dataclass
@@ -103,15 +85,7 @@ class ConformanceReport:
             f"{self.model} with adapter {self.adapter!r}: "
             f"{'conformant' if self.passed else f'{len(self.failures)} check(s) failed'}"
         ]
-        return "\n".join([*lines, *_check_lines(self.checks)])
-
-
-def _check_lines(checks: Iterable[Check]) -> list[str]:
-    return [
-        f"  {'ok  ' if c.passed else 'FAIL'} {c.name}: max |diff| {c.max_diff:.3g}"
-        + (f" ({c.detail})" if c.detail else "")
-        for c in sorted(checks, key=lambda c: c.passed)
-    ]
+        return "\n".join([*lines, *check_lines(self.checks)])
 
 
 def assert_checks(checks: Iterable[Check], what: str = "checks") -> list[Check]:
@@ -134,61 +108,8 @@ def assert_checks(checks: Iterable[Check], what: str = "checks") -> list[Check]:
         raise ConformanceError(f"{what}: nothing was checked")
     if failures:
         head = f"{what}: {len(failures)} of {len(checks)} check(s) failed"
-        raise ConformanceError("\n".join([head, *_check_lines(checks)]))
+        raise ConformanceError("\n".join([head, *check_lines(checks)]))
     return checks
-
-
-def perturb(model: nn.Module, scale: float = 0.05, seed: int = 0) -> nn.Module:
-    """Add small noise to every parameter so unit norms and zero biases hide nothing.
-
-    Example:
-        >>> lin = nn.LayerNorm(4)
-        >>> bool(perturb(lin).weight.ne(1).all())
-        True
-    """
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
-            param.add_(noise.to(param.dtype).to(param.device) * scale)
-    return model
-
-
-def _diff(a: Any, b: Any) -> float:
-    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-        return float("inf")
-    if a.shape != b.shape:
-        return float("inf")
-    return float((a.detach().float() - b.detach().float()).abs().max()) if a.numel() else 0.0
-
-
-def close(a: Any, b: Any, atol: float, rtol: float) -> bool:
-    """Whether ``a`` and ``b`` are tensors of one shape that ``torch.allclose`` (as float).
-
-    Example:
-        >>> close(torch.ones(2), torch.ones(2) + 1e-7, 1e-6, 0.0)
-        True
-    """
-    return (
-        isinstance(a, torch.Tensor)
-        and isinstance(b, torch.Tensor)
-        and a.shape == b.shape
-        and torch.allclose(a.detach().float(), b.detach().float(), atol=atol, rtol=rtol)
-    )
-
-
-def _shape(value: Any) -> str:
-    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
-
-
-def _hf_hidden_states(output: Any, stack: str | None, spec: AdapterSpec) -> Any:
-    # An encoder-only model (T5EncoderModel) names its one stack "encoder" but HF reports
-    # plain hidden_states.
-    if stack == "encoder" and "encoder_hidden_states" in output:
-        return output["encoder_hidden_states"]
-    if "decoder_hidden_states" in output and spec.encoder is not None:
-        return output["decoder_hidden_states"]
-    return output["hidden_states"]
 
 
 BlockRelation = Literal["sequential", "parallel", "post_norms", "residual_in"]
@@ -277,7 +198,7 @@ def check_block_sums(
     """
     if relation not in _RELATIONS:
         raise ValueError(f"relation must be one of {', '.join(_RELATIONS)}, got {relation!r}")
-    insp = Inspector(model, adapter)
+    insp = Inspector(model, adapter, prove=False)
     label = f"{stack}." if stack else ""
     n = insp.num_blocks_in(stack)
     indices = sorted({i % n for i in (range(n) if blocks is None else blocks)})
@@ -301,7 +222,7 @@ def check_block_sums(
         return terms if not s else f"{s}({terms})"
 
     def add(name: str, ours: Any, expected: Any) -> None:
-        checks.append(Check(name, close(ours, expected, atol, rtol), _diff(ours, expected)))
+        checks.append(Check(name, close(ours, expected, atol, rtol), diff(ours, expected)))
 
     for i in indices:
         block = f"{label}block[{i}]"
@@ -388,7 +309,7 @@ def check_logit_ops(
         [('logits(block[-1].output) == model logits', True),
          ('logits without logit_ops[0] (scale by logit_scale) differ', True)]
     """
-    insp = Inspector(model, adapter)
+    insp = Inspector(model, adapter, prove=False)
     spec = insp.adapter
     with torch.no_grad(), insp.capture("block[-1]") as cap:
         reference = model(**inputs)
@@ -401,7 +322,7 @@ def check_logit_ops(
         Check(
             "logits(block[-1].output) == model logits",
             close(ours, theirs, atol * 10, rtol * 10),
-            _diff(ours, theirs),
+            diff(ours, theirs),
         )
     ]
     steps: list[tuple[str, int, LogitOp | str]] = [
@@ -420,8 +341,8 @@ def check_logit_ops(
             continue
         kept = tuple(other for j, other in enumerate(getattr(spec, name)) if j != i)
         with torch.no_grad():
-            without = Inspector(model, spec.derive(**{name: kept})).logits(last)
-        effect = _diff(without, theirs)
+            without = Inspector(model, spec.derive(**{name: kept}), prove=False).logits(last)
+        effect = diff(without, theirs)
         checks.append(Check(title, effect > min_effect, effect, f"needs more than {min_effect:g}"))
     return checks
 
@@ -443,93 +364,23 @@ def check_conformance(
         >>> report.passed
         True
     """
-    insp = Inspector(model, adapter)
+    insp = Inspector(model, adapter, prove=False)
     report = ConformanceReport(insp.adapter.name, type(model).__name__)
-    add = report.checks.append
-    with torch.no_grad():
-        reference = model(**inputs, output_hidden_states=True)
-        for stack in insp.adapter.stack_names:
-            label = f"{stack}." if stack else ""
-            theirs = _hf_hidden_states(reference, stack, insp.adapter)
-            ours = insp.hidden_states(**inputs, stack=stack)
-            n = len(theirs)
-            if len(ours) != n:
-                add(
-                    Check(
-                        f"{label}hidden_states length",
-                        False,
-                        float("inf"),
-                        f"ours {len(ours)}, Hugging Face {n}",
-                    )
-                )
-                continue
-            for i in range(n):
-                loc = insp.hidden_state_locator(i, stack)
-                negative = insp.hidden_state_locator(i - n, stack)
-                ok = close(ours[i], theirs[i], atol, rtol) and loc == negative
-                add(
-                    Check(
-                        f"{label}hidden_states[{i}]",
-                        ok,
-                        _diff(ours[i], theirs[i]),
-                        f"locator {loc}; ours {_shape(ours[i])}, HF {_shape(theirs[i])}",
-                    )
-                )
-            # The documented relation between the last block and the last entry.
-            spec = insp.adapter.stack(stack)
-            last_block = f"{label}block[-1]"
-            with insp.capture(last_block) as cap:
-                model(**inputs)
-            raw = cap[last_block].output
-            if spec.hidden_states_start == "block_input" or spec.after_blocks:
-                finished = insp.finish(raw, stack)
-                add(
-                    Check(
-                        f"{label}hidden_states[-1] == finish(block[-1].output)",
-                        close(finished, theirs[-1], atol, rtol),
-                        _diff(finished, theirs[-1]),
-                        " -> ".join(["block[-1]", *spec.after_blocks]),
-                    )
-                )
-            if stack == insp.adapter.stack_name and "logits" in reference:
-                try:
-                    insp.module("lm_head")
-                except Exception as exc:  # a head the adapter cannot find is a failure
-                    add(Check("logits(block[-1].output)", False, float("inf"), str(exc)))
-                else:
-                    logits = insp.logits(raw)
-                    add(
-                        Check(
-                            "logits(block[-1].output) == model logits",
-                            close(logits, reference["logits"], atol * 10, rtol * 10),
-                            _diff(logits, reference["logits"]),
-                        )
-                    )
-            locs = insp.locators(stack)
-            with insp.capture(*locs) as cap:
-                model(**inputs)
-            missing = [str(loc) for loc in locs if str(loc) not in cap]
-            add(
-                Check(
-                    f"{label}every locator resolves and records",
-                    not missing,
-                    0.0,
-                    f"not recorded: {', '.join(missing)}" if missing else f"{len(locs)} locators",
+    report.checks.extend(block_checks(insp, model, inputs, atol=atol, rtol=rtol))
+    for stack in insp.adapter.stack_names:
+        relation = block_relation(insp.adapter.stack(stack))
+        if relation is not None:
+            report.checks.extend(
+                check_block_sums(
+                    model,
+                    inputs,
+                    relation=relation,
+                    adapter=insp.adapter,
+                    stack=stack,
+                    atol=atol,
+                    rtol=rtol,
                 )
             )
-            relation = block_relation(spec)
-            if relation is not None:
-                report.checks.extend(
-                    check_block_sums(
-                        model,
-                        inputs,
-                        relation=relation,
-                        adapter=insp.adapter,
-                        stack=stack,
-                        atol=atol,
-                        rtol=rtol,
-                    )
-                )
     return report
 
 
@@ -649,7 +500,7 @@ def check_heads(
         >>> all(c.passed for c in checks), len(checks) > 8
         (True, True)
     """
-    insp = Inspector(model, adapter)
+    insp = Inspector(model, adapter, prove=False)
     checks: list[Check] = []
     add = checks.append
     for stack in insp.adapter.stack_names:
@@ -695,7 +546,7 @@ def check_heads(
                     Check(
                         f"{where}.result sums to o",
                         close(summed, o_out, atol, rtol),
-                        _diff(summed, o_out),
+                        diff(summed, o_out),
                     )
                 )
                 with torch.no_grad():
@@ -704,7 +555,7 @@ def check_heads(
                     Check(
                         f"{where}.o(z) == o output",
                         close(again, o_out, atol, rtol),
-                        _diff(again, o_out),
+                        diff(again, o_out),
                     )
                 )
                 if not core:
@@ -716,7 +567,7 @@ def check_heads(
                     Check(
                         f"{where}.pattern == output_attentions",
                         ok,
-                        _diff(pattern, theirs) if theirs is not None else float("inf"),
+                        diff(pattern, theirs) if theirs is not None else float("inf"),
                         "" if theirs is not None else "no output_attentions entry",
                     )
                 )
@@ -744,7 +595,7 @@ def check_heads(
                     Check(
                         f"{where}.z == pattern · v",
                         close(mixed, z, atol, rtol),
-                        _diff(mixed, z),
+                        diff(mixed, z),
                     )
                 )
                 if tap.inline:
@@ -760,7 +611,7 @@ def check_heads(
                     Check(
                         f"{where}.pattern == softmax(q·kᵀ·scaling + mask) (real queries)",
                         close(mine[real], pattern[real], atol, rtol),
-                        _diff(mine[real], pattern[real]),
+                        diff(mine[real], pattern[real]),
                         head_spec.scores,
                     )
                 )
@@ -782,7 +633,7 @@ def check_heads(
                 Check(
                     f"{where}: ablate z heads=[{h}] == o(z with head {h} zeroed)",
                     close(edited, hand, atol, rtol),
-                    _diff(edited, hand),
+                    diff(edited, hand),
                 )
             )
     return checks
@@ -806,40 +657,6 @@ def _configs(model: nn.Module) -> list[Any]:
     found = [getattr(model, "config", None)]
     found += [getattr(m, "config", None) for m in model.modules()]
     return [c for c in found if c is not None and hasattr(c, "_attn_implementation")]
-
-
-def _accepts(model: nn.Module, name: str) -> bool:
-    try:
-        parameters = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-        return True
-    return name in parameters
-
-
-def example_inputs(
-    config: Any, batch: int = 2, seq: int = 7, seed: int = 0, model: nn.Module | None = None
-) -> dict[str, torch.Tensor]:
-    """Random token inputs for a model built from ``config`` (decoder ids on seq2seq).
-
-    Given ``model``, decoder ids are added only where its forward takes them (a
-    ``T5EncoderModel`` has a seq2seq config but no decoder).
-
-    Example:
-        >>> from transformers import GPT2Config
-        >>> sorted(example_inputs(GPT2Config(vocab_size=64)))
-        ['attention_mask', 'input_ids']
-    """
-    generator = torch.Generator().manual_seed(seed)
-    text_config = getattr(config, "get_text_config", lambda: config)()
-    vocab = int(getattr(text_config, "vocab_size", 0) or getattr(config, "vocab_size", 64))
-    ids = torch.randint(3, max(vocab, 4), (batch, seq), generator=generator)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    wants_decoder = model is None or _accepts(model, "decoder_input_ids")
-    if getattr(config, "is_encoder_decoder", False) and wants_decoder:
-        inputs["decoder_input_ids"] = torch.randint(
-            3, max(vocab, 4), (batch, max(seq - 2, 2)), generator=generator
-        )
-    return inputs
 
 
 def build_tiny(model_cls: Any, config: Any, seed: int = 0) -> nn.Module:

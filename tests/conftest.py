@@ -20,6 +20,20 @@ from transformers import (
 from introspect.testing import build_tiny
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _proof_cache(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Verdicts of proof at first use go to a folder of this run, not the user's cache."""
+    import os
+
+    before = os.environ.get("INTROSPECT_CACHE")
+    os.environ["INTROSPECT_CACHE"] = str(tmp_path_factory.mktemp("introspect-cache"))
+    yield
+    if before is None:
+        os.environ.pop("INTROSPECT_CACHE", None)
+    else:
+        os.environ["INTROSPECT_CACHE"] = before
+
+
 def gpt2_config(layers: int = 3) -> GPT2Config:
     return GPT2Config(
         n_layer=layers,

@@ -166,3 +166,15 @@ def test_conformant(case: Case, built: Callable[[Case], Built]) -> None:
             found.model(**found.inputs)
         with pytest.raises(MissingPartError, match="has no lm_head: it is a base model"):
             insp.logits(cap["block[-1]"].output)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_proves_at_first_use(case: Case, built: Callable[[Case], Built]) -> None:
+    """The case's model proves its adapter on a shrunk clone of itself (nothing deferred)."""
+    spec = SPECS[case.adapter]
+    found = built(case)
+    if spec.unsupported is not None:
+        return
+    proof = Inspector(found.model).proof
+    assert proof.status == "proven", proof.reason
+    assert proof.checks and all(c.passed for c in proof.checks)

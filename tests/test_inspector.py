@@ -7,6 +7,7 @@ from torch import nn
 from introspect import (
     AdapterSpec,
     CaptureError,
+    FactError,
     Inspector,
     LocatorError,
     MissingPartError,
@@ -179,7 +180,9 @@ def test_missing_part_says_which_adapter_and_why(lm: nn.Module, family: str) -> 
     spec = Inspector(lm).adapter.model_copy(
         update={"name": "no-norm", "final_norm": None, "model_types": ()}
     )
-    insp = Inspector(lm, adapter=spec)
+    with pytest.raises(FactError, match=r"'no-norm' states facts .* hidden_states\[-1\]"):
+        Inspector(lm, adapter=spec)  # the spec is wrong for this model: refused as such
+    insp = Inspector(lm, adapter=spec, prove=False)
     with pytest.raises(
         MissingPartError, match=r"final_norm does not exist on adapter 'no-norm'.*BERT"
     ):

@@ -1,0 +1,170 @@
+"""Proof at first use: a release that moves a fact is refused with the fact named, verdicts
+are cached per spec x class x versions, and proving can be turned off only loudly."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import gpt2_config, llama_config
+from transformers import GPT2LMHeadModel, GPT2Model, LlamaForCausalLM
+
+from introspect import FactError, Inspector, UnprovenWarning, _proof
+from introspect.testing import build_tiny
+
+IDS = torch.tensor([[5, 17, 42, 9, 77, 3]])
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh cache folder and no verdict in memory."""
+    monkeypatch.setenv("INTROSPECT_CACHE", str(tmp_path))
+    monkeypatch.delenv("INTROSPECT_PROVE", raising=False)
+    _proof.forget()
+    yield tmp_path / "proofs"
+    _proof.forget()
+
+
+class ShiftedLlama(LlamaForCausalLM):
+    """A simulated release: hidden_states loses its embedding entry and repeats the last."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().forward(*args, **kwargs)
+        if out.hidden_states is not None:
+            out.hidden_states = (*out.hidden_states[1:], out.hidden_states[-1])
+        return out
+
+
+def test_a_release_that_moves_hidden_states_is_refused_naming_the_fact(cache: Path) -> None:
+    model = build_tiny(ShiftedLlama, llama_config())
+    with pytest.raises(FactError) as caught:
+        Inspector(model, adapter="llama")
+    message = str(caught.value)
+    assert "adapter 'llama' states facts about ShiftedLlama" in message
+    assert "hidden_states[0] (max |diff|" in message
+    assert "transformers 5." in message or "transformers 4." in message
+    assert "introspect verify" in message
+    assert {c.name for c in caught.value.checks if not c.passed} >= {"hidden_states[0]"}
+    # The verdict is kept: asked again, it is refused again without building a clone.
+    with pytest.raises(FactError):
+        Inspector(model, adapter="llama")
+
+
+def test_a_monkeypatched_forward_is_refused(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = GPT2Model.forward
+
+    def reversed_forward(self: GPT2Model, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, *args, **kwargs)
+        if out.hidden_states is not None:
+            out.hidden_states = tuple(reversed(out.hidden_states))
+        return out
+
+    monkeypatch.setattr(GPT2Model, "forward", reversed_forward)
+    model = build_tiny(GPT2LMHeadModel, gpt2_config())
+    with pytest.raises(FactError, match=r"'gpt2' states facts about GPT2LMHeadModel"):
+        Inspector(model)
+
+
+def test_a_proven_verdict_is_cached_on_disk_and_in_memory(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[str] = []
+    real = _proof.build_clone
+
+    def counting(model: torch.nn.Module) -> torch.nn.Module:
+        built.append(type(model).__name__)
+        return real(model)
+
+    monkeypatch.setattr(_proof, "build_clone", counting)
+    model = build_tiny(GPT2LMHeadModel, gpt2_config())
+    first = Inspector(model)
+    assert first.proof.status == "proven" and not first.proof.cached
+    assert built == ["GPT2LMHeadModel"]
+    files = list(cache.glob("*.json"))
+    assert len(files) == 1
+    verdict = json.loads(files[0].read_text())
+    assert verdict["status"] == "proven"
+    assert {c["name"] for c in verdict["checks"]} >= {"hidden_states[0]", "hidden_states[2]"}
+    Inspector(model)  # in memory
+    _proof.forget()
+    again = Inspector(build_tiny(GPT2LMHeadModel, gpt2_config(layers=5)))  # same class, spec
+    assert again.proof.status == "proven" and again.proof.cached
+    assert built == ["GPT2LMHeadModel"]
+    # Another class of the same adapter is proven on its own.
+    Inspector(build_tiny(GPT2Model, gpt2_config()))
+    assert built == ["GPT2LMHeadModel", "GPT2Model"]
+
+
+def test_an_upgrade_proves_again(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = build_tiny(GPT2LMHeadModel, gpt2_config())
+    key = _proof.proof_key(Inspector(model).adapter, type(model))
+    monkeypatch.setattr(_proof, "installed_transformers", lambda: "99.0.0")
+    assert _proof.proof_key(Inspector(model, prove=False).adapter, type(model)) != key
+    _proof.forget()
+    assert not Inspector(model).proof.cached
+    assert len(list(cache.glob("*.json"))) == 2
+
+
+def test_the_clone_leaves_the_random_state_and_the_model_alone(cache: Path) -> None:
+    model = build_tiny(GPT2LMHeadModel, gpt2_config())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(123)
+    Inspector(model)
+    drawn = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(drawn, torch.rand(3))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_proving_off_warns_what_is_unproven(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INTROSPECT_PROVE", "0")
+    model = build_tiny(ShiftedLlama, llama_config())
+    with pytest.warns(UnprovenWarning, match=r"'llama' is not proven for ShiftedLlama.*wrong"):
+        insp = Inspector(model, adapter="llama")
+    assert insp.proof.status == "off"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Inspector(model, adapter="llama")  # warned once per adapter and class
+
+
+def test_without_a_clone_the_real_model_proves_at_first_use(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_clone(model: torch.nn.Module) -> torch.nn.Module:
+        raise ValueError("this config does not shrink")
+
+    monkeypatch.setattr(_proof, "build_clone", no_clone)
+    good = Inspector(build_tiny(LlamaForCausalLM, llama_config()))
+    assert good.proof.status == "deferred" and "does not shrink" in good.proof.reason
+    with torch.no_grad():
+        states = good.hidden_states(input_ids=IDS)
+    assert good.proof.status == "proven" and len(states) == 4
+    shifted = Inspector(build_tiny(ShiftedLlama, llama_config()), adapter="llama")
+    assert shifted.proof.status == "deferred"
+    with pytest.raises(FactError, match=r"hidden_states\[0\]"), torch.no_grad():
+        shifted.hidden_states(input_ids=IDS)
+    with pytest.raises(FactError), torch.no_grad():
+        shifted.hidden_states(input_ids=IDS)  # refused again, never answered
+
+
+def test_an_unwritable_cache_still_proves(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = cache.parent / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("INTROSPECT_CACHE", str(blocker))
+    assert Inspector(build_tiny(GPT2LMHeadModel, gpt2_config())).proof.status == "proven"
+
+
+def test_a_corrupt_verdict_is_proven_again(cache: Path) -> None:
+    model = build_tiny(GPT2LMHeadModel, gpt2_config())
+    Inspector(model)
+    (path,) = cache.glob("*.json")
+    path.write_text("{not json")
+    _proof.forget()
+    assert Inspector(model).proof.status == "proven"
+    assert json.loads(path.read_text())["status"] == "proven"
