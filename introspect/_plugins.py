@@ -125,6 +125,33 @@ class IntrospectPluginManager(pluggy.PluginManager):
         self.origins: dict[str, tuple[str | None, str | None]] = {}
         self._registry: AdapterRegistry | None = None
 
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        """Register ``plugin`` (pluggy's ``register``); the next :func:`get_registry` sees it.
+
+        Example:
+            >>> pm = IntrospectPluginManager()
+            >>> pm.register(object(), name="late")
+            'late'
+        """
+        registered = super().register(plugin, name)
+        # The registry was built from the plugins of its time: rebuild it on next use.
+        self._registry = None
+        return registered
+
+    def unregister(self, plugin: object | None = None, name: str | None = None) -> Any:
+        """Unregister a plugin (pluggy's ``unregister``); the next :func:`get_registry` lacks it.
+
+        Example:
+            >>> pm = IntrospectPluginManager()
+            >>> plugin = object()
+            >>> _ = pm.register(plugin, name="late")
+            >>> pm.unregister(plugin) is plugin
+            True
+        """
+        removed = super().unregister(plugin, name)
+        self._registry = None
+        return removed
+
 
 def _split_env(name: str) -> set[str] | None:
     value = os.environ.get(name)
@@ -417,7 +444,8 @@ def _call_register(pm: IntrospectPluginManager) -> AdapterRegistry:
 
 
 def get_registry(pm: IntrospectPluginManager | None = None) -> AdapterRegistry:
-    """The adapters the plugins of ``pm`` register (computed once per manager).
+    """The adapters the plugins of ``pm`` register (computed once per manager, and again after
+    a plugin is registered or unregistered).
 
     Example:
         >>> {"gpt2", "llama"} <= set(get_registry().specs)

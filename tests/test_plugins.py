@@ -9,10 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import gpt2_config
+from transformers import GPT2LMHeadModel
 
 import introspect._plugins as plugins
 from introspect import AdapterConflictError, AdapterSpec, Inspector, hookimpl
 from introspect._plugins import PluginWarning, get_registry, new_plugin_manager, plugin_infos
+from introspect.testing import build_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,6 +103,29 @@ def test_select_adapter_hook_overrides_the_match(lm: torch.nn.Module) -> None:
 
     pm = new_plugin_manager(plugins=[Chooser()])
     assert Inspector(lm, plugin_manager=pm).adapter.name == "chosen"
+
+
+def test_a_plugin_registered_after_the_registry_was_built_is_seen() -> None:
+    class LateGPT2(GPT2LMHeadModel):
+        """A class only the late plugin's adapter claims (GPT-2's layout under another name)."""
+
+    model = build_tiny(LateGPT2, gpt2_config())
+    pm = new_plugin_manager()
+    assert "late-gpt2" not in get_registry(pm).specs  # built, and cached, without it
+    assert Inspector(model, plugin_manager=pm).adapter.name == "gpt2"  # matched by model type
+    late = (
+        get_registry(pm)
+        .specs["gpt2"]
+        .model_copy(update={"name": "late-gpt2", "model_types": (), "architectures": ("LateGPT2",)})
+    )
+    plugin = _plugin("introspect-late", late)
+    pm.register(plugin)
+    assert get_registry(pm).specs["late-gpt2"] == late
+    assert get_registry(pm).owners["late-gpt2"] == "introspect-late"
+    assert Inspector(model, plugin_manager=pm).adapter.name == "late-gpt2"
+    pm.unregister(plugin)
+    assert "late-gpt2" not in get_registry(pm).specs
+    assert Inspector(model, plugin_manager=pm).adapter.name == "gpt2"
 
 
 def test_block_disables_a_built_in() -> None:
