@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from introspect._batching import context_length, max_positions, pad_batch, position_ids_from_mask
+from introspect._capture import onloaded
 from introspect._corpus import Inputs, read_inputs
 from introspect._dataset import (
     FORMAT,
@@ -67,6 +68,8 @@ from introspect._progress import progress_enabled
 from introspect._version import __version__
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from introspect._inspector import Inspector
 
 __all__ = [
@@ -76,6 +79,7 @@ __all__ = [
     "init_distributed",
     "launch",
     "settings_of",
+    "weights_fingerprint",
 ]
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -135,6 +139,81 @@ def _fingerprint(settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+_SAMPLES = 64
+"""Values of each tensor that go into a weights fingerprint."""
+_SPREAD = 2654435761
+"""Knuth's multiplicative hash constant: spreads the sampled places over a tensor's elements."""
+
+
+def _sample(tensor: torch.Tensor) -> bytes:
+    """``_SAMPLES`` values of ``tensor`` at fixed places, as bytes that do not depend on the
+    device (read where the tensor is, only the sample is copied to the CPU)."""
+    count = tensor.numel()
+    if count == 0:
+        return b""
+    places = torch.arange(min(count, _SAMPLES), dtype=torch.long)
+    if count > _SAMPLES:
+        places = (places * _SPREAD + 1) % count
+    flat = tensor.detach().reshape(1) if tensor.dim() == 0 else tensor.detach()
+    try:
+        index = torch.unravel_index(places.to(flat.device), flat.shape)
+        picked = flat[index].cpu()
+        if picked.is_complex():
+            picked = torch.view_as_real(picked.to(torch.complex128))
+        elif picked.is_floating_point():
+            picked = picked.to(torch.float64)  # exact for every float dtype
+        else:
+            picked = picked.to(torch.int64)
+        return bytes(picked.numpy().tobytes())
+    except (RuntimeError, TypeError, NotImplementedError):
+        # A tensor type that cannot be indexed or converted (a quantized layout): its name,
+        # shape and dtype still count.
+        return b"?"
+
+
+def _offloaded_sample(model: nn.Module, name: str) -> bytes | None:
+    """The sample of a state-dict entry that accelerate offloaded (on the meta device here, its
+    values held by the module's hook), or None where no hook holds them."""
+    prefix, _, leaf = name.rpartition(".")
+    try:
+        module = model.get_submodule(prefix)
+        with onloaded(module, "fingerprinting"):
+            value: torch.Tensor | None = module._parameters.get(leaf)
+            if value is None:
+                value = module._buffers.get(leaf)
+            if value is None or value.is_meta:
+                return None
+            return _sample(value)
+    except (AttributeError, CaptureError):
+        return None
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A fingerprint of ``model``'s weights: a hash of its state dict's names, shapes, dtypes
+    and 64 values of each tensor at fixed places.
+
+    It reads a few values per tensor, so it costs little for any size of model, and it is the
+    same on any device. Weights that accelerate offloaded are read from its hooks; a tensor
+    on the meta device that no hook holds counts by its name, shape and dtype only. Two
+    checkpoints of one architecture (another training step, a fine-tune) differ in nearly
+    every value, so in the fingerprint.
+
+    Example:
+        >>> layer = torch.nn.Linear(4, 2)
+        >>> before = weights_fingerprint(layer)
+        >>> with torch.no_grad():
+        ...     _ = layer.bias.add_(1)
+        >>> len(before), before == weights_fingerprint(layer)
+        (16, False)
+    """
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        digest.update(f"{name}\0{list(tensor.shape)}\0{tensor.dtype}\0".encode())
+        sample = _offloaded_sample(model, name) if tensor.is_meta else _sample(tensor)
+        digest.update(sample or b"")
+    return digest.hexdigest()[:16]
+
+
 def _differences(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> list[str]:
     found = []
     for key, value in ours.items():
@@ -148,14 +227,19 @@ def _differences(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> list[str
 
 
 def check_output_dir(
-    out: str | os.PathLike[str], settings: Mapping[str, Any], *, force: bool = False
+    out: str | os.PathLike[str],
+    settings: Mapping[str, Any],
+    *,
+    force: bool = False,
+    weights: str | None = None,
 ) -> Literal["new", "resume", "complete"]:
     """What ``out`` holds, checked against ``settings`` before any work (nothing is changed).
 
     ``"new"``: nothing yet, or ``force`` and only an extraction's files (they will be
     replaced); ``"resume"``: an unfinished extraction with these settings; ``"complete"``: a
     finished one. A file, a folder holding anything else, or an extraction with other settings
-    (without ``force``) is an error.
+    (without ``force``) is an error; so is one of other weights, when ``weights`` (the model's
+    :func:`weights_fingerprint`) is given and the folder recorded its own.
 
     Example:
         >>> import tempfile
@@ -200,6 +284,16 @@ def check_output_dir(
         raise CaptureError(
             f"--out {out} holds an extraction made with other arguments ({'; '.join(differ)}): "
             "rerun with the same arguments to resume it, or add --force to start over"
+        )
+    theirs = record.get("weights")
+    if weights is not None and theirs is not None and theirs != weights:
+        # Same name, other values (a checkpoint folder trained further, another model of the
+        # class): resuming would mix two models' rows, and "complete" would hand back the other's.
+        raise CaptureError(
+            f"--out {out} holds an extraction of other weights than this model's (weights "
+            f"fingerprint {theirs} there, {weights} now, for model {settings.get('model')!r}): "
+            "its activations are another model's; use another --out for this one, or add "
+            "--force to replace them"
         )
     return "complete" if record_path.name == MANIFEST else "resume"
 
@@ -917,6 +1011,7 @@ def _finish(
         "fingerprint": progress["fingerprint"],
         "model": settings["model"],
         "model_class": progress["model_class"],
+        "weights": progress.get("weights"),
         "model_dtype": settings.get("model_dtype"),
         "adapter": settings.get("adapter"),
         "num_blocks": progress["num_blocks"],
@@ -977,8 +1072,9 @@ def extract(
 
     The folder may hold an unfinished run with the same settings: it is resumed. Other
     settings are refused unless ``force`` (which deletes the old extraction's files, never
-    anyone else's). Inside a ``torch.distributed`` group each rank extracts its share and rank
-    0 writes the manifest; every rank returns it.
+    anyone else's), and so are other weights under the same model name (the folder records
+    the model's :func:`weights_fingerprint`). Inside a ``torch.distributed`` group each rank
+    extracts its share and rank 0 writes the manifest; every rank returns it.
 
     Example:
         >>> import tempfile
@@ -1038,9 +1134,10 @@ def extract(
         model_dtype=model_dtype,
     )
     fingerprint = _fingerprint(settings)
+    weights = weights_fingerprint(insp.model)
     folder = Path(out).expanduser()
     rank, world = _world()
-    state = check_output_dir(folder, settings, force=force)
+    state = check_output_dir(folder, settings, force=force, weights=weights)
     if state == "complete":
         return read_json(folder / MANIFEST)
 
@@ -1066,6 +1163,7 @@ def extract(
             "status": "running",
             "fingerprint": fingerprint,
             "settings": settings,
+            "weights": weights,
             "model_class": type(insp.model).__name__,
             "num_blocks": _num_blocks(insp),
             "locators": engine.keys,

@@ -256,6 +256,124 @@ def test_unfinished_and_foreign_folders_are_refused(tmp_path: Path) -> None:
         ActivationDataset(tmp_path / "nothing")
 
 
+def _interrupted(insp: Inspector, corpus: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An extraction that stops after its first shard, as a killed one does."""
+    real = extract_module._save_file
+    calls = []
+
+    def dies(tensors: Any, path: str, metadata: Any) -> None:
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        real(tensors, path, metadata)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(extract_module, "_save_file", dies)
+        with pytest.raises(CaptureError, match="No space left"):
+            extract(insp, CharTokenizer(), [corpus], ["block[-1]"], out, shard_rows=40)
+    assert (out / PROGRESS).exists() and not (out / MANIFEST).exists()
+
+
+def test_other_weights_under_the_same_name_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two models of one class: the same name (LlamaForCausalLM) and settings, other weights.
+    a = Inspector(build_tiny(LlamaForCausalLM, llama_config(), seed=0))
+    b = Inspector(build_tiny(LlamaForCausalLM, llama_config(), seed=1))
+    fa, fb = (
+        extract_module.weights_fingerprint(a.model),
+        extract_module.weights_fingerprint(b.model),
+    )
+    assert fa != fb and fa == extract_module.weights_fingerprint(a.model)
+    corpus = _corpus(tmp_path, _lines(12, seed=4))
+
+    def refused(folder: Path) -> str:
+        return (
+            f"--out {folder} holds an extraction of other weights than this model's (weights "
+            f"fingerprint {fa} there, {fb} now, for model 'LlamaForCausalLM'): its activations "
+            "are another model's; use another --out for this one, or add --force to replace them"
+        )
+
+    # A run of A stopped halfway is not resumed with B: its rows would mix with A's.
+    unfinished = tmp_path / "unfinished"
+    _interrupted(a, corpus, unfinished, monkeypatch)
+    shards = sorted(os.listdir(unfinished))
+    with pytest.raises(CaptureError) as caught:
+        extract(b, CharTokenizer(), [corpus], ["block[-1]"], unfinished, shard_rows=40)
+    assert str(caught.value) == refused(unfinished)
+    assert sorted(os.listdir(unfinished)) == shards  # left as it was
+    # A finished run of A is not handed back as B's.
+    done = tmp_path / "done"
+    manifest = extract(a, CharTokenizer(), [corpus], ["block[-1]"], done, shard_rows=40)
+    assert manifest["weights"] == fa
+    with pytest.raises(CaptureError) as caught:
+        extract(b, CharTokenizer(), [corpus], ["block[-1]"], done, shard_rows=40)
+    assert str(caught.value) == refused(done)
+    # A resumes its own run; --force starts over with B.
+    again = extract(a, CharTokenizer(), [corpus], ["block[-1]"], unfinished, shard_rows=40)
+    assert again["weights"] == fa and again["shards"] == manifest["shards"]
+    forced = extract(b, CharTokenizer(), [corpus], ["block[-1]"], done, shard_rows=40, force=True)
+    assert forced["weights"] == fb
+    first = ActivationDataset(done).rows_of(0)
+    ids = CharTokenizer()([_lines(12, seed=4)[0]])["input_ids"][0]
+    torch.testing.assert_close(
+        ActivationDataset(done)["block[-1]"][first].float(),
+        _alone(b, ids, ["block[-1]"])["block[-1]"].half().float(),
+    )
+
+
+def test_a_checkpoint_changed_in_place_is_not_resumed_on_the_command_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from introspect.zoo import load_model
+
+    _, tokenizer = load_model("toy-llama", progress=False)
+    config = llama_config()
+    config.vocab_size = len(tokenizer)
+    folder = tmp_path / "checkpoint"
+    build_tiny(LlamaForCausalLM, config, seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    corpus = _corpus(tmp_path, _lines(12, seed=5))
+    argv = ["extract", str(folder), "--input", str(corpus), "--at", "block[-1]",
+            "--out", str(tmp_path / "acts"), "--shard-rows", "40", "--no-progress"]  # fmt: skip
+    real = extract_module._save_file
+    calls = []
+
+    def dies(tensors: Any, path: str, metadata: Any) -> None:
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        real(tensors, path, metadata)
+
+    monkeypatch.setattr(extract_module, "_save_file", dies)
+    capsys.readouterr()
+    assert main(argv) == 1
+    assert "No space left on device" in _error_line(capsys.readouterr().err)
+    monkeypatch.setattr(extract_module, "_save_file", real)
+    # The folder is trained further (here: other weights) and the command rerun as it was.
+    build_tiny(LlamaForCausalLM, config, seed=1).save_pretrained(folder)
+    capsys.readouterr()
+    assert main(argv) == 1
+    line = _error_line(capsys.readouterr().err)
+    assert "holds an extraction of other weights than this model's (weights fingerprint" in line
+    assert line.endswith("use another --out for this one, or add --force to replace them")
+    assert main([*argv, "--force"]) == 0
+
+
+def test_the_weights_fingerprint_is_the_same_wherever_the_weights_are() -> None:
+    accelerate = pytest.importorskip("accelerate")
+    model = build_tiny(LlamaForCausalLM, llama_config(), seed=0)
+    plain = extract_module.weights_fingerprint(model)
+    copy = build_tiny(LlamaForCausalLM, llama_config(), seed=0)
+    assert extract_module.weights_fingerprint(copy) == plain
+    # Offloaded by accelerate: the weights are on the meta device, their values in its hooks.
+    accelerate.cpu_offload(copy, execution_device=torch.device("cpu"))
+    assert any(p.is_meta for p in copy.parameters())
+    assert extract_module.weights_fingerprint(copy) == plain
+    as_bf16 = build_tiny(LlamaForCausalLM, llama_config(), seed=0).to(torch.bfloat16)
+    assert extract_module.weights_fingerprint(as_bf16) != plain
+
+
 def test_shares_cover_the_remaining_documents_once() -> None:
     weights = torch.tensor([5, 1, 1, 1, 30, 2, 2, 2, 2, 2, 9, 1], dtype=torch.long)
     done = [
