@@ -20,7 +20,9 @@ documents they lack are extracted, the result is the one an uninterrupted run gi
 
 Distributed: under ``torchrun`` each rank takes a deterministic share of the remaining
 documents (cut by size), writes its own shards, and rank 0 writes the manifest after a
-``torch.distributed`` barrier. The collectives carry no tensors (barriers only), so they run
+``torch.distributed`` barrier. The shards, and so the batches, are those of a one-process run
+(``_windows``): a rank's forward passes are one process's, and give the same values bit for
+bit. The collectives carry no tensors (barriers only), so they run
 over gloo whatever device the model is on.
 """
 
@@ -88,6 +90,9 @@ Position = Literal["all", "last"]
 _SHARD_BYTES = 256 * 2**20
 """The default size of a shard, from which ``shard_rows`` is derived."""
 _TOKENIZE_CHUNK = 256
+_ANCHOR_BYTES = 64 * 2**20
+"""Text between anchors (documents where every run starts a shard): at most this much is
+tokenized twice, by the rank before a cut between ranks and the rank after it."""
 
 
 # -- what a run is, and the folder it writes ----------------------------------------------------
@@ -464,36 +469,98 @@ class _Window:
         return self.first + len(self.ids)
 
 
-def _windows(
+@dataclass(frozen=True)
+class _Run:
+    """A run of documents a rank extracts: the shards that start in ``[own, until)``.
+
+    The shards of a run are cut as a one-process run cuts them, from a document where every
+    run cuts (``start``: the start of the gap, or the last anchor before ``own``), so the rank
+    tokenizes from there and keeps the shards that start in its part; the last one goes on
+    past ``until`` to where it closes (at the latest ``end``, the end of the gap).
+    """
+
+    start: int
+    own: int
+    until: int
+    end: int
+
+
+def _anchors(weights: torch.Tensor, every: int | None = None) -> frozenset[int]:
+    """Documents where every run starts a new shard: the first to begin after each
+    ``every`` bytes of text (``_ANCHOR_BYTES``). They bound what a rank tokenizes to find
+    where its part's first shard starts."""
+    every = every or _ANCHOR_BYTES
+    ends = (weights + 1).cumsum(0)
+    if not len(ends) or int(ends[-1]) <= every:
+        return frozenset()
+    starts = ends - (weights + 1)
+    marks = torch.arange(every, int(ends[-1]), every, dtype=torch.long)
+    found = torch.searchsorted(starts, marks).tolist()
+    return frozenset(doc for doc in found if 0 < doc < len(weights))
+
+
+def _runs(
     share: Sequence[tuple[int, int]],
+    remaining: Sequence[tuple[int, int]],
+    anchors: frozenset[int],
+) -> list[_Run]:
+    """The runs of a rank's ``share`` of the ``remaining`` gaps, each with where its shards'
+    cuts start (see :class:`_Run`)."""
+    runs = []
+    for a, b in share:
+        gap = next((g for g in remaining if g[0] <= a < g[1]), (a, b))
+        start = max([gap[0], *(doc for doc in anchors if gap[0] < doc <= a)])
+        runs.append(_Run(start, a, b, gap[1]))
+    return runs
+
+
+def _windows(
+    runs: Sequence[_Run],
     inputs: Inputs,
     tokenize: Callable[[list[str]], list[list[int]]],
     max_length: int | None,
     last: bool,
     shard_rows: int,
+    anchors: frozenset[int] = frozenset(),
 ) -> Iterator[_Window]:
-    """The rank's documents, tokenized and cut into shards of about ``shard_rows`` rows.
+    """The rank's shards to be, tokenized: for each run, the shards that start in its part.
 
-    A shard closes as soon as it reaches ``shard_rows``, so the cuts depend only on where a
-    run of documents starts: a resumed run, which starts where a shard ended, cuts the rest as
-    the first run did.
+    A shard closes as soon as it reaches ``shard_rows`` or the next document is an anchor, so
+    the cuts depend only on where a run of documents starts, and every run starts at a cut:
+    a resumed run, or a rank of several, cuts its documents as a one-process run does. Its
+    shards, and the batches of each shard, are the same, and so are the values, bit for bit.
     """
-    for a, b in share:
-        window = _Window(a)
-        for chunk in range(a, b, _TOKENIZE_CHUNK):
-            stop = min(b, chunk + _TOKENIZE_CHUNK)
-            for k, ids in enumerate(tokenize(inputs.texts(chunk, stop))):
-                doc = chunk + k
-                if max_length is not None and len(ids) > max_length:
-                    window.truncated.append([doc, len(ids)])
-                    ids = ids[:max_length]
-                window.ids.append(ids)
-                window.rows += (1 if ids else 0) if last else len(ids)
-                if window.rows >= shard_rows:
+    for run in runs:
+        yield from _run_windows(run, inputs, tokenize, max_length, last, shard_rows, anchors)
+
+
+def _run_windows(
+    run: _Run,
+    inputs: Inputs,
+    tokenize: Callable[[list[str]], list[list[int]]],
+    max_length: int | None,
+    last: bool,
+    shard_rows: int,
+    anchors: frozenset[int],
+) -> Iterator[_Window]:
+    window = _Window(run.start)
+    for chunk in range(run.start, run.end, _TOKENIZE_CHUNK):
+        stop = min(run.end, chunk + _TOKENIZE_CHUNK)
+        for k, ids in enumerate(tokenize(inputs.texts(chunk, stop))):
+            doc = chunk + k
+            if max_length is not None and len(ids) > max_length:
+                window.truncated.append([doc, len(ids)])
+                ids = ids[:max_length]
+            window.ids.append(ids)
+            window.rows += (1 if ids else 0) if last else len(ids)
+            if window.rows >= shard_rows or doc + 1 in anchors:
+                if window.first >= run.own:
                     yield window
-                    window = _Window(doc + 1)
-        if window.ids:
-            yield window
+                if doc + 1 >= run.until:
+                    return  # the next shard starts in another rank's part
+                window = _Window(doc + 1)
+    if window.ids and window.first >= run.own:
+        yield window
 
 
 class _Background:
@@ -1176,13 +1243,24 @@ def extract(
     done = _scan(folder, fingerprint)
     _barrier()  # nobody writes a shard before every rank has seen the same ones
     before = sum(shard.rows for shard in done), sum(shard.tokens for shard in done)
-    share = _share(_remaining(done, docs.total), docs.weights(), rank, world)
+    remaining = _remaining(done, docs.total)
+    sizes = docs.weights()
+    anchors = _anchors(sizes)
+    share = _share(remaining, sizes, rank, world)
 
     tokenize = _tokenizer_fn(tokenizer)
     writer = _Writer(folder, queue_size)
     bar = _bar(sum(b - a for a, b in share), enabled=progress and rank == 0)
     windows = _Background(
-        _windows(share, docs, tokenize, limit, engine.last, rows_per_shard),
+        _windows(
+            _runs(share, remaining, anchors),
+            docs,
+            tokenize,
+            limit,
+            engine.last,
+            rows_per_shard,
+            anchors,
+        ),
         size=2,
         name="introspect-reader",
     )

@@ -389,6 +389,39 @@ def test_shares_cover_the_remaining_documents_once() -> None:
         assert shares == [_share(remaining, weights, rank, world) for rank in range(world)]
 
 
+def test_every_rank_cuts_its_shards_where_one_process_does(tmp_path: Path) -> None:
+    # The batches are made within a shard, so equal shards make equal batches and equal values.
+    lines = _lines(90, seed=7, longest=60)
+    docs = read_inputs([_corpus(tmp_path, lines)])
+    sizes = docs.weights()
+    tokenize = extract_module._tokenizer_fn(CharTokenizer())
+
+    def cuts(share: list[tuple[int, int]], remaining: list[tuple[int, int]], every: int) -> Any:
+        anchors = extract_module._anchors(sizes, every)
+        runs = extract_module._runs(share, remaining, anchors)
+        windows = extract_module._windows(runs, docs, tokenize, 30, False, 50, anchors)
+        return [(w.first, w.end, w.ids, w.truncated) for w in windows]
+
+    for every in (10**9, 400, 97):  # no anchor; anchors every few documents
+        alone = cuts([(0, 90)], [(0, 90)], every)
+        assert [w[0] for w in alone[1:]] == [w[1] for w in alone[:-1]]  # contiguous
+        assert extract_module._anchors(sizes, every) <= {w[0] for w in alone}  # cut there
+        # A resumed run: some shards done, the gaps between them remain.
+        done = [alone[i] for i in (1, 2, 7)]
+        remaining = _remaining(
+            [extract_module._Done("x", w[0], w[1], 0, [], [], {}) for w in done], 90
+        )
+        left = [w for w in alone if w not in done]
+        for world in (2, 3, 5, 8):
+            for gaps, expected in (([(0, 90)], alone), (remaining, left)):
+                parts = [
+                    cuts(_share(gaps, sizes, rank, world), gaps, every) for rank in range(world)
+                ]
+                assert [w for part in parts for w in part] == expected, (every, world, gaps)
+                assert sum(1 for part in parts if part) > 1  # the work is shared
+    assert extract_module._anchors(sizes, 400)  # the cases above did place anchors
+
+
 # -- inputs --------------------------------------------------------------------------------------
 
 

@@ -169,6 +169,26 @@ def test_two_gloo_ranks_equal_one_process(
     _assert_same(ds, reference, exact=False)
 
 
+def test_two_ranks_store_the_values_of_one_process_bit_for_bit(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each rank cuts its documents into the shards, and each shard into the batches, of the
+    # one-process run: the same matrix shapes, so the same float sums. With one thread per
+    # process on both sides (the launcher keeps an OMP_NUM_THREADS it is given), every value
+    # is equal, not merely close.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    one = tmp_path / "one"
+    env = {**_env(), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(_command(corpus, one), capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    two = tmp_path / "two"
+    assert main([*_argv(corpus, two), "--nproc", "2"]) == 0
+    ours, theirs = ActivationDataset(two), ActivationDataset(one)
+    assert ours.manifest["run"]["world_size"] == 2
+    assert ours.manifest["shards"] == theirs.manifest["shards"]
+    _assert_same(ours, theirs, exact=True)
+
+
 def _rank_pids(launcher: int) -> dict[int, int]:
     """The ranks torchrun started under ``launcher``, by rank, read from /proc."""
     found = {}
