@@ -15,7 +15,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from introspect._version import __version__
+from introspect._version import __version__, check_transformers
+
+check_transformers()
 
 if TYPE_CHECKING:
     from introspect._attention import (

@@ -23,6 +23,7 @@ from introspect._errors import (
     LocatorError,
     MissingPartError,
 )
+from introspect._headproof import prove_heads_at_first_use
 from introspect._heads import HEAD_AXIS
 from introspect._interventions import (
     Edit,
@@ -159,6 +160,7 @@ class Inspector:
         self.model = model
         self.adapter = resolve_adapter(model, adapter, plugin_manager, detect=detect)
         self._resolver = Resolver(model, self.adapter, AUTHORING_HINT)
+        self._heads_proven: set[tuple[str | None, str]] = set()
         self.proof = Proof("detected" if self.adapter.name.startswith("detected-") else "skipped")
         """The verdict on this adapter's facts for this model class on this install
         (:mod:`introspect._proof`): ``proven``, ``deferred`` (proven on this model when
@@ -378,7 +380,22 @@ class Inspector:
     # -- capture ----------------------------------------------------------------------------
 
     def _target(self, loc: Locator, needs_output: bool) -> Target:
+        if _head_site(loc) is not None and self.proof.status not in ("skipped", "detected"):
+            self._prove_heads(loc)
         return self._resolver.target(loc, needs_output)
+
+    def _prove_heads(self, loc: Locator) -> None:
+        """Prove the head layout of ``loc``'s attention part once per Inspector (the verdict is
+        kept per install, see :mod:`introspect._headproof`)."""
+        stack = self._stack_key(loc.stack)
+        part = (loc.sub or "attn").partition(".")[0]
+        if (stack, part) in self._heads_proven:
+            return
+        spec = self.adapter
+        prove_heads_at_first_use(
+            self.model, spec, lambda clone: type(self)(clone, spec, prove=False), stack, part
+        )
+        self._heads_proven.add((stack, part))
 
     def _key(self, text: str) -> str:
         loc = self.locator(text)

@@ -45,12 +45,13 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from introspect._errors import FactError
+from introspect._errors import FactError, IntrospectError
 from introspect._spec import AdapterSpec, StackSpec, installed_transformers
 from introspect._tiny import EXTRA_OVERRIDES, tiny_config
 from introspect._version import __version__
 
 __all__ = [
+    "BLOCKS",
     "PROOF_FORMAT",
     "Check",
     "Proof",
@@ -64,6 +65,7 @@ __all__ = [
     "proof_key",
     "prove_at_first_use",
     "remember",
+    "verdict",
 ]
 
 PROOF_FORMAT = 1
@@ -390,8 +392,12 @@ def _versions() -> dict[str, str]:
     }
 
 
-def proof_key(spec: AdapterSpec, model_class: type) -> str:
-    """The cache key of a proof: the spec's content, the model class and the versions.
+BLOCKS = "blocks"
+"""The block-level facts (``hidden_states``, final norm, logits, locators)."""
+
+
+def proof_key(spec: AdapterSpec, model_class: type, facts: str = BLOCKS) -> str:
+    """The cache key of a proof: the facts, the spec's content, the model class and versions.
 
     Example:
         >>> from torch import nn
@@ -401,6 +407,7 @@ def proof_key(spec: AdapterSpec, model_class: type) -> str:
     """
     payload = {
         "format": PROOF_FORMAT,
+        "facts": facts,
         "spec": spec.model_dump(mode="json"),
         "class": f"{model_class.__module__}.{model_class.__qualname__}",
         **_versions(),
@@ -439,9 +446,9 @@ class Proof:
         return cls(str(data["status"]), checks, str(data.get("reason", "")), cached=True)
 
 
-_MEMO: dict[tuple[AdapterSpec, type], Proof] = {}
+_MEMO: dict[tuple[AdapterSpec, type, str], Proof] = {}
 _LOCK = threading.Lock()
-_WARNED: set[tuple[str, type]] = set()
+_WARNED: set[tuple[str, type, str]] = set()
 
 
 def proving_off() -> bool:
@@ -457,7 +464,9 @@ def proving_off() -> bool:
     return os.environ.get(_ENV_OFF, "1").strip().lower() in ("0", "false", "no", "off")
 
 
-def fact_error(spec: AdapterSpec, model_class: type, checks: Sequence[Check]) -> FactError:
+def fact_error(
+    spec: AdapterSpec, model_class: type, checks: Sequence[Check], facts: str = BLOCKS
+) -> FactError:
     """The error for facts that failed: which, on which versions, and what to run.
 
     Example:
@@ -469,11 +478,16 @@ def fact_error(spec: AdapterSpec, model_class: type, checks: Sequence[Check]) ->
     versions = ", ".join(f"{k} {v}" for k, v in _versions().items())
     failed = [c for c in checks if not c.passed]
     names = "; ".join(f"{c.name} (max |diff| {c.max_diff:.3g})" for c in failed)
+    if facts == BLOCKS:
+        claim = f"states facts about {model_class.__name__} that do not hold"
+        check = "introspect.testing.check_conformance"
+    else:
+        claim = f"states a {facts} for {model_class.__name__} that does not hold"
+        check = "introspect.testing.check_heads"
     return FactError(
-        f"adapter {spec.name!r} states facts about {model_class.__name__} that do not hold on "
-        f"this install ({versions}): {names}. A transformers release has likely moved them; "
-        "introspect refuses rather than answer wrong numbers. Run `introspect verify MODEL` "
-        "(or introspect.testing.check_conformance) for the details, and state the new fact "
+        f"adapter {spec.name!r} {claim} on this install ({versions}): {names}. A transformers "
+        "release has likely moved them; introspect refuses rather than answer wrong numbers. "
+        f"Run `introspect verify MODEL` (or {check}) for the details, and state the new fact "
         "for this version range in the adapter (AdapterSpec.by_version)\n"
         + "\n".join(check_lines(list(checks))),
         tuple(checks),
@@ -517,36 +531,67 @@ def prove_at_first_use(
         >>> prove_at_first_use(m, spec, make).status
         'proven'
     """
+
+    def run(clone: nn.Module) -> list[Check]:
+        return block_checks(make_view(clone), clone, example_inputs(clone.config, model=clone))
+
+    return verdict(model, spec, BLOCKS, run)
+
+
+def verdict(
+    model: nn.Module,
+    spec: AdapterSpec,
+    facts: str,
+    run: Callable[[nn.Module], Sequence[Check]],
+) -> Proof:
+    """The verdict on ``facts`` (a name: ``blocks``, ``heads block.attn``) of ``spec`` for
+    ``model``'s class: from memory, else from the disk cache, else ``run`` on a shrunk clone.
+
+    Raises :class:`FactError` where the verdict is ``failed``; warns once and returns an
+    ``off`` verdict where ``INTROSPECT_PROVE=0``.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+        >>> spec = AdapterSpec(name="x", blocks="h")
+        >>> verdict(m, spec, "example", lambda clone: [Check("holds", True)]).status
+        'proven'
+    """
     model_class = type(model)
     if proving_off():
-        if (spec.name, model_class) not in _WARNED:
-            _WARNED.add((spec.name, model_class))
+        if (spec.name, model_class, facts) not in _WARNED:
+            _WARNED.add((spec.name, model_class, facts))
+            what = "its hidden_states layout, final norm and logits are"
+            if facts != BLOCKS:
+                what = f"its {facts} layout is"
             warnings.warn(
                 f"INTROSPECT_PROVE=0: adapter {spec.name!r} is not proven for "
                 f"{model_class.__name__} on this install (transformers "
-                f"{installed_transformers()}): its hidden_states layout, final norm and logits "
-                "are stated, not checked, and a transformers release that moved one would give "
-                "wrong numbers without an error",
+                f"{installed_transformers()}): {what} stated, not checked, and a transformers "
+                "release that moved one would give wrong numbers without an error",
                 UnprovenWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         return Proof("off")
-    memo = (spec, model_class)
+    memo = (spec, model_class, facts)
     with _LOCK:
         found = _MEMO.get(memo)
     if found is None:
-        found = _prove(model, spec, make_view)
+        found = _prove(model, spec, facts, run)
         with _LOCK:
             _MEMO[memo] = found
     if found.status == "failed":
-        raise fact_error(spec, model_class, found.checks)
+        raise fact_error(spec, model_class, found.checks, facts)
     return found
 
 
 def _prove(
-    model: nn.Module, spec: AdapterSpec, make_view: Callable[[nn.Module], ProvableView]
+    model: nn.Module,
+    spec: AdapterSpec,
+    facts: str,
+    run: Callable[[nn.Module], Sequence[Check]],
 ) -> Proof:
-    path = cache_dir() / "proofs" / f"{proof_key(spec, type(model))}.json"
+    path = cache_dir() / "proofs" / f"{proof_key(spec, type(model), facts)}.json"
     cached = _read(path)
     if cached is not None:
         return cached
@@ -555,14 +600,19 @@ def _prove(
     except Exception as exc:  # any class or config that cannot be shrunk and built
         reason = f"no shrunk clone of {type(model).__name__}: {type(exc).__name__}: {exc}"
         return Proof("deferred", reason=reason[:500])
-    view = make_view(clone)
     try:
-        checks = block_checks(view, clone, example_inputs(clone.config, model=clone))
+        checks = tuple(run(clone))
+    except IntrospectError as exc:
+        # Our own refusal while checking (a head count the attention function contradicts):
+        # the stated facts do not fit this class.
+        checks = (Check(f"{facts} ({type(exc).__name__})", False, float("inf"), str(exc)[:300]),)
     except Exception as exc:
         # A clone that does not run (a config the shrink broke) proves nothing either way.
         reason = f"the shrunk clone did not run: {type(exc).__name__}: {exc}"
         return Proof("deferred", reason=reason[:500])
-    proof = Proof("proven" if all(c.passed for c in checks) else "failed", tuple(checks))
+    if not checks:
+        return Proof("deferred", reason=f"the shrunk clone has no {facts} to check")
+    proof = Proof("proven" if all(c.passed for c in checks) else "failed", checks)
     _write(path, proof)
     return proof
 
@@ -576,7 +626,7 @@ def remember(spec: AdapterSpec, model_class: type, proof: Proof) -> None:
         >>> forget()
     """
     with _LOCK:
-        _MEMO[(spec, model_class)] = proof
+        _MEMO[(spec, model_class, BLOCKS)] = proof
 
 
 def forget() -> None:

@@ -168,9 +168,13 @@ def _shrink(values: dict[str, Any], wanted: dict[str, int]) -> dict[str, Any]:
                 overrides[attr] = wanted[size]
     heads = [a for a in _ATTRS["heads"] if _as_int(values.get(a))]
     for attr in _ATTRS["kv_heads"]:
-        # Multi-head attention (as many key/value heads as heads) stays multi-head.
-        if heads and values.get(attr) == values[heads[0]] and heads[0] in overrides:
-            overrides[attr] = overrides[heads[0]]
+        # Multi-head attention (as many key/value heads as heads) stays multi-head, also when
+        # the heads need no shrinking (a config shrunk before: shrinking is idempotent).
+        if heads and values.get(attr) == values[heads[0]]:
+            if heads[0] in overrides:
+                overrides[attr] = overrides[heads[0]]
+            else:
+                overrides.pop(attr, None)
     for attr, value in values.items():
         if "vocab_size" in attr and _as_int(value) is not None and value > wanted["vocab"]:
             overrides[attr] = wanted["vocab"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from introspect._errors import IntrospectError
+from introspect._errors import IntrospectError, MissingPartError
 
 __all__ = ["command", "main"]
 
@@ -247,9 +247,32 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=["float32", "bfloat16", "float16"], help="cast the weights first"
     )
     parser.add_argument(
+        "--attn-implementation",
+        metavar="NAME",
+        help="load with this attention implementation (eager, sdpa, ...; eager computes the "
+        "attention patterns a model built for sdpa on transformers 4.x cannot show)",
+    )
+    parser.add_argument(
         "--no-progress", action="store_true", help="no progress bars (also: INTROSPECT_PROGRESS=0)"
     )
     _json_flag(parser)
+
+
+def _eager_needed(exc: BaseException) -> bool:
+    """Whether ``exc`` refuses attention patterns because the model was loaded for sdpa."""
+    return "attn_implementation='eager'" in str(exc)
+
+
+def _reload_eager(args: argparse.Namespace, why: BaseException) -> tuple[Any, Any, Any]:
+    """Load the model again with eager attention, saying so (the only way to show patterns)."""
+    first = str(why).split(":")[0]
+    print(
+        f"note: {first}: reloading {args.model} with --attn-implementation eager, the only way "
+        "to read its attention patterns on this transformers",
+        file=sys.stderr,
+    )
+    args.attn_implementation = "eager"
+    return _load(args)
 
 
 def _load(args: argparse.Namespace, *, prove: bool = True) -> tuple[Any, Any, Any]:
@@ -275,6 +298,7 @@ def _load(args: argparse.Namespace, *, prove: bool = True) -> tuple[Any, Any, An
         dtype=args.dtype,
         progress=not args.no_progress,
         device_map=getattr(args, "device_map", None),
+        attn_implementation=getattr(args, "attn_implementation", None),
     )
     return model, tokenizer, Inspector(model, adapter=args.adapter, prove=prove)
 
@@ -655,7 +679,13 @@ def _attention(args: argparse.Namespace) -> int:
     plot = _plot_path(args.plot)
     _, tokenizer, insp = _load(args)
     # The block and the head are checked against the model before it runs.
-    att = attention_patterns(insp, args.prompt, args.block, head=args.head, tokenizer=tokenizer)
+    try:
+        att = attention_patterns(insp, args.prompt, args.block, head=args.head, tokenizer=tokenizer)
+    except MissingPartError as exc:
+        if args.attn_implementation is not None or not _eager_needed(exc):
+            raise
+        _, tokenizer, insp = _reload_eager(args, exc)
+        att = attention_patterns(insp, args.prompt, args.block, head=args.head, tokenizer=tokenizer)
     strongest = att.strongest(args.position, k=args.top)
     query = args.position % len(att.tokens)
     if plot is not None:
@@ -779,9 +809,17 @@ def _heads(args: argparse.Namespace) -> int:
         options["tokens"] = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
     else:
         options.update(seq_len=args.seq_len, batch=args.batch, seed=args.seed or 0)
-    scores = head_scores(
-        insp, args.score, repeats=args.repeats, tokenizer=tokenizer, bos=bos, **options
-    )
+    try:
+        scores = head_scores(
+            insp, args.score, repeats=args.repeats, tokenizer=tokenizer, bos=bos, **options
+        )
+    except MissingPartError as exc:
+        if args.attn_implementation is not None or not _eager_needed(exc):
+            raise
+        model, tokenizer, insp = _reload_eager(args, exc)
+        scores = head_scores(
+            insp, args.score, repeats=args.repeats, tokenizer=tokenizer, bos=bos, **options
+        )
     if plot is not None:
         scores.plot(plot, top=min(args.top, 10))
     if args.json:

@@ -581,6 +581,18 @@ def _check_hub_id(name: str) -> None:
         )
 
 
+def _set_attention(model: nn.Module, implementation: str) -> None:
+    """Switch a model built in memory to ``implementation`` (transformers checks the name)."""
+    setter = getattr(model, "set_attn_implementation", None)
+    try:
+        if callable(setter):
+            setter(implementation)
+        else:  # pragma: no cover - transformers without the setter
+            model.config._attn_implementation = implementation  # type: ignore[union-attr]
+    except (ValueError, ImportError) as exc:
+        raise ModelLoadError(f"cannot use attn_implementation={implementation!r}: {exc}") from exc
+
+
 def _load_pretrained(name: str, progress: bool, **load_options: Any) -> tuple[nn.Module, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
@@ -632,7 +644,12 @@ def _load_pretrained(name: str, progress: bool, **load_options: Any) -> tuple[nn
         # ImportError, an empty tokenizer) on a folder that has none.
         with contextlib.suppress(Exception):
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-        if tokenizer is not None and not getattr(tokenizer, "vocab_size", 1):
+        if tokenizer is not None and (
+            not getattr(tokenizer, "vocab_size", 1)
+            # transformers 5.x makes a tokenizer of special tokens alone for a folder without
+            # tokenizer files: it cannot read text.
+            or len(tokenizer) <= len(set(getattr(tokenizer, "all_special_ids", None) or ()))
+        ):
             tokenizer = None
         bar.next()
     return model, tokenizer
@@ -717,6 +734,7 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     progress: bool = True,
     device_map: str | None = None,
+    attn_implementation: str | None = None,
 ) -> tuple[nn.Module, Any]:
     """Load a model by short name, hub id or folder; returns ``(model, tokenizer)`` in eval mode.
 
@@ -725,7 +743,8 @@ def load_model(
     ``device_map`` (one of :data:`DEVICE_MAPS`, instead of ``device``) spreads the model over
     the available devices with accelerate: passed to ``from_pretrained(device_map=...)`` for a
     hub id or folder (``dtype`` then applies while loading), a short name's model is dispatched
-    the same way once built.
+    the same way once built. ``attn_implementation`` (``eager``, ``sdpa``, ...) is passed to
+    ``from_pretrained``, or set on a short name's model once built.
 
     Example:
         >>> model, tokenizer = load_model("toy-gpt2", progress=False)
@@ -746,17 +765,20 @@ def load_model(
     if device is not None:
         check_device(device)
     entry = ZOO.get(name.lower())
+    attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if entry is not None:
         model, tokenizer = entry.build(progress)
+        if attn_implementation is not None:
+            _set_attention(model, attn_implementation)
     elif device_map is not None:
         # Offloaded weights cannot be cast after loading: the dtype applies while loading.
-        options: dict[str, Any] = {"device_map": device_map}
+        options: dict[str, Any] = {"device_map": device_map, **attention}
         if wanted_dtype is not None:
             options["dtype"] = wanted_dtype
         model, tokenizer = _load_pretrained(name, progress, **options)
         return model.eval(), tokenizer
     else:
-        model, tokenizer = _load_pretrained(name, progress)
+        model, tokenizer = _load_pretrained(name, progress, **attention)
     model.eval()
     if wanted_dtype is not None:
         model.to(dtype=wanted_dtype)

@@ -622,3 +622,40 @@ def test_a_model_without_heads_is_one_line(
         line = _error_line(err)
         assert line.startswith("introspect: error: block[0].attn.pattern does not exist")
         assert "a Mamba block has no attention" in line
+
+
+def test_a_model_built_for_sdpa_is_reloaded_eager_to_show_patterns(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """transformers 4.x fixes BERT's attention class at load time: a pattern needs an eager
+    load, which the command does by itself, saying so (5.x switches per call: no reload)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from introspect._heads import fixed_implementation
+
+    folder = tmp_path / "bert"
+    config = BertConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=64,
+        attn_implementation="sdpa",
+    )
+    build_tiny(BertForMaskedLM, config).save_pretrained(folder)
+    loaded, _ = load_model(str(folder), progress=False, attn_implementation="sdpa")
+    fixed = fixed_implementation(loaded.bert.encoder.layer[0].attention.self) is not None
+    capsys.readouterr()
+    argv = ["heads", str(folder), "--seq-len", "5", "--batch", "1", "--json"]
+    code, out, err = _run(capsys, *argv)
+    assert code == 0, err
+    assert ("reloading" in err and "--attn-implementation eager" in err) == fixed
+    eager, _ = load_model(str(folder), progress=False, attn_implementation="eager")
+    expected = head_scores(Inspector(eager), "induction", seq_len=5, batch=1)
+    shown = json.loads(out)
+    assert shown["score"] == "induction"
+    got = torch.tensor(shown["values"]) if "values" in shown else None
+    if got is not None:
+        assert torch.allclose(got, expected.values, atol=1e-3)
+    code, out, err = _run(capsys, *argv[:-1], "--attn-implementation", "eager")
+    assert code == 0 and "reloading" not in err

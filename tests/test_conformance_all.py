@@ -175,6 +175,13 @@ def test_proves_at_first_use(case: Case, built: Callable[[Case], Built]) -> None
     found = built(case)
     if spec.unsupported is not None:
         return
-    proof = Inspector(found.model).proof
+    insp = Inspector(found.model)
+    proof = insp.proof
     assert proof.status == "proven", proof.reason
     assert proof.checks and all(c.passed for c in proof.checks)
+    for stack in insp.adapter.stack_names:
+        prefix = f"{stack}." if stack and stack != insp.adapter.stack_name else ""
+        for part in insp.adapter.stack(stack).heads:
+            # The first head locator of a part proves its layout on the clone (or refuses).
+            insp.capture(f"{prefix}block[-1].{part}.z")
+            assert (stack, part) in insp._heads_proven

@@ -168,3 +168,47 @@ def test_a_corrupt_verdict_is_proven_again(cache: Path) -> None:
     _proof.forget()
     assert Inspector(model).proof.status == "proven"
     assert json.loads(path.read_text())["status"] == "proven"
+
+
+def test_a_transformers_below_the_supported_range_is_refused_in_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from introspect import _version
+
+    monkeypatch.setattr(_version, "_installed_transformers", lambda: "4.46.3")
+    with pytest.raises(ImportError) as caught:
+        _version.check_transformers()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("introspect needs transformers>=4.57 (installed: 4.46.3)")
+    monkeypatch.setattr(_version, "_installed_transformers", lambda: "5.99.0.dev0")
+    _version.check_transformers()  # newer than tested: accepted, proven at first use
+    monkeypatch.setattr(_version, "_installed_transformers", lambda: None)
+    _version.check_transformers()  # plain torch models need no transformers
+
+
+def test_a_head_layout_is_proven_the_first_time_a_head_locator_is_used(cache: Path) -> None:
+    from introspect import HeadSpec
+
+    model = build_tiny(LlamaForCausalLM, llama_config())
+    insp = Inspector(model)
+    assert not list(cache.glob("*.json")) or len(list(cache.glob("*.json"))) == 1
+    with insp.capture("block[0].attn.z"), torch.no_grad():
+        model(IDS)
+    assert len(list(cache.glob("*.json"))) == 2  # the blocks' verdict and the heads'
+    # A layout that does not fit the model (key/value heads read as query heads) is refused
+    # when a head locator is first used, naming the failed check; blocks still work.
+    wrong = insp.adapter.derive(
+        name="llama-wrong-heads",
+        model_types=(),
+        heads={"attn": HeadSpec(o="o_proj", core=None, num_heads="num_key_value_heads")},
+    )
+    other = Inspector(model, adapter=wrong)
+    with torch.no_grad(), other.capture("block[0]"):
+        model(IDS)
+    with pytest.raises(
+        FactError,
+        match=r"states a head layout of block\[i\]\.attn for LlamaForCausalLM that does not hold",
+    ):
+        other.capture("block[0].attn.q")
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

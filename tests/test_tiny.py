@@ -88,3 +88,14 @@ def test_head_dim_left_none_is_derived_as_transformers_does() -> None:
     overrides = tiny_overrides(values)
     assert overrides["head_dim"] == overrides["hidden_size"] // overrides["num_attention_heads"]
     assert "head_dim" not in tiny_overrides({"hidden_size": 1024, "num_attention_heads": 16})
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v2", "llama", "gpt2", "t5", "mamba2"])
+def test_shrinking_a_shrunk_config_changes_nothing(model_type: str) -> None:
+    """Proof at first use shrinks the user's config, which may be tiny already."""
+    from introspect._tiny import EXTRA_OVERRIDES
+
+    extra = EXTRA_OVERRIDES.get(model_type, {})
+    once = tiny_config(model_type, **extra)
+    twice = tiny_config(once, **extra)
+    assert once.to_dict() == twice.to_dict()

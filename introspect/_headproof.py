@@ -1,0 +1,311 @@
+"""The head-layout proofs: what makes a ``HeadSpec`` true of a model, checked head by head.
+
+:func:`head_checks` is what :func:`introspect.testing.check_heads` runs for our adapters and
+plugin authors, and what proof at first use (:mod:`introspect._proof`) runs on a shrunk clone
+the first time a head locator of an attention part is used on an install.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from introspect._errors import MissingPartError
+from introspect._heads import CORE_SITES, HeadTap, eager
+from introspect._proof import Check, Proof, close, diff, example_inputs, verdict
+from introspect._spec import AdapterSpec
+
+__all__ = ["head_checks", "prove_heads_at_first_use", "recompute_pattern"]
+
+
+def prove_heads_at_first_use(
+    model: nn.Module,
+    spec: AdapterSpec,
+    make_view: Callable[[nn.Module], Any],
+    stack: str | None,
+    part: str,
+) -> Proof:
+    """Prove the head layout of one attention part (``attn``, ``cross_attn``) of ``spec`` for
+    ``model``'s class on this install, once: :func:`head_checks` on a shrunk clone.
+
+    A layout that fails is a :class:`~introspect.FactError` naming the check; the verdict is
+    cached like the block-level one (:func:`introspect._proof.verdict`).
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> from introspect import Inspector
+        >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64))
+        >>> spec = Inspector(m).adapter
+        >>> make = lambda clone: Inspector(clone, spec, prove=False)
+        >>> prove_heads_at_first_use(m, spec, make, None, "attn").status
+        'proven'
+    """
+    where = f"{stack}.block[i].{part}" if stack else f"block[i].{part}"
+
+    def run(clone: nn.Module) -> list[Check]:
+        inputs = example_inputs(clone.config, model=clone)
+        return head_checks(make_view(clone), clone, inputs, only=(stack, part))
+
+    return verdict(model, spec, f"head layout of {where}", run)
+
+
+def _attentions_field(spec: AdapterSpec, stack: str | None, part: str) -> str:
+    """Which field of Hugging Face's output holds ``output_attentions`` for a stack's part."""
+    if part != "attn":
+        return "cross_attentions"
+    if spec.encoder is None:
+        return "attentions"
+    return "encoder_attentions" if stack == "encoder" else "decoder_attentions"
+
+
+def recompute_pattern(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    arguments: Mapping[str, Any],
+    sinks: Any = None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """``softmax(q·kᵀ·scaling (soft-capped) + mask)`` from captured ``q`` ``[b, s, h, d]``,
+    ``k`` ``[b, t, kv, d]`` and what the attention function was given (``scaling``,
+    ``position_bias``, ``softcap``, ``attention_mask``; ``sinks``: one extra logit per head, left out after the
+    softmax, as GPT-OSS does). ``causal`` masks later keys too (GPT-2 on transformers 4.x
+    applies causality from a buffer of its own, not through the mask it is given).
+
+    Example:
+        >>> q, k = torch.randn(1, 3, 2, 4), torch.randn(1, 3, 2, 4)
+        >>> p = recompute_pattern(q, k, {"attention_mask": None})
+        >>> p.shape, bool(p.sum(-1).allclose(torch.ones(1, 2, 3, dtype=p.dtype)))
+        (torch.Size([1, 2, 3, 3]), True)
+    """
+    heads, kv = q.shape[2], k.shape[2]
+    # In the model's own dtype: a fully masked row (a padding query) then comes out as the
+    # model computes it, uniform where min + score rounds to min.
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    qh = q.transpose(1, 2).to(dtype)
+    kh = k.transpose(1, 2).to(dtype)
+    if kv != heads:
+        kh = kh.repeat_interleave(heads // kv, dim=1)
+    scaling = arguments.get("scaling")
+    scores = qh @ kh.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scaling is None else scaling)
+    bias = arguments.get("position_bias")  # T5 on transformers 5: a keyword of its own
+    if isinstance(bias, torch.Tensor):
+        scores = scores + bias[..., -scores.shape[-2] :, : kh.shape[-2]].to(dtype)
+    softcap = arguments.get("softcap")
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    mask = arguments.get("attention_mask")
+    if causal:
+        # GPT-2 on transformers 4.x gets a padding-only mask and hides later keys itself.
+        queries, keys = scores.shape[-2], scores.shape[-1]
+        later = torch.ones(queries, keys, dtype=torch.bool, device=scores.device).triu(
+            keys - queries + 1
+        )
+        scores = scores.masked_fill(later, torch.finfo(dtype).min)
+    if isinstance(mask, torch.Tensor):
+        mask = mask[..., : kh.shape[-2]]
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask.to(dtype)
+    if isinstance(sinks, torch.Tensor):
+        column = sinks.to(dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        both = torch.cat([scores, column], dim=-1)
+        return torch.softmax(both - both.amax(-1, keepdim=True), dim=-1)[..., :-1]
+    return torch.softmax(scores, dim=-1)
+
+
+def head_checks(
+    insp: Any,
+    model: nn.Module,
+    inputs: Mapping[str, Any],
+    *,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+    head: int = 1,
+    only: tuple[str | None, str] | None = None,
+) -> list[Check]:
+    """Prove every head locator of every attention part with a head layout, block by block.
+
+    - ``pattern`` equals Hugging Face's own ``output_attentions`` (run under eager attention);
+    - ``softmax(q·kᵀ·scaling + mask)`` recomputed from the captured ``q``/``k`` and the
+      arguments the attention function received reproduces ``pattern``;
+    - ``result.sum(heads) + bias`` equals the output projection ``o``'s output, and ``o``
+      applied to ``z`` reproduces it;
+    - ``ablate(z, heads=[head])`` equals ``o`` run on ``z`` with that head zeroed.
+
+    Where the architecture computes attention inline (``q``/``k``/``v``/``pattern``
+    unavailable), the checks of ``z``, ``result`` and the ablation still run.
+
+    ``insp`` is an Inspector of ``model`` (typed loosely: this module sits below it);
+    ``only=(stack, part)`` checks one attention part.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> from introspect import Inspector
+        >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64)).eval()
+        >>> ids = {"input_ids": torch.tensor([[1, 2, 3]])}
+        >>> checks = head_checks(Inspector(m, prove=False), m, ids)
+        >>> all(c.passed for c in checks), len(checks) > 8
+        (True, True)
+    """
+    checks: list[Check] = []
+    add = checks.append
+    for stack in insp.adapter.stack_names:
+        spec = insp.adapter.stack(stack)
+        prefix = f"{stack}." if stack else ""
+        for part, head_spec in spec.heads.items():
+            if only is not None and only != (stack, part):
+                continue
+            n = insp.num_blocks_in(stack)
+            taps: list[HeadTap] = []
+            for i in range(n):
+                try:
+                    loc = insp.locator(f"{prefix}block[{i}].{part}")
+                    taps.append(insp._resolver.head_tap(loc, part))
+                except MissingPartError:
+                    break  # e.g. a decoder block without cross-attention in this config
+            if len(taps) != n:
+                continue
+            core = taps[0].why_not("pattern") is None
+            sites = ["z", "result", "o", *(sorted(CORE_SITES) if core else [])]
+            names = [f"{prefix}block[{i}].{part}.{s}" for i in range(n) for s in sites]
+            reference = None
+            if core:
+                field_name = _attentions_field(insp.adapter, stack, part)
+                with torch.no_grad(), eager({id(c): c for c in _configs(model)}.values()):
+                    out = model(**inputs, output_attentions=True)
+                reference = out.get(field_name) if hasattr(out, "get") else None
+            for tap in taps:
+                tap.arguments = [] if core else None
+            try:
+                with torch.no_grad(), insp.capture(*names) as cap:
+                    model(**inputs)
+            finally:
+                calls = [tap.arguments or [] for tap in taps]
+                for tap in taps:
+                    tap.arguments = None
+            for i, tap in enumerate(taps):
+                where = f"{prefix}block[{i}].{part}"
+                o_out = cap[f"{where}.o"].output
+                result = cap[f"{where}.result"].output
+                z = cap[f"{where}.z"].output
+                bias = getattr(tap.o, "bias", None)
+                summed = result.sum(dim=2) + (bias if isinstance(bias, torch.Tensor) else 0)
+                add(
+                    Check(
+                        f"{where}.result sums to o",
+                        close(summed, o_out, atol, rtol),
+                        diff(summed, o_out),
+                    )
+                )
+                with torch.no_grad():
+                    again = tap.o(z.flatten(-2))
+                add(
+                    Check(
+                        f"{where}.o(z) == o output",
+                        close(again, o_out, atol, rtol),
+                        diff(again, o_out),
+                    )
+                )
+                if not core:
+                    continue
+                pattern = cap[f"{where}.pattern"].output
+                theirs = reference[i] if reference is not None and i < len(reference) else None
+                ok = theirs is not None and close(pattern, theirs, atol, rtol)
+                add(
+                    Check(
+                        f"{where}.pattern == output_attentions",
+                        ok,
+                        diff(pattern, theirs) if theirs is not None else float("inf"),
+                        "" if theirs is not None else "no output_attentions entry",
+                    )
+                )
+                q = cap[f"{where}.q"].output
+                k = cap[f"{where}.k"].output
+                v = cap[f"{where}.v"].output
+                shapes = (q.shape[2:], k.shape[2], z.shape[-1])
+                wanted = ((tap.heads, tap.head_dim), tap.kv_heads, v.shape[-1])
+                add(
+                    Check(
+                        f"{where}: q is [.., {tap.heads}, {tap.head_dim}], k has "
+                        f"{tap.kv_heads} heads, z is as wide as v",
+                        tuple(shapes[0]) == wanted[0] and shapes[1:] == wanted[1:],
+                        0.0,
+                        f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                        f"z {tuple(z.shape)}",
+                    )
+                )
+                # z is the pattern's mix of the values, head by head (kv heads repeated).
+                values = v.transpose(1, 2)
+                if values.shape[1] != pattern.shape[1]:
+                    values = values.repeat_interleave(pattern.shape[1] // values.shape[1], dim=1)
+                mixed = (pattern.to(values.dtype) @ values).transpose(1, 2)
+                add(
+                    Check(
+                        f"{where}.z == pattern · v",
+                        close(mixed, z, atol, rtol),
+                        diff(mixed, z),
+                    )
+                )
+                if tap.inline:
+                    continue  # its terms (mask, ALiBi, ...) are inline: stated, not passed
+                arguments = calls[i][0] if calls[i] else {}
+                sinks = getattr(tap.core, "sinks", None)
+                causal = bool(getattr(tap.core, "is_causal", False))
+                mine = recompute_pattern(q, k, arguments, sinks, causal).to(pattern.dtype)
+                # A padding query attends to nothing real: models differ in how they fill
+                # such a row (uniform over all keys or over some), so only real queries count.
+                real = _real_queries(inputs, stack, insp.adapter, pattern)
+                add(
+                    Check(
+                        f"{where}.pattern == softmax(q·kᵀ·scaling + mask) (real queries)",
+                        close(mine[real], pattern[real], atol, rtol),
+                        diff(mine[real], pattern[real]),
+                        head_spec.scores,
+                    )
+                )
+            where = f"{prefix}block[{n - 1}].{part}"
+            tap = taps[-1]
+            h = min(head, tap.heads - 1)
+            with (
+                torch.no_grad(),
+                insp.ablate(f"{where}.z", heads=[h]),
+                insp.capture(f"{where}.z", f"{where}.o") as cap,
+            ):
+                model(**inputs)
+            z_before = cap[f"{where}.z"].input.clone()
+            z_before[..., h, :] = 0
+            with torch.no_grad():
+                hand = tap.o(z_before.flatten(-2))
+            edited = cap[f"{where}.o"].output
+            add(
+                Check(
+                    f"{where}: ablate z heads=[{h}] == o(z with head {h} zeroed)",
+                    close(edited, hand, atol, rtol),
+                    diff(edited, hand),
+                )
+            )
+    return checks
+
+
+def _real_queries(
+    inputs: Mapping[str, Any], stack: str | None, spec: AdapterSpec, pattern: torch.Tensor
+) -> torch.Tensor:
+    """``[batch, heads, query, key]`` booleans: true on the rows of real (unpadded) queries."""
+    name = "attention_mask"
+    if spec.encoder is not None and stack != "encoder":
+        name = "decoder_attention_mask"
+    mask = inputs.get(name)
+    rows = torch.ones(pattern.shape[0], pattern.shape[2], dtype=torch.bool)
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] >= pattern.shape[2]:
+        rows = mask[:, -pattern.shape[2] :].bool()
+    return rows[:, None, :, None].expand(pattern.shape).to(pattern.device)
+
+
+def _configs(model: nn.Module) -> list[Any]:
+    found = [getattr(model, "config", None)]
+    found += [getattr(m, "config", None) for m in model.modules()]
+    return [c for c in found if c is not None and hasattr(c, "_attn_implementation")]
