@@ -1022,6 +1022,7 @@ def _extract(args: argparse.Namespace) -> int:
         init_distributed,
         launch,
         settings_of,
+        weights_fingerprint,
     )
     from introspect._locators import Locator
 
@@ -1045,6 +1046,17 @@ def _extract(args: argparse.Namespace) -> int:
         if check_output_dir(args.out, settings, force=args.force) == "complete":
             if rank == 0:
                 manifest = read_json(Path(args.out).expanduser() / MANIFEST)
+                if manifest.get("weights"):
+                    # The same name may hold other weights now (a checkpoint overwritten in
+                    # place): "complete" only for the weights the folder was made from.
+                    load_args = argparse.Namespace(**{**vars(args), "dtype": args.model_dtype})
+                    _, _, insp = _load(load_args)
+                    check_output_dir(
+                        args.out,
+                        settings,
+                        force=args.force,
+                        weights=weights_fingerprint(insp.model),
+                    )
                 if args.json:
                     print(json.dumps(manifest, indent=2, ensure_ascii=False))
                 else:

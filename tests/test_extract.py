@@ -358,6 +358,15 @@ def test_a_checkpoint_changed_in_place_is_not_resumed_on_the_command_line(
     assert "holds an extraction of other weights than this model's (weights fingerprint" in line
     assert line.endswith("use another --out for this one, or add --force to replace them")
     assert main([*argv, "--force"]) == 0
+    # Finished, then the checkpoint changes again: the rerun is not "already complete".
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "already complete" in capsys.readouterr().out
+    build_tiny(LlamaForCausalLM, config, seed=2).save_pretrained(folder)
+    capsys.readouterr()
+    assert main(argv) == 1
+    line = _error_line(capsys.readouterr().err)
+    assert "holds an extraction of other weights than this model's (weights fingerprint" in line
 
 
 def test_the_weights_fingerprint_is_the_same_wherever_the_weights_are() -> None:
