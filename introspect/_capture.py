@@ -1236,8 +1236,10 @@ class Capture:
         root: nn.Module | None = None,
         keep_raw: bool = True,
         model: nn.Module | None = None,
+        expand_fn: Callable[[str], list[str]] | None = None,
     ) -> None:
         self.targets = list(targets)
+        self._expand_fn = expand_fn
         self.stop = stop
         self.transform = transform
         self.records: dict[str, Record] = {}
@@ -1525,6 +1527,38 @@ class Capture:
             torch.Size([1, 4, 2])
         """
         return self[locator].concat(self._side(locator))
+
+    def stack(self, locator: str | Sequence[str]) -> torch.Tensor:
+        """The values of several records as one tensor, stacked on a new first axis.
+
+        ``locator`` names several records at once (``"block[:]"``, ``"block[2:5].attn"``,
+        ``"block[:].input"``) or is a list of locators, in order: the result is ``[records,
+        batch, seq, hidden]`` (TransformerLens's ``stack_activation``). Every value must have
+        one shape; a generation's later steps are not included (use :meth:`concat` per record).
+
+        Example:
+            >>> a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+            >>> with Capture([Target("a", a), Target("b", b)]) as cap:
+            ...     _ = b(a(torch.ones(1, 3, 2)))
+            >>> cap.stack(["a", "b"]).shape
+            torch.Size([2, 1, 3, 2])
+        """
+        names = [locator] if isinstance(locator, str) else list(locator)
+        expanded: list[str] = []
+        for name in names:
+            expanded += self._expand_fn(name) if self._expand_fn is not None else [name]
+        if not expanded:
+            raise CaptureError(f"{locator!r} names no record to stack")
+        values = [self[name]._side(self._side(name)) for name in expanded]
+        shapes = {tuple(v.shape) for v in values}
+        if len(shapes) > 1:
+            found = ", ".join(
+                f"{n} {tuple(v.shape)}" for n, v in zip(expanded, values, strict=True)
+            )
+            raise CaptureError(
+                f"cannot stack values of different shapes ({found}): stack records of one kind"
+            )
+        return torch.stack(values)
 
     def steps(self, locator: str) -> list[torch.Tensor]:
         """The value of ``locator`` (``.input`` for the input side) at every step, in order.

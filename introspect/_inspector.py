@@ -400,8 +400,14 @@ class Inspector:
     def _key(self, text: str) -> str:
         loc = self.locator(text)
         if loc.is_slice:
-            raise CaptureError(f"{loc} names several records: index one block at a time")
+            raise CaptureError(
+                f"{loc} names several records: cap.stack({str(loc)!r}) gives them as one "
+                "[blocks, batch, seq, hidden] tensor, or index one block at a time"
+            )
         return loc.module_key
+
+    def _expand_text(self, text: str) -> list[str]:
+        return [str(loc) for loc in self.expand([text])]
 
     def capture(
         self,
@@ -458,6 +464,7 @@ class Inspector:
             stop=stop,
             transform=transform if transform.active else None,
             key_fn=self._key,
+            expand_fn=self._expand_text,
             root=self._base,
             model=self.model,
             keep_raw=not transform.active if keep_raw is None else keep_raw,
