@@ -4,6 +4,10 @@ Llama, Mistral, Qwen2, Qwen3 and Phi-3 share one layout: each block is
 ``h = x + self_attn(input_layernorm(x)); out = h + mlp(post_attention_layernorm(h))`` and the
 model applies ``norm`` after the last block. Sibling families elsewhere in this package derive
 their specs from :data:`LLAMA` with ``LLAMA.derive(...)``.
+
+BitNet keeps the layout and RMS-normalises the heads' concatenated output
+(``self_attn.attn_sub_norm``) before ``o_proj`` (measured on transformers 4.57 and 5.25): its
+head layout reads ``z`` before that norm, where it is still each head's mix of values.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 
 from introspect import AdapterSpec, HeadSpec, hookimpl
 
-__all__ = ["LLAMA", "PHI3", "derive"]
+__all__ = ["BITNET", "LLAMA", "PHI3", "derive"]
 
 
 def derive(base: AdapterSpec, **changes: Any) -> AdapterSpec:
@@ -67,8 +71,28 @@ PHI3 = LLAMA.derive(
     ),
 )
 
+BITNET = LLAMA.derive(
+    name="bitnet",
+    model_types=("bitnet",),
+    description="BitNet: the Llama layout with RMSNorms inside attention and MLP before the "
+    "output projections",
+    heads={
+        "attn": HeadSpec(
+            o="o_proj",
+            o_norm="attn_sub_norm",
+            scores="q·kᵀ/√head_dim + mask (rotary q, k)",
+        )
+    },
+    notes=(
+        "z is the heads' output before self_attn.attn_sub_norm; result is each head's slice "
+        "of the normed concatenation through o_proj (the norm's per-position scale as the "
+        "forward computed it), summing to o_proj's output",
+    ),
+)
+
 
 @hookimpl
 def register_adapters(register: Callable[[AdapterSpec], None]) -> None:
     register(LLAMA)
     register(PHI3)
+    register(BITNET)

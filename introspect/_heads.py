@@ -11,6 +11,8 @@ Where the values pass through a site, per attention module (a :class:`HeadTap`):
 - ``z`` and ``result``: hooks on the output projection ``o``. ``z`` is ``o``'s input split per
   head; ``result`` is each head's write through ``o`` (``z`` times ``o``'s weight, head by
   head), and when ``result`` is edited ``o``'s output becomes ``result.sum(heads) + bias``.
+  Where the heads pass through a norm before ``o`` (``HeadSpec.o_norm``), ``z`` is the norm's
+  input and ``result`` each head's slice of ``o``'s (normed) input times ``o``'s weight.
 - ``q``, ``k``, ``v``, ``pattern``: the arguments and the weights of the attention function
   transformers calls (its ``AttentionInterface``). While a site is in use, the module that
   calls it (``core``) is given a copy of its config whose attention implementation is
@@ -266,7 +268,21 @@ class HeadTap:
                 f"{label}: the head layout says the output projection is {spec.o!r} inside "
                 f"{type(attn).__name__}, which has no such module"
             )
-        self.o = o
+        self.projection = o
+        """The output projection module (``result`` is read at its output)."""
+        self.z_module = o
+        """The module whose input is ``z``: ``o``, or the norm before it (``o_norm``)."""
+        self.o: nn.Module = o
+        """What ``z`` goes through to ``o``'s output: ``o``, or ``o`` after ``o_norm``."""
+        if spec.o_norm is not None:
+            norm = get_path(attn, spec.o_norm)
+            if norm is None:
+                raise MissingPartError(
+                    f"{label}: the head layout says the heads pass through the norm "
+                    f"{spec.o_norm!r} inside {type(attn).__name__}, which has no such module"
+                )
+            self.z_module = norm
+            self.o = _NormThenProject(norm, o)
         self.heads, self.kv_heads, self.head_dim = spec.counts(config, core)
         self.config = config
         self.inline = core is not None and not uses_attention_interface(core)
@@ -307,7 +323,7 @@ class HeadTap:
                     "attn_implementation='eager' to read patterns (q, k and v work as loaded)"
                 )
         if site == "result" and self._per_head is None:
-            return f"the output projection {type(self.o).__name__} has no 2-D weight"
+            return f"the output projection {type(self.projection).__name__} has no 2-D weight"
         return None
 
     @contextlib.contextmanager
@@ -335,8 +351,8 @@ class HeadTap:
         else:
             if self._o_users == 0:
                 self._o_handles = [
-                    self.o.register_forward_pre_hook(self._o_pre, with_kwargs=True),
-                    self.o.register_forward_hook(self._o_post, with_kwargs=True),
+                    self.z_module.register_forward_pre_hook(self._o_pre, with_kwargs=True),
+                    self.projection.register_forward_hook(self._o_post, with_kwargs=True),
                 ]
             self._o_users += 1
 
@@ -714,6 +730,29 @@ class ValueFrom(torch.autograd.Function):
         return None, grad
 
 
+class _NormThenProject(nn.Module):
+    """``o`` applied after the norm the heads' concatenation passes through first (BitNet's
+    ``attn_sub_norm``): what ``z`` becomes at ``o``'s output, with ``o``'s bias.
+
+    Example:
+        >>> step = _NormThenProject(nn.LayerNorm(4), nn.Linear(4, 2))
+        >>> step(torch.ones(1, 4)).shape, step.bias is step.projection.bias
+        (torch.Size([1, 2]), True)
+    """
+
+    def __init__(self, norm: nn.Module, projection: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+        self.projection = projection
+
+    @property
+    def bias(self) -> Any:
+        return getattr(self.projection, "bias", None)
+
+    def forward(self, hidden_states: torch.Tensor) -> Any:
+        return self.projection(self.norm(hidden_states))
+
+
 def _has_weight(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
     return isinstance(weight, torch.Tensor) and weight.dim() == 2
@@ -732,7 +771,7 @@ def head_tap(attn: nn.Module, spec: HeadSpec, config: Any, label: str) -> HeadTa
     """
     with _LOCK:
         tap = _TAPS.get(attn)
-        if tap is not None and tap.spec == spec and tap.o is get_path(attn, spec.o):
+        if tap is not None and tap.spec == spec and tap.projection is get_path(attn, spec.o):
             return tap
         tap = HeadTap(attn, spec, config, label)
         _TAPS[attn] = tap

@@ -267,6 +267,12 @@ class HeadSpec(_Frozen):
     ``head_dim`` defaults to ``hidden_size // num_heads``. ``scores`` states what the
     attention scores are before the softmax, for the docs and the proofs.
 
+    ``o_norm`` names a norm the heads' concatenated output passes through before ``o``
+    (BitNet's ``attn_sub_norm``): ``z`` is then read at the norm's input, still each head's
+    mix of values, and ``result`` is each head's write through ``o`` of its slice of the
+    normed concatenation (the norm's per-position scale as the forward computed it), so the
+    results still sum to ``o``'s output.
+
     Example:
         >>> HeadSpec(o="o_proj").scores
         'q·kᵀ·scaling + mask'
@@ -274,6 +280,7 @@ class HeadSpec(_Frozen):
 
     o: str
     core: str | None = None
+    o_norm: str | None = None
     num_heads: str = "num_attention_heads"
     num_kv_heads: str | None = "num_key_value_heads"
     kv_heads_attr: str | None = None
@@ -285,7 +292,7 @@ class HeadSpec(_Frozen):
     qkv_missing: str | None = None
     """Why ``q``/``k``/``v``/``pattern`` are not available (``None``: they are)."""
 
-    _v_paths = field_validator("o", "core")(_check_path)
+    _v_paths = field_validator("o", "core", "o_norm")(_check_path)
 
     def counts(self, config: Any, core: Any = None) -> tuple[int, int, int]:
         """``(num_heads, num_kv_heads, head_dim)`` for a model's config.
