@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from introspect._batching import max_positions
-from introspect._errors import CaptureError, LocatorError, MissingDependencyError
+from introspect._errors import AttentionToolError, LocatorError, MissingDependencyError
 from introspect._lens import _plain, _save_atomically, main_blocks
 from introspect._locators import Locator
 from introspect._text import encode_prompt, token_strings
@@ -96,7 +96,7 @@ def _as_int(value: Any) -> int | None:
 def _whole(name: str, value: Any, minimum: int, why: str = "") -> int:
     number = _as_int(value)
     if number is None or number < minimum:
-        raise CaptureError(
+        raise AttentionToolError(
             f"{name} must be a whole number of at least {minimum}{why}, got {value!r}"
         )
     return number
@@ -141,7 +141,7 @@ def _vocab_size(insp: Inspector, tokenizer: Any) -> int:
     if not isinstance(rows, int):
         rows = getattr(getattr(insp.model, "config", None), "vocab_size", None)
     if not isinstance(rows, int) or rows < 1:
-        raise CaptureError(
+        raise AttentionToolError(
             "cannot tell the size of this model's vocabulary (no num_embeddings on the embedding "
             "and no config.vocab_size): pass tokens= to score on token ids of your own"
         )
@@ -157,7 +157,7 @@ def _token_rows(tokens: Any) -> torch.Tensor:
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
     if ids.dim() != 2 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise CaptureError(
+        raise AttentionToolError(
             f"tokens must be token ids, [seq_len] or [batch, seq_len], got "
             f"{tuple(ids.shape)} of {ids.dtype}"
         )
@@ -256,7 +256,7 @@ class HeadScores:
         """
         wanted = _as_int(k)
         if wanted is None or wanted < 1:
-            raise CaptureError(f"k must be a whole number of at least 1, got {k!r}")
+            raise AttentionToolError(f"k must be a whole number of at least 1, got {k!r}")
         flat = self.values.flatten()
         order = sorted(
             (i for i in range(flat.numel()) if not math.isnan(float(flat[i]))),
@@ -431,30 +431,30 @@ def head_scores(
     insp = inspector
     name = score.replace("_", "-").lower() if isinstance(score, str) else score
     if name not in SCORES:
-        raise CaptureError(f"unknown score {score!r}: use one of {', '.join(SCORES)}")
+        raise AttentionToolError(f"unknown score {score!r}: use one of {', '.join(SCORES)}")
     minimum_repeats = 2 if name == "induction" else 1
     why = " (an induction head needs a repeat to find)" if name == "induction" else ""
     repeats = _whole("repeats", repeats, minimum_repeats, why)
     seed_value = _as_int(seed)
     if seed_value is None:
-        raise CaptureError(f"seed must be a whole number, got {seed!r}")
+        raise AttentionToolError(f"seed must be a whole number, got {seed!r}")
     if insp.adapter.encoder is not None:
-        raise CaptureError(
+        raise AttentionToolError(
             f"head_scores runs decoder-only and encoder-only models; {insp.adapter.name!r} is "
             "an encoder-decoder adapter (capture block[i].attn.pattern of a stack yourself)"
         )
     if bos is not None and _as_int(bos) is None:
-        raise CaptureError(f"bos must be a token id (an int) or None, got {bos!r}")
+        raise AttentionToolError(f"bos must be a token id (an int) or None, got {bos!r}")
     if tokens is not None:
         if seq_len is not None or batch is not None:
-            raise CaptureError(
+            raise AttentionToolError(
                 "seq_len and batch describe random sequences; with tokens= the sequences are "
                 "the tokens given: leave seq_len and batch out"
             )
         rows = _token_rows(tokens)
         batch_size, length = int(rows.shape[0]), int(rows.shape[1])
         if length < 2:
-            raise CaptureError(
+            raise AttentionToolError(
                 f"tokens holds {length} token per sequence: at least 2 are needed to score"
             )
         used_seed: int | None = None
@@ -469,7 +469,7 @@ def head_scores(
         specials = _special_ids(insp, tokenizer)
         allowed = torch.tensor([i for i in range(vocab) if i not in specials], dtype=torch.long)
         if len(allowed) < length:
-            raise CaptureError(
+            raise AttentionToolError(
                 f"seq_len {length} is more than the {len(allowed)} distinct non-special tokens "
                 "of this vocabulary: use a shorter seq_len"
             )
@@ -477,7 +477,7 @@ def head_scores(
     else:
         bad = rows[(rows < 0) | (rows >= vocab)]
         if bad.numel():
-            raise CaptureError(
+            raise AttentionToolError(
                 f"tokens holds id {int(bad[0])}, outside this model's vocabulary (0..{vocab - 1})"
             )
     offset = 0 if bos is None else 1
@@ -486,7 +486,7 @@ def head_scores(
     if limit is not None and total > limit:
         # The bos token comes once, before the repeats: 1 + 10 x 2 = 21.
         sum_text = f"{length} x {repeats}" if bos is None else f"1 + {length} x {repeats}"
-        raise CaptureError(
+        raise AttentionToolError(
             f"{sum_text} = {total} tokens is longer than this model's {limit} positions: use a "
             "shorter seq_len or fewer repeats"
         )
@@ -551,7 +551,7 @@ class AttentionPatterns:
         n = len(self.tokens)
         number = _as_int(position)
         if number is None or not -n <= number < n:
-            raise CaptureError(
+            raise AttentionToolError(
                 f"position {position!r} is out of range for a prompt of {n} tokens "
                 f"(use {-n}..{n - 1})"
             )
@@ -709,7 +709,7 @@ class AttentionPatterns:
 def _model_inputs(insp: Inspector, inputs: Any, tokenizer: Any) -> dict[str, Any]:
     if isinstance(inputs, str):
         if tokenizer is None:
-            raise CaptureError(
+            raise AttentionToolError(
                 "attention_patterns got a prompt but no tokenizer= to read it with: pass the "
                 "tokenizer that came with the model, or pass token ids"
             )
@@ -719,7 +719,7 @@ def _model_inputs(insp: Inspector, inputs: Any, tokenizer: Any) -> dict[str, Any
         return {"input_ids": ids.to(_device_of(insp))}
     if isinstance(inputs, Mapping):
         return dict(inputs)
-    raise CaptureError(
+    raise AttentionToolError(
         "attention_patterns needs a prompt string, a tensor of token ids or a dict of model "
         f"inputs, got {type(inputs).__name__}"
     )
@@ -770,15 +770,15 @@ def attention_patterns(
         chosen = list(range(heads))
     index = _as_int(batch_index)
     if index is None:
-        raise CaptureError(f"batch_index must be a whole number, got {batch_index!r}")
+        raise AttentionToolError(f"batch_index must be a whole number, got {batch_index!r}")
     model_inputs = _model_inputs(insp, inputs, tokenizer)
     ids = model_inputs.get("input_ids")
     if not isinstance(ids, torch.Tensor):
-        raise CaptureError("attention_patterns needs 'input_ids' among the inputs")
+        raise AttentionToolError("attention_patterns needs 'input_ids' among the inputs")
     ids = ids if ids.dim() == 2 else ids.unsqueeze(0)
     batch = int(ids.shape[0])
     if not -batch <= index < batch:
-        raise CaptureError(
+        raise AttentionToolError(
             f"batch_index {index} is out of range for a batch of {batch} (use "
             f"{-batch}..{batch - 1})"
         )
@@ -787,7 +787,7 @@ def attention_patterns(
         insp.model(**model_inputs)
     pattern = cap[str(loc)].output[index].float().cpu()
     if pattern.shape[0] != heads:
-        raise CaptureError(
+        raise AttentionToolError(
             f"{loc} has {pattern.shape[0]} heads where the model's config says {heads}"
         )
     seq_ids = ids[index].cpu()

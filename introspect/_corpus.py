@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from introspect._errors import CaptureError, MissingDependencyError
+from introspect._errors import CorpusError, MissingDependencyError
 
 __all__ = ["Inputs", "read_inputs"]
 
@@ -57,12 +57,12 @@ class _Source:
             self.kind = "jsonl"
             self._read_lines(jsonl=True)
         else:
-            raise CaptureError(
+            raise CorpusError(
                 f"--input {path}: use a .txt file (one document per line), a .jsonl file "
                 f"(a {text_field!r} field per line) or a folder written by datasets' save_to_disk"
             )
         if self.count == 0:
-            raise CaptureError(f"--input {path} holds no documents: it is empty")
+            raise CorpusError(f"--input {path} holds no documents: it is empty")
 
     # reading ---------------------------------------------------------------------------------
 
@@ -72,7 +72,7 @@ class _Source:
         try:
             handle = self.path.open("rb")
         except OSError as exc:
-            raise CaptureError(f"cannot read --input {self.path}: {exc.strerror or exc}") from None
+            raise CorpusError(f"cannot read --input {self.path}: {exc.strerror or exc}") from None
         with handle:
             for number, line in enumerate(handle, start=1):
                 digest.update(line)
@@ -84,7 +84,7 @@ class _Source:
                 try:
                     text = body.decode("utf-8")
                 except UnicodeDecodeError as exc:
-                    raise CaptureError(
+                    raise CorpusError(
                         f"--input {self.path} line {number} is not UTF-8 text ({exc.reason} at "
                         f"byte {exc.start}): convert the file to UTF-8"
                     ) from None
@@ -102,9 +102,9 @@ class _Source:
         try:
             record = json.loads(text)
         except ValueError as exc:
-            raise CaptureError(f"--input {self.path} line {number} is not JSON: {exc}") from None
+            raise CorpusError(f"--input {self.path} line {number} is not JSON: {exc}") from None
         if not isinstance(record, dict):
-            raise CaptureError(
+            raise CorpusError(
                 f"--input {self.path} line {number} is not a JSON object: each line needs a "
                 f"{self.text_field!r} field"
             )
@@ -112,7 +112,7 @@ class _Source:
         if not isinstance(value, str):
             fields = ", ".join(sorted(record)) or "none"
             what = "has no" if self.text_field not in record else "has a non-text"
-            raise CaptureError(
+            raise CorpusError(
                 f"--input {self.path} line {number} {what} {self.text_field!r} field (its "
                 f"fields: {fields}): name the text field with --text-field"
             )
@@ -120,7 +120,7 @@ class _Source:
     def _read_dataset(self) -> None:
         path = self.path
         if not any((path / name).is_file() for name in ("state.json", "dataset_dict.json")):
-            raise CaptureError(
+            raise CorpusError(
                 f"--input {path} is a folder but not one datasets' save_to_disk wrote (no "
                 "state.json): pass a .txt or .jsonl file, or a save_to_disk folder"
             )
@@ -134,21 +134,21 @@ class _Source:
         try:
             loaded = datasets.load_from_disk(str(path))
         except Exception as exc:
-            raise CaptureError(f"cannot read --input {path} with datasets: {exc}") from None
+            raise CorpusError(f"cannot read --input {path} with datasets: {exc}") from None
         if isinstance(loaded, datasets.DatasetDict):
             splits = ", ".join(sorted(loaded))
-            raise CaptureError(
+            raise CorpusError(
                 f"--input {path} holds several splits ({splits}): pass one, e.g. "
                 f"{path / sorted(loaded)[0]}"
             )
         if self.text_field not in loaded.column_names:
-            raise CaptureError(
+            raise CorpusError(
                 f"--input {path} has no {self.text_field!r} column (its columns: "
                 f"{', '.join(loaded.column_names)}): name the text column with --text-field"
             )
         feature = loaded.features[self.text_field]
         if getattr(feature, "dtype", None) not in ("string", "large_string"):
-            raise CaptureError(
+            raise CorpusError(
                 f"--input {path}: column {self.text_field!r} holds {feature}, not text: name "
                 "the text column with --text-field"
             )
@@ -280,13 +280,13 @@ def read_inputs(paths: Sequence[str | os.PathLike[str]], text_field: str = "text
         (2, 'txt')
     """
     if not paths:
-        raise CaptureError("name at least one --input (a .txt, a .jsonl or a datasets folder)")
+        raise CorpusError("name at least one --input (a .txt, a .jsonl or a datasets folder)")
     sources = []
     for raw in paths:
         path = Path(raw).expanduser()
         if not path.exists():
-            raise CaptureError(f"--input {raw} does not exist")
+            raise CorpusError(f"--input {raw} does not exist")
         if not path.is_dir() and not os.access(path, os.R_OK):
-            raise CaptureError(f"cannot read --input {raw} (permission denied)")
+            raise CorpusError(f"cannot read --input {raw} (permission denied)")
         sources.append(_Source(path, text_field))
     return Inputs(sources)

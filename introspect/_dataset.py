@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from introspect._errors import CaptureError, LocatorError
+from introspect._errors import DatasetError, LocatorError
 from introspect._locators import Locator
 
 __all__ = [
@@ -106,7 +106,7 @@ def is_ours(name: str) -> bool:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``, or a CaptureError saying the file is not one.
+    """A JSON object from ``path``, or a DatasetError saying the file is not one.
 
     Example:
         >>> import tempfile
@@ -118,9 +118,9 @@ def read_json(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CaptureError(f"cannot read {path}: {exc}") from None
+        raise DatasetError(f"cannot read {path}: {exc}") from None
     if not isinstance(value, dict):
-        raise CaptureError(f"{path} is not a JSON object")
+        raise DatasetError(f"{path} is not a JSON object")
     return value
 
 
@@ -144,7 +144,7 @@ class _Shards:
         try:
             found = safe_open(str(path), framework="pt")
         except Exception as exc:
-            raise CaptureError(
+            raise DatasetError(
                 f"cannot open shard {path}: {exc} (the dataset is incomplete or damaged: rerun "
                 "the extraction with --force)"
             ) from None
@@ -359,19 +359,19 @@ class ActivationDataset(Dataset[dict[str, torch.Tensor]]):
         manifest_path = folder / MANIFEST
         if not manifest_path.is_file():
             if (folder / PROGRESS).is_file():
-                raise CaptureError(
+                raise DatasetError(
                     f"{folder} holds an unfinished extraction (no {MANIFEST} yet): rerun the "
                     "same introspect extract command to finish it"
                 )
-            raise CaptureError(
+            raise DatasetError(
                 f"{folder} is not an extraction folder (no {MANIFEST}): write one with "
                 "introspect extract MODEL --input ... --at ... --out DIR"
             )
         manifest = read_json(manifest_path)
         if manifest.get("format") != FORMAT:
-            raise CaptureError(f"{manifest_path} is not an introspect extract manifest")
+            raise DatasetError(f"{manifest_path} is not an introspect extract manifest")
         if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-            raise CaptureError(
+            raise DatasetError(
                 f"{manifest_path} has format version {manifest['format_version']}, newer than "
                 f"this introspect reads ({FORMAT_VERSION}): upgrade introspect-lm"
             )

@@ -13,6 +13,10 @@
     ├── ModelLoadError (OSError)         a model name, hub id or folder could not be loaded
     ├── MissingDependencyError (ImportError) an optional package a feature needs is not installed
     ├── CaptureError                     a capture was asked something it cannot record
+    ├── AttentionToolError               head scores or attention patterns asked the impossible
+    ├── ExtractionError                  introspect extract: settings, output folder, resume
+    ├── CorpusError                      an input corpus is missing, unreadable or malformed
+    ├── DatasetError                     an ActivationDataset folder is missing or inconsistent
     ├── InterventionError                an edit (steer, patch, ablate, ...) cannot be applied
     └── ConformanceError (AssertionError) an adapter disagrees with Hugging Face's own outputs
         └── FactError                    a stated fact fails its proof on this install
@@ -25,8 +29,12 @@ from __future__ import annotations
 __all__ = [
     "AdapterConflictError",
     "AdapterError",
+    "AttentionToolError",
     "CaptureError",
     "ConformanceError",
+    "CorpusError",
+    "DatasetError",
+    "ExtractionError",
     "FactError",
     "InterventionError",
     "IntrospectError",
@@ -99,6 +107,22 @@ class MissingDependencyError(IntrospectError, ImportError):
 
 class CaptureError(IntrospectError):
     """A capture was asked for something it cannot record."""
+
+
+class AttentionToolError(IntrospectError):
+    """Head scores, attention patterns or their commands were asked what they cannot do."""
+
+
+class ExtractionError(IntrospectError):
+    """``introspect extract`` cannot run as asked (settings, output folder, resume)."""
+
+
+class CorpusError(IntrospectError):
+    """An input corpus is missing, unreadable, empty or malformed."""
+
+
+class DatasetError(IntrospectError):
+    """An ``ActivationDataset`` folder is missing, incomplete or inconsistent."""
 
 
 class InterventionError(IntrospectError):

@@ -63,7 +63,7 @@ from introspect._dataset import (
     shard_name,
     shard_range,
 )
-from introspect._errors import CaptureError, LocatorError
+from introspect._errors import ExtractionError, LocatorError
 from introspect._export import write_atomically
 from introspect._locators import Locator
 from introspect._progress import progress_enabled
@@ -189,7 +189,7 @@ def _offloaded_sample(model: nn.Module, name: str) -> bytes | None:
             if value is None or value.is_meta:
                 return None
             return _sample(value)
-    except (AttributeError, CaptureError):
+    except (AttributeError, ExtractionError):
         return None
 
 
@@ -253,19 +253,21 @@ def check_output_dir(
     """
     folder = Path(out).expanduser()
     if folder.exists() and not folder.is_dir():
-        raise CaptureError(f"--out {out} is a file: name a folder (new or empty) for the dataset")
+        raise ExtractionError(
+            f"--out {out} is a file: name a folder (new or empty) for the dataset"
+        )
     if not folder.exists():
         return "new"
     try:
         entries = sorted(os.listdir(folder))
     except OSError as exc:
-        raise CaptureError(f"cannot read --out {out}: {exc.strerror or exc}") from None
+        raise ExtractionError(f"cannot read --out {out}: {exc.strerror or exc}") from None
     foreign = [name for name in entries if not is_ours(name)]
     if foreign:
         shown = ", ".join(foreign[:3]) + (
             f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
         )
-        raise CaptureError(
+        raise ExtractionError(
             f"--out {out} holds files introspect extract did not write ({shown}): choose a new "
             "or empty folder (--force never deletes files it did not write)"
         )
@@ -275,18 +277,18 @@ def check_output_dir(
     if not record_path.is_file():
         if force:
             return "new"
-        raise CaptureError(
+        raise ExtractionError(
             f"--out {out} holds shards but neither {MANIFEST} nor {PROGRESS}: add --force to "
             "delete them and start over"
         )
     record = read_json(record_path)
     if record.get("format") != FORMAT:
-        raise CaptureError(f"{record_path} was not written by introspect extract")
+        raise ExtractionError(f"{record_path} was not written by introspect extract")
     if force:
         return "new"
     differ = _differences(record.get("settings", {}), settings)
     if differ:
-        raise CaptureError(
+        raise ExtractionError(
             f"--out {out} holds an extraction made with other arguments ({'; '.join(differ)}): "
             "rerun with the same arguments to resume it, or add --force to start over"
         )
@@ -294,7 +296,7 @@ def check_output_dir(
     if weights is not None and theirs is not None and theirs != weights:
         # Same name, other values (a checkpoint folder trained further, another model of the
         # class): resuming would mix two models' rows, and "complete" would hand back the other's.
-        raise CaptureError(
+        raise ExtractionError(
             f"--out {out} holds an extraction of other weights than this model's (weights "
             f"fingerprint {theirs} there, {weights} now, for model {settings.get('model')!r}): "
             "its activations are another model's; use another --out for this one, or add "
@@ -390,12 +392,12 @@ def _scan(folder: Path, fingerprint: str) -> list[_Done]:
                     if key not in TOKEN_COLUMNS
                 }
         except Exception as exc:
-            raise CaptureError(
+            raise ExtractionError(
                 f"shard {folder / name} cannot be read ({_reason(exc)}): the folder was changed "
                 "by hand; rerun with --force to start over"
             ) from None
         if meta.get("fingerprint") != fingerprint:
-            raise CaptureError(
+            raise ExtractionError(
                 f"shard {folder / name} belongs to another extraction: rerun with --force to "
                 "start over"
             )
@@ -413,7 +415,7 @@ def _scan(folder: Path, fingerprint: str) -> list[_Done]:
         )
     for before, after in itertools.pairwise(found):
         if after.first < before.end:
-            raise CaptureError(
+            raise ExtractionError(
                 f"shards {before.file} and {after.file} overlap: the folder was changed by hand; "
                 "rerun with --force to start over"
             )
@@ -663,7 +665,7 @@ class _Writer:
         except Exception as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            raise CaptureError(
+            raise ExtractionError(
                 f"could not write shard {path}: {_reason(exc)}; the {self.written} shards "
                 "written before it are kept: free some space (or fix the folder) and rerun the "
                 "same command to resume"
@@ -678,7 +680,7 @@ class _Writer:
         while True:
             self._check()
             if not self._thread.is_alive():
-                raise CaptureError("the shard writer stopped unexpectedly")
+                raise ExtractionError("the shard writer stopped unexpectedly")
             try:
                 self._queue.put(item, timeout=0.1)
                 return
@@ -753,10 +755,10 @@ def launch(argv: Sequence[str], nproc: int) -> int:
         >>> launch(["adapters"], 0)
         Traceback (most recent call last):
         ...
-        introspect._errors.CaptureError: --nproc must be at least 1, got 0
+        introspect._errors.ExtractionError: --nproc must be at least 1, got 0
     """
     if nproc < 1:
-        raise CaptureError(f"--nproc must be at least 1, got {nproc}")
+        raise ExtractionError(f"--nproc must be at least 1, got {nproc}")
     import logging
     import signal
 
@@ -790,7 +792,7 @@ def launch(argv: Sequence[str], nproc: int) -> int:
             if failure.exitcode < 0
             else f"exit status {failure.exitcode}"
         )
-        raise CaptureError(
+        raise ExtractionError(
             f"rank {rank} of {nproc} failed ({how}): torchrun stopped the other ranks and no "
             "manifest was written; rerun the same command to resume"
         ) from None
@@ -895,17 +897,17 @@ class _Engine:
         for loc, key in zip(self.locs, self.keys, strict=True):
             value = _value(cap, loc)
             if not isinstance(value, torch.Tensor):
-                raise CaptureError(
+                raise ExtractionError(
                     f"{key} records {type(value).__name__}, not a tensor: extract a block or a "
                     "module whose output is a hidden state"
                 )
             if value.dim() < 2 or tuple(value.shape[:2]) != (1, 3):
-                raise CaptureError(
+                raise ExtractionError(
                     f"{key} records a tensor of shape {list(value.shape)}, not [batch, seq, ...]: "
                     "extract locators whose values have one row per token"
                 )
             if not value.is_floating_point():
-                raise CaptureError(f"{key} records {value.dtype} values, not floating point")
+                raise ExtractionError(f"{key} records {value.dtype} values, not floating point")
             self.source_dtype = value.dtype
             self.shapes[key] = list(value.shape[2:])
         return self.shapes
@@ -998,7 +1000,7 @@ class _Engine:
             # numpy, not torch: this runs on the writer thread, and a torch operation there
             # would share torch's thread pool with the forward pass (both slow down).
             if not bool(np.isfinite(tensors[key].numpy()).all()):
-                raise CaptureError(
+                raise ExtractionError(
                     f"{key} has values float16 cannot hold (beyond its range of +-65504, or not "
                     "finite): rerun with --dtype bfloat16 or --dtype float32 (and --force)"
                 )
@@ -1054,7 +1056,7 @@ def _finish(
     """The manifest of a folder whose shards cover every document, written last."""
     if _remaining(done, total):
         missing = _remaining(done, total)[0]
-        raise CaptureError(
+        raise ExtractionError(
             f"documents {missing[0]}..{missing[1] - 1} have no shard in {folder}: rerun the same "
             "command to extract them"
         )
@@ -1159,26 +1161,26 @@ def extract(
     started = time.perf_counter()
     insp = inspector
     if positions not in ("all", "last"):
-        raise CaptureError(f"positions must be 'all' or 'last', got {positions!r}")
+        raise ExtractionError(f"positions must be 'all' or 'last', got {positions!r}")
     if dtype not in DTYPES:
-        raise CaptureError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise ExtractionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if batch_size < 1:
-        raise CaptureError(f"batch_size must be at least 1, got {batch_size}")
+        raise ExtractionError(f"batch_size must be at least 1, got {batch_size}")
     if max_length is not None and max_length < 1:
-        raise CaptureError(f"max_length must be at least 1, got {max_length}")
+        raise ExtractionError(f"max_length must be at least 1, got {max_length}")
     if tokenizer is None:
-        raise CaptureError(
+        raise ExtractionError(
             "this model has no tokenizer, so it cannot read text: load a folder or hub id that "
             "ships one"
         )
     if getattr(getattr(insp.model, "config", None), "is_encoder_decoder", False):
-        raise CaptureError(
+        raise ExtractionError(
             f"{type(insp.model).__name__} is an encoder-decoder model: extract runs "
             "decoder-only and encoder-only models"
         )
     hard = max_positions(insp.model)
     if max_length is not None and hard is not None and max_length > hard:
-        raise CaptureError(
+        raise ExtractionError(
             f"--max-length {max_length} is more than this model's {hard} positions "
             f"({type(insp.model).__name__} looks each position up in a table of {hard} rows): "
             f"use --max-length {hard} or less, or leave it out (the default is the model's "

@@ -41,12 +41,12 @@ from introspect._paths import get_path
 from introspect._plugins import AUTHORING_HINT, IntrospectPluginManager, resolve_adapter
 from introspect._proof import (
     Proof,
-    accepts,
     fact_error,
     hf_hidden_states,
     lazy_hidden_checks,
     prove_at_first_use,
     remember,
+    reports_hidden_states,
 )
 from introspect._resolve import Resolver
 from introspect._spec import AdapterSpec, LogitOp, StackSpec
@@ -874,9 +874,7 @@ class Inspector:
         wanted = list(range(len(layout))) if indices is None else list(indices)
         locs = [self.hidden_state_locator(i, stack) for i in wanted]
         # No clone could prove the layout: prove it on this forward, against HF's own entries.
-        lazy = self.proof.status == "deferred" and (
-            accepts(self.model, "output_hidden_states") or hasattr(self.model, "config")
-        )
+        lazy = self.proof.status == "deferred" and reports_hidden_states(self.model)
         with self.capture(*locs, stop=not lazy) as cap:
             output = self.model(*args, **inputs, **({"output_hidden_states": True} if lazy else {}))
         values = []

@@ -65,6 +65,7 @@ __all__ = [
     "proof_key",
     "prove_at_first_use",
     "remember",
+    "reports_hidden_states",
     "verdict",
 ]
 
@@ -192,6 +193,18 @@ def accepts(model: nn.Module, name: str) -> bool:
     except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
         return True
     return name in parameters
+
+
+def reports_hidden_states(model: nn.Module) -> bool:
+    """Whether ``model(..., output_hidden_states=True)`` returns Hugging Face's hidden states:
+    its forward names the argument, or it is a transformers model (5.x takes it in ``**kwargs``).
+
+    Example:
+        >>> reports_hidden_states(nn.Linear(2, 2))
+        False
+    """
+    config = getattr(model, "config", None)
+    return accepts(model, "output_hidden_states") or hasattr(config, "to_dict")
 
 
 def example_inputs(

@@ -17,7 +17,7 @@ def transformers_problem(installed: str | None) -> str | None:
     Example:
         >>> print(transformers_problem("5.25.0"))
         None
-        >>> transformers_problem("4.46.3")[:60]
+        >>> transformers_problem("4.46.3")[:59]
         'introspect needs transformers>=4.57 (installed: 4.46.3): pi'
     """
     if installed is None:

@@ -769,7 +769,7 @@ def _heads_options(parser: argparse.ArgumentParser) -> None:
 )
 def _heads(args: argparse.Namespace) -> int:
     from introspect._attention import SCORES, head_scores
-    from introspect._errors import CaptureError
+    from introspect._errors import AttentionToolError
 
     plot = _plot_path(args.plot)
     if args.prompt is not None:
@@ -783,12 +783,12 @@ def _heads(args: argparse.Namespace) -> int:
             if value is not None
         ]
         if given:
-            raise CaptureError(
+            raise AttentionToolError(
                 f"{', '.join(given)} choose random tokens; with --prompt the sequence is the "
                 "prompt's tokens: leave them out"
             )
     if args.score == "induction" and args.repeats < 2:
-        raise CaptureError("--score induction needs --repeats 2 or more (a repeat to find)")
+        raise AttentionToolError("--score induction needs --repeats 2 or more (a repeat to find)")
     model, tokenizer, insp = _load(args)
     bos = None
     if args.bos:
@@ -796,13 +796,13 @@ def _heads(args: argparse.Namespace) -> int:
         if bos is None:
             bos = getattr(getattr(model, "config", None), "bos_token_id", None)
         if not isinstance(bos, int):
-            raise CaptureError(
+            raise AttentionToolError(
                 f"--bos: {args.model} names no BOS token (neither its tokenizer nor its config)"
             )
     options: dict[str, Any] = {}
     if args.prompt is not None:
         if tokenizer is None:
-            raise CaptureError(
+            raise AttentionToolError(
                 f"{args.model} has no tokenizer, so it cannot read --prompt: leave it out to "
                 "score on random tokens"
             )

@@ -27,7 +27,7 @@ from transformers import (
 
 import introspect
 from introspect import (
-    CaptureError,
+    AttentionToolError,
     Inspector,
     LocatorError,
     MissingPartError,
@@ -311,7 +311,7 @@ def test_bad_arguments_fail_before_the_model_runs(kwargs: dict[str, Any], messag
     model = llama()
     forwards = Forwards(model)
     arguments = {"score": "induction", **kwargs}
-    with pytest.raises((CaptureError, LocatorError)) as caught:
+    with pytest.raises((AttentionToolError, LocatorError)) as caught:
         head_scores(Inspector(model), **arguments)
     assert message in str(caught.value)
     assert forwards.count == 0
@@ -330,7 +330,7 @@ def test_a_sequence_past_the_position_table_is_refused_with_true_arithmetic() ->
         ({"seq_len": 7, "repeats": 3, "bos": 1}, "1 + 7 x 3 = 22 tokens"),
     ]
     for kwargs, sum_text in cases:
-        with pytest.raises(CaptureError) as caught:
+        with pytest.raises(AttentionToolError) as caught:
             head_scores(insp, "induction", batch=1, **kwargs)
         assert str(caught.value) == (
             f"{sum_text} is longer than this model's 20 positions: use a shorter seq_len or "

@@ -23,7 +23,13 @@ import introspect._extract as extract_module
 from introspect import ActivationDataset, Inspector, extract
 from introspect._corpus import read_inputs
 from introspect._dataset import MANIFEST, PROGRESS
-from introspect._errors import CaptureError, LocatorError, MissingDependencyError
+from introspect._errors import (
+    CorpusError,
+    DatasetError,
+    ExtractionError,
+    LocatorError,
+    MissingDependencyError,
+)
 from introspect._extract import _remaining, _share
 from introspect.cli import main
 from introspect.testing import build_tiny
@@ -137,7 +143,7 @@ def test_float16_overflow_is_an_error_not_infinities(tmp_path: Path) -> None:
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(1e6)
     with pytest.raises(
-        CaptureError, match=r"float16 cannot hold \(beyond its range.*--dtype bfloat16"
+        ExtractionError, match=r"float16 cannot hold \(beyond its range.*--dtype bfloat16"
     ):
         extract(
             Inspector(model), CharTokenizer(), [_corpus(tmp_path, ["abc"])], ["embed"],
@@ -250,9 +256,9 @@ def test_dataset_batches_and_dataloader(dataset: ActivationDataset) -> None:
 
 def test_unfinished_and_foreign_folders_are_refused(tmp_path: Path) -> None:
     (tmp_path / PROGRESS).write_text("{}")
-    with pytest.raises(CaptureError, match=r"unfinished extraction.*rerun the same"):
+    with pytest.raises(DatasetError, match=r"unfinished extraction.*rerun the same"):
         ActivationDataset(tmp_path)
-    with pytest.raises(CaptureError, match="not an extraction folder"):
+    with pytest.raises(ExtractionError, match="not an extraction folder"):
         ActivationDataset(tmp_path / "nothing")
 
 
@@ -269,7 +275,7 @@ def _interrupted(insp: Inspector, corpus: Path, out: Path, monkeypatch: pytest.M
 
     with monkeypatch.context() as patch:
         patch.setattr(extract_module, "_save_file", dies)
-        with pytest.raises(CaptureError, match="No space left"):
+        with pytest.raises(ExtractionError, match="No space left"):
             extract(insp, CharTokenizer(), [corpus], ["block[-1]"], out, shard_rows=40)
     assert (out / PROGRESS).exists() and not (out / MANIFEST).exists()
 
@@ -298,7 +304,7 @@ def test_other_weights_under_the_same_name_are_refused(
     unfinished = tmp_path / "unfinished"
     _interrupted(a, corpus, unfinished, monkeypatch)
     shards = sorted(os.listdir(unfinished))
-    with pytest.raises(CaptureError) as caught:
+    with pytest.raises(ExtractionError) as caught:
         extract(b, CharTokenizer(), [corpus], ["block[-1]"], unfinished, shard_rows=40)
     assert str(caught.value) == refused(unfinished)
     assert sorted(os.listdir(unfinished)) == shards  # left as it was
@@ -306,7 +312,7 @@ def test_other_weights_under_the_same_name_are_refused(
     done = tmp_path / "done"
     manifest = extract(a, CharTokenizer(), [corpus], ["block[-1]"], done, shard_rows=40)
     assert manifest["weights"] == fa
-    with pytest.raises(CaptureError) as caught:
+    with pytest.raises(ExtractionError) as caught:
         extract(b, CharTokenizer(), [corpus], ["block[-1]"], done, shard_rows=40)
     assert str(caught.value) == refused(done)
     # A resumes its own run; --force starts over with B.
@@ -461,12 +467,12 @@ def test_inputs_txt_jsonl_and_their_errors(tmp_path: Path) -> None:
             path.write_bytes(content)
         elif content is not None:
             path.write_text(content)
-        with pytest.raises(CaptureError, match=message):
+        with pytest.raises(CorpusError, match=message):
             read_inputs([path])
     (tmp_path / "folder").mkdir()
-    with pytest.raises(CaptureError, match="not one datasets' save_to_disk wrote"):
+    with pytest.raises(CorpusError, match="not one datasets' save_to_disk wrote"):
         read_inputs([tmp_path / "folder"])
-    with pytest.raises(CaptureError, match="at least one --input"):
+    with pytest.raises(CorpusError, match="at least one --input"):
         read_inputs([])
 
 
@@ -474,7 +480,7 @@ def test_inputs_txt_jsonl_and_their_errors(tmp_path: Path) -> None:
 def test_unreadable_input(tmp_path: Path) -> None:
     path = _corpus(tmp_path, ["a"])
     path.chmod(0)
-    with pytest.raises(CaptureError, match="permission denied"):
+    with pytest.raises(CorpusError, match="permission denied"):
         read_inputs([path])
 
 
@@ -486,9 +492,9 @@ def test_datasets_folder_input(tmp_path: Path) -> None:
     assert len(docs) == 3 and docs.texts(1, 3) == ["", "third"]
     assert docs.weights().tolist() == [9, 0, 5]
     assert docs.describe()[0]["kind"] == "datasets"
-    with pytest.raises(CaptureError, match=r"no 'text' column \(its columns: content, label\)"):
+    with pytest.raises(CorpusError, match=r"no 'text' column \(its columns: content, label\)"):
         read_inputs([tmp_path / "ds"])
-    with pytest.raises(CaptureError, match=r"'label' holds .*not text"):
+    with pytest.raises(CorpusError, match=r"'label' holds .*not text"):
         read_inputs([tmp_path / "ds"], text_field="label")
     # End to end: the folder's rows, in order, the empty one without rows.
     model = build_tiny(LlamaForCausalLM, llama_config(layers=1))
@@ -502,7 +508,7 @@ def test_datasets_folder_input(tmp_path: Path) -> None:
     datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(
         str(tmp_path / "dd")
     )
-    with pytest.raises(CaptureError, match=r"several splits \(train\): pass one"):
+    with pytest.raises(CorpusError, match=r"several splits \(train\): pass one"):
         read_inputs([tmp_path / "dd"], text_field="content")
 
 
@@ -696,7 +702,7 @@ def test_full_disk_keeps_complete_shards_and_resumes(
     assert names == [PROGRESS, *sorted(n for n in names if n.startswith("shard-"))]
     assert len(names) == 3  # two complete shards, no half-written one, no manifest
     assert not list((out / ".partial").iterdir())  # the half-written file is gone too
-    with pytest.raises(CaptureError, match="unfinished extraction"):
+    with pytest.raises(DatasetError, match="unfinished extraction"):
         ActivationDataset(out)
     monkeypatch.setattr(extract_module, "_save_file", real)
     code, _, err = _extract_cli(capsys, *argv, "--out", str(out))
@@ -721,7 +727,7 @@ def test_a_stale_partial_shard_is_removed_on_resume(
     (folder / ".partial" / ".tmpAbC123").write_bytes(b"\0" * 10)
     progress = {**manifest, "status": "running", "attempt": 1}
     (folder / PROGRESS).write_text(json.dumps(progress))
-    with pytest.raises(CaptureError, match="unfinished extraction"):
+    with pytest.raises(DatasetError, match="unfinished extraction"):
         ActivationDataset(folder)
     code, _, err = _extract_cli(capsys, *argv)
     assert code == 0, err
