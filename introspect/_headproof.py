@@ -7,7 +7,7 @@ the first time a head locator of an attention part is used on an install.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,10 +15,106 @@ from torch import nn
 
 from introspect._errors import MissingPartError
 from introspect._heads import CORE_SITES, HeadTap, eager
-from introspect._proof import Check, Proof, close, diff, example_inputs, verdict
+from introspect._proof import (
+    Check,
+    Proof,
+    close,
+    diff,
+    example_inputs,
+    fact_error,
+    hf_hidden_states,
+    lazy_hidden_checks,
+    prove_at_first_use,
+    remember,
+    reports_hidden_states,
+    verdict,
+)
 from introspect._spec import AdapterSpec
 
-__all__ = ["head_checks", "prove_heads_at_first_use", "recompute_pattern"]
+__all__ = ["FirstUse", "head_checks", "prove_heads_at_first_use", "recompute_pattern"]
+
+
+class FirstUse:
+    """What an Inspector has proven of its adapter on this install, and proves as it goes.
+
+    Built with the Inspector: proves the block-level facts (or takes the cached verdict);
+    :meth:`heads` proves an attention part's layout the first time one of its head locators
+    is used; :meth:`forward` proves a deferred layout on the model's own ``hidden_states``.
+    ``make_view(clone)`` gives an Inspector of a clone with the same spec, unproven.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> from introspect import Inspector
+        >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64))
+        >>> spec = Inspector(m).adapter
+        >>> FirstUse(m, spec, lambda clone: Inspector(clone, spec, prove=False)).proof.status
+        'proven'
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: AdapterSpec,
+        make_view: Callable[[nn.Module], Any],
+        *,
+        prove: bool = True,
+    ) -> None:
+        self.model = model
+        self.spec = spec
+        self.make_view = make_view
+        self.parts: set[tuple[str | None, str]] = set()
+        """The attention parts whose head layout is proven, as ``(stack, part)``."""
+        detected = spec.name.startswith("detected-")
+        self.proof = Proof("detected" if detected else "skipped")
+        if prove and not detected:
+            self.proof = prove_at_first_use(model, spec, make_view)
+
+    @property
+    def proving(self) -> bool:
+        """Whether facts are proven as they are used (not ``skipped`` nor ``detected``)."""
+        return self.proof.status not in ("skipped", "detected")
+
+    def heads(self, stack: str | None, part: str) -> None:
+        """Prove the head layout of ``part`` of ``stack`` once (a failure raises FactError)."""
+        if not self.proving or (stack, part) in self.parts:
+            return
+        prove_heads_at_first_use(self.model, self.spec, self.make_view, stack, part)
+        self.parts.add((stack, part))
+
+    def refuse_failed(self) -> None:
+        """Raise the FactError of a failed verdict (a deferred proof that failed later)."""
+        if self.proof.status == "failed":
+            raise fact_error(self.spec, type(self.model), self.proof.checks)
+
+    @property
+    def deferred(self) -> bool:
+        """Whether the next forward asked for ``hidden_states`` should prove the layout."""
+        return self.proof.status == "deferred" and reports_hidden_states(self.model)
+
+    def forward(
+        self,
+        output: Any,
+        values: Sequence[torch.Tensor],
+        wanted: Sequence[int],
+        locators: Sequence[Any],
+        stack: str | None,
+        count: int,
+    ) -> None:
+        """Prove a deferred layout on a forward of the real model: our ``values`` (entries
+        ``wanted`` of ``count``) against Hugging Face's own ``hidden_states`` in ``output``."""
+        try:
+            theirs = hf_hidden_states(output, stack, self.spec)
+        except (KeyError, TypeError, AttributeError):
+            return  # the model reports no hidden_states: nothing to prove against yet
+        if theirs is None:
+            return
+        picked = [theirs[i] for i in wanted] if len(theirs) == count else list(theirs)
+        checks = tuple(lazy_hidden_checks(values, picked, locators))
+        passed = all(c.passed for c in checks)
+        reason = "proven on this model's own hidden_states" if passed else self.proof.reason
+        self.proof = Proof("proven" if passed else "failed", checks, reason)
+        remember(self.spec, type(self.model), self.proof)
+        self.refuse_failed()
 
 
 def prove_heads_at_first_use(

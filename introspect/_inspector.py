@@ -23,7 +23,7 @@ from introspect._errors import (
     LocatorError,
     MissingPartError,
 )
-from introspect._headproof import prove_heads_at_first_use
+from introspect._headproof import FirstUse
 from introspect._heads import HEAD_AXIS
 from introspect._interventions import (
     Edit,
@@ -39,15 +39,7 @@ from introspect._lens import logit_lens
 from introspect._locators import Locator
 from introspect._paths import get_path
 from introspect._plugins import AUTHORING_HINT, IntrospectPluginManager, resolve_adapter
-from introspect._proof import (
-    Proof,
-    fact_error,
-    hf_hidden_states,
-    lazy_hidden_checks,
-    prove_at_first_use,
-    remember,
-    reports_hidden_states,
-)
+from introspect._proof import Proof
 from introspect._resolve import Resolver
 from introspect._spec import AdapterSpec, LogitOp, StackSpec
 
@@ -160,17 +152,27 @@ class Inspector:
         self.model = model
         self.adapter = resolve_adapter(model, adapter, plugin_manager, detect=detect)
         self._resolver = Resolver(model, self.adapter, AUTHORING_HINT)
-        self._heads_proven: set[tuple[str | None, str]] = set()
-        self.proof = Proof("detected" if self.adapter.name.startswith("detected-") else "skipped")
-        """The verdict on this adapter's facts for this model class on this install
-        (:mod:`introspect._proof`): ``proven``, ``deferred`` (proven on this model when
-        ``hidden_states`` first runs), ``off``, ``detected`` (proven by detection on this very
-        model) or ``skipped`` (``prove=False``)."""
-        if prove and self.proof.status != "detected":
-            spec = self.adapter
-            self.proof = prove_at_first_use(
-                model, spec, lambda clone: type(self)(clone, spec, prove=False)
-            )
+        spec = self.adapter
+        self._first_use = FirstUse(
+            model, spec, lambda clone: type(self)(clone, spec, prove=False), prove=prove
+        )
+
+    @property
+    def proof(self) -> Proof:
+        """The verdict on this adapter's facts for this model class on this install.
+
+        ``proven``, ``deferred`` (no clone could be built: proven on this model when
+        ``hidden_states`` first runs), ``off`` (``INTROSPECT_PROVE=0``), ``detected`` (proven by
+        detection on this very model) or ``skipped`` (``prove=False``). See
+        :mod:`introspect._proof`.
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+            >>> Inspector(m).proof.status, Inspector(m, prove=False).proof.status
+            ('proven', 'skipped')
+        """
+        return self._first_use.proof
 
     # -- resolution (introspect._resolve owns it; the model may change between two calls) -----
 
@@ -380,22 +382,9 @@ class Inspector:
     # -- capture ----------------------------------------------------------------------------
 
     def _target(self, loc: Locator, needs_output: bool) -> Target:
-        if _head_site(loc) is not None and self.proof.status not in ("skipped", "detected"):
-            self._prove_heads(loc)
+        if _head_site(loc) is not None:
+            self._first_use.heads(self._stack_key(loc.stack), (loc.sub or "attn").partition(".")[0])
         return self._resolver.target(loc, needs_output)
-
-    def _prove_heads(self, loc: Locator) -> None:
-        """Prove the head layout of ``loc``'s attention part once per Inspector (the verdict is
-        kept per install, see :mod:`introspect._headproof`)."""
-        stack = self._stack_key(loc.stack)
-        part = (loc.sub or "attn").partition(".")[0]
-        if (stack, part) in self._heads_proven:
-            return
-        spec = self.adapter
-        prove_heads_at_first_use(
-            self.model, spec, lambda clone: type(self)(clone, spec, prove=False), stack, part
-        )
-        self._heads_proven.add((stack, part))
 
     def _key(self, text: str) -> str:
         loc = self.locator(text)
@@ -868,13 +857,12 @@ class Inspector:
                 "hidden_states() runs the model: pass its inputs, e.g. "
                 "insp.hidden_states(input_ids=ids) or insp.hidden_states(**batch)"
             )
-        if self.proof.status == "failed":
-            raise fact_error(self.adapter, type(self.model), self.proof.checks)
+        self._first_use.refuse_failed()
         layout = self._hidden_layout(stack)
         wanted = list(range(len(layout))) if indices is None else list(indices)
         locs = [self.hidden_state_locator(i, stack) for i in wanted]
         # No clone could prove the layout: prove it on this forward, against HF's own entries.
-        lazy = self.proof.status == "deferred" and reports_hidden_states(self.model)
+        lazy = self._first_use.deferred
         with self.capture(*locs, stop=not lazy) as cap:
             output = self.model(*args, **inputs, **({"output_hidden_states": True} if lazy else {}))
         values = []
@@ -886,35 +874,9 @@ class Inspector:
                 value = self._between(value, loc.index, self.adapter.stack(self._stack_key(stack)))
             values.append(value)
         if lazy:
-            self._prove_on(output, values, wanted, locs, stack)
+            count = len(layout)
+            self._first_use.forward(output, values, wanted, locs, self._stack_key(stack), count)
         return tuple(values)
-
-    def _prove_on(
-        self,
-        output: Any,
-        values: Sequence[torch.Tensor],
-        wanted: Sequence[int],
-        locs: Sequence[Locator],
-        stack: str | None,
-    ) -> None:
-        """Prove the layout on a forward of the real model (where no clone could be built)."""
-        try:
-            theirs = hf_hidden_states(output, self._stack_key(stack), self.adapter)
-        except (KeyError, TypeError, AttributeError):
-            return  # the model reports no hidden_states: nothing to prove against yet
-        if theirs is None:
-            return
-        if len(theirs) != self.num_hidden_states(stack):
-            picked: list[Any] = list(theirs)
-        else:
-            picked = [theirs[i] for i in wanted]
-        checks = tuple(lazy_hidden_checks(values, picked, locs))
-        passed = all(c.passed for c in checks)
-        reason = "proven on this model's own hidden_states" if passed else self.proof.reason
-        self.proof = Proof("proven" if passed else "failed", checks, reason)
-        remember(self.adapter, type(self.model), self.proof)
-        if not passed:
-            raise fact_error(self.adapter, type(self.model), checks)
 
     # -- after the last block ------------------------------------------------------------------
 

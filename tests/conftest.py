@@ -117,13 +117,15 @@ def hook_state(model: nn.Module) -> dict[str, tuple[list[Any], list[Any], list[A
     }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def built() -> Callable[[Any], Any]:
-    """Build each registry case's model once per test module, or skip with the reason.
+    """Build each registry case's model once per test run, or skip with the reason.
 
-    The cases and how they build live in ``test_conformance_all`` (``CASES``, ``_build``).
+    The cases and how they build live in ``_support.registry_cases`` (``CASES``,
+    ``build_case``). Tests must not change the models they get (edits and captures are
+    undone on exit; weights are never written).
     """
-    from test_conformance_all import _build
+    from _support.registry_cases import build_case as _build
 
     cache: dict[Any, Any] = {}
 

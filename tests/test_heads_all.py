@@ -10,12 +10,13 @@ must state a head layout (or why it has none); an attention-free one refuses hea
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
-from test_conformance_all import CASES, SPECS, Built
+from _support.registry_cases import CASES, SPECS, Built
 
 from introspect import Inspector, MissingPartError
 from introspect.testing import assert_checks, build_tiny, check_heads
@@ -66,7 +67,7 @@ def _first_block(spec: Any) -> str:
 
 
 def _eager_copy(case: Any, model: Any) -> Any:
-    config = model.config
+    config = copy.deepcopy(model.config)  # the model is shared by the whole run: leave it be
     config._attn_implementation = "eager"
     fresh = build_tiny(type(model), config)
     fresh.load_state_dict(model.state_dict())
