@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     types = sorted({t for spec in get_registry().specs.values() for t in spec.model_types})
     if wanted:
         types = [t for t in types if t in wanted]
-    os.environ["INTROSPECT_CACHE"] = tempfile.mkdtemp(prefix="introspect-proof-bench-")
+    os.environ["INTROSPECT_PROOF_CACHE"] = tempfile.mkdtemp(prefix="introspect-proof-bench-")
     print(
         f"transformers {transformers.__version__}, torch {torch.__version__}, CPU threads "
         f"{torch.get_num_threads()}"

@@ -13,8 +13,8 @@ own config shrunk by :func:`introspect._tiny.tiny_config`), against Hugging Face
 - ``logits(last block output)`` equals the model's logits, where the model has a head;
 - every locator the adapter declares resolves and is recorded.
 
-The verdict is cached on disk (``$INTROSPECT_CACHE``, else ``$XDG_CACHE_HOME/introspect``,
-else ``~/.cache/introspect``), keyed by the spec's content, the model class, and the
+The verdict is cached on disk (``$INTROSPECT_PROOF_CACHE``, else ``proofs`` in
+``$INTROSPECT_CACHE``, else in ``$XDG_CACHE_HOME/introspect`` or ``~/.cache/introspect``), keyed by the spec's content, the model class, and the
 transformers, torch and introspect versions, so an upgrade of any of them proves again; within
 a process it is kept in memory. A fact that fails is a :class:`~introspect.FactError` naming
 it, the versions and ``introspect verify``; never a wrong number.
@@ -73,6 +73,7 @@ PROOF_FORMAT = 1
 """Bumped when the checks change, so verdicts of older checks are proven again."""
 _ENV_OFF = "INTROSPECT_PROVE"
 _ENV_CACHE = "INTROSPECT_CACHE"
+_ENV_PROOF_CACHE = "INTROSPECT_PROOF_CACHE"
 
 
 class UnprovenWarning(UserWarning):
@@ -381,20 +382,25 @@ def block_checks(
 
 
 def cache_dir() -> Path:
-    """Where verdicts are kept: ``$INTROSPECT_CACHE``, else the per-user cache folder.
+    """Where verdicts are kept: ``$INTROSPECT_PROOF_CACHE``, else ``proofs`` in the cache
+    folder (``$INTROSPECT_CACHE``, else ``$XDG_CACHE_HOME/introspect``, else
+    ``~/.cache/introspect``).
 
     Example:
         >>> import os
-        >>> os.environ["INTROSPECT_CACHE"] = "/tmp/introspect-example"
+        >>> os.environ["INTROSPECT_PROOF_CACHE"] = "/tmp/introspect-example"
         >>> str(cache_dir())
         '/tmp/introspect-example'
-        >>> del os.environ["INTROSPECT_CACHE"]
+        >>> del os.environ["INTROSPECT_PROOF_CACHE"]
     """
-    found = os.environ.get(_ENV_CACHE)
+    found = os.environ.get(_ENV_PROOF_CACHE)
     if found:
         return Path(found)
+    folder = os.environ.get(_ENV_CACHE)
+    if folder:
+        return Path(folder) / "proofs"
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "introspect"
+    return Path(base) / "introspect" / "proofs"
 
 
 def _versions() -> dict[str, str]:
@@ -604,7 +610,7 @@ def _prove(
     facts: str,
     run: Callable[[nn.Module], Sequence[Check]],
 ) -> Proof:
-    path = cache_dir() / "proofs" / f"{proof_key(spec, type(model), facts)}.json"
+    path = cache_dir() / f"{proof_key(spec, type(model), facts)}.json"
     cached = _read(path)
     if cached is not None:
         return cached

@@ -22,16 +22,17 @@ from introspect.testing import build_tiny
 
 @pytest.fixture(scope="session", autouse=True)
 def _proof_cache(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """Verdicts of proof at first use go to a folder of this run, not the user's cache."""
+    """Verdicts of proof at first use go to a folder of this run: a verdict another version
+    of this code left in the user's cache must never make a test pass."""
     import os
 
-    before = os.environ.get("INTROSPECT_CACHE")
-    os.environ["INTROSPECT_CACHE"] = str(tmp_path_factory.mktemp("introspect-cache"))
+    before = os.environ.get("INTROSPECT_PROOF_CACHE")
+    os.environ["INTROSPECT_PROOF_CACHE"] = str(tmp_path_factory.mktemp("proofs"))
     yield
     if before is None:
-        os.environ.pop("INTROSPECT_CACHE", None)
+        os.environ.pop("INTROSPECT_PROOF_CACHE", None)
     else:
-        os.environ["INTROSPECT_CACHE"] = before
+        os.environ["INTROSPECT_PROOF_CACHE"] = before
 
 
 def gpt2_config(layers: int = 3) -> GPT2Config:

@@ -23,7 +23,7 @@ IDS = torch.tensor([[5, 17, 42, 9, 77, 3]])
 @pytest.fixture
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A fresh cache folder and no verdict in memory."""
-    monkeypatch.setenv("INTROSPECT_CACHE", str(tmp_path))
+    monkeypatch.setenv("INTROSPECT_PROOF_CACHE", str(tmp_path / "proofs"))
     monkeypatch.delenv("INTROSPECT_PROVE", raising=False)
     _proof.forget()
     yield tmp_path / "proofs"
@@ -156,7 +156,7 @@ def test_without_a_clone_the_real_model_proves_at_first_use(
 def test_an_unwritable_cache_still_proves(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     blocker = cache.parent / "file"
     blocker.write_text("not a folder")
-    monkeypatch.setenv("INTROSPECT_CACHE", str(blocker))
+    monkeypatch.setenv("INTROSPECT_PROOF_CACHE", str(blocker / "proofs"))
     assert Inspector(build_tiny(GPT2LMHeadModel, gpt2_config())).proof.status == "proven"
 
 
