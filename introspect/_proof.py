@@ -333,10 +333,11 @@ def block_checks(
                 ok = close(ours[i], theirs[i], atol, rtol) and loc == negative
                 detail = f"locator {loc}; ours {shape_of(ours[i])}, HF {shape_of(theirs[i])}"
                 add(Check(f"{label}hidden_states[{i}]", ok, diff(ours[i], theirs[i]), detail))
-            # The documented relation between the last block and the last entry.
+            # One forward records every locator, the last block among them.
             spec: StackSpec = insp.adapter.stack(stack)
             last_block = f"{label}block[-1]"
-            with insp.capture(last_block) as cap:
+            locs = insp.locators(stack)
+            with insp.capture(last_block, *locs) as cap:
                 model(**inputs)
             raw = cap[last_block].output
             if spec.hidden_states_start == "block_input" or spec.after_blocks:
@@ -363,9 +364,6 @@ def block_checks(
                             diff(logits, reference["logits"]),
                         )
                     )
-            locs = insp.locators(stack)
-            with insp.capture(*locs) as cap:
-                model(**inputs)
             missing = [str(loc) for loc in locs if str(loc) not in cap]
             add(
                 Check(

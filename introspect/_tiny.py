@@ -31,6 +31,7 @@ TINY_SIZES: dict[str, int] = {
     "rank": 16,
     "dense_layers": 1,
     "expert_groups": 1,
+    "chunk": 16,
 }
 """The sizes :func:`tiny_overrides` shrinks to (hidden 64 = 4 heads of 16; ``layers`` per kind)."""
 
@@ -97,6 +98,8 @@ _ATTRS: dict[str, tuple[str, ...]] = {
     "dense_layers": ("first_k_dense_replace",),
     # Group-limited routing must fit the fewer experts.
     "expert_groups": ("n_group", "topk_group"),
+    # Mamba-2's scan pads every call to a whole chunk (256 by default): 16x the work.
+    "chunk": ("chunk_size",),
 }
 
 
