@@ -37,7 +37,7 @@ from introspect._plugins import (
     get_plugin_manager,
     get_registry,
 )
-from introspect._spec import AdapterSpec, HiddenStart, LogitOp, StackSpec
+from introspect._spec import AdapterSpec, HeadSpec, HiddenStart, LogitOp, StackSpec
 from introspect.testing import check_conformance, check_heads, close, example_inputs
 
 __all__ = ["DetectedAdapterWarning", "detect_adapter", "detected_message"]
@@ -297,9 +297,12 @@ def _embed_candidates(model: nn.Module, base: nn.Module) -> list[tuple[str, nn.M
 
 
 def _sub_module(blocks: nn.ModuleList, kind: str) -> str | None:
-    """The shallowest attention (or MLP) sub-module path found in the blocks."""
-    best: tuple[int, int, str] | None = None
+    """The attention (or MLP) sub-module path of the blocks: each block's shallowest hit, as
+    alternatives ``a|b`` where blocks name theirs differently (a hybrid's ``linear_attn`` and
+    ``self_attn`` blocks). Blocks without a hit do not count (a hybrid's Mamba blocks)."""
+    paths: list[str] = []
     for block in blocks:
+        best: tuple[int, int, str] | None = None
         for order, (path, module) in enumerate(block.named_modules()):
             depth = path.count(".") + 1
             if not path or depth > 2:
@@ -310,15 +313,55 @@ def _sub_module(blocks: nn.ModuleList, kind: str) -> str | None:
                 continue
             if next(module.parameters(), None) is None:  # dropouts, rotary tables, ...
                 continue
+            attention = bool(_ATTN_NAME.search(attr) or _ATTN_NAME.search(cls))
             if kind == "attn":
-                hit = bool(_ATTN_NAME.search(attr) or _ATTN_NAME.search(cls))
-            else:
-                hit = bool(_MLP_ATTR.match(attr) or _MLP_CLASS.search(cls))
+                hit = attention
+            else:  # Qwen3.5-MoE's Qwen3_5MoeAttention is no MLP
+                hit = not attention and bool(_MLP_ATTR.match(attr) or _MLP_CLASS.search(cls))
             if hit and (best is None or (depth, order) < best[:2]):
                 best = (depth, order, path)
-        if best is not None:
-            return best[2]
-    return None
+        if best is not None and best[2] not in paths:
+            paths.append(best[2])
+    return "|".join(paths) or None
+
+
+def _mixer(block: nn.Module, mlp: str | None) -> str:
+    """What mixes the sequence in a block without attention: its first child with weights
+    that is neither a norm nor the MLP (``mamba (JambaMambaMixer)``), for the reasons."""
+    mlp_module = _get_path(block, mlp) if mlp else None
+    for name, child in block.named_children():
+        if (
+            child is mlp_module
+            or _NORM_NAME.search(name)
+            or _NORM_NAME.search(type(child).__name__)
+        ):
+            continue
+        if next(child.parameters(), None) is not None:
+            return f"{name} ({type(child).__name__})"
+    return "no sub-module detection could name"
+
+
+def _by_kind(reasons: Mapping[str, str]) -> str:
+    """One reason per module class, prefixed by the class where there are several."""
+    if len(reasons) == 1:
+        return next(iter(reasons.values()))
+    return "; ".join(f"for a {cls}, {reason}" for cls, reason in reasons.items())
+
+
+def _without_attention(blocks: nn.ModuleList, attn: str, mlp: str | None) -> str | None:
+    """Why the blocks without ``attn`` have no attention heads, where other blocks have it
+    (a hybrid: Jamba's Mamba blocks, LFM2's convolution blocks); ``None`` elsewhere."""
+    lacking = [block for block in blocks if _get_path(block, attn) is None]
+    if not lacking or len(lacking) == len(blocks):
+        return None
+    reasons = {
+        type(block).__name__: (
+            f"it mixes the sequence with {_mixer(block, mlp)}, not with attention, so it has no "
+            "attention heads"
+        )
+        for block in lacking
+    }
+    return _by_kind(reasons)
 
 
 def _stack_spec(
@@ -337,15 +380,19 @@ def _stack_spec(
     if inside or paths:
         fields["embed"] = (inside or paths)[0]
     missing: dict[str, str] = {}
+    subs = {kind: _sub_module(blocks, kind) for kind in ("attn", "mlp")}
     for kind, what in (("attn", "attention"), ("mlp", "MLP")):
-        sub = _sub_module(blocks, kind)
+        sub = subs[kind]
         if sub is None:
             missing[kind] = (
                 f"detection found no {what} sub-module in the blocks of {type(model).__name__} "
                 f"(the block may compute it inline); name it in an AdapterSpec ({AUTHORING_HINT})"
             )
-        else:
-            fields[kind] = sub
+            continue
+        fields[kind] = sub
+        hybrid = _without_attention(blocks, sub, subs["mlp"]) if kind == "attn" else None
+        if hybrid is not None:
+            missing["attn"] = hybrid
     if match.input_kwarg != "hidden_states":
         fields["block_input_kwarg"] = match.input_kwarg
     if match.start != "block_input":
@@ -685,6 +732,50 @@ _HEADS_NOTE = (
 )
 
 
+def _kv_count_names(heads: Sequence[HeadSpec]) -> list[str]:
+    """The names the registered head layouts read key/value head counts under."""
+    names: list[str] = []
+    for head in heads:
+        for name in [*(head.num_kv_heads or "").split("|"), head.kv_heads_attr or ""]:
+            if name and name not in names:
+                names.append(name)
+    return names
+
+
+def _stated_kv_heads(
+    head: HeadSpec, attn: nn.Module, config: Any, names: Sequence[str]
+) -> list[HeadSpec]:
+    """``head`` reading its key/value head count under each registered count name, from the
+    attention module, then from the config, where that gives another count than ``head``
+    does (DBRX keeps ``kv_n_heads`` in a nested config and states ``num_key_value_heads`` on
+    its attention module; LFM2 has grouped heads behind an ``out_proj`` that only
+    ungrouped layouts name), then ``head`` itself. The proof decides which holds."""
+    core = _get_path(attn, head.core) if head.core else attn
+    try:
+        kv = head.counts(config, core)[1]
+    except ValueError:
+        return [head]
+    out: list[HeadSpec] = []
+    for where, field in ((core, "kv_heads_attr"), (config, "num_kv_heads")):
+        for name in names:
+            found = getattr(where, name, None)
+            if isinstance(found, int) and not isinstance(found, bool) and found != kv:
+                out.append(head.derive(**{field: name}))
+    return [*out, head]
+
+
+def _not_this_attention(modules: Sequence[nn.Module]) -> str:
+    """Why a hybrid's blocks whose attention part lacks the proven layout's ``o`` have no heads."""
+    reasons = {
+        type(module).__name__: (
+            "it mixes the sequence without attention heads (a state-space, recurrent, "
+            "convolution or linear-attention mixer)"
+        )
+        for module in modules
+    }
+    return _by_kind(reasons)
+
+
 def _learn_heads(
     model: nn.Module,
     inputs: Mapping[str, Any],
@@ -696,33 +787,55 @@ def _learn_heads(
 
     Only a single-stack model with a detected ``attn`` is tried; the candidates are the
     distinct ``HeadSpec``s of the registered adapters whose output projection exists in the
-    attention module. None proven: ``spec`` unchanged, head locators refused with the reason.
+    attention module of some block, each also with its key/value head count read from that
+    module where it states another. In a hybrid (blocks without ``attn``, or whose ``attn``
+    lacks the candidate's ``o``), the layout holds in the blocks that have it and the others
+    refuse head locators with the reason. None proven: ``spec`` unchanged, head locators
+    refused with the reason.
     """
     if spec.encoder is not None or spec.attn is None:
         return spec
-    attn = _get_path(_base_model(model), f"{spec.blocks}.0.{spec.attn}")
-    if attn is None:
+    blocks = _get_path(_base_model(model), spec.blocks)
+    attn_path = spec.attn
+    found = [_get_path(block, attn_path) for block in blocks.children()] if blocks else []
+    modules = [module for module in found if module is not None]
+    if not modules:
         return spec
-    seen: set[str] = set()
+    config = getattr(model, "config", None)
     registry = get_registry(plugin_manager or get_plugin_manager())
-    for source in registry.specs.values():
+    registered = [
+        (source.name, head)
+        for source in registry.specs.values()
         for head in (
             source.heads.get("attn"),
             *(s.heads.get("attn") for s in [source.encoder] if s),
-        ):
-            if head is None or _get_path(attn, head.o) is None:
-                continue
-            key = head.derive(scores="").model_dump_json()
+        )
+        if head is not None
+    ]
+    names = _kv_count_names([head for _, head in registered])
+    seen: set[str] = set()
+    for source_name, head in registered:
+        holder = next((m for m in modules if _get_path(m, head.o) is not None), None)
+        if holder is None:
+            continue
+        for variant in _stated_kv_heads(head, holder, config, names):
+            key = variant.derive(scores="").model_dump_json()
             if key in seen:
                 continue
             seen.add(key)
-            candidate = spec.derive(heads={"attn": head})
+            changes: dict[str, Any] = {"heads": {"attn": variant}}
+            others = [m for m in modules if _get_path(m, variant.o) is None]
+            if others:
+                reason = _not_this_attention(others)
+                changes["missing"] = {**spec.missing, "heads": reason}
+            candidate = spec.derive(**changes)
             try:
                 checks = check_heads(model, inputs, adapter=candidate, atol=tol[0], rtol=tol[1])
             except Exception:  # a layout that does not fit this model: try the next
                 continue
             if checks and all(c.passed for c in checks):
-                return candidate.derive(notes=(*spec.notes, _HEADS_NOTE.format(name=source.name)))
+                note = _HEADS_NOTE.format(name=source_name)
+                return candidate.derive(notes=(*spec.notes, note))
     return spec
 
 

@@ -142,19 +142,45 @@ class Resolver:
 
     # -- modules --------------------------------------------------------------------------------
 
-    def missing(self, loc: Locator, stack: StackSpec, what: str) -> MissingPartError:
-        """The error for a part this architecture lacks, with its reason and the valid names."""
+    def missing(
+        self, loc: Locator, stack: StackSpec, what: str, block: nn.Module | None = None
+    ) -> MissingPartError:
+        """The error for a part this architecture lacks, with its reason and the valid names.
+
+        ``block``: the block that lacks the part; where other blocks of the stack have it (a
+        hybrid's attention among state-space or convolution blocks), the error says which
+        kind of block this one is.
+        """
         reason = stack.missing.get(what)
         if what == "final_norm" and reason is None:
             reason = (
                 "its Hugging Face implementation applies no norm after the last block, so "
                 "hidden_states[-1] is the raw last block output (e.g. BERT, post-LN OPT)"
             )
+        if block is not None and loc.is_block and self._elsewhere(loc, stack, what):
+            kind = f"{self._block_label(loc)} is a {type(block).__name__}"
+            reason = f"{kind}: {reason}" if reason else f"{kind}, which has no {what}"
         valid = self.valid_names(stack, loc.is_block)
         text = f"{loc} does not exist on adapter {self.adapter.name!r}"
         if reason:
             text += f": {reason}"
         return MissingPartError(f"{text}. Valid here: {', '.join(valid)}")
+
+    def _block_label(self, loc: Locator) -> str:
+        """``block[1] of this jamba model`` (the model type, else the model's class)."""
+        model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+        what = model_type if isinstance(model_type, str) and model_type else None
+        what = what or type(self.model).__name__
+        prefix = f"{loc.stack}." if loc.stack else ""
+        return f"{prefix}block[{loc.index}] of this {what} model"
+
+    def _elsewhere(self, loc: Locator, stack: StackSpec, part: str) -> bool:
+        """Whether another block of ``loc``'s stack has ``part`` (the stack is a hybrid)."""
+        path = getattr(stack, part) if part in ("attn", "mlp") else stack.parts.get(part)
+        if not path:
+            return False
+        blocks = self.blocks(self.stack_key(loc.stack))
+        return any(walk(block, path)[0] is not None for block in blocks)
 
     def valid_names(self, stack: StackSpec, in_block: bool) -> list[str]:
         """The locator names a stack offers (inside a block, or at the stack's top level)."""
@@ -206,7 +232,7 @@ class Resolver:
                     )
             found, sub_chain = walk(block, path) if path else (None, ())
             if found is None:
-                raise self.missing(loc, stack, part)
+                raise self.missing(loc, stack, part, block)
             if site:
                 return self._head_site(loc, stack, part, site, found, chain + sub_chain)
             return found, chain + sub_chain
@@ -260,6 +286,21 @@ class Resolver:
                 )
         raise MissingPartError(f"{loc} has no attention heads: {reason}")
 
+    def no_heads_here(
+        self, loc: Locator, stack: StackSpec, part: str, spec: HeadSpec, attn: nn.Module
+    ) -> MissingPartError | None:
+        """The refusal for a hybrid's block whose ``part`` is not the attention ``spec``
+        describes (its module lacks ``spec.o``), where the stack says why such blocks have no
+        heads (``missing["heads"]``); ``None`` where the block has the layout's heads."""
+        reason = stack.missing.get("heads")
+        if reason is None or walk(attn, spec.o)[0] is not None:
+            return None
+        return MissingPartError(
+            f"{loc} has no attention heads: {self._block_label(loc)} holds a "
+            f"{type(attn).__name__} at {part}, not the attention its head layout describes "
+            f"(no {spec.o}): {reason}"
+        )
+
     def head_tap(self, loc: Locator, part: str | None = None) -> HeadTap:
         """The tap of the attention part a block locator names (``block[i].attn``)."""
         stack = self.adapter.stack(self.stack_key(loc.stack))
@@ -267,6 +308,9 @@ class Resolver:
         spec = self.head_spec(loc, stack, part)
         attn_loc = loc.model_copy(update={"sub": part, "side": "output"})
         attn = self._module_and_chain(attn_loc)[0]
+        refusal = self.no_heads_here(loc, stack, part, spec, attn)
+        if refusal is not None:
+            raise refusal
         config = getattr(self.model, "config", None)
         try:
             return head_tap(attn, spec, config, str(attn_loc))
@@ -277,6 +321,9 @@ class Resolver:
         self, loc: Locator, stack: StackSpec, part: str, site: str, attn: nn.Module, chain: Chain
     ) -> tuple[nn.Module, Chain]:
         spec = self.head_spec(loc, stack, part)
+        refusal = self.no_heads_here(loc, stack, part, spec, attn)
+        if refusal is not None:
+            raise refusal
         if site == "o":
             found, o_chain = walk(attn, spec.o)
             if found is None:

@@ -273,6 +273,10 @@ class HeadSpec(_Frozen):
     normed concatenation (the norm's per-position scale as the forward computed it), so the
     results still sum to ``o``'s output.
 
+    In a hybrid stack (attention blocks among state-space, recurrent or convolution blocks)
+    a head layout holds in the blocks whose module holds ``o``; where the stack's
+    ``missing["heads"]`` is set, the other blocks refuse head locators with that reason.
+
     Example:
         >>> HeadSpec(o="o_proj").scores
         'q·kᵀ·scaling + mask'
@@ -458,7 +462,9 @@ class StackSpec(_Frozen):
     heads: dict[str, HeadSpec] = Field(default_factory=dict)
     """The head layout of each attention part (``attn``, or a ``parts`` name such as
     ``cross_attn``), for ``block[i].attn.q`` and the other head locators. A part without one
-    refuses head locators, with the reason ``missing["heads"]`` where set."""
+    refuses head locators, with the reason ``missing["heads"]`` where set. In a hybrid stack
+    the layout holds per block: a block without the part (``missing[part]`` says why) or
+    whose module lacks the layout's ``o`` (``missing["heads"]`` says why) has no heads."""
     root: str | None = None
     """The module that runs this whole stack (``encoder``, ``decoder``): a module several
     stacks share (T5's embedding on transformers 4.x is one module) is recorded for this
