@@ -256,18 +256,19 @@ def head_checks(
             if only is not None and only != (stack, part):
                 continue
             n = insp.num_blocks_in(stack)
-            taps: list[HeadTap] = []
+            by_block: dict[int, HeadTap] = {}
             for i in range(n):
                 try:
                     loc = insp.locator(f"{prefix}block[{i}].{part}")
-                    taps.append(insp._resolver.head_tap(loc, part))
+                    by_block[i] = insp._resolver.head_tap(loc, part)
                 except MissingPartError:
-                    break  # e.g. a decoder block without cross-attention in this config
-            if len(taps) != n:
+                    continue  # a hybrid's block without attention, or no cross-attention here
+            if not by_block:
                 continue
+            indices, taps = list(by_block), list(by_block.values())
             core = taps[0].why_not("pattern") is None
             sites = ["z", "result", "o", *(sorted(CORE_SITES) if core else [])]
-            names = [f"{prefix}block[{i}].{part}.{s}" for i in range(n) for s in sites]
+            names = [f"{prefix}block[{i}].{part}.{s}" for i in indices for s in sites]
             reference = None
             if core:
                 field_name = _attentions_field(insp.adapter, stack, part)
@@ -283,7 +284,9 @@ def head_checks(
                 calls = [tap.arguments or [] for tap in taps]
                 for tap in taps:
                     tap.arguments = None
-            for i, tap in enumerate(taps):
+            # A hybrid's output_attentions holds its attention blocks only, in block order.
+            per_block = reference is not None and len(reference) == n
+            for ordinal, (i, tap) in enumerate(by_block.items()):
                 where = f"{prefix}block[{i}].{part}"
                 o_out = cap[f"{where}.o"].output
                 result = cap[f"{where}.result"].output
@@ -309,7 +312,8 @@ def head_checks(
                 if not core:
                     continue
                 pattern = cap[f"{where}.pattern"].output
-                theirs = reference[i] if reference is not None and i < len(reference) else None
+                j = i if per_block else ordinal
+                theirs = reference[j] if reference is not None and j < len(reference) else None
                 ok = theirs is not None and close(pattern, theirs, atol, rtol)
                 add(
                     Check(
@@ -348,7 +352,7 @@ def head_checks(
                 )
                 if tap.inline:
                     continue  # its terms (mask, ALiBi, ...) are inline: stated, not passed
-                arguments = calls[i][0] if calls[i] else {}
+                arguments = calls[ordinal][0] if calls[ordinal] else {}
                 sinks = getattr(tap.core, "sinks", None)
                 causal = bool(getattr(tap.core, "is_causal", False))
                 mine = recompute_pattern(q, k, arguments, sinks, causal).to(pattern.dtype)
@@ -363,7 +367,7 @@ def head_checks(
                         head_spec.scores,
                     )
                 )
-            where = f"{prefix}block[{n - 1}].{part}"
+            where = f"{prefix}block[{indices[-1]}].{part}"
             tap = taps[-1]
             h = min(head, tap.heads - 1)
             with (

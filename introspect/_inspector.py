@@ -203,9 +203,17 @@ class Inspector:
 
     def _head_counts(self, stack: str | None, part: str) -> tuple[int, int, int]:
         prefix = f"{stack}." if stack else ""
-        loc = self.locator(f"{prefix}block[0].{part}")
-        tap = self._resolver.head_tap(loc, part)
-        return tap.heads, tap.kv_heads, tap.head_dim
+        refusal: MissingPartError | None = None
+        # A hybrid's first blocks may have no attention: the first block that has heads counts.
+        for i in range(self.num_blocks_in(stack)):
+            try:
+                tap = self._resolver.head_tap(self.locator(f"{prefix}block[{i}].{part}"), part)
+            except MissingPartError as exc:
+                refusal = refusal or exc
+                continue
+            return tap.heads, tap.kv_heads, tap.head_dim
+        assert refusal is not None
+        raise refusal
 
     @property
     def num_heads(self) -> int:

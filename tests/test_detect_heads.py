@@ -11,7 +11,6 @@ for their attention blocks; the other blocks refuse head locators, saying why.
 from __future__ import annotations
 
 import re
-from functools import cache
 from typing import Any
 
 import pytest
@@ -19,7 +18,7 @@ import torch
 import transformers
 from torch import nn
 
-from introspect import HeadSpec, Inspector, MissingPartError, detect_adapter
+from introspect import Inspector, MissingPartError, detect_adapter
 from introspect.testing import assert_checks, build_tiny, check_heads, example_inputs, tiny_config
 
 T = transformers
@@ -96,25 +95,6 @@ def _hybrid(model_type: str) -> tuple[nn.Module, dict[str, Any]]:
     return model, {**example_inputs(config), "use_cache": False}
 
 
-@cache
-def _check_heads_sees_hybrids() -> bool:
-    """Whether ``check_heads`` checks a hybrid's attention blocks (it must skip the others)."""
-    if "jamba" not in T.CONFIG_MAPPING:
-        return False
-    model, inputs = _hybrid("jamba")
-    spec = detect_adapter(model).derive(heads={"attn": HeadSpec(o="o_proj")})
-    return bool(check_heads(model, inputs, adapter=spec))
-
-
-def _needs_hybrid_checks() -> None:
-    if not _check_heads_sees_hybrids():
-        pytest.xfail(
-            "check_heads (introspect/_headproof.head_checks) stops at the first block "
-            "without the attention part and reads output_attentions by block index, so it "
-            "proves no layout of a hybrid, and detection keeps none"
-        )
-
-
 @pytest.mark.parametrize(
     ("model_type", "kind"),
     [("jamba", "mamba (JambaMambaMixer)"), ("lfm2", "conv (Lfm2ShortConv)")],
@@ -149,7 +129,6 @@ def test_hybrid_attention_blocks_have_proven_heads(model_type: str) -> None:
             "scaled_dot_product_attention and returns no output_attentions: no pattern to "
             "prove a layout against"
         )
-    _needs_hybrid_checks()
     spec = detect_adapter(model)
     assert "attn" in spec.heads
     assert_checks(check_heads(model, inputs, adapter=spec), f"{model_type} heads")
@@ -174,7 +153,6 @@ def test_recurrent_gemma_recurrent_blocks_refuse_heads_with_the_reason() -> None
     model, _ = _hybrid("recurrent_gemma")
     if V4:
         pytest.skip("RecurrentGemma's attention has no provable layout on transformers 4.x")
-    _needs_hybrid_checks()
     insp = Inspector(model, adapter=detect_adapter(model))
     # Both kinds of block hold their mixer at temporal_block: the recurrent one has no o_proj.
     with pytest.raises(
@@ -213,3 +191,13 @@ def test_an_attention_class_naming_moe_is_not_taken_for_the_mlp() -> None:
     assert (spec.attn, spec.mlp) == ("self_attn", "mlp")
     insp = Inspector(model, adapter=spec)
     assert insp.module("block[1].mlp") is model.model.layers[1].mlp
+
+
+def test_head_counts_of_a_hybrid_come_from_its_attention_blocks() -> None:
+    model, _ = _hybrid("jamba")
+    insp = Inspector(model, adapter=detect_adapter(model))
+    with pytest.raises(MissingPartError):
+        insp.capture("block[0].attn.z")  # block 0 of this Jamba is a Mamba block
+    config = model.config
+    assert insp.num_heads == config.num_attention_heads
+    assert insp.num_kv_heads == config.num_key_value_heads
