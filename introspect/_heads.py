@@ -474,6 +474,23 @@ class HeadTap:
         """The attention function with ``q``, ``k``, ``v`` and ``pattern`` passed through sites."""
         self._ran[get_ident()] = True
         function = self._function(module)
+        switched = _EAGER.get(id(self._real_config))
+        if (
+            isinstance(attention_mask, torch.Tensor)
+            and attention_mask.dtype == torch.bool
+            and switched is not None
+            and switched[2] not in (None, "eager")
+        ):
+            # Every layer gets this one mask; eager attention adds it to the scores, where
+            # sdpa reads True as "may attend": the switch would change what the model computes.
+            raise CaptureError(
+                f"{self.label}.pattern: the model was called with a boolean attention mask "
+                f"(True: may attend, as {switched[2]} reads it), but patterns need eager "
+                "attention, which adds the mask to the scores instead of masking with it, so "
+                "attention would cross the mask's boundaries. Pass it as an additive float "
+                "mask (torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(dtype).min)), "
+                "which both implementations read alike"
+            )
         if self.arguments is not None:
             self.arguments.append({"attention_mask": attention_mask, **kwargs})
         sites = self.sites

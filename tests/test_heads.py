@@ -325,3 +325,33 @@ def test_threads_capture_their_own_head_values() -> None:
             assert torch.allclose(value, expected[i], atol=1e-5)
     assert model.model.layers[1].self_attn.config is model.config
     assert _hooks(model) == hooks
+
+
+def test_a_boolean_mask_built_for_sdpa_is_refused_under_a_pattern_capture() -> None:
+    """Packed documents: sdpa reads a boolean 4-D mask as "may attend", eager would add it to
+    the scores. The pattern capture switches to eager, so it refuses rather than change what
+    the model computes; the same mask as an additive float mask is read alike by both."""
+    config = llama_config()
+    config._attn_implementation = "sdpa"
+    model = build_tiny(LlamaForCausalLM, config)
+    insp = Inspector(model)
+    ids = torch.tensor([[5, 17, 42, 9, 77, 3, 8, 60]])
+    doc = torch.tensor([0] * 4 + [1] * 4)
+    allowed = torch.ones(8, 8, dtype=torch.bool).tril() & (doc[:, None] == doc[None, :])
+    mask = allowed[None, None]
+    with torch.no_grad():
+        plain = model(ids, attention_mask=mask).logits
+        refused = pytest.raises(CaptureError, match=r"boolean attention mask.*additive float")
+        with refused, insp.capture("block[1].attn.pattern"):
+            model(ids, attention_mask=mask)
+        assert model.config._attn_implementation == "sdpa"
+        assert torch.equal(model(ids, attention_mask=mask).logits, plain)
+        additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+        with insp.capture("block[1].attn.pattern") as cap:
+            captured = model(ids, attention_mask=additive).logits
+    assert torch.allclose(captured, plain, atol=1e-5)
+    pattern = cap["block[1].attn.pattern"].output
+    assert float(pattern[..., 4:, :4].abs().max()) == 0.0  # never across documents
+    # q/k/v captures keep sdpa and accept the boolean mask as it is.
+    with torch.no_grad(), insp.capture("block[1].attn.q"):
+        assert torch.equal(model(ids, attention_mask=mask).logits, plain)
