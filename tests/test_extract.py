@@ -258,7 +258,7 @@ def test_unfinished_and_foreign_folders_are_refused(tmp_path: Path) -> None:
     (tmp_path / PROGRESS).write_text("{}")
     with pytest.raises(DatasetError, match=r"unfinished extraction.*rerun the same"):
         ActivationDataset(tmp_path)
-    with pytest.raises(ExtractionError, match="not an extraction folder"):
+    with pytest.raises(DatasetError, match="not an extraction folder"):
         ActivationDataset(tmp_path / "nothing")
 
 
