@@ -223,17 +223,7 @@ def head_checks(
     head: int = 1,
     only: tuple[str | None, str] | None = None,
 ) -> list[Check]:
-    """Prove every head locator of every attention part with a head layout, block by block.
-
-    - ``pattern`` equals Hugging Face's own ``output_attentions`` (run under eager attention);
-    - ``softmax(q·kᵀ·scaling + mask)`` recomputed from the captured ``q``/``k`` and the
-      arguments the attention function received reproduces ``pattern``;
-    - ``result.sum(heads) + bias`` equals the output projection ``o``'s output, and ``o``
-      applied to ``z`` reproduces it;
-    - ``ablate(z, heads=[head])`` equals ``o`` run on ``z`` with that head zeroed.
-
-    Where the architecture computes attention inline (``q``/``k``/``v``/``pattern``
-    unavailable), the checks of ``z``, ``result`` and the ablation still run.
+    """The checks of :func:`introspect.testing.check_heads` (listed there), on an Inspector.
 
     ``insp`` is an Inspector of ``model`` (typed loosely: this module sits below it);
     ``only=(stack, part)`` checks one attention part.
