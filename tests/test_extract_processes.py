@@ -139,38 +139,11 @@ def _assert_same(ours: ActivationDataset, theirs: ActivationDataset, *, exact: b
             torch.testing.assert_close(ours[loc][:], theirs[loc][:], rtol=1e-5, atol=1e-5)
 
 
-def test_two_gloo_ranks_equal_one_process(
+def test_two_ranks_store_the_values_of_one_process_bit_for_bit(
     corpus: Path,
-    reference: ActivationDataset,
     tmp_path: Path,
     capfd: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # --nproc launches torchrun from this process (the ranks are processes of their own), and
-    # leaves this process as it was: signal handlers, environment.
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    out = tmp_path / "two"
-    assert main([*_argv(corpus, out), "--nproc", "2"]) == 0
-    stdout, stderr = capfd.readouterr()
-    assert stdout.startswith(f"wrote {out}: ") and "2 processes" in stdout
-    assert stderr == ""
-    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
-    assert "OMP_NUM_THREADS" not in os.environ
-    ds = ActivationDataset(out)
-    assert ds.manifest["run"]["world_size"] == 2
-    from safetensors import safe_open
-
-    ranks = set()
-    for shard in ds.manifest["shards"]:
-        with safe_open(str(out / shard["file"]), framework="pt") as handle:
-            ranks.add(json.loads(handle.metadata()["introspect"])["rank"])
-    assert ranks == {0, 1}  # each rank wrote its own shards
-    _assert_same(ds, reference, exact=False)
-
-
-def test_two_ranks_store_the_values_of_one_process_bit_for_bit(
-    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Each rank cuts its documents into the shards, and each shard into the batches, of the
     # one-process run: the same matrix shapes, so the same float sums. With one thread per
@@ -182,9 +155,25 @@ def test_two_ranks_store_the_values_of_one_process_bit_for_bit(
     done = subprocess.run(_command(corpus, one), capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     two = tmp_path / "two"
+    # --nproc launches torchrun from this process (the ranks are processes of their own), and
+    # leaves this process as it was: signal handlers, environment.
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    capfd.readouterr()
     assert main([*_argv(corpus, two), "--nproc", "2"]) == 0
+    stdout, stderr = capfd.readouterr()
+    assert stdout.startswith(f"wrote {two}: ") and "2 processes" in stdout
+    assert stderr == ""
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+    assert os.environ["OMP_NUM_THREADS"] == "1"
     ours, theirs = ActivationDataset(two), ActivationDataset(one)
     assert ours.manifest["run"]["world_size"] == 2
+    from safetensors import safe_open
+
+    ranks = set()
+    for shard in ours.manifest["shards"]:
+        with safe_open(str(two / shard["file"]), framework="pt") as handle:
+            ranks.add(json.loads(handle.metadata()["introspect"])["rank"])
+    assert ranks == {0, 1}  # each rank wrote its own shards
     assert ours.manifest["shards"] == theirs.manifest["shards"]
     _assert_same(ours, theirs, exact=True)
 
