@@ -4,12 +4,14 @@ test_extract_processes.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import pickle
 import random
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -262,8 +264,9 @@ def test_unfinished_and_foreign_folders_are_refused(tmp_path: Path) -> None:
         ActivationDataset(tmp_path / "nothing")
 
 
-def _interrupted(insp: Inspector, corpus: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An extraction that stops after its first shard, as a killed one does."""
+@contextlib.contextmanager
+def _disk_full_after_one_shard(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """While inside, the second shard write fails as a full disk does."""
     real = extract_module._save_file
     calls = []
 
@@ -275,8 +278,14 @@ def _interrupted(insp: Inspector, corpus: Path, out: Path, monkeypatch: pytest.M
 
     with monkeypatch.context() as patch:
         patch.setattr(extract_module, "_save_file", dies)
-        with pytest.raises(ExtractionError, match="No space left"):
-            extract(insp, CharTokenizer(), [corpus], ["block[-1]"], out, shard_rows=40)
+        yield
+
+
+def _interrupted(insp: Inspector, corpus: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An extraction that stops after its first shard, as a killed one does."""
+    full = pytest.raises(ExtractionError, match="No space left")
+    with _disk_full_after_one_shard(monkeypatch), full:
+        extract(insp, CharTokenizer(), [corpus], ["block[-1]"], out, shard_rows=40)
     assert (out / PROGRESS).exists() and not (out / MANIFEST).exists()
 
 
@@ -342,20 +351,10 @@ def test_a_checkpoint_changed_in_place_is_not_resumed_on_the_command_line(
     corpus = _corpus(tmp_path, _lines(12, seed=5))
     argv = ["extract", str(folder), "--input", str(corpus), "--at", "block[-1]",
             "--out", str(tmp_path / "acts"), "--shard-rows", "40", "--no-progress"]  # fmt: skip
-    real = extract_module._save_file
-    calls = []
-
-    def dies(tensors: Any, path: str, metadata: Any) -> None:
-        calls.append(path)
-        if len(calls) > 1:
-            raise OSError(28, "No space left on device")
-        real(tensors, path, metadata)
-
-    monkeypatch.setattr(extract_module, "_save_file", dies)
     capsys.readouterr()
-    assert main(argv) == 1
+    with _disk_full_after_one_shard(monkeypatch):
+        assert main(argv) == 1
     assert "No space left on device" in _error_line(capsys.readouterr().err)
-    monkeypatch.setattr(extract_module, "_save_file", real)
     # The folder is trained further (here: other weights) and the command rerun as it was.
     build_tiny(LlamaForCausalLM, config, seed=1).save_pretrained(folder)
     capsys.readouterr()
