@@ -31,6 +31,7 @@ our own adapters and for plugin authors: one definition of what "supported" mean
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -519,13 +520,16 @@ def _read(path: Path) -> Proof | None:
 
 
 def _write(path: Path, proof: Proof) -> None:
+    partial = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.partial")
         partial.write_text(json.dumps(proof.to_json(), indent=1))
         os.replace(partial, path)
     except OSError:
-        pass  # a read-only cache folder only costs a proof per process
+        # A read-only or full cache folder only costs a proof per process; no half-written
+        # verdict is left behind.
+        with contextlib.suppress(OSError):
+            partial.unlink()
 
 
 def prove_at_first_use(
