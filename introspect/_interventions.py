@@ -57,27 +57,20 @@ import torch
 from torch import nn
 
 from introspect._batching import call_positions, check_positions
-from introspect._capture import (
+from introspect._capture import Record
+from introspect._errors import InterventionError
+from introspect._hooks import (
+    CallScope,
     EditNote,
-    Record,
+    HookSession,
+    ModelCall,
     Target,
-    cache_offset,
-    call_index,
-    call_state,
-    check_not_compiled,
-    enter_uses,
     hidden_of,
-    model_changed_message,
-    only_in_thread,
-    settle_offloaded,
-    stale_targets,
+    input_slot,
     tensor_version,
 )
-from introspect._errors import InterventionError
 
 if TYPE_CHECKING:
-    from types import TracebackType
-
     from torch.utils.hooks import RemovableHandle
 
     from introspect._inspector import Inspector
@@ -309,30 +302,7 @@ def _replace_hidden(value: Any, index: int, new: torch.Tensor) -> Any:
 # -- the model call an edit runs in ----------------------------------------------------------
 
 
-@dataclass
-class _Call:
-    """What one call of the model (the root) says about itself: mask, KV cache, positions."""
-
-    attention_mask: torch.Tensor | None = None
-    cache: Any = None
-    cache_position: Any = None
-    _offset: int | torch.Tensor | None = 0
-
-    @property
-    def cached(self) -> bool:
-        """Whether this call is a step of incremental decoding (it holds a KV cache)."""
-        return self.cache is not None
-
-    @property
-    def offset(self) -> int | None:
-        """Tokens before this call's first one (the cache's length); ``None``: unknown."""
-        if isinstance(self._offset, torch.Tensor):
-            # cache_position, read only when an edit needs it (reading waits for the device).
-            self._offset = int(self._offset.item())
-        return self._offset
-
-
-def _describe(call: _Call | None, seq: int) -> str:
+def _describe(call: ModelCall | None, seq: int) -> str:
     if call is None or not call.cached:
         return ""
     offset = call.offset
@@ -358,7 +328,7 @@ class _Hits:
         return self.mask.view(*self.mask.shape, *([1] * (like.dim() - 2)))
 
 
-def _out_of_range(edit: Edit, p: int, seq: int, call: _Call | None) -> InterventionError:
+def _out_of_range(edit: Edit, p: int, seq: int, call: ModelCall | None) -> InterventionError:
     offset = call.offset if call is not None else 0
     if call is not None and call.cached and offset:
         total = offset + seq
@@ -379,7 +349,7 @@ def _out_of_range(edit: Edit, p: int, seq: int, call: _Call | None) -> Intervent
 
 
 def _locate(
-    edit: Edit, batch: int, seq: int, call: _Call | None, device: torch.device
+    edit: Edit, batch: int, seq: int, call: ModelCall | None, device: torch.device
 ) -> _Hits | Literal[False] | None:
     """The positions of this call the edit touches: ``None`` all, ``False`` none (an earlier
     or later step's)."""
@@ -456,7 +426,7 @@ def _locate_tensor(
     positions: torch.Tensor,
     batch: int,
     seq: int,
-    call: _Call | None,
+    call: ModelCall | None,
     device: torch.device,
 ) -> _Hits | Literal[False]:
     offset = call.offset if call is not None else 0
@@ -510,7 +480,7 @@ def _fits(value: torch.Tensor, x: torch.Tensor) -> bool:
 
 
 def _patch_value(
-    edit: Edit, x: torch.Tensor, hits: _Hits | None, call: _Call | None
+    edit: Edit, x: torch.Tensor, hits: _Hits | None, call: ModelCall | None
 ) -> torch.Tensor:
     value = edit.op.operand(x)
     if value.shape == x.shape:
@@ -542,16 +512,6 @@ def _patch_value(
             "broadcasts to the value without changing its shape"
         )
     return value.expand(x.shape)
-
-
-def _read_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
-    """What a call of ``module`` (the model, or one stack) says: its mask, cache and start."""
-    # Positional arguments count too: LlamaModel(ids, mask) passes the mask by position.
-    mask, cache, position = call_state(call_index(module), args, kwargs)
-    call = _Call(mask, cache, position)
-    # Now, before the call runs: the model fills its cache as it goes.
-    call._offset = cache_offset(cache, position)
-    return call
 
 
 _LOCK = RLock()
@@ -596,12 +556,13 @@ class _EditedForward:
         self.target = target
         self.input_edits: list[Edit] = []
         self.output_edits: list[Edit] = []
-        self.calls: dict[int, Callable[[], _Call | None]] = {}
+        self.calls: dict[int, CallScope] = {}
+        """The calls each edit reads (its intervention's scope of the model or of a stack)."""
         self.threads: dict[int, int] = {}
+        """The thread each edit applies in (the one that entered its intervention)."""
         self.scoped: set[int] = set()
         """Edits that apply only while their stack runs (no call of it: the module ran in
         another stack)."""
-        """The thread each edit applies in (the one that entered its intervention)."""
         self.edit_notes: dict[int, EditNote] = {}
         """Each thread's note of its latest call (read through :func:`~introspect._capture.edit_note`;
         a plain attribute, so a ``functools.wraps`` wrapper of this forward carries it)."""
@@ -619,10 +580,10 @@ class _EditedForward:
 
     # -- applying -----------------------------------------------------------------------------
 
-    def call(self, edit: Edit) -> _Call | None:
+    def call(self, edit: Edit) -> ModelCall | None:
         """The model call now running, as the edit's intervention saw it (``None``: none)."""
-        source = self.calls.get(id(edit))
-        return source() if source is not None else None
+        scope = self.calls.get(id(edit))
+        return scope.current if scope is not None else None
 
     def mask(self, edit: Edit) -> torch.Tensor | None:
         """The attention mask of the current model call, as the edit's intervention saw it."""
@@ -685,7 +646,7 @@ class _EditedForward:
         x: torch.Tensor,
         hits: _Hits | None,
         make_record: Callable[[], Record],
-        call: _Call | None,
+        call: ModelCall | None,
     ) -> torch.Tensor:
         op = edit.op
         if op.kind == "set":
@@ -740,14 +701,7 @@ class _EditedForward:
         if not self.input_edits:
             note.input_edits, note.input_before = (), None
             return None
-        keyword = self.target.input_kwarg
-        if args:
-            x = args[0]
-        elif keyword in kwargs:
-            x = kwargs[keyword]
-        else:
-            keyword = next((k for k, v in kwargs.items() if isinstance(v, torch.Tensor)), keyword)
-            x = kwargs.get(keyword)
+        x, keyword = input_slot(args, kwargs, self.target.input_kwarg)
 
         def make_record() -> Record:
             return Record(
@@ -765,7 +719,7 @@ class _EditedForward:
         note.input_before = x if applied else None
         if not applied:
             return None
-        if args:
+        if keyword is None:
             return (new, *args[1:]), kwargs
         return args, {**kwargs, keyword: new}
 
@@ -806,11 +760,9 @@ class _EditedForward:
         module.forward = state
         return state
 
-    def add(
-        self, edit: Edit, call: Callable[[], _Call | None] | None = None, scoped: bool = False
-    ) -> None:
-        if call is not None:
-            self.calls[id(edit)] = call
+    def add(self, edit: Edit, calls: CallScope | None = None, scoped: bool = False) -> None:
+        if calls is not None:
+            self.calls[id(edit)] = calls
         if scoped:
             self.scoped.add(id(edit))
         self.threads[id(edit)] = get_ident()
@@ -867,7 +819,7 @@ class _EditedForward:
             forward = following
 
 
-class Intervention:
+class Intervention(HookSession):
     """A context manager applying edits while the model (or ``generate``) runs.
 
     Built by :meth:`introspect.Inspector.steer`, ``ablate``, ``patch``, ``scale`` and ``edit``.
@@ -886,6 +838,9 @@ class Intervention:
         True
     """
 
+    what = "intervention"
+    error = InterventionError
+
     def __init__(
         self,
         edits: Sequence[Edit],
@@ -893,17 +848,9 @@ class Intervention:
         root: nn.Module | None = None,
         model: nn.Module | None = None,
     ) -> None:
+        super().__init__([edit.target for edit in edits], root=root, model=model)
         self.edits = list(edits)
-        self.root = root
-        self.model = model
-        """The top-level model, checked for compilation (``model.compile()`` marks only it)."""
-        self.attention_mask: torch.Tensor | None = None
-        self._call: _Call | None = None
-        self._stacks: dict[int, Callable[[], _Call | None]] = {}
         self._states: list[tuple[_EditedForward, Edit]] = []
-        self._handles: list[RemovableHandle] = []
-        self._uses = contextlib.ExitStack()
-        self._active = False
 
     def __add__(self, other: Intervention) -> Intervention:
         if not isinstance(other, Intervention):
@@ -916,11 +863,7 @@ class Intervention:
             model=self.model if self.model is not None else other.model,
         )
 
-    def _mask_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        stale = stale_targets(edit.target for edit in self.edits)
-        if stale:
-            # An edited module replaced while the edit is active would silently not be edited.
-            raise InterventionError(model_changed_message(stale, "intervention"))
+    def _at_call(self) -> None:
         lost = [edit.name for state, edit in self._states if _wrapper_of(state.module) is not state]
         if lost:
             # Its forward replaced (accelerate's remove_hook_from_module puts back the forward
@@ -931,122 +874,25 @@ class Intervention:
                 "it wrapped), so the edit would silently not apply: dispatch or undispatch the "
                 "model outside the 'with' block of an edit"
             )
-        self._call = _read_call(module, args, kwargs)
-        self.attention_mask = self._call.attention_mask
 
-    def _end_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        # A module called outside a model call is an independent forward, not the last step.
-        self._call = None
+    def _install(self, owner: int) -> None:
+        # One lock for every module's wrapper: two threads entering or leaving edits of one
+        # module must not both install (or both remove) its wrapped forward.
+        with _LOCK:
+            for edit in self.edits:
+                # The call an edit reads: the model's, or its own stack's (an encoder's or a
+                # decoder's own mask and cache; none outside a call of that stack, so an edit
+                # of a module several stacks share applies only within its own).
+                scope = self.scope(edit.target.within)
+                state = _EditedForward.attach(edit.target)
+                self._states.append((state, edit))
+                state.add(edit, scope, scoped=edit.target.within is not None)
 
-    def _current_call(self) -> _Call | None:
-        return self._call
-
-    def _stack_source(self, within: nn.Module, owner: int) -> Callable[[], _Call | None]:
-        """The current call of a stack (encoder, decoder) for the edits of modules inside it.
-
-        A stack's own call holds its own mask (the decoder's, not the encoder's mask that the
-        model received) and its own cache (none for an encoder, even when the model's call
-        carries the decoder's); outside any call of the stack there is none, so an edit of a
-        module several stacks share (T5's embedding on transformers 4.x) applies only within
-        its own stack.
-        """
-        found = self._stacks.get(id(within))
-        if found is not None:
-            return found
-        current: list[_Call | None] = [None]
-        depth = [0]
-
-        def enter(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            depth[0] += 1
-            if depth[0] == 1:
-                current[0] = _read_call(module, args, kwargs)
-
-        def leave(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            depth[0] -= 1
-            if depth[0] == 0:
-                current[0] = None
-
-        self._handles.append(
-            within.register_forward_pre_hook(only_in_thread(owner, enter), with_kwargs=True)
-        )
-        self._handles.append(
-            within.register_forward_hook(only_in_thread(owner, leave), always_call=True)
-        )
-
-        def source() -> _Call | None:
-            return current[0]
-
-        self._stacks[id(within)] = source
-        return source
-
-    def __enter__(self) -> Intervention:
-        if self._active:
-            raise InterventionError(
-                "this intervention is already active: build a new one to apply it twice"
-            )
-        stale = stale_targets(edit.target for edit in self.edits)
-        if stale:
-            raise InterventionError(model_changed_message(stale, "intervention"))
-        for watched in (self.model, self.root):
-            if watched is not None:
-                check_not_compiled(watched, action="edit", error=InterventionError)
-        self._active = True
-        self.attention_mask = None
-        self._call = None
-        owner = get_ident()
-        try:
-            enter_uses(self._uses, {id(e.target): e.target for e in self.edits}.values())
-            if self.root is not None:
-                self._handles.append(
-                    self.root.register_forward_pre_hook(
-                        only_in_thread(owner, self._mask_hook), with_kwargs=True
-                    )
-                )
-                self._handles.append(
-                    self.root.register_forward_hook(
-                        only_in_thread(owner, self._end_hook), always_call=True
-                    )
-                )
-            # One lock for every module's wrapper: two threads entering or leaving edits of one
-            # module must not both install (or both remove) its wrapped forward.
-            with _LOCK:
-                for edit in self.edits:
-                    within = edit.target.within
-                    source = (
-                        self._current_call if within is None else self._stack_source(within, owner)
-                    )
-                    state = _EditedForward.attach(edit.target)
-                    self._states.append((state, edit))
-                    state.add(edit, source, scoped=within is not None)
-        except BaseException:
-            self._remove()
-            raise
-        return self
-
-    def _remove(self) -> None:
+    def _uninstall(self) -> None:
         with _LOCK:
             for state, edit in reversed(self._states):
                 state.discard(edit)
         self._states.clear()
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._uses.close()
-        self._stacks.clear()
-        self._call = None
-        self._active = False
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._remove()
-        if exc is not None:
-            # An error (or an early stop) inside a forward leaves the weights accelerate loaded
-            # for the modules it interrupted on the execution device.
-            settle_offloaded(self.model if self.model is not None else self.root)
 
     def __repr__(self) -> str:
         return f"Intervention({', '.join(e.name for e in self.edits)})"
