@@ -56,15 +56,17 @@ if TYPE_CHECKING:
         ModelLoadError,
         NoAdapterError,
         PluginLoadError,
+        SAEError,
         UnsupportedArchitectureError,
     )
     from introspect._export import capture_to_file, load_capture, save_tensors
     from introspect._extract import extract
     from introspect._hookspecs import hookimpl
     from introspect._inspector import Inspector, get_hidden_state
-    from introspect._interventions import Intervention, logit_difference, mean_activation
+    from introspect._interventions import Intervention, mean_activation
     from introspect._lens import LensResult, logit_lens
     from introspect._locators import Locator
+    from introspect._patching import logit_difference
     from introspect._plugins import (
         PluginWarning,
         get_plugin_manager,
@@ -72,6 +74,7 @@ if TYPE_CHECKING:
         new_plugin_manager,
     )
     from introspect._proof import UnprovenWarning
+    from introspect._sae import SAEEvaluation, SparseAutoencoder, evaluate_sae, load_sae, train_sae
     from introspect._spec import (
         AdapterSpec,
         HeadSpec,
@@ -140,6 +143,10 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ["AdapterSpec", "HeadSpec", "LogitOp", "StackSpec", "StreamOp", "VersionFacts"], "_spec"
     ),
+    "SAEError": "_errors",
+    **dict.fromkeys(
+        ["SAEEvaluation", "SparseAutoencoder", "evaluate_sae", "load_sae", "train_sae"], "_sae"
+    ),
 }
 
 __all__ = [
@@ -176,6 +183,9 @@ __all__ = [
     "PluginLoadError",
     "PluginWarning",
     "Record",
+    "SAEError",
+    "SAEEvaluation",
+    "SparseAutoencoder",
     "StackSpec",
     "StreamOp",
     "UnprovenWarning",
@@ -187,6 +197,7 @@ __all__ = [
     "describe",
     "detect_adapter",
     "encode_batch",
+    "evaluate_sae",
     "extract",
     "get_hidden_state",
     "get_plugin_manager",
@@ -196,6 +207,7 @@ __all__ = [
     "last_token_positions",
     "load_capture",
     "load_model",
+    "load_sae",
     "logit_difference",
     "logit_lens",
     "mean_activation",
@@ -204,6 +216,7 @@ __all__ = [
     "position_ids_from_mask",
     "real_token_positions",
     "save_tensors",
+    "train_sae",
 ]
 
 

@@ -142,3 +142,15 @@ class FactError(ConformanceError):
     def __init__(self, message: str, checks: tuple[object, ...] = ()) -> None:
         super().__init__(message)
         self.checks = checks
+
+
+class SAEError(IntrospectError):
+    """A sparse autoencoder cannot be read, placed or used as asked (format, site, width).
+
+    Example:
+        >>> issubclass(SAEError, IntrospectError)
+        True
+    """
+
+
+__all__ += ["SAEError"]
