@@ -146,6 +146,7 @@ class SparseAutoencoder(nn.Module):
         dtype: torch.dtype = torch.float32,
         format: str = "saelens",
         site: Site | None = None,
+        locator: str | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -162,7 +163,9 @@ class SparseAutoencoder(nn.Module):
         self.processing = processing or InputProcessing()
         self.format = format
         """Which format the weights were read from (``saelens``, ``gemma_scope``, ...)."""
-        self.site = site or Site()
+        self.site = site or Site(locator=locator)
+        if locator is not None:
+            self.site.locator = locator
         self.metadata: dict[str, Any] = dict(metadata or {})
         """What the format says beyond the weights (model name, context size, ...)."""
         shapes = {
