@@ -1115,6 +1115,432 @@ def _extract(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- sparse autoencoders ---------------------------------------------------------------------
+
+
+def _positive(text: str) -> float:
+    """A finite number above zero (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number, e.g. 1e-4") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number above zero")
+    return value
+
+
+def _train_sae_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model", help="the model the activations come from (as given to introspect extract)"
+    )
+    parser.add_argument(
+        "--data", required=True, metavar="DIR", help="a folder written by introspect extract"
+    )
+    parser.add_argument(
+        "--at",
+        required=True,
+        metavar="LOCATOR",
+        help="the extracted site to train on: block[3], block[-1], block[2].mlp, ...",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="SAE_DIR",
+        help="where the SAE goes (SAELens layout) and its checkpoints (SAE_DIR/checkpoint)",
+    )
+    width = parser.add_mutually_exclusive_group(required=True)
+    width.add_argument(
+        "--expansion",
+        type=_whole_number(1),
+        metavar="N",
+        help="N times the site's width latents, e.g. 8",
+    )
+    width.add_argument("--d-sae", type=_whole_number(1), metavar="N", help="N latents")
+    parser.add_argument(
+        "--k", type=_whole_number(1), required=True, metavar="K", help="latents active per token"
+    )
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument(
+        "--steps", type=_whole_number(1), metavar="N", help="optimiser steps (default: --epochs)"
+    )
+    length.add_argument(
+        "--epochs",
+        type=_whole_number(1),
+        metavar="N",
+        help="passes over the data (default: 1)",
+    )
+    parser.add_argument(
+        "--lr",
+        type=_positive,
+        metavar="LR",
+        help="Adam's learning rate (default: 2e-4 / sqrt(d_sae / 2**14))",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_whole_number(1),
+        default=1024,
+        metavar="N",
+        help="tokens per step (default: 1024)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, metavar="N", help="initialisation and order (default: 0)"
+    )
+    parser.add_argument(
+        "--k-aux",
+        type=_whole_number(1),
+        metavar="N",
+        help="dead latents the AuxK loss uses (default: half the width, at most d_sae)",
+    )
+    parser.add_argument(
+        "--dead-after",
+        type=_whole_number(1),
+        metavar="N",
+        help="tokens without firing after which a latent counts as dead (default: 10M, at "
+        "most the dataset's rows)",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=_whole_number(1),
+        default=500,
+        metavar="N",
+        help="steps between checkpoints (default: 500)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="start over instead of resuming the run (or keeping the SAE) in SAE_DIR",
+    )
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress lines (also: INTROSPECT_PROGRESS=0)",
+    )
+    _json_flag(parser)
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """The file's inode and modification time, ``None`` when it does not exist."""
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def _same_model(given: str, recorded: str) -> bool:
+    if given == recorded:
+        return True
+    a, b = Path(given).expanduser(), Path(recorded).expanduser()
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
+
+
+@command(
+    "train-sae",
+    "train a TopK sparse autoencoder on activations from introspect extract; resumable",
+    _train_sae_options,
+)
+def _train_sae(args: argparse.Namespace) -> int:
+    from introspect._dataset import ActivationDataset
+    from introspect._errors import SAEError
+    from introspect._locators import Locator
+    from introspect._sae import train_sae
+    from introspect._sae._model import SAELENS_CONFIG
+
+    # Everything that can be checked without training is checked first.
+    Locator.parse(args.at)
+    ds = ActivationDataset(args.data)
+    at = ds[args.at].key
+    recorded = ds.manifest.get("model")
+    if (
+        isinstance(recorded, str)
+        and recorded != ds.manifest.get("model_class")
+        and not _same_model(args.model, recorded)
+    ):
+        raise SAEError(
+            f"{args.data} holds activations of {recorded!r} (its manifest.json), not of "
+            f"{args.model!r}: name the model it was extracted from"
+        )
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise SAEError(f"--out {args.out} is a file: name a folder for the SAE")
+    config = out / SAELENS_CONFIG
+    before = _stamp(config)
+    sae = train_sae(
+        args.data,
+        at=at,
+        out=out,
+        k=args.k,
+        d_sae=args.d_sae,
+        expansion=args.expansion,
+        steps=args.steps,
+        epochs=args.epochs or 1,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        k_aux=args.k_aux,
+        dead_after=args.dead_after,
+        checkpoint_every=args.checkpoint_every,
+        resume=not args.force,
+        progress=not args.no_progress,
+    )
+    kept = before is not None and _stamp(config) == before  # not written again
+    training = dict(sae.metadata.get("training", {}))
+    steps = int(training.get("steps", 0))
+    ran = int(training.get("tokens_this_run") or 0) // args.batch_size
+    if args.json:
+        payload = {
+            "model": args.model,
+            "data": args.data,
+            "out": str(out),
+            "at": sae.locator,
+            "d_in": sae.d_in,
+            "d_sae": sae.d_sae,
+            "k": sae.k,
+            "already_complete": kept,
+            "training": training,
+        }
+        print(json.dumps(payload, indent=2, default=str))
+        return 0
+    if not training.get("finished", True):
+        total = training.get("settings", {}).get("steps", "?")
+        print(
+            f"stopped at step {steps:,} of {total:,}: the checkpoint is in {out / 'checkpoint'}; "
+            "rerun the same command to resume"
+        )
+        return 0
+    note = "already trained, nothing to do: " if kept else "wrote "
+    print(
+        f"{note}{out}: TopK SAE at {sae.locator} of {args.model}, {sae.d_in} -> {sae.d_sae} "
+        f"latents, k {sae.k}; {steps:,} steps of {args.batch_size:,} tokens"
+        + (f" (resumed at step {steps - ran:,})" if not kept and 0 < steps - ran < steps else "")
+    )
+    fvu = training.get("final_fvu")
+    dead = training.get("dead")
+    if fvu is not None and dead is not None:
+        print(
+            f"final fraction of variance unexplained {fvu:.4f}; {dead:,} of {sae.d_sae:,} "
+            "latents dead"
+        )
+    speed = training.get("tokens_per_second")
+    share = training.get("read_share")
+    if not kept and speed and share is not None:
+        print(f"{speed:,.0f} tokens/s from disk, {share:.0%} of the time reading")
+    print(f"next: introspect sae eval {args.model} {out} --input FILE")
+    return 0
+
+
+def _sae_eval_options(parser: argparse.ArgumentParser) -> None:
+    _model_options(parser)
+    parser.add_argument(
+        "sae",
+        metavar="SAE_DIR",
+        help="the SAE's folder: SAELens, Gemma Scope, Llama Scope, dictionary_learning or one "
+        "sparsify hookpoint's folder (the format is detected from its files)",
+    )
+    given = parser.add_mutually_exclusive_group(required=True)
+    given.add_argument(
+        "--prompt",
+        action="append",
+        metavar="TEXT",
+        help="a text to evaluate on, repeatable (each one a sequence)",
+    )
+    given.add_argument(
+        "--input",
+        "--data",
+        dest="input",
+        action="append",
+        metavar="PATH",
+        help="a corpus, repeatable: a .txt file (one document per line), a .jsonl file (a "
+        "'text' field per line) or a folder written by datasets' save_to_disk",
+    )
+    parser.add_argument(
+        "--at",
+        metavar="LOCATOR",
+        help="where the SAE reads (default: the site its files name)",
+    )
+    parser.add_argument(
+        "--format",
+        metavar="NAME",
+        help="read the folder as this format (saelens, gemma_scope, llama_scope, "
+        "dictionary_learning, sparsify) instead of detecting it",
+    )
+    parser.add_argument(
+        "--center-writing-weights",
+        choices=["yes", "no"],
+        help="for a SAELens SAE on the residual stream whose cfg.json does not say: whether "
+        "it was trained on TransformerLens's centred weights (gpt2-small-res-jb: yes)",
+    )
+    parser.add_argument(
+        "--norm-scaling-factor",
+        type=_positive,
+        metavar="F",
+        help="the input factor of an expected_average_only_in SAELens SAE (1.0 if folded)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_whole_number(1),
+        default=8,
+        metavar="N",
+        help="sequences per forward pass (default: 8)",
+    )
+    parser.add_argument(
+        "--max-length",
+        type=_whole_number(2),
+        metavar="N",
+        help="cut longer documents to N tokens (default: the model's context length)",
+    )
+    parser.add_argument(
+        "--text-field",
+        default="text",
+        metavar="F",
+        help="the text field of .jsonl records and datasets rows (default: text)",
+    )
+
+
+def _sae_batches(
+    tokenizer: Any, texts: Sequence[str], model: Any, *, batch_size: int, max_length: int | None
+) -> list[dict[str, Any]]:
+    """The texts as padded batches of token ids (right-padded, as extract pads them)."""
+    from introspect._batching import context_length, pad_batch
+    from introspect._text import _device_of, encode_prompt
+
+    if tokenizer is None:
+        encode_prompt(tokenizer, "x", model)  # its error: this model cannot read text
+    limit = max_length or context_length(model)
+    ids = [
+        [int(t) for t in row][:limit] if limit else [int(t) for t in row]
+        for row in tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]
+    ]
+    ids = [row for row in ids if row]
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    device = _device_of(model)
+    batches = []
+    for start in range(0, len(ids), batch_size):
+        batch = pad_batch(
+            ids[start : start + batch_size], padding_side="right", pad_token_id=int(pad or 0)
+        )
+        batches.append({k: batch[k].to(device) for k in ("input_ids", "attention_mask")})
+    return batches
+
+
+def _site_device(insp: Any, loc: Any) -> Any:
+    """Where the values at ``loc`` are computed: its module's device, else the model's."""
+    from introspect._text import _device_of
+
+    path = insp.path(loc).split(":")[0]  # block[0].attn.z is a part of the attention module
+    try:
+        module = insp.model.get_submodule(path)
+    except AttributeError:
+        module = insp.model
+    return next((p.device for p in module.parameters() if not p.is_meta), _device_of(insp.model))
+
+
+_SAE_METRICS = (
+    ("ce_score", "(CE ablated - CE spliced) / (CE ablated - CE clean): 1 is the model's own loss"),
+    ("ce_clean", "next-token cross-entropy of the model as it is"),
+    ("ce_sae", "... with the site replaced by the SAE's reconstruction"),
+    ("ce_ablate", "... with the site zero-ablated"),
+    ("kl_score", "(KL ablated - KL spliced) / KL ablated"),
+    ("kl_sae", "KL(clean || spliced) per token"),
+    ("kl_ablate", "KL(clean || zero-ablated) per token"),
+    ("l0", "mean number of active latents per token"),
+    ("explained_variance", "1 - sum |x - x_hat|^2 / sum |x - mean|^2"),
+    ("dead", "latents that never fired on these tokens"),
+)
+
+
+def _sae_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from introspect._corpus import read_inputs
+    from introspect._errors import ModelLoadError
+    from introspect._locators import Locator
+    from introspect._sae import evaluate_sae, load_sae, site_locator
+
+    # The inputs, the locator and the SAE are checked before the model loads.
+    if args.at is not None:
+        Locator.parse(args.at)
+    if args.prompt is not None:
+        if not all(args.prompt):
+            raise ModelLoadError("the prompt is empty: pass some text, e.g. --prompt 'Hello'")
+        texts = list(args.prompt)
+    else:
+        docs = read_inputs(args.input, args.text_field)
+        texts = docs.texts(0, len(docs))
+    centre = None if args.center_writing_weights is None else args.center_writing_weights == "yes"
+    sae = load_sae(
+        args.sae,
+        format=args.format,
+        center_writing_weights=centre,
+        norm_scaling_factor=args.norm_scaling_factor,
+    )
+    model, tokenizer, insp = _load(args)
+    loc = site_locator(insp, sae, args.at, splicing=True)  # width and site, before any forward
+    sae.to(_site_device(insp, loc))
+    batches = _sae_batches(
+        tokenizer, texts, model, batch_size=args.batch_size, max_length=args.max_length
+    )
+    result = evaluate_sae(insp, sae, batches, at=loc)
+    fields = dataclasses.asdict(result)
+    if args.json:
+        payload = {
+            "model": args.model,
+            "sae": args.sae,
+            "format": sae.format,
+            "architecture": sae.architecture,
+            "d_in": sae.d_in,
+            "documents": len(texts),
+            **{k: _finite(v) if isinstance(v, float) else v for k, v in fields.items()},
+            "dead_fraction": result.dead_fraction,
+        }
+        print(json.dumps(payload, indent=2))
+        return 0
+    print(
+        f"{args.model}: SAE {args.sae} ({sae.format}, {sae.architecture}, {sae.d_in} -> "
+        f"{sae.d_sae} latents) at {result.at}, on {result.tokens:,} tokens of {len(texts):,} "
+        f"{'sequence' if len(texts) == 1 else 'sequences'}"
+    )
+    rows = [
+        [
+            name,
+            f"{result.dead:,} of {result.d_sae:,}" if name == "dead" else f"{fields[name]:.4f}",
+            meaning,
+        ]
+        for name, meaning in _SAE_METRICS
+    ]
+    print_table(rows, ["metric", "value", "what it is"])
+    return 0
+
+
+_SAE_COMMANDS: dict[str, tuple[str, Configure, Runner]] = {
+    "eval": (
+        "CE and KL scores, L0, explained variance and dead latents of an SAE spliced into "
+        "a model, on prompts or a corpus",
+        _sae_eval_options,
+        _sae_eval,
+    ),
+}
+
+
+def _sae_options(parser: argparse.ArgumentParser) -> None:
+    subs = parser.add_subparsers(dest="sae_command", metavar="SAE_COMMAND", required=True)
+    for name, (help, configure, _) in _SAE_COMMANDS.items():
+        sub = subs.add_parser(name, help=help, description=help)
+        configure(sub)
+        sub.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show full tracebacks on errors",
+        )
+
+
+@command("sae", "sparse autoencoders: 'introspect sae eval MODEL SAE_DIR ...'", _sae_options)
+def _sae(args: argparse.Namespace) -> int:
+    return _SAE_COMMANDS[args.sae_command][2](args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered sub-command.
 
