@@ -47,6 +47,7 @@ BERT = AdapterSpec(
     blocks="encoder.layer",
     attn="attention",
     mlp="output",
+    mlp_post="dense",
     modules={
         "pos_embed": "embeddings.position_embeddings",
         "type_embed": "embeddings.token_type_embeddings",
@@ -100,6 +101,7 @@ DISTILBERT = AdapterSpec(
     blocks="transformer.layer",
     attn="attention",
     mlp="ffn",
+    mlp_post="lin2",
     modules={
         "pos_embed": "embeddings.position_embeddings",
         "embed_norm": "embeddings.LayerNorm",

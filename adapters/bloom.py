@@ -27,6 +27,7 @@ BLOOM = AdapterSpec(
     blocks="h",
     attn="self_attention",
     mlp="mlp",
+    mlp_post="dense_4h_to_h",
     final_norm="ln_f",
     modules={"embed_norm": "word_embeddings_layernorm"},
     parts={"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},

@@ -35,6 +35,7 @@ FALCON = AdapterSpec(
     blocks="h",
     attn="self_attention",
     mlp="mlp",
+    mlp_post="dense_4h_to_h",
     final_norm="ln_f",
     parts={
         "attn_norm": "ln_attn|input_layernorm",

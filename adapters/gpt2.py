@@ -14,6 +14,7 @@ GPT2 = AdapterSpec(
     blocks="h",
     attn="attn",
     mlp="mlp",
+    mlp_post="c_proj",
     final_norm="ln_f",
     modules={"pos_embed": "wpe"},
     parts={"attn_norm": "ln_1", "mlp_norm": "ln_2"},

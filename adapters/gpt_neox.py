@@ -20,6 +20,7 @@ GPT_NEOX = AdapterSpec(
     blocks="layers",
     attn="attention",
     mlp="mlp",
+    mlp_post="dense_4h_to_h",
     final_norm="final_layer_norm",
     parts={"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
     heads={

@@ -23,6 +23,7 @@ GPTJ = AdapterSpec(
     blocks="h",
     attn="attn",
     mlp="mlp",
+    mlp_post="fc_out",
     final_norm="ln_f",
     parts={"attn_norm": "ln_1"},
     missing={"mlp_norm": _PARALLEL},

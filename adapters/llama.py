@@ -38,6 +38,7 @@ LLAMA = AdapterSpec(
     blocks="layers",
     attn="self_attn",
     mlp="mlp",
+    mlp_post="down_proj",
     final_norm="norm",
     parts={"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
     heads={

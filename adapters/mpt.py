@@ -24,6 +24,7 @@ MPT = AdapterSpec(
     blocks="blocks",
     attn="attn",
     mlp="ffn",
+    mlp_post="down_proj",
     final_norm="norm_f",
     parts={"attn_norm": "norm_1", "mlp_norm": "norm_2"},
     heads={

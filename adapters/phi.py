@@ -18,6 +18,7 @@ PHI = AdapterSpec(
     blocks="layers",
     attn="self_attn",
     mlp="mlp",
+    mlp_post="fc2",
     final_norm="final_layernorm",
     parts={"attn_norm": "input_layernorm"},
     missing={

@@ -34,6 +34,7 @@ RWKV = AdapterSpec(
     blocks="blocks",
     attn="attention",
     mlp="feed_forward",
+    mlp_post="value",
     final_norm="ln_out",
     parts={"attn_norm": "ln1", "mlp_norm": "ln2", "pre_ln": "pre_ln"},
     missing={

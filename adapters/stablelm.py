@@ -19,6 +19,7 @@ STABLELM = AdapterSpec(
     blocks="layers",
     attn="self_attn",
     mlp="mlp",
+    mlp_post="down_proj",
     final_norm="norm",
     parts={"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
     missing={
@@ -45,6 +46,7 @@ STARCODER2 = STABLELM.derive(
     name="starcoder2",
     model_types=("starcoder2",),
     description="StarCoder2 (Llama layout with LayerNorm and biases)",
+    mlp_post="c_proj",
     missing={},
     heads={
         "attn": HeadSpec(

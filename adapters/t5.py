@@ -51,6 +51,7 @@ ENCODER = StackSpec(
     blocks="encoder.block",
     attn="layer.0.SelfAttention",
     mlp="layer.1.DenseReluDense",
+    mlp_post="wo",
     final_norm="encoder.final_layer_norm",
     parts=_ENCODER_PARTS,
     heads={"attn": _SELF_HEADS},
@@ -68,6 +69,7 @@ T5 = AdapterSpec(
     blocks="decoder.block",
     attn="layer.0.SelfAttention",
     mlp="layer.2.DenseReluDense",
+    mlp_post="wo",
     final_norm="decoder.final_layer_norm",
     parts={
         "attn_layer": "layer.0",

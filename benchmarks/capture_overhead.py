@@ -2,7 +2,10 @@
 
 Prints, for a GPT-2-small-sized random model (12 layers, hidden 768, vocab 50257) at batch
 4 x 128 and a tiny GPT-2 (12 layers, hidden 64) at batch 1 x 16, the median time of each case
-and its ratio to the plain forward measured in the same run. After warm-up, cases are
+and its ratio to the plain forward measured in the same run, next to two plain forward hooks
+registered and removed by hand (the floor any hook-based tool pays). For the tiny model it also
+breaks the fixed cost of a capture down in microseconds (building it, entering and leaving it,
+its hooks during a forward) and gives the cost per step of capturing during ``generate``. After warm-up, cases are
 interleaved call by call in a shuffled order each round, so drift in machine load hits them
 all alike; the median of the per-call times discards the rare pauses (garbage collection,
 other processes).
@@ -54,9 +57,26 @@ def cases(model: GPT2LMHeadModel, inputs: dict[str, torch.Tensor]) -> dict[str, 
             model(**inputs)
         return cap
 
+    first, last = model.transformer.h[0], model.transformer.h[-1]
+
+    def raw_hooks() -> object:
+        kept: list[object] = []
+
+        def keep(module: object, args: object, output: object) -> None:
+            kept.append(output)
+
+        handles = [first.register_forward_hook(keep), last.register_forward_hook(keep)]
+        try:
+            model(**inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return kept
+
     found: dict[str, Case] = {
         "plain forward": plain,
         "output_hidden_states=True": hf_hidden_states,
+        "raw hooks block[0]+block[-1]": raw_hooks,
         "capture block[0]+block[-1]": capture,
     }
     # Early stop ends the forward after the first half of the blocks, without the head:
@@ -91,6 +111,51 @@ def measure(run: dict[str, Case], rounds: int, repeat: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def breakdown(model: GPT2LMHeadModel, inputs: dict[str, torch.Tensor], rounds: int) -> None:
+    """Microseconds of a capture's fixed cost, and of capturing one generation step."""
+    insp = Inspector(model)
+    names = ("block[0]", "block[-1]")
+
+    def build_only() -> object:
+        return insp.capture(*names)
+
+    built = insp.capture(*names)
+
+    def enter_exit() -> object:
+        with built:
+            pass
+        return built
+
+    prompt = inputs["input_ids"][:, :8]
+    steps = 8
+
+    def generate() -> object:
+        return model.generate(
+            prompt, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0
+        )
+
+    def generate_captured() -> object:
+        with insp.capture(*names) as cap:
+            generate()
+        return cap
+
+    medians = measure(
+        {
+            "build": build_only,
+            "enter+exit": enter_exit,
+            "generate": generate,
+            "generate captured": generate_captured,
+        },
+        rounds,
+        4,
+    )
+    print("  fixed cost of one capture (median, microseconds):")
+    print(f"    build the capture (resolve 2 locators)  {medians['build'] * 1e6:8.1f}")
+    print(f"    enter and exit it (no forward)          {medians['enter+exit'] * 1e6:8.1f}")
+    per_step = (medians["generate captured"] - medians["generate"]) / steps
+    print(f"  capturing during generate, per step       {per_step * 1e6:8.1f}  ({steps} steps)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=25)
@@ -107,6 +172,10 @@ def main() -> None:
         print(f"\n{label}, batch {shape}, median of {args.rounds * repeat} interleaved calls")
         for name, seconds in medians.items():
             print(f"  {name:<34} {seconds * 1e3:9.3f} ms   ratio {seconds / base:6.3f}")
+        hooks = medians["capture block[0]+block[-1]"] - medians["raw hooks block[0]+block[-1]"]
+        print(f"  capture minus raw hooks, per forward     {hooks * 1e6:9.1f} us")
+        if size == "tiny":
+            breakdown(model, inputs, args.rounds)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from introspect._lens import _as_inputs, _target_id
 from introspect._spec import LogitOp
 
 if TYPE_CHECKING:
-    from introspect._inspector import Inspector
+    from introspect._view import Analysable
 
 __all__ = ["Attribution", "FrozenNorm", "direct_logit_attribution", "frozen_norm"]
 
@@ -168,7 +168,7 @@ def frozen_norm(norm: nn.Module | None, x: torch.Tensor, atol: float = 1e-4) -> 
 
 
 def _components(
-    insp: Inspector, per_head: bool
+    insp: Analysable, per_head: bool
 ) -> tuple[list[str], list[str], list[tuple[str, str]]]:
     """The locators to capture, the per-block sub-layer names and their labels."""
     spec = insp.adapter.stack(insp.adapter.stack_name)
@@ -179,7 +179,7 @@ def _components(
         refused = "its blocks have no separate attention and MLP sub-layers"
     elif spec.residual_in:
         refused = f"{', '.join(spec.residual_in)} already include(s) the residual stream"
-    elif [m for m in spec.after_blocks if m != "final_norm" and insp._after_module(spec, m)]:
+    elif [m for m in spec.after_blocks if m != "final_norm" and insp.view.after_module(spec, m)]:
         refused = "Hugging Face applies more than the final norm after the last block"
     elif insp.adapter.head_modules:
         refused = f"its head runs {', '.join(insp.adapter.head_modules)} before the unembedding"
@@ -213,7 +213,7 @@ def _components(
 
 
 def direct_logit_attribution(
-    insp: Inspector,
+    insp: Analysable,
     inputs: str | torch.Tensor | Mapping[str, Any],
     token: int | str,
     position: int = -1,
@@ -297,7 +297,7 @@ def direct_logit_attribution(
             f"block's attn and mlp outputs by {gap:.3g} (its blocks scale or normalise what "
             "they add)"
         )
-    norm = insp._after_module(insp.adapter, "final_norm")
+    norm = insp.view.after_module(insp.adapter, "final_norm")
     frozen = frozen_norm(norm, stream)
     with onloaded(head, "direct logit attribution"):  # accelerate may have offloaded them
         loaded = getattr(head, "weight", weight)
@@ -342,7 +342,7 @@ def direct_logit_attribution(
     return Attribution(labels, out.float(), logit, token_id, position, diff)
 
 
-def _head_steps(value: torch.Tensor, insp: Inspector) -> torch.Tensor:
+def _head_steps(value: torch.Tensor, insp: Analysable) -> torch.Tensor:
     """A value on the unembedding column through the head's linear steps (its scales)."""
     for op in insp.adapter.pre_head:
         value = _linear(op, value, insp)
@@ -352,7 +352,7 @@ def _head_steps(value: torch.Tensor, insp: Inspector) -> torch.Tensor:
     return value
 
 
-def _linear(op: LogitOp, value: torch.Tensor, insp: Inspector) -> torch.Tensor:
+def _linear(op: LogitOp, value: torch.Tensor, insp: Analysable) -> torch.Tensor:
     factor = op.value_for(insp.model)
     if factor is None:
         return value

@@ -236,6 +236,7 @@ class Record:
         keep_raw: bool = True,
         call: ModelCall | None = None,
         unjoinable: str | None = None,
+        output_is_input: bool = False,
     ) -> None:
         self.key = key
         self._call = call
@@ -249,9 +250,12 @@ class Record:
             if note.input_edits:
                 inp_before = note.input_before
                 edits += note.input_edits
-            if note.output_edits and self._ran:
+            if note.output_edits and self._ran and not output_is_input:
                 out_before = note.output_before
                 edits += note.output_edits
+        if output_is_input:
+            # The value is what the module receives (the MLP's post): both sides hold it.
+            out, out_before = inp, inp_before
         active = transform is not None and transform.active
         if active:
             assert transform is not None
@@ -573,7 +577,7 @@ class Capture(HookSession):
     def _install(self, owner: int) -> None:
         for target in self.targets:
             hook = only_in_thread(owner, self._make_hook(target))
-            if target.needs_output:
+            if target.needs_output and not target.reads_input:
                 handle = target.module.register_forward_hook(hook, with_kwargs=True)
             else:
                 handle = target.module.register_forward_pre_hook(hook, with_kwargs=True)
@@ -596,6 +600,8 @@ class Capture(HookSession):
         within = target.within
         scope = self.scope(within)
 
+        reads_input = target.reads_input
+
         def keep(args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, ran: bool) -> None:
             if within is not None and scope is not None and scope.depth == 0:
                 return
@@ -614,6 +620,7 @@ class Capture(HookSession):
                 keep_raw=keep_raw,
                 call=call,
                 unjoinable=target.unjoinable,
+                output_is_input=reads_input,
             )
             first = records.get(key)
             if first is None:
@@ -624,7 +631,7 @@ class Capture(HookSession):
             else:
                 first.add_step(rec)
 
-        if target.needs_output:
+        if target.needs_output and not reads_input:
 
             def forward_hook(
                 module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -634,7 +641,7 @@ class Capture(HookSession):
             return forward_hook
 
         def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            keep(args, kwargs, None, False)
+            keep(args, kwargs, None, reads_input)
 
         return pre_hook
 

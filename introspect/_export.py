@@ -29,8 +29,8 @@ from introspect._text import token_strings
 from introspect._version import __version__
 
 if TYPE_CHECKING:
-    from introspect._inspector import Inspector
     from introspect._locators import Locator
+    from introspect._view import Analysable
 
 __all__ = [
     "capture_to_file",
@@ -303,7 +303,7 @@ def _value(loc: Locator, cap: Any) -> Any:
 
 
 def capture_to_file(
-    inspector: Inspector,
+    inspector: Analysable,
     inputs: Mapping[str, Any],
     locators: Sequence[str],
     path: str | os.PathLike[str],

@@ -250,7 +250,7 @@ def head_checks(
             for i in range(n):
                 try:
                     loc = insp.locator(f"{prefix}block[{i}].{part}")
-                    by_block[i] = insp._resolver.head_tap(loc, part)
+                    by_block[i] = insp.view.resolver.head_tap(loc, part)
                 except MissingPartError:
                     continue  # a hybrid's block without attention, or no cross-attention here
             if not by_block:

@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import numbers
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from threading import RLock, get_ident
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -44,8 +45,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from introspect._capture import onloaded
-from introspect._errors import CaptureError, MissingPartError
+from introspect._errors import CaptureError, InterventionError, MissingPartError
+from introspect._hooks import onloaded
+from introspect._locators import Locator
 from introspect._paths import get_path
 from introspect._spec import HeadSpec
 
@@ -56,7 +58,12 @@ __all__ = [
     "SITES",
     "HeadSite",
     "HeadTap",
+    "Heads",
+    "attn_part",
+    "check_heads",
+    "head_site",
     "head_tap",
+    "heads_in_range",
 ]
 
 SITES = ("q", "k", "v", "pattern", "z", "result")
@@ -793,3 +800,81 @@ def head_tap(attn: nn.Module, spec: HeadSpec, config: Any, label: str) -> HeadTa
         tap = HeadTap(attn, spec, config, label)
         _TAPS[attn] = tap
         return tap
+
+
+# -- heads named by locators and by heads= -------------------------------------------------------
+
+Heads = int | Sequence[int] | None
+"""Heads an edit touches: one index, several, or ``None`` (the whole value)."""
+
+
+def head_site(loc: Locator) -> str | None:
+    """The head value a locator names (``q``, ``z``, ... or ``o``), else ``None`` (a block,
+    a part, or a sub-module of a part such as ``mlp.down_proj``).
+
+    Example:
+        >>> head_site(Locator.parse("block[0].attn.z")), head_site(Locator.parse("block[0]"))
+        ('z', None)
+        >>> head_site(Locator.parse("block[0].mlp.down_proj")) is None
+        True
+    """
+    if not loc.is_block or not loc.sub or "." not in loc.sub:
+        return None
+    site = loc.sub.partition(".")[2]
+    return site if site in SITES or site == "o" else None
+
+
+def attn_part(loc: Locator) -> str:
+    """The attention part of a block locator (``block[0].attn`` for ``block[0]``).
+
+    Example:
+        >>> attn_part(Locator.parse("block[1].cross_attn.z"))
+        'block[1].cross_attn'
+    """
+    part = (loc.sub or "attn").partition(".")[0]
+    return str(loc.model_copy(update={"sub": part, "side": "output"}))
+
+
+def check_heads(heads: Any) -> tuple[int, ...] | None:
+    """``heads=`` in its plain form (a tuple of ints), checked before any forward.
+
+    Example:
+        >>> check_heads(3), check_heads([0, 5]), check_heads(None)
+        ((3,), (0, 5), None)
+    """
+    if heads is None:
+        return None
+    items = [heads] if isinstance(heads, numbers.Integral) else heads
+    if isinstance(items, (str, bytes)) or not isinstance(items, (Sequence, range, torch.Tensor)):
+        raise InterventionError(
+            f"heads= takes a head index or a list of them (e.g. heads=3, heads=[0, 5]), got "
+            f"{type(heads).__name__}: {heads!r:.60}"
+        )
+    if isinstance(items, torch.Tensor):
+        items = items.flatten().tolist()
+    out: list[int] = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, numbers.Integral):
+            raise InterventionError(
+                f"heads= takes integer head indices, got {type(item).__name__}: {item!r:.40}"
+            )
+        out.append(int(item))
+    if not out:
+        raise InterventionError("heads= is empty: name at least one head (or leave heads=None)")
+    return tuple(out)
+
+
+def heads_in_range(heads: tuple[int, ...], count: int, loc: Locator) -> tuple[int, ...]:
+    """``heads`` as sorted non-negative indices, each checked against ``count``.
+
+    Example:
+        >>> heads_in_range((-1, 0), 4, Locator.parse("block[0].attn.z"))
+        (0, 3)
+    """
+    bad = [h for h in heads if not -count <= h < count]
+    if bad:
+        raise InterventionError(
+            f"head {bad[0]} is out of range for {loc}, which has {count} heads (use "
+            f"{-count}..{count - 1})"
+        )
+    return tuple(sorted({h % count for h in heads}))

@@ -440,6 +440,9 @@ class Target:
     unjoinable: str | None = None
     """Why the steps of this target's records cannot be joined into one sequence (the key
     axis of ``k``, ``v`` and ``pattern`` grows with the cache)."""
+    reads_input: bool = False
+    """The value is what ``module`` receives (the MLP's ``post``: its down-projection's
+    input): recorded as the record's output, edited before the module runs."""
 
 
 def enter_uses(stack: contextlib.ExitStack, targets: Iterable[Target]) -> None:

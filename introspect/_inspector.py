@@ -7,7 +7,6 @@ with hooks, and applies what the model applies after its last block.
 from __future__ import annotations
 
 import inspect
-import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -16,115 +15,33 @@ from torch import nn
 
 from introspect._attribution import Attribution, direct_logit_attribution
 from introspect._batching import PaddingSide, Positions, check_positions, encode_batch
-from introspect._capture import Capture, Record, Target, Transform, input_device
-from introspect._errors import (
-    CaptureError,
-    InterventionError,
-    LocatorError,
-    MissingPartError,
-)
+from introspect._capture import Capture, Record, Target, Transform
+from introspect._errors import CaptureError, InterventionError
 from introspect._headproof import FirstUse
-from introspect._heads import HEAD_AXIS
+from introspect._heads import HEAD_AXIS, Heads, head_site
+from introspect._hooks import input_device
 from introspect._interventions import (
-    Edit,
     EditOp,
     Intervention,
     as_factor,
     as_value,
+    edits_at,
     mean_activation,
-    patching_sweep,
 )
-from introspect._layout import hidden_layout
 from introspect._lens import logit_lens
 from introspect._locators import Locator
-from introspect._paths import get_path
+from introspect._patching import patching_sweep
 from introspect._plugins import AUTHORING_HINT, IntrospectPluginManager, resolve_adapter
 from introspect._proof import Proof
 from introspect._resolve import Resolver
-from introspect._spec import AdapterSpec, LogitOp, StackSpec
+from introspect._sae import SAEEvaluation, SparseAutoencoder, Splice, evaluate_sae, splice
+from introspect._spec import AdapterSpec
+from introspect._view import ModelView
 
 if TYPE_CHECKING:
     from introspect._lens import LensResult
 
 __all__ = ["Inspector", "get_hidden_state", "resolve_adapter"]
-
-
-def _to_dtype_of(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    param = next(module.parameters(), None)
-    if param is None or not param.is_floating_point() or not x.is_floating_point():
-        return x
-    return x.to(param.dtype)
-
-
-def _stream_width(norm: nn.Module | None) -> int | None:
-    """The width a norm normalises (the residual stream's), where it says so."""
-    shape = getattr(norm, "normalized_shape", None)
-    if isinstance(shape, (tuple, list)) and shape:
-        return int(shape[-1])
-    weight = getattr(norm, "weight", None)
-    return int(weight.shape[-1]) if isinstance(weight, torch.Tensor) and weight.dim() == 1 else None
-
-
-Heads = int | Sequence[int] | None
-"""Heads an edit touches: one index, several, or ``None`` (the whole value)."""
-
-
-def _head_site(loc: Locator) -> str | None:
-    """The head value a locator names (``q``, ``z``, ... or ``o``), else ``None``."""
-    if not loc.is_block or not loc.sub or "." not in loc.sub:
-        return None
-    return loc.sub.partition(".")[2]
-
-
-def _attn_part(loc: Locator) -> str:
-    """The attention part of a block locator (``block[0].attn`` for ``block[0]``)."""
-    part = (loc.sub or "attn").partition(".")[0]
-    return str(loc.model_copy(update={"sub": part, "side": "output"}))
-
-
-def _check_heads(heads: Any) -> tuple[int, ...] | None:
-    """``heads=`` in its plain form (a tuple of ints), checked before any forward."""
-    if heads is None:
-        return None
-    items = [heads] if isinstance(heads, numbers.Integral) else heads
-    if isinstance(items, (str, bytes)) or not isinstance(items, (Sequence, range, torch.Tensor)):
-        raise InterventionError(
-            f"heads= takes a head index or a list of them (e.g. heads=3, heads=[0, 5]), got "
-            f"{type(heads).__name__}: {heads!r:.60}"
-        )
-    if isinstance(items, torch.Tensor):
-        items = items.flatten().tolist()
-    out: list[int] = []
-    for item in items:
-        if isinstance(item, bool) or not isinstance(item, numbers.Integral):
-            raise InterventionError(
-                f"heads= takes integer head indices, got {type(item).__name__}: {item!r:.40}"
-            )
-        out.append(int(item))
-    if not out:
-        raise InterventionError("heads= is empty: name at least one head (or leave heads=None)")
-    return tuple(out)
-
-
-def _heads_in_range(heads: tuple[int, ...], count: int, loc: Locator) -> tuple[int, ...]:
-    bad = [h for h in heads if not -count <= h < count]
-    if bad:
-        raise InterventionError(
-            f"head {bad[0]} is out of range for {loc}, which has {count} heads (use "
-            f"{-count}..{count - 1})"
-        )
-    return tuple(sorted({h % count for h in heads}))
-
-
-def _counts_from_the_start(positions: Any) -> bool:
-    """Whether ``positions`` name a position counted from the first token."""
-    if positions is None or isinstance(positions, str):
-        return False
-    if isinstance(positions, slice):
-        return True
-    if isinstance(positions, torch.Tensor):
-        return bool((positions >= 0).any())
-    return any(int(p) >= 0 for p in positions)
 
 
 class Inspector:
@@ -152,6 +69,8 @@ class Inspector:
         self.model = model
         self.adapter = resolve_adapter(model, adapter, plugin_manager, detect=detect)
         self._resolver = Resolver(model, self.adapter, AUTHORING_HINT)
+        self.view = ModelView(model, self.adapter, self._resolver)
+        """What the analyses read about this model (:class:`~introspect._view.ModelView`)."""
         spec = self.adapter
         self._first_use = FirstUse(
             model, spec, lambda clone: type(self)(clone, spec, prove=False), prove=prove
@@ -177,13 +96,6 @@ class Inspector:
     # -- resolution (introspect._resolve owns it; the model may change between two calls) -----
 
     @property
-    def _base(self) -> nn.Module:
-        return self._resolver.base()[0]
-
-    def _stack_key(self, name: str | None) -> str | None:
-        return self._resolver.stack_key(name)
-
-    @property
     def num_blocks(self) -> int:
         """Number of blocks in the main stack (``len`` of the block list, as the model is now)."""
         return self._resolver.num_blocks()
@@ -201,20 +113,6 @@ class Inspector:
 
     # -- attention heads ------------------------------------------------------------------------
 
-    def _head_counts(self, stack: str | None, part: str) -> tuple[int, int, int]:
-        prefix = f"{stack}." if stack else ""
-        refusal: MissingPartError | None = None
-        # A hybrid's first blocks may have no attention: the first block that has heads counts.
-        for i in range(self.num_blocks_in(stack)):
-            try:
-                tap = self._resolver.head_tap(self.locator(f"{prefix}block[{i}].{part}"), part)
-            except MissingPartError as exc:
-                refusal = refusal or exc
-                continue
-            return tap.heads, tap.kv_heads, tap.head_dim
-        assert refusal is not None
-        raise refusal
-
     @property
     def num_heads(self) -> int:
         """Query heads of each attention module of the main stack (from the model's config).
@@ -226,17 +124,17 @@ class Inspector:
             >>> insp.num_heads, insp.num_kv_heads, insp.head_dim
             (4, 4, 8)
         """
-        return self._head_counts(None, "attn")[0]
+        return self.view.head_counts(None, "attn")[0]
 
     @property
     def num_kv_heads(self) -> int:
         """Key/value heads (fewer than ``num_heads`` with grouped- or multi-query attention)."""
-        return self._head_counts(None, "attn")[1]
+        return self.view.head_counts(None, "attn")[1]
 
     @property
     def head_dim(self) -> int:
         """The width of each query/key head."""
-        return self._head_counts(None, "attn")[2]
+        return self.view.head_counts(None, "attn")[2]
 
     def head_count(self, locator: str | Locator) -> int:
         """How many heads a head locator's value has (``num_kv_heads`` for ``k``/``v``).
@@ -249,14 +147,7 @@ class Inspector:
             >>> insp.head_count("block[0].attn.z"), insp.head_count("block[0].attn.k")
             (4, 2)
         """
-        loc = self.locator(locator)
-        site = _head_site(loc)
-        if site not in HEAD_AXIS:
-            raise LocatorError(
-                f"{loc} is not a head locator (block[i].attn.q, .k, .v, .z, .result or .pattern)"
-            )
-        tap = self._resolver.head_tap(loc)
-        return tap.kv_heads if site in ("k", "v") else tap.heads
+        return self.view.head_count(self.locator(locator))
 
     def num_heads_in(self, stack: str | None = None, part: str = "attn") -> int:
         """Query heads of ``part`` (``attn``, or e.g. ``cross_attn``) in ``stack``.
@@ -267,7 +158,7 @@ class Inspector:
             >>> Inspector(m).num_heads_in()
             4
         """
-        return self._head_counts(stack, part)[0]
+        return self.view.head_counts(stack, part)[0]
 
     def num_kv_heads_in(self, stack: str | None = None, part: str = "attn") -> int:
         """Key/value heads of ``part`` in ``stack``.
@@ -278,7 +169,7 @@ class Inspector:
             >>> Inspector(m).num_kv_heads_in()
             4
         """
-        return self._head_counts(stack, part)[1]
+        return self.view.head_counts(stack, part)[1]
 
     def head_dim_in(self, stack: str | None = None, part: str = "attn") -> int:
         """The query/key head width of ``part`` in ``stack``.
@@ -289,7 +180,7 @@ class Inspector:
             >>> Inspector(m).head_dim_in()
             8
         """
-        return self._head_counts(stack, part)[2]
+        return self.view.head_counts(stack, part)[2]
 
     def locator(self, text: str | Locator) -> Locator:
         """Parse ``text`` and resolve its block index (errors name the valid range).
@@ -358,40 +249,15 @@ class Inspector:
             ['embed', 'block[0]', 'block[0].attn', 'block[0].mlp', 'block[0].attn_norm',
              'block[0].mlp_norm', 'final_norm', 'pos_embed', 'lm_head']
         """
-        stack_key = self._stack_key(stack)
-        spec = self.adapter.stack(stack_key)
-        prefix = f"{stack}." if stack else ""
-        names: list[str] = []
-        if spec.embed:
-            names.append("embed")
-        for i in range(len(self._resolver.blocks(stack_key))):
-            names.append(f"block[{i}]")
-            subs = [n for n in ("attn", "mlp") if getattr(spec, n)] + list(spec.parts)
-            names.extend(f"block[{i}].{n}" for n in subs)
-        if spec.final_norm:
-            names.append("final_norm")
-        names.extend(spec.modules)
-        out = []
-        for name in names:
-            loc = Locator.parse(prefix + name)
-            try:
-                self.module(loc)
-            except MissingPartError:
-                continue  # e.g. a final norm that this config turns off
-            out.append(loc)
-        if include_head and stack_key == self.adapter.stack_name:
-            try:
-                self.module("lm_head")
-                out.append(Locator.parse("lm_head"))
-            except MissingPartError:
-                pass
-        return out
+        return self.view.locators(stack, include_head=include_head)
 
     # -- capture ----------------------------------------------------------------------------
 
     def _target(self, loc: Locator, needs_output: bool) -> Target:
-        if _head_site(loc) is not None:
-            self._first_use.heads(self._stack_key(loc.stack), (loc.sub or "attn").partition(".")[0])
+        if head_site(loc) is not None:
+            self._first_use.heads(
+                self.view.stack_key(loc.stack), (loc.sub or "attn").partition(".")[0]
+            )
         return self._resolver.target(loc, needs_output)
 
     def _key(self, text: str) -> str:
@@ -448,7 +314,7 @@ class Inspector:
             by_key[key] = self._target(loc, needs_output)
         positions = check_positions(positions)
         if positions is not None:
-            patterns = [str(loc) for loc in expanded if _head_site(loc) == "pattern"]
+            patterns = [str(loc) for loc in expanded if head_site(loc) == "pattern"]
             if patterns:
                 raise CaptureError(
                     f"positions= selects tokens on the sequence axis, which {patterns[0]} "
@@ -462,7 +328,7 @@ class Inspector:
             transform=transform if transform.active else None,
             key_fn=self._key,
             expand_fn=self._expand_text,
-            root=self._base,
+            root=self.view.base,
             model=self.model,
             keep_raw=not transform.active if keep_raw is None else keep_raw,
         )
@@ -472,65 +338,16 @@ class Inspector:
     def _edits(
         self, locator: str | Locator, op: Any, positions: Any, label: str, heads: Heads = None
     ) -> Intervention:
-        locs = self.expand([locator])
-        if not locs:
-            raise InterventionError(f"{locator} names no module on this model")
-        wanted = _check_heads(heads)
-        if wanted is not None:
-            label += f" heads={list(wanted)}"
-        edits = []
-        for loc in locs:
-            site = _head_site(loc)
-            if wanted is not None and site not in HEAD_AXIS:
-                raise InterventionError(
-                    f"heads= edits single heads of a head locator (block[i].attn.q, .k, .v, "
-                    f".z, .result or .pattern), but {loc} is not one: edit "
-                    f"'{_attn_part(loc)}.z' to reach heads before the output projection"
-                )
-            if site == "pattern" and positions is not None:
-                raise InterventionError(
-                    f"{loc} is [batch, heads, query, key], so positions= cannot be placed on "
-                    "it: edit it whole, or change some query rows with edit(fn)"
-                )
-            head_list: tuple[int, ...] | None = None
-            if wanted is not None:
-                head_list = _heads_in_range(wanted, self.head_count(loc), loc)
-            if loc.side == "input" and loc.part == "embed" and not loc.is_block:
-                raise InterventionError(
-                    "embed.input is token ids and cannot be edited: edit 'embed' (its output) "
-                    "or 'block[0].input' instead"
-                )
-            if loc.part == "lm_head" and _counts_from_the_start(
-                check_positions(positions, InterventionError)
-            ):
-                # The head runs after the model's stack, on the positions it keeps (during
-                # generate only the last): a position from the start would land on another token.
-                raise InterventionError(
-                    f"lm_head edits take positions from the end (-1, 'last'), not {positions!r}: "
-                    "the head sees only the positions it computes logits for (one during "
-                    "generate); edit 'final_norm' to reach a position counted from the start"
-                )
-            target = self._target(loc, True)
-            no_cache = None
-            if site in ("k", "v"):
-                no_cache = (
-                    f"an edit of {site} reaches this call's attention but not the KV cache that "
-                    "later steps read (the cache keeps the unedited values), so under a cache it "
-                    "would be silently partial: run with use_cache=False, or edit q, z or result"
-                )
-            edits.append(
-                Edit(
-                    target,
-                    loc.side,
-                    op,
-                    positions,
-                    label,
-                    heads=head_list,
-                    head_axis=HEAD_AXIS.get(site or "", 2),
-                    no_cache=no_cache,
-                )
-            )
-        return Intervention(edits, root=self._base, model=self.model)
+        edits = edits_at(
+            self.expand([locator]),
+            op,
+            positions,
+            label,
+            heads,
+            target=lambda loc: self._target(loc, True),
+            head_count=self.view.head_count,
+        )
+        return Intervention(edits, root=self.view.base, model=self.model)
 
     def steer(
         self,
@@ -598,7 +415,7 @@ class Inspector:
         if mean_over is None:
             return self._edits(locator, EditOp("zero"), positions, "ablate(zero)", heads)
         loc = self.locator(locator)
-        site = _head_site(loc)
+        site = head_site(loc)
         if site == "pattern":
             raise InterventionError(
                 f"mean ablation of {loc} is not defined (its key axis differs between inputs): "
@@ -801,14 +618,6 @@ class Inspector:
 
     # -- hidden states ------------------------------------------------------------------------
 
-    def _hidden_layout(self, stack: str | None) -> list[Locator]:
-        stack_key = self._stack_key(stack)
-        spec = self.adapter.stack(stack_key)
-        n = len(self._resolver.blocks(stack_key))
-        return hidden_layout(
-            spec, n, lambda name: self._after_module(spec, name) is not None, stack
-        )
-
     def num_hidden_states(self, stack: str | None = None) -> int:
         """How many entries Hugging Face's ``hidden_states`` has (usually ``num_blocks + 1``).
 
@@ -818,7 +627,7 @@ class Inspector:
             >>> Inspector(m).num_hidden_states()
             3
         """
-        return len(self._hidden_layout(stack))
+        return self.view.num_hidden_states(stack)
 
     def hidden_state_locator(self, i: int, stack: str | None = None) -> Locator:
         """Which locator yields Hugging Face's ``hidden_states[i]`` (negative ``i`` allowed).
@@ -830,14 +639,7 @@ class Inspector:
             >>> [str(insp.hidden_state_locator(i)) for i in range(3)]
             ['block[0].input', 'block[0]', 'final_norm']
         """
-        layout = self._hidden_layout(stack)
-        n = len(layout)
-        if not isinstance(i, int) or not -n <= i < n:
-            raise LocatorError(
-                f"hidden_states index {i!r} is out of range for {self.adapter.name} "
-                f"({n} hidden states for {n - 1} blocks: use {-n}..{n - 1})"
-            )
-        return layout[i]
+        return self.view.hidden_state_locator(i, stack)
 
     def hidden_states(
         self,
@@ -866,24 +668,19 @@ class Inspector:
                 "insp.hidden_states(input_ids=ids) or insp.hidden_states(**batch)"
             )
         self._first_use.refuse_failed()
-        layout = self._hidden_layout(stack)
+        layout = self.view.hidden_layout(stack)
         wanted = list(range(len(layout))) if indices is None else list(indices)
         locs = [self.hidden_state_locator(i, stack) for i in wanted]
         # No clone could prove the layout: prove it on this forward, against HF's own entries.
         lazy = self._first_use.deferred
         with self.capture(*locs, stop=not lazy) as cap:
             output = self.model(*args, **inputs, **({"output_hidden_states": True} if lazy else {}))
-        values = []
-        for loc in locs:
-            rec = cap[str(loc.with_side("output"))]
-            value = rec.input if loc.side == "input" else rec.output
-            if loc.is_block and loc.sub is None and loc.side == "output":
-                assert loc.index is not None
-                value = self._between(value, loc.index, self.adapter.stack(self._stack_key(stack)))
-            values.append(value)
+        values = [
+            self.view.hidden_state_of(loc, cap[str(loc.with_side("output"))], stack) for loc in locs
+        ]
         if lazy:
             count = len(layout)
-            self._first_use.forward(output, values, wanted, locs, self._stack_key(stack), count)
+            self._first_use.forward(output, values, wanted, locs, self.view.stack_key(stack), count)
         return tuple(values)
 
     # -- after the last block ------------------------------------------------------------------
@@ -898,13 +695,7 @@ class Inspector:
             >>> torch.equal(Inspector(m).apply_final_norm(h), m.transformer.ln_f(h))
             True
         """
-        spec = self.adapter.stack(self._stack_key(stack))
-        norm = self._after_module(spec, "final_norm")
-        return hidden if norm is None else norm(hidden)
-
-    def _after_module(self, spec: StackSpec, name: str) -> nn.Module | None:
-        path = spec.final_norm if name == "final_norm" else spec.modules[name]
-        return get_path(self._base, path) if path else None
+        return self.view.apply_final_norm(hidden, stack)
 
     def finish(self, hidden: torch.Tensor, stack: str | None = None) -> torch.Tensor:
         """Everything HF applies after the last block before ``hidden_states[-1]``.
@@ -918,21 +709,7 @@ class Inspector:
             >>> torch.equal(Inspector(m).finish(h), m.transformer.ln_f(h))
             True
         """
-        stack_key = self._stack_key(stack)
-        spec = self.adapter.stack(stack_key)
-        hidden = self._between(hidden, len(self._resolver.blocks(stack_key)) - 1, spec)
-        for name in spec.after_blocks:
-            module = self._after_module(spec, name)
-            if module is not None:
-                hidden = module(hidden)
-        return hidden
-
-    def _between(self, hidden: torch.Tensor, i: int, spec: StackSpec) -> torch.Tensor:
-        """What HF does to the stream right after block ``i``, outside any module."""
-        base = self._base
-        for op in spec.between_blocks:
-            hidden = op.apply(hidden, i, self.model, base)
-        return hidden
+        return self.view.finish(hidden, stack)
 
     def logits(self, hidden: torch.Tensor, *, finished: bool = False) -> torch.Tensor:
         """What the model would predict from ``hidden`` (a main-stack residual stream).
@@ -951,41 +728,7 @@ class Inspector:
             >>> torch.allclose(insp.logits(cap["block[-1]"].output), out.logits, atol=1e-5)
             True
         """
-        if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
-            what = hidden.dtype if isinstance(hidden, torch.Tensor) else type(hidden).__name__
-            raise CaptureError(
-                f"logits() reads a residual stream of floats [..., hidden], got {what}: pass a "
-                "record's output (token ids go through the model, not through logits())"
-            )
-        if not finished:
-            width = _stream_width(self._after_module(self.adapter, "final_norm"))
-            if width is not None and hidden.shape[-1] != width:
-                raise CaptureError(
-                    f"logits() reads the residual stream [..., {width}] of "
-                    f"{self.adapter.name}, got a last axis of {hidden.shape[-1]}: pass a block's "
-                    "output (or finished=True for a value after the final norm)"
-                )
-        head = self.module("lm_head")
-        chain = [self._head_module(path) for path in self.adapter.head_modules]
-        x = hidden if finished else self.finish(hidden)
-        x = LogitOp.apply_all(self.adapter.pre_head, x, self.model)
-        # Mamba's forward casts to the head's dtype (its residual stream is float32 in a bf16
-        # model); elsewhere the dtypes already agree and this does nothing.
-        x = _to_dtype_of(x, chain[0] if chain else head)
-        for module in chain:
-            x = module(x)
-        logits: torch.Tensor = head(x)
-        return LogitOp.apply_all(self.adapter.logit_ops, logits, self.model)
-
-    def _head_module(self, path: str) -> nn.Module:
-        module = get_path(self.model, path)
-        if module is None:
-            raise MissingPartError(
-                f"adapter {self.adapter.name!r} says the head of {type(self.model).__name__} "
-                f"runs {', '.join(self.adapter.head_modules)} before lm_head, but {path!r} is "
-                "missing: is this the right adapter?"
-            )
-        return module
+        return self.view.logits(hidden, finished=finished)
 
     def logit_lens(
         self,
@@ -1057,6 +800,53 @@ class Inspector:
         return direct_logit_attribution(
             self, inputs, token, position, per_head=per_head, tokenizer=tokenizer
         )
+
+    # -- sparse autoencoders ----------------------------------------------------------------------
+
+    def splice(
+        self,
+        sae: SparseAutoencoder,
+        at: str | Locator | None = None,
+        *,
+        error_term: bool = False,
+        **feature_edits: Any,
+    ) -> Splice:
+        """Replace the value at ``at`` (default: the SAE's own site) by the SAE's reconstruction.
+
+        An intervention like every edit (same positions, threads and generation rules). With
+        ``error_term=True`` the forward is unchanged while gradients reach the features. The
+        returned :class:`~introspect._sae.Splice` holds the last call's ``features``
+        (``[batch, seq, d_sae]``); ``features_fn=``, ``features=``, ``ablate_features=``,
+        ``steer_features=`` and ``positions=`` edit them (see :func:`introspect._sae.splice`).
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> from introspect import SparseAutoencoder
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+            >>> insp, ids = Inspector(m.eval()), torch.tensor([[1, 2, 3]])
+            >>> sae = SparseAutoencoder(32, 64, architecture="topk", k=8)
+            >>> with torch.no_grad(), insp.splice(sae, "block[0]", ablate_features=[3]) as sp:
+            ...     _ = m(ids)
+            >>> sp.features.shape, bool((sp.features[..., 3] == 0).all())
+            (torch.Size([1, 3, 64]), True)
+        """
+        return splice(self, sae, at, error_term=error_term, **feature_edits)
+
+    def evaluate_sae(
+        self, sae: SparseAutoencoder, inputs: Any, *, at: str | Locator | None = None
+    ) -> SAEEvaluation:
+        """CE and KL loss scores, L0, explained variance and dead latents of ``sae`` on
+        ``inputs`` (see :func:`introspect._sae.evaluate_sae`).
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> from introspect import SparseAutoencoder
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+            >>> sae = SparseAutoencoder(32, 64, architecture="topk", k=8)
+            >>> Inspector(m.eval()).evaluate_sae(sae, torch.tensor([[1, 2, 3, 4]]), at="block[0]").tokens
+            4
+        """
+        return evaluate_sae(self, sae, inputs, at=at)
 
     def __repr__(self) -> str:
         return (

@@ -59,6 +59,7 @@ from torch import nn
 from introspect._batching import call_positions, check_positions
 from introspect._capture import Record
 from introspect._errors import InterventionError
+from introspect._heads import HEAD_AXIS, Heads, attn_part, check_heads, head_site, heads_in_range
 from introspect._hooks import (
     CallScope,
     EditNote,
@@ -69,11 +70,11 @@ from introspect._hooks import (
     input_slot,
     tensor_version,
 )
+from introspect._locators import Locator
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
-    from introspect._inspector import Inspector
 
 __all__ = [
     "Edit",
@@ -81,9 +82,8 @@ __all__ = [
     "Intervention",
     "as_factor",
     "as_value",
-    "logit_difference",
+    "edits_at",
     "mean_activation",
-    "patching_sweep",
 ]
 
 Side = Literal["input", "output"]
@@ -171,7 +171,8 @@ class Edit:
 
     @property
     def name(self) -> str:
-        where = self.target.key + (".input" if self.side == "input" else "")
+        input_side = self.side == "input" and not self.target.reads_input
+        where = self.target.key + (".input" if input_side else "")
         return f"{where}: {self.label}"
 
 
@@ -898,119 +899,92 @@ class Intervention(HookSession):
         return f"Intervention({', '.join(e.name for e in self.edits)})"
 
 
-def logit_difference(correct: int, wrong: int, position: int = -1) -> Callable[[Any], torch.Tensor]:
-    """A metric for :func:`patching_sweep`: ``logits[correct] - logits[wrong]`` (batch mean).
-
-    Example:
-        >>> metric = logit_difference(1, 0)
-        >>> metric(torch.tensor([[[0.0, 2.0]]])).item()
-        2.0
-    """
-
-    def metric(output: Any) -> torch.Tensor:
-        logits = output if isinstance(output, torch.Tensor) else output["logits"]
-        last = logits[:, position]
-        return (last[:, correct] - last[:, wrong]).mean()
-
-    return metric
+def _counts_from_the_start(positions: Any) -> bool:
+    """Whether ``positions`` name a position counted from the first token."""
+    if positions is None or isinstance(positions, str):
+        return False
+    if isinstance(positions, slice):
+        return True
+    if isinstance(positions, torch.Tensor):
+        return bool((positions >= 0).any())
+    return any(int(p) >= 0 for p in positions)
 
 
-def patching_sweep(
-    insp: Inspector,
-    clean: Mapping[str, Any],
-    corrupted: Mapping[str, Any],
-    metric: Callable[[Any], Any],
+def edits_at(
+    locs: Sequence[Locator],
+    op: EditOp,
+    positions: Any,
+    label: str,
+    heads: Heads,
     *,
-    locators: str | Sequence[str] = "block[:]",
-    positions: Sequence[int] | None = None,
-    relative: bool = False,
-    heads: str | None = None,
-) -> torch.Tensor:
-    """Activation patching: the metric's change when one (locator, position) comes from clean.
+    target: Callable[[Locator], Target],
+    head_count: Callable[[Locator], int],
+) -> list[Edit]:
+    """The edits of one verb (``steer``, ``patch``, ...) at each locator, checked before any
+    forward: which values take ``heads=`` and ``positions=``, and which cannot be edited.
 
-    Runs ``clean`` once with a capture of every locator, then ``corrupted`` once per
-    (locator, position) with that single value patched in from the clean run. Returns
-    ``effect[i, j] = metric(patched) - metric(corrupted)`` for locator ``i`` and position
-    ``positions[j]`` (every position by default); ``relative=True`` divides by
-    ``metric(clean) - metric(corrupted)``, so 1.0 means the patch restores the clean behaviour.
-
-    ``heads="each"`` patches one head at a time of head locators (``block[:].attn.z``,
-    ``.result``, ``.q`` ...): ``effect[i, h]`` patches head ``h`` of locator ``i`` at every
-    position, or ``effect[i, h, j]`` at ``positions[j]`` when positions are given.
+    ``target`` resolves a locator to the module to hook, ``head_count`` counts its heads.
 
     Example:
-        >>> from transformers import GPT2Config, GPT2LMHeadModel
-        >>> from introspect import Inspector
-        >>> cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64)
-        >>> insp = Inspector(GPT2LMHeadModel(cfg).eval())
-        >>> clean = {"input_ids": torch.tensor([[1, 2, 3]])}
-        >>> corrupted = {"input_ids": torch.tensor([[4, 2, 3]])}
-        >>> patching_sweep(insp, clean, corrupted, logit_difference(5, 6)).shape
-        torch.Size([2, 3])
+        >>> lin = nn.Linear(2, 2)
+        >>> loc = Locator.parse("block[0]")
+        >>> [e.name for e in edits_at([loc], EditOp("zero"), None, "ablate", None,
+        ...     target=lambda l: Target(str(l), lin), head_count=lambda l: 0)]
+        ['block[0]: ablate']
     """
-    if heads not in (None, "each"):
-        raise InterventionError(f"heads= takes 'each' (one head at a time) or None, got {heads!r}")
-    names = [str(loc) for loc in insp.expand([locators] if isinstance(locators, str) else locators)]
-    counts: list[int] = []
-    if heads == "each":
-        counts = [insp.head_count(name) for name in names]
-        if len(set(counts)) > 1:
+    if not locs:
+        raise InterventionError(f"{label} names no module on this model")
+    wanted = check_heads(heads)
+    if wanted is not None:
+        label += f" heads={list(wanted)}"
+    edits = []
+    for loc in locs:
+        site = head_site(loc)
+        if wanted is not None and site not in HEAD_AXIS:
             raise InterventionError(
-                f"heads='each' needs locators with one head count, got {sorted(set(counts))}: "
-                "sweep k/v (key/value heads) apart from q/z/result (query heads)"
+                f"heads= edits single heads of a head locator (block[i].attn.q, .k, .v, "
+                f".z, .result or .pattern), but {loc} is not one: edit "
+                f"'{attn_part(loc)}.z' to reach heads before the output projection"
             )
-    model = insp.model
-    clean_ids = clean.get("input_ids")
-    corrupted_ids = corrupted.get("input_ids")
-    if (
-        isinstance(clean_ids, torch.Tensor)
-        and isinstance(corrupted_ids, torch.Tensor)
-        and clean_ids.shape != corrupted_ids.shape
-    ):
-        raise InterventionError(
-            f"clean and corrupted inputs must have the same shape to patch position by position, "
-            f"got {tuple(clean_ids.shape)} and {tuple(corrupted_ids.shape)}: pad them to one length"
+        if site == "pattern" and positions is not None:
+            raise InterventionError(
+                f"{loc} is [batch, heads, query, key], so positions= cannot be placed on "
+                "it: edit it whole, or change some query rows with edit(fn)"
+            )
+        head_list = heads_in_range(wanted, head_count(loc), loc) if wanted is not None else None
+        if loc.side == "input" and loc.part == "embed" and not loc.is_block:
+            raise InterventionError(
+                "embed.input is token ids and cannot be edited: edit 'embed' (its output) "
+                "or 'block[0].input' instead"
+            )
+        if loc.part == "lm_head" and _counts_from_the_start(
+            check_positions(positions, InterventionError)
+        ):
+            # The head runs after the model's stack, on the positions it keeps (during
+            # generate only the last): a position from the start would land on another token.
+            raise InterventionError(
+                f"lm_head edits take positions from the end (-1, 'last'), not {positions!r}: "
+                "the head sees only the positions it computes logits for (one during "
+                "generate); edit 'final_norm' to reach a position counted from the start"
+            )
+        no_cache = None
+        if site in ("k", "v"):
+            no_cache = (
+                f"an edit of {site} reaches this call's attention but not the KV cache that "
+                "later steps read (the cache keeps the unedited values), so under a cache it "
+                "would be silently partial: run with use_cache=False, or edit q, z or result"
+            )
+        hooked = target(loc)
+        edits.append(
+            Edit(
+                hooked,
+                "input" if hooked.reads_input else loc.side,
+                op,
+                positions,
+                label,
+                heads=head_list,
+                head_axis=HEAD_AXIS.get(site or "", 2),
+                no_cache=no_cache,
+            )
         )
-    seq = int(corrupted_ids.shape[1]) if isinstance(corrupted_ids, torch.Tensor) else None
-    positions_given = positions is not None or heads != "each"
-    if heads == "each" and positions is None:
-        positions = []
-    elif positions is None:
-        if seq is None:
-            raise InterventionError("pass positions=[...] when the inputs have no input_ids")
-        positions = list(range(seq))
-    positions = list(positions)
-
-    def score(output: Any) -> float:
-        value = metric(output)
-        return float(value.item() if isinstance(value, torch.Tensor) else value)
-
-    with torch.no_grad():
-        with insp.capture(*names) as cap:
-            clean_score = score(model(**clean))
-        values = {}
-        for name in names:
-            rec = cap[name]
-            values[name] = rec.input if name.endswith(".input") else rec.output
-        base = score(model(**corrupted))
-        # One loop for every sweep: a head axis of one None (no heads=) and a position axis
-        # of one None (heads="each" without positions: every position at once), dropped after.
-        head_axis: list[int | None] = list(range(counts[0])) if heads == "each" else [None]
-        spots: list[int | None] = list(positions) if positions_given else [None]
-        effect = torch.zeros(len(names), len(head_axis), len(spots))
-        for i, name in enumerate(names):
-            for a, h in enumerate(head_axis):
-                for j, p in enumerate(spots):
-                    at = None if p is None else [p]
-                    with insp.patch(name, values[name], positions=at, heads=h):
-                        effect[i, a, j] = score(model(**corrupted)) - base
-        effect = effect[:, 0] if heads != "each" else effect if positions_given else effect[..., 0]
-    if relative:
-        gap = clean_score - base
-        if gap == 0:
-            raise InterventionError(
-                "relative=True divides by metric(clean) - metric(corrupted), which is 0 here: "
-                "pick inputs the metric tells apart, or use relative=False"
-            )
-        effect = effect / gap
-    return effect
+    return edits

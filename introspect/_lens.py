@@ -38,7 +38,7 @@ from introspect._locators import Locator
 from introspect._text import encode_prompt, token_strings
 
 if TYPE_CHECKING:
-    from introspect._inspector import Inspector
+    from introspect._view import Analysable
 
 __all__ = ["LensResult", "logit_lens", "main_blocks", "show_token"]
 
@@ -549,7 +549,7 @@ def _save_atomically(fig: Any, path: Path, dpi: int) -> None:
         )
 
 
-def _as_inputs(insp: Inspector, inputs: Any, tokenizer: Any) -> dict[str, Any]:
+def _as_inputs(insp: Analysable, inputs: Any, tokenizer: Any) -> dict[str, Any]:
     if isinstance(inputs, str):
         if tokenizer is None:
             # The Inspector holds the model only; load_model returned the tokenizer beside it.
@@ -571,7 +571,7 @@ def _as_inputs(insp: Inspector, inputs: Any, tokenizer: Any) -> dict[str, Any]:
 
 
 def main_blocks(
-    insp: Inspector, blocks: int | str | Sequence[int | str] | None, what: str
+    insp: Analysable, blocks: int | str | Sequence[int | str] | None, what: str
 ) -> list[Locator]:
     """The main-stack block locators ``blocks`` names: ints (negative allowed) or locators
     such as ``block[10:]``; ``None`` is every block. ``what`` says what the caller reads, in
@@ -610,7 +610,7 @@ def main_blocks(
 
 
 def _rows(
-    insp: Inspector, blocks: Sequence[int | str] | None, include_embed: bool
+    insp: Analysable, blocks: Sequence[int | str] | None, include_embed: bool
 ) -> list[Locator]:
     locs = main_blocks(insp, blocks, "the logit lens reads block outputs")
     if include_embed:
@@ -625,7 +625,7 @@ def _rows(
 
 
 def logit_lens(
-    inspector: Inspector,
+    inspector: Analysable,
     inputs: str | torch.Tensor | Mapping[str, Any],
     *,
     tokenizer: Any = None,

@@ -2,14 +2,17 @@
 
 Grammar (see ``docs/concepts.md``)::
 
-    locator  := [stack "."] target ["." side]
+    locator  := [stack "."] target ["." side] | "module:" path ["." side]
     target   := "block[" selector "]" ["." sub] | name
     selector := int | [int] ":" [int] [":" [int]]
     side     := "input" | "output"
 
 ``name`` is ``embed``, ``final_norm``, ``lm_head`` or any extra module an adapter declares;
-``sub`` is ``attn``, ``mlp`` or any extra block part the adapter declares; ``stack`` is
-``encoder`` or ``decoder`` on encoder-decoder models.
+``sub`` is ``attn``, ``mlp`` or any extra block part the adapter declares, optionally followed
+by a head value (``attn.z``), the MLP's hidden activations (``mlp.post``) or the attribute path
+of a sub-module of that part (``mlp.down_proj``); ``stack`` is ``encoder`` or ``decoder`` on
+encoder-decoder models. ``module:`` names any module of the model by its dotted path from the
+top-level model (``module:model.layers.0.mlp.down_proj``, as ``named_modules()`` spells it).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pydantic import BaseModel, ConfigDict
 
 from introspect._errors import LocatorError
 
-__all__ = ["Locator", "parse"]
+__all__ = ["RAW", "Locator", "parse"]
 
 Side = Literal["input", "output"]
 
@@ -30,6 +33,9 @@ _PATTERN = re.compile(
     rf"^(?:(?P<stack>{_NAME})\.)?"
     rf"(?:block\[(?P<selector>[^\]]*)\](?:\.(?P<sub>{_NAME}(?:\.{_NAME})*))?|(?P<name>{_NAME}))$"
 )
+_PATH = re.compile(rf"^{_NAME}(?:\.(?:{_NAME}|\d+))*$|^\d+(?:\.(?:{_NAME}|\d+))*$")
+RAW = "module:"
+"""The prefix of a raw module path."""
 _INT = re.compile(r"^\s*-?\d+\s*$")
 
 
@@ -71,6 +77,8 @@ class Locator(BaseModel):
     is_slice: bool = False
     sub: str | None = None
     side: Side = "output"
+    path: str | None = None
+    """The dotted module path of a raw locator (``part == "module"``)."""
 
     @classmethod
     def parse(cls, text: str | Locator) -> Locator:
@@ -93,11 +101,21 @@ class Locator(BaseModel):
                 raw = raw[: -len(candidate) - 1]
                 side = candidate
                 break
+        if raw.startswith(RAW):
+            path = raw[len(RAW) :].strip()
+            if not _PATH.match(path):
+                raise LocatorError(
+                    f"cannot parse locator {text!r}: after 'module:' comes a module's dotted "
+                    "path from the top-level model, as named_modules() spells it (e.g. "
+                    "'module:model.layers.0.mlp.down_proj')"
+                )
+            return cls(part="module", path=path, side=side)
         match = _PATTERN.match(raw)
         if match is None:
             raise LocatorError(
                 f"cannot parse locator {text!r}: expected e.g. 'embed', 'block[3]', "
-                "'block[-1].attn', 'block[2:5]', 'final_norm', 'lm_head' or 'decoder.block[0]'"
+                "'block[-1].attn', 'block[2:5]', 'final_norm', 'lm_head', 'decoder.block[0]' or "
+                "a raw module path 'module:model.layers.0.mlp'"
             )
         stack = match.group("stack")
         name = match.group("name")
@@ -149,6 +167,11 @@ class Locator(BaseModel):
             sub=sub,
             side=side,
         )
+
+    @property
+    def is_raw(self) -> bool:
+        """Whether this names a module by its raw path (``module:...``)."""
+        return self.path is not None
 
     @property
     def is_block(self) -> bool:
@@ -223,6 +246,8 @@ class Locator(BaseModel):
             text += f"block[{selector}]"
             if self.sub:
                 text += f".{self.sub}"
+        elif self.path is not None:
+            text = RAW + self.path
         else:
             text += self.part
         if self.side == "input":

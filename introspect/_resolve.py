@@ -28,6 +28,10 @@ __all__ = ["Resolver"]
 _CACHE_LIMIT = 4096
 
 
+HEAD_SITES = (*SITES, "o")
+"""What follows an attention part as a head value (``o``: its output projection)."""
+
+
 class Resolver:
     """Turns locators into modules and targets for one model and its adapter.
 
@@ -233,9 +237,17 @@ class Resolver:
             found, sub_chain = walk(block, path) if path else (None, ())
             if found is None:
                 raise self.missing(loc, stack, part, block)
-            if site:
+            if site in HEAD_SITES:
                 return self._head_site(loc, stack, part, site, found, chain + sub_chain)
+            if site:
+                return self._inside(loc, stack, part, site, found, chain + sub_chain)
             return found, chain + sub_chain
+        if loc.is_raw:
+            assert loc.path is not None
+            found, raw_chain = walk(self.model, loc.path)
+            if found is None:
+                raise LocatorError(self._no_module(loc, self.model, loc.path, "the model"))
+            return found, raw_chain
         if loc.part == "lm_head":
             if loc.stack is not None and stack_key != self.adapter.stack_name:
                 raise LocatorError(f"{loc}: lm_head belongs to the model, not to a stack")
@@ -317,6 +329,59 @@ class Resolver:
         except ValueError as exc:
             raise MissingPartError(f"{attn_loc} has no head counts: {exc}") from None
 
+    def _inside(
+        self, loc: Locator, stack: StackSpec, part: str, site: str, found: nn.Module, chain: Chain
+    ) -> tuple[nn.Module, Chain]:
+        """A sub-module of a block part by its attribute path, or the MLP's ``post``."""
+        if part == "mlp" and site == "post":
+            if stack.mlp_post is None:
+                raise MissingPartError(
+                    f"{loc} does not exist on adapter {self.adapter.name!r}: it states no "
+                    "down-projection for this MLP (mlp_post), so the MLP's hidden activations "
+                    f"have no site; read a sub-module of it instead ({self._children(found)})"
+                )
+            down, down_chain = walk(found, stack.mlp_post)
+            if down is None:
+                raise MissingPartError(
+                    f"{loc}: adapter {self.adapter.name!r} says the MLP's down-projection is "
+                    f"{stack.mlp_post!r}, which this block's {type(found).__name__} lacks (a "
+                    "mixture of experts has one per expert: read a sub-module, e.g. "
+                    f"{part}.experts...; {self._children(found)})"
+                )
+            return down, chain + down_chain
+        inner, inner_chain = walk(found, site)
+        if inner is None:
+            what = f"{loc.model_copy(update={'sub': part})}"
+            text = self._no_module(loc, found, site, f"{what} ({type(found).__name__})")
+            extra = []
+            if part in stack.heads:
+                extra.append(f"head values: {', '.join(f'{part}.{s}' for s in HEAD_SITES)}")
+            if part == "mlp" and stack.mlp_post is not None:
+                extra.append("the MLP's hidden activations: mlp.post")
+            raise LocatorError(text + (f"; {'; '.join(extra)}" if extra else ""))
+        return inner, chain + inner_chain
+
+    @staticmethod
+    def _children(module: nn.Module) -> str:
+        names = [name for name, _ in module.named_modules() if name]
+        shown = ", ".join(names[:24]) + (", ..." if len(names) > 24 else "")
+        return f"its sub-modules: {shown}" if names else "it has no sub-modules"
+
+    def _no_module(self, loc: Locator, root: nn.Module, path: str, where: str) -> str:
+        # Name what the deepest module on the way holds, not the whole model.
+        names = path.split(".")
+        for depth in range(len(names) - 1, 0, -1):
+            prefix = ".".join(names[:depth])
+            found = walk(root, prefix)[0]
+            if found is not None:
+                children = ", ".join(found._modules) or "none"
+                return (
+                    f"{loc}: {where} has no module at {path!r}: {prefix!r} "
+                    f"({type(found).__name__}) holds {children}"
+                )
+        children = ", ".join(root._modules) or "none"
+        return f"{loc}: {where} has no module at {path!r}: it holds {children}"
+
     def _head_site(
         self, loc: Locator, stack: StackSpec, part: str, site: str, attn: nn.Module, chain: Chain
     ) -> tuple[nn.Module, Chain]:
@@ -392,8 +457,9 @@ class Resolver:
         whole_block = loc.is_block and loc.sub is None
         input_kwarg = stack.block_input_kwarg if whole_block else "hidden_states"
         output_index = stack.output_index if whole_block else 0
-        # lm_head runs after the decoder stack returns, outside its root.
-        root_path = stack.root if loc.part != "lm_head" else None
+        # lm_head runs after the decoder stack returns, outside its root; a raw module path
+        # belongs to no stack.
+        root_path = stack.root if loc.part != "lm_head" and not loc.is_raw else None
         name = ("block" if loc.sub is None else loc.sub) if loc.is_block else loc.part
         module, chain = self._module_and_chain(loc)
         within: Any = None
@@ -425,5 +491,6 @@ class Resolver:
             holds=lambda: chain_holds(chain),
             uses=uses,
             unjoinable=unjoinable,
+            reads_input=loc.is_block and loc.sub == "mlp.post",
         )
         return target, chain

@@ -430,6 +430,10 @@ class StackSpec(_Frozen):
     """The ``nn.ModuleList`` of blocks."""
     attn: str | None = None
     mlp: str | None = None
+    mlp_post: str | None = None
+    """The MLP's down-projection, as a path inside ``mlp``: ``block[i].mlp.post`` is what it
+    receives, the MLP's hidden activations (the neurons; after the gate in a gated MLP).
+    ``None``: the architecture has no single down-projection (a mixture of experts)."""
     final_norm: str | None = None
     modules: dict[str, str] = Field(default_factory=dict)
     """Extra named modules of the stack (e.g. ``project_out``), addressable as locators."""
@@ -470,7 +474,9 @@ class StackSpec(_Frozen):
     stacks share (T5's embedding on transformers 4.x is one module) is recorded for this
     stack only while this module runs."""
 
-    _v_paths = field_validator("embed", "blocks", "attn", "mlp", "final_norm", "root")(_check_path)
+    _v_paths = field_validator("embed", "blocks", "attn", "mlp", "mlp_post", "final_norm", "root")(
+        _check_path
+    )
 
     @field_validator("modules", "parts")
     @classmethod
@@ -502,6 +508,8 @@ class StackSpec(_Frozen):
                 )
         if "attn" in self.heads and self.attn is None:
             raise ValueError("heads names 'attn', but this stack has no attn module")
+        if self.mlp_post is not None and self.mlp is None:
+            raise ValueError("mlp_post names the MLP's down-projection, but this stack has no mlp")
         return self
 
     @model_validator(mode="after")

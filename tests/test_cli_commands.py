@@ -14,6 +14,7 @@ import torch
 from introspect import Inspector
 from introspect._export import load_capture
 from introspect._text import encode_prompt
+from introspect._view import ModelView
 from introspect.cli import main
 from introspect.zoo import gpt2_bpe_files, load_model
 
@@ -252,12 +253,12 @@ def test_verify_fails_with_a_table_and_exit_1(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # An adapter that got the final norm wrong: the checks must catch it.
-    original = Inspector.finish
+    original = ModelView.finish
 
-    def wrong(self: Inspector, hidden: torch.Tensor, stack: str | None = None) -> torch.Tensor:
+    def wrong(self: ModelView, hidden: torch.Tensor, stack: str | None = None) -> torch.Tensor:
         return original(self, hidden, stack) * 1.01
 
-    monkeypatch.setattr(Inspector, "finish", wrong)
+    monkeypatch.setattr(ModelView, "finish", wrong)
     code, out, _ = _run(capsys, "verify", "toy-gpt2")
     assert code == 1
     failing = [line for line in out.splitlines() if " FAIL " in line]
