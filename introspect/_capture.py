@@ -48,6 +48,7 @@ from introspect._hooks import (
     stale_targets,
     tensor_version,
 )
+from introspect._locators import Locator
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -65,6 +66,7 @@ __all__ = [
     "call_attention_mask",
     "call_index",
     "call_state",
+    "capture_targets",
     "check_not_compiled",
     "edit_note",
     "enter_uses",
@@ -525,6 +527,41 @@ class StopForward(Exception):
 
 
 KeyFn = Callable[[str], str]
+
+
+def capture_targets(
+    locators: Sequence[Locator],
+    target: Callable[[Locator, bool], Target],
+    stop: bool,
+    positions: Any,
+) -> list[Target]:
+    """One target per module the locators name, recording its output where any locator (or
+    the whole run, without ``stop``) needs it; ``target`` resolves one locator.
+
+    Example:
+        >>> lin = nn.Linear(2, 2)
+        >>> locs = [Locator.parse("block[0].input"), Locator.parse("block[0]")]
+        >>> [t.key for t in capture_targets(locs, lambda l, o: Target(l.module_key, lin), True, None)]
+        ['block[0]']
+    """
+    by_key: dict[str, Target] = {}
+    for loc in locators:
+        needs_output = loc.side == "output" or not stop
+        key = loc.module_key
+        if key in by_key:
+            if needs_output and not by_key[key].needs_output:
+                by_key[key] = target(loc, True)
+            continue
+        by_key[key] = target(loc, needs_output)
+    if positions is not None:
+        patterns = [str(loc) for loc in locators if (loc.sub or "").endswith(".pattern")]
+        if patterns:
+            raise CaptureError(
+                f"positions= selects tokens on the sequence axis, which {patterns[0]} "
+                "([batch, heads, query, key]) does not have first: capture the pattern "
+                "whole and index its query axis (pattern[:, :, -1])"
+            )
+    return list(by_key.values())
 
 
 class Capture(HookSession):

@@ -835,8 +835,9 @@ def attn_part(loc: Locator) -> str:
     return str(loc.model_copy(update={"sub": part, "side": "output"}))
 
 
-def check_heads(heads: Any) -> tuple[int, ...] | None:
-    """``heads=`` in its plain form (a tuple of ints), checked before any forward.
+def check_heads(heads: Any, arg: str = "heads=", what: str = "head") -> tuple[int, ...] | None:
+    """``heads=`` (or ``features=``: ``arg``, of ``what``) in its plain form, a tuple of ints,
+    checked before any forward.
 
     Example:
         >>> check_heads(3), check_heads([0, 5]), check_heads(None)
@@ -847,7 +848,7 @@ def check_heads(heads: Any) -> tuple[int, ...] | None:
     items = [heads] if isinstance(heads, numbers.Integral) else heads
     if isinstance(items, (str, bytes)) or not isinstance(items, (Sequence, range, torch.Tensor)):
         raise InterventionError(
-            f"heads= takes a head index or a list of them (e.g. heads=3, heads=[0, 5]), got "
+            f"{arg} takes a {what} index or a list of them (e.g. {arg}3, {arg}[0, 5]), got "
             f"{type(heads).__name__}: {heads!r:.60}"
         )
     if isinstance(items, torch.Tensor):
@@ -856,15 +857,17 @@ def check_heads(heads: Any) -> tuple[int, ...] | None:
     for item in items:
         if isinstance(item, bool) or not isinstance(item, numbers.Integral):
             raise InterventionError(
-                f"heads= takes integer head indices, got {type(item).__name__}: {item!r:.40}"
+                f"{arg} takes integer {what} indices, got {type(item).__name__}: {item!r:.40}"
             )
         out.append(int(item))
     if not out:
-        raise InterventionError("heads= is empty: name at least one head (or leave heads=None)")
+        raise InterventionError(f"{arg} is empty: name at least one {what} (or leave {arg}None)")
     return tuple(out)
 
 
-def heads_in_range(heads: tuple[int, ...], count: int, loc: Locator) -> tuple[int, ...]:
+def heads_in_range(
+    heads: tuple[int, ...], count: int, loc: Locator, what: str = "head"
+) -> tuple[int, ...]:
     """``heads`` as sorted non-negative indices, each checked against ``count``.
 
     Example:
@@ -874,7 +877,7 @@ def heads_in_range(heads: tuple[int, ...], count: int, loc: Locator) -> tuple[in
     bad = [h for h in heads if not -count <= h < count]
     if bad:
         raise InterventionError(
-            f"head {bad[0]} is out of range for {loc}, which has {count} heads (use "
+            f"{what} {bad[0]} is out of range for {loc}, which has {count} {what}s (use "
             f"{-count}..{count - 1})"
         )
     return tuple(sorted({h % count for h in heads}))

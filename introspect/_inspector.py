@@ -15,7 +15,7 @@ from torch import nn
 
 from introspect._attribution import Attribution, direct_logit_attribution
 from introspect._batching import PaddingSide, Positions, check_positions, encode_batch
-from introspect._capture import Capture, Record, Target, Transform
+from introspect._capture import Capture, Record, Target, Transform, capture_targets
 from introspect._errors import CaptureError, InterventionError
 from introspect._headproof import FirstUse
 from introspect._heads import HEAD_AXIS, Heads, head_site
@@ -302,28 +302,11 @@ class Inspector:
         """
         if not locators:
             raise CaptureError("capture() needs at least one locator, e.g. capture('block[-1]')")
-        expanded = self.expand(locators)
-        by_key: dict[str, Target] = {}
-        for loc in expanded:
-            needs_output = loc.side == "output" or not stop
-            key = loc.module_key
-            if key in by_key:
-                if needs_output and not by_key[key].needs_output:
-                    by_key[key] = self._target(loc, True)
-                continue
-            by_key[key] = self._target(loc, needs_output)
         positions = check_positions(positions)
-        if positions is not None:
-            patterns = [str(loc) for loc in expanded if head_site(loc) == "pattern"]
-            if patterns:
-                raise CaptureError(
-                    f"positions= selects tokens on the sequence axis, which {patterns[0]} "
-                    "([batch, heads, query, key]) does not have first: capture the pattern "
-                    "whole and index its query axis (pattern[:, :, -1])"
-                )
+        targets = capture_targets(self.expand(locators), self._target, stop, positions)
         transform = Transform(detach=detach, device=device, dtype=dtype, positions=positions)
         return Capture(
-            list(by_key.values()),
+            targets,
             stop=stop,
             transform=transform if transform.active else None,
             key_fn=self._key,
@@ -336,14 +319,14 @@ class Inspector:
     # -- interventions --------------------------------------------------------------------------
 
     def _edits(
-        self, locator: str | Locator, op: Any, positions: Any, label: str, heads: Heads = None
+        self, locator: str | Locator, op: Any, positions: Any, label: str, *selected: Heads
     ) -> Intervention:
         edits = edits_at(
             self.expand([locator]),
             op,
             positions,
             label,
-            heads,
+            *selected,
             target=lambda loc: self._target(loc, True),
             head_count=self.view.head_count,
         )
@@ -357,6 +340,7 @@ class Inspector:
         positions: Positions = None,
         *,
         heads: Heads = None,
+        features: Heads = None,
     ) -> Intervention:
         """Add ``scale * vector`` to what ``locator`` names while the model runs.
 
@@ -388,6 +372,7 @@ class Inspector:
             positions,
             f"steer(scale={factor:g})",
             heads,
+            features,
         )
 
     def ablate(
@@ -397,6 +382,7 @@ class Inspector:
         positions: Positions = None,
         *,
         heads: Heads = None,
+        features: Heads = None,
     ) -> Intervention:
         """Zero what ``locator`` names, or replace it by the mean of ``mean_over``.
 
@@ -413,7 +399,7 @@ class Inspector:
             (0.0, ('block[0].mlp: ablate(zero)',))
         """
         if mean_over is None:
-            return self._edits(locator, EditOp("zero"), positions, "ablate(zero)", heads)
+            return self._edits(locator, EditOp("zero"), positions, "ablate(zero)", heads, features)
         loc = self.locator(locator)
         site = head_site(loc)
         if site == "pattern":
@@ -423,7 +409,9 @@ class Inspector:
             )
         trailing = 2 if site in HEAD_AXIS else 1
         mean = mean_activation(mean_over, loc.side, trailing)
-        return self._edits(locator, EditOp("set", tensor=mean), positions, "ablate(mean)", heads)
+        return self._edits(
+            locator, EditOp("set", tensor=mean), positions, "ablate(mean)", heads, features
+        )
 
     def patch(
         self,
@@ -432,6 +420,7 @@ class Inspector:
         positions: Positions = None,
         *,
         heads: Heads = None,
+        features: Heads = None,
     ) -> Intervention:
         """Replace what ``locator`` names by ``value`` (at ``positions``, or everywhere).
 
@@ -455,9 +444,8 @@ class Inspector:
         loc = self.locator(locator)
         if isinstance(value, Record):
             value = value.input if loc.side == "input" else value.output
-        return self._edits(
-            locator, EditOp("set", tensor=as_value(value, "value")), positions, "patch", heads
-        )
+        op = EditOp("set", tensor=as_value(value, "value"))
+        return self._edits(locator, op, positions, "patch", heads, features)
 
     def scale(
         self,
@@ -466,6 +454,7 @@ class Inspector:
         positions: Positions = None,
         *,
         heads: Heads = None,
+        features: Heads = None,
     ) -> Intervention:
         """Multiply what ``locator`` names by ``factor`` while the model runs.
 
@@ -480,7 +469,12 @@ class Inspector:
         """
         number = as_factor(factor, "factor")
         return self._edits(
-            locator, EditOp("scale", factor=number), positions, f"scale({number:g})", heads
+            locator,
+            EditOp("scale", factor=number),
+            positions,
+            f"scale({number:g})",
+            heads,
+            features,
         )
 
     def edit(
@@ -490,6 +484,7 @@ class Inspector:
         positions: Positions = None,
         *,
         heads: Heads = None,
+        features: Heads = None,
     ) -> Intervention:
         """Replace what ``locator`` names by ``fn(value, record)`` while the model runs.
 
@@ -521,7 +516,9 @@ class Inspector:
         except ValueError:
             pass  # a builtin without a signature: it will tell at the call
         name = getattr(fn, "__name__", type(fn).__name__)
-        return self._edits(locator, EditOp("fn", fn=fn), positions, f"edit({name})", heads)
+        return self._edits(
+            locator, EditOp("fn", fn=fn), positions, f"edit({name})", heads, features
+        )
 
     def patching_sweep(
         self,
@@ -830,7 +827,8 @@ class Inspector:
             >>> sp.features.shape, bool((sp.features[..., 3] == 0).all())
             (torch.Size([1, 3, 64]), True)
         """
-        return splice(self, sae, at, error_term=error_term, **feature_edits)
+        sites = self._resolver.sae_sites
+        return splice(self, sae, at, error_term=error_term, sites=sites, **feature_edits)
 
     def evaluate_sae(
         self, sae: SparseAutoencoder, inputs: Any, *, at: str | Locator | None = None

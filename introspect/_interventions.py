@@ -915,7 +915,8 @@ def edits_at(
     op: EditOp,
     positions: Any,
     label: str,
-    heads: Heads,
+    heads: Heads = None,
+    features: Heads = None,
     *,
     target: Callable[[Locator], Target],
     head_count: Callable[[Locator], int],
@@ -924,6 +925,8 @@ def edits_at(
     forward: which values take ``heads=`` and ``positions=``, and which cannot be edited.
 
     ``target`` resolves a locator to the module to hook, ``head_count`` counts its heads.
+    ``features`` selects latents of a spliced SAE's features (``<site>.sae.features``) as
+    ``heads`` selects heads.
 
     Example:
         >>> lin = nn.Linear(2, 2)
@@ -937,9 +940,18 @@ def edits_at(
     wanted = check_heads(heads)
     if wanted is not None:
         label += f" heads={list(wanted)}"
+    latents = check_heads(features, "features=", "latent")
+    if latents is not None:
+        label += f" features={list(latents)}"
     edits = []
     for loc in locs:
         site = head_site(loc)
+        if latents is not None and loc.sae is None:
+            raise InterventionError(
+                f"features= selects latents of a spliced SAE's features, but {loc} is not "
+                f"'<site>.sae.features': edit '{loc}.sae.features' inside insp.splice(sae, "
+                f"'{loc}')"
+            )
         if wanted is not None and site not in HEAD_AXIS:
             raise InterventionError(
                 f"heads= edits single heads of a head locator (block[i].attn.q, .k, .v, "
@@ -952,6 +964,10 @@ def edits_at(
                 "it: edit it whole, or change some query rows with edit(fn)"
             )
         head_list = heads_in_range(wanted, head_count(loc), loc) if wanted is not None else None
+        hooked = target(loc)
+        if latents is not None:
+            d_sae = int(getattr(hooked.module, "d_sae", 0))
+            head_list = heads_in_range(latents, d_sae, loc, "latent")
         if loc.side == "input" and loc.part == "embed" and not loc.is_block:
             raise InterventionError(
                 "embed.input is token ids and cannot be edited: edit 'embed' (its output) "
@@ -974,7 +990,6 @@ def edits_at(
                 "later steps read (the cache keeps the unedited values), so under a cache it "
                 "would be silently partial: run with use_cache=False, or edit q, z or result"
             )
-        hooked = target(loc)
         edits.append(
             Edit(
                 hooked,

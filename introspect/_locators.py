@@ -13,6 +13,8 @@ by a head value (``attn.z``), the MLP's hidden activations (``mlp.post``) or the
 of a sub-module of that part (``mlp.down_proj``); ``stack`` is ``encoder`` or ``decoder`` on
 encoder-decoder models. ``module:`` names any module of the model by its dotted path from the
 top-level model (``module:model.layers.0.mlp.down_proj``, as ``named_modules()`` spells it).
+A trailing ``.sae.features`` names the features of the sparse autoencoder spliced at that
+site (``block[3].sae.features``), while the splice is active.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ _PATTERN = re.compile(
 _PATH = re.compile(rf"^{_NAME}(?:\.(?:{_NAME}|\d+))*$|^\d+(?:\.(?:{_NAME}|\d+))*$")
 RAW = "module:"
 """The prefix of a raw module path."""
+SAE_FEATURES = ".sae.features"
+"""The suffix naming the features of an SAE spliced at a site."""
 _INT = re.compile(r"^\s*-?\d+\s*$")
 
 
@@ -79,6 +83,9 @@ class Locator(BaseModel):
     side: Side = "output"
     path: str | None = None
     """The dotted module path of a raw locator (``part == "module"``)."""
+    sae: Side | None = None
+    """Names the features of the SAE spliced at the rest of the locator (``.sae.features``):
+    the side of that site (``block[0].input.sae.features``: spliced at the block's input)."""
 
     @classmethod
     def parse(cls, text: str | Locator) -> Locator:
@@ -101,6 +108,14 @@ class Locator(BaseModel):
                 raw = raw[: -len(candidate) - 1]
                 side = candidate
                 break
+        if raw.endswith(SAE_FEATURES):
+            inner = cls.parse(raw[: -len(SAE_FEATURES)])
+            if inner.sae or inner.is_slice:
+                raise LocatorError(
+                    f"cannot parse locator {text!r}: '.sae.features' follows one site, e.g. "
+                    "'block[3].sae.features' or 'block[3].mlp.sae.features'"
+                )
+            return inner.model_copy(update={"sae": inner.side, "side": side})
         if raw.startswith(RAW):
             path = raw[len(RAW) :].strip()
             if not _PATH.match(path):
@@ -167,6 +182,16 @@ class Locator(BaseModel):
             sub=sub,
             side=side,
         )
+
+    @property
+    def spliced_at(self) -> Locator:
+        """The site whose SAE's features this names (``block[0]`` for ``block[0].sae.features``).
+
+        Example:
+            >>> str(Locator.parse("block[2].input.sae.features").spliced_at)
+            'block[2].input'
+        """
+        return self.model_copy(update={"sae": None, "side": self.sae or "output"})
 
     @property
     def is_raw(self) -> bool:
@@ -250,6 +275,8 @@ class Locator(BaseModel):
             text = RAW + self.path
         else:
             text += self.part
+        if self.sae is not None:
+            text += (".input" if self.sae == "input" else "") + SAE_FEATURES
         if self.side == "input":
             text += ".input"
         return text

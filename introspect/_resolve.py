@@ -52,6 +52,9 @@ class Resolver:
         self._resolved: dict[str | Locator, tuple[Locator, int]] = {}
         self._targets: dict[tuple[Locator, bool], tuple[Target, Chain]] = {}
         self._paths: dict[int, str] | None = None
+        self.sae_sites: dict[str, nn.Module] = {}
+        """The feature sites of the SAEs spliced now, by the site they are spliced at
+        (``insp.splice`` adds and removes them): ``<site>.sae.features`` resolves here."""
         for stack_name in adapter.stack_names:
             self.blocks(stack_name)  # a wrong adapter fails here, at construction
 
@@ -206,6 +209,8 @@ class Resolver:
         return self._module_and_chain(loc)[0]
 
     def _module_and_chain(self, loc: Locator) -> tuple[nn.Module, Chain]:
+        if loc.sae is not None:
+            return self._sae_site(loc), ()
         if loc.is_slice:
             raise LocatorError(f"{loc} names several modules: use modules({str(loc)!r})")
         stack_key = self.stack_key(loc.stack)
@@ -361,6 +366,17 @@ class Resolver:
             raise LocatorError(text + (f"; {'; '.join(extra)}" if extra else ""))
         return inner, chain + inner_chain
 
+    def _sae_site(self, loc: Locator) -> nn.Module:
+        at = str(self.locator(loc.spliced_at))
+        site = self.sae_sites.get(at)
+        if site is None:
+            spliced = ", ".join(self.sae_sites) or "none"
+            raise MissingPartError(
+                f"{loc}: no SAE is spliced at {at} now (spliced: {spliced}); read its features "
+                f"inside the splice: with insp.splice(sae, {at!r}): ..."
+            )
+        return site
+
     @staticmethod
     def _children(module: nn.Module) -> str:
         names = [name for name, _ in module.named_modules() if name]
@@ -414,6 +430,8 @@ class Resolver:
         A head value (``block[0].attn.q``) is not a module: its path is the attention
         module's, then ``:`` and the value's name (``transformer.h.0.attn:q``).
         """
+        if loc.sae is not None:
+            return f"{self.path(loc.spliced_at)}:sae.features"
         module = self.module(loc)
         if isinstance(module, HeadSite):
             part = (loc.sub or "attn").partition(".")[0]
@@ -442,6 +460,9 @@ class Resolver:
 
     def target(self, loc: Locator, needs_output: bool) -> Target:
         """The capture target of a single resolved locator, built once while the model holds."""
+        if loc.sae is not None:
+            # A splice's site lives while the splice does: never kept for another one.
+            return self._build_target(loc, needs_output)[0]
         key = (loc, needs_output)
         cached = self._targets.get(key)
         if cached is not None and chain_holds(cached[1]):
@@ -454,12 +475,14 @@ class Resolver:
 
     def _build_target(self, loc: Locator, needs_output: bool) -> tuple[Target, Chain]:
         stack = self.adapter.stack(self.stack_key(loc.stack))
-        whole_block = loc.is_block and loc.sub is None
+        whole_block = loc.is_block and loc.sub is None and loc.sae is None
         input_kwarg = stack.block_input_kwarg if whole_block else "hidden_states"
         output_index = stack.output_index if whole_block else 0
         # lm_head runs after the decoder stack returns, outside its root; a raw module path
         # belongs to no stack.
         root_path = stack.root if loc.part != "lm_head" and not loc.is_raw else None
+        if loc.sae is not None:
+            root_path = None  # the features' site runs inside the spliced site's own call
         name = ("block" if loc.sub is None else loc.sub) if loc.is_block else loc.part
         module, chain = self._module_and_chain(loc)
         within: Any = None
@@ -488,9 +511,13 @@ class Resolver:
             needs_output=needs_output,
             within=within,
             copy_output=name in stack.outputs_changed_in_place,
-            holds=lambda: chain_holds(chain),
+            holds=(
+                (lambda: chain_holds(chain))
+                if loc.sae is None
+                else (lambda: self.sae_sites.get(str(self.locator(loc.spliced_at))) is module)
+            ),
             uses=uses,
             unjoinable=unjoinable,
-            reads_input=loc.is_block and loc.sub == "mlp.post",
+            reads_input=loc.is_block and loc.sub == "mlp.post" and loc.sae is None,
         )
         return target, chain

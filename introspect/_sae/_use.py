@@ -205,6 +205,26 @@ def _feature_edit(
     return edit
 
 
+class FeatureSite(nn.Module):
+    """An identity the spliced SAE's features pass through, so captures and edits reach them.
+
+    Not registered in the model: while a splice made by ``insp.splice`` is active, the locator
+    ``<site>.sae.features`` resolves to it, and a capture records (an edit changes) the
+    features ``[batch, seq, d_sae]`` as they go from the encoder to the decoder.
+
+    Example:
+        >>> FeatureSite(8)(torch.ones(1, 2, 8)).shape
+        torch.Size([1, 2, 8])
+    """
+
+    def __init__(self, d_sae: int) -> None:
+        super().__init__()
+        self.d_sae = d_sae
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
 class Splice:
     """An SAE spliced into the forward at one site: a context manager (an intervention).
 
@@ -228,9 +248,13 @@ class Splice:
         error_term: bool,
         features_fn: FeaturesFn | None,
         positions: Any,
+        sites: dict[str, nn.Module] | None = None,
     ) -> None:
         self.sae = sae
         self.at = at
+        self.site = FeatureSite(sae.d_sae)
+        """The features' site: ``<at>.sae.features`` while active (see :class:`FeatureSite`)."""
+        self._sites = sites
         """The locator the SAE is spliced at."""
         self.error_term = error_term
         self.features_fn = features_fn
@@ -275,13 +299,15 @@ class Splice:
         sae_in, undo = sae._process_in(x)
         clean = sae._activate(sae_in)
         features = clean if self.features_fn is None else self.features_fn(clean)
+        # Through the site: a capture of <at>.sae.features records them, an edit changes them.
+        features = self.site(features)
         recon = sae._process_out(sae.decode(features), undo)
         self.calls += 1
         self.sae_input, self.features_before_edit = x, clean
         self.features, self.reconstruction = features, recon
         if not self.error_term:
             return self._to_site(value, recon)
-        if self.features_fn is None:
+        if features is clean:
             if not torch.is_grad_enabled():
                 return value  # the forward is the model's own, bit for bit
             delta = recon - recon.detach()
@@ -296,7 +322,20 @@ class Splice:
     # -- context manager ------------------------------------------------------------------------
 
     def __enter__(self) -> Splice:
-        self._intervention.__enter__()
+        key = str(self.at)
+        if self._sites is not None:
+            if key in self._sites:
+                raise SAEError(
+                    f"an SAE is already spliced at {key}: leave that splice first (one SAE per "
+                    f"site at a time, so that {key}.sae.features names one set of features)"
+                )
+            self._sites[key] = self.site
+        try:
+            self._intervention.__enter__()
+        except BaseException:
+            if self._sites is not None:
+                self._sites.pop(key, None)
+            raise
         return self
 
     def __exit__(
@@ -305,7 +344,11 @@ class Splice:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._intervention.__exit__(exc_type, exc, tb)
+        try:
+            self._intervention.__exit__(exc_type, exc, tb)
+        finally:
+            if self._sites is not None and self._sites.get(str(self.at)) is self.site:
+                del self._sites[str(self.at)]
 
     def __repr__(self) -> str:
         return f"Splice({self.at}, {self.sae.architecture}, error_term={self.error_term})"
@@ -322,6 +365,7 @@ def splice(
     ablate_features: Sequence[int] | None = None,
     steer_features: Mapping[int, float] | None = None,
     positions: Any = None,
+    sites: dict[str, nn.Module] | None = None,
 ) -> Splice:
     """Splice ``sae`` into the model at ``at`` (default: the SAE's own site) while active.
 
@@ -345,7 +389,9 @@ def splice(
     """
     loc = site_locator(insp, sae, at, splicing=True)
     edit = _feature_edit(features_fn, features, ablate_features, steer_features, sae.d_sae)
-    return Splice(insp, sae, loc, error_term=error_term, features_fn=edit, positions=positions)
+    return Splice(
+        insp, sae, loc, error_term=error_term, features_fn=edit, positions=positions, sites=sites
+    )
 
 
 # -- evaluation -------------------------------------------------------------------------------
