@@ -33,7 +33,6 @@ Example:
 from __future__ import annotations
 
 import math
-import operator
 import os
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -43,8 +42,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from introspect._batching import max_positions
+from introspect._batching import as_int, max_positions
 from introspect._errors import AttentionToolError, LocatorError, MissingDependencyError
+from introspect._hooks import input_device
 from introspect._lens import _plain, _save_atomically, main_blocks
 from introspect._locators import Locator
 from introspect._text import encode_prompt, token_strings
@@ -83,27 +83,13 @@ _SPECIAL_CONFIG_IDS = (
 )
 
 
-def _as_int(value: Any) -> int | None:
-    """``value`` as an int, or None for anything int() would round or coerce (2.5, True)."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
 def _whole(name: str, value: Any, minimum: int, why: str = "") -> int:
-    number = _as_int(value)
+    number = as_int(value)
     if number is None or number < minimum:
         raise AttentionToolError(
             f"{name} must be a whole number of at least {minimum}{why}, got {value!r}"
         )
     return number
-
-
-def _device_of(insp: Inspector) -> torch.device:
-    return next((p.device for p in insp.model.parameters() if not p.is_meta), torch.device("cpu"))
 
 
 def _block_indices(insp: Inspector, blocks: int | str | Sequence[int | str] | None) -> list[int]:
@@ -227,7 +213,7 @@ class HeadScores:
             >>> s.value(-1, 0) == float(s.values[-1, 0])
             True
         """
-        number = _as_int(block)
+        number = as_int(block)
         if number is None:
             raise LocatorError(f"block must be a block index (an int), got {block!r}")
         index = number + self.num_blocks if number < 0 else number
@@ -254,7 +240,7 @@ class HeadScores:
             >>> len(best), best[0][2] >= best[1][2] >= best[2][2]
             (3, True)
         """
-        wanted = _as_int(k)
+        wanted = as_int(k)
         if wanted is None or wanted < 1:
             raise AttentionToolError(f"k must be a whole number of at least 1, got {k!r}")
         flat = self.values.flatten()
@@ -435,7 +421,7 @@ def head_scores(
     minimum_repeats = 2 if name == "induction" else 1
     why = " (an induction head needs a repeat to find)" if name == "induction" else ""
     repeats = _whole("repeats", repeats, minimum_repeats, why)
-    seed_value = _as_int(seed)
+    seed_value = as_int(seed)
     if seed_value is None:
         raise AttentionToolError(f"seed must be a whole number, got {seed!r}")
     if insp.adapter.encoder is not None:
@@ -443,7 +429,7 @@ def head_scores(
             f"head_scores runs decoder-only and encoder-only models; {insp.adapter.name!r} is "
             "an encoder-decoder adapter (capture block[i].attn.pattern of a stack yourself)"
         )
-    if bos is not None and _as_int(bos) is None:
+    if bos is not None and as_int(bos) is None:
         raise AttentionToolError(f"bos must be a token id (an int) or None, got {bos!r}")
     if tokens is not None:
         if seq_len is not None or batch is not None:
@@ -493,7 +479,7 @@ def head_scores(
     ids = rows.repeat(1, repeats)
     if bos is not None:
         ids = torch.cat([torch.full((batch_size, 1), int(bos), dtype=torch.long), ids], dim=1)
-    device = _device_of(insp)
+    device = input_device(insp.model)
     inputs = {
         "input_ids": ids.to(device),
         "attention_mask": torch.ones_like(ids, device=device),
@@ -549,7 +535,7 @@ class AttentionPatterns:
 
     def _position(self, position: int) -> int:
         n = len(self.tokens)
-        number = _as_int(position)
+        number = as_int(position)
         if number is None or not -n <= number < n:
             raise AttentionToolError(
                 f"position {position!r} is out of range for a prompt of {n} tokens "
@@ -568,7 +554,7 @@ class AttentionPatterns:
             >>> att.of(-1).shape == (len(att.tokens), len(att.tokens))
             True
         """
-        number = _as_int(head)
+        number = as_int(head)
         if number is None or not -self.num_heads <= number < self.num_heads:
             raise LocatorError(
                 f"head {head!r} is out of range for block[{self.block}]: {self.num_heads} "
@@ -716,7 +702,7 @@ def _model_inputs(insp: Inspector, inputs: Any, tokenizer: Any) -> dict[str, Any
         return encode_prompt(tokenizer, inputs, insp.model)
     if isinstance(inputs, torch.Tensor):
         ids = inputs if inputs.dim() == 2 else inputs.unsqueeze(0)
-        return {"input_ids": ids.to(_device_of(insp))}
+        return {"input_ids": ids.to(input_device(insp.model))}
     if isinstance(inputs, Mapping):
         return dict(inputs)
     raise AttentionToolError(
@@ -750,7 +736,7 @@ def attention_patterns(
         (3, [0, 1, 2, 3], True)
     """
     insp = inspector
-    number = _as_int(block)
+    number = as_int(block)
     if number is None:
         raise LocatorError(f"block must be a block index (an int, -1 = the last), got {block!r}")
     insp.locator(f"block[{number}]")  # out of range: say so about the block
@@ -759,7 +745,7 @@ def attention_patterns(
     assert loc.index is not None
     heads = insp.num_heads_in()
     if head is not None:
-        wanted = _as_int(head)
+        wanted = as_int(head)
         if wanted is None or not -heads <= wanted < heads:
             raise LocatorError(
                 f"head {head!r} is out of range for block[{loc.index}]: {heads} heads (use "
@@ -768,7 +754,7 @@ def attention_patterns(
         chosen = [wanted % heads]
     else:
         chosen = list(range(heads))
-    index = _as_int(batch_index)
+    index = as_int(batch_index)
     if index is None:
         raise AttentionToolError(f"batch_index must be a whole number, got {batch_index!r}")
     model_inputs = _model_inputs(insp, inputs, tokenizer)

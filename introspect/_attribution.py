@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from introspect._capture import onloaded
 from introspect._errors import CaptureError
+from introspect._hooks import onloaded
 from introspect._lens import _as_inputs, _target_id
 from introspect._spec import LogitOp
 

@@ -19,6 +19,7 @@ from introspect._errors import CaptureError, IntrospectError
 __all__ = [
     "PaddingSide",
     "Positions",
+    "as_int",
     "check_positions",
     "context_length",
     "encode_batch",
@@ -269,8 +270,14 @@ _VALID = (
 )
 
 
-def _as_int(value: Any) -> int | None:
-    """``value`` as a Python int when it is an integer scalar (Python, NumPy or torch)."""
+def as_int(value: Any) -> int | None:
+    """``value`` as a Python int when it is an integer scalar (Python, NumPy or torch), else
+    ``None`` (for anything ``int()`` would round or coerce: ``2.5``, ``True``, ``"3"``).
+
+    Example:
+        >>> as_int(3), as_int(torch.tensor(4)), as_int(2.5), as_int(True), as_int("3")
+        (3, 4, None, None, None)
+    """
     if isinstance(value, bool) or type(value).__name__ in ("bool", "bool_"):
         return None
     if isinstance(value, torch.Tensor):
@@ -313,7 +320,7 @@ def check_positions(positions: Any, error: type[IntrospectError] = CaptureError)
             f"positions={positions!r} is not understood: the only string is 'last' (each "
             f"example's last real token; the first token is positions=[0]); {_VALID}"
         )
-    single = _as_int(positions)
+    single = as_int(positions)
     if single is not None:
         return [single]
     if isinstance(positions, torch.Tensor):
@@ -322,7 +329,7 @@ def check_positions(positions: Any, error: type[IntrospectError] = CaptureError)
         bounds = []
         for name in ("start", "stop", "step"):
             bound = getattr(positions, name)
-            number = None if bound is None else _as_int(bound)
+            number = None if bound is None else as_int(bound)
             if bound is not None and number is None:
                 raise error(f"a positions slice needs int bounds, got {name}={bound!r}; {_VALID}")
             bounds.append(number)
@@ -342,7 +349,7 @@ def check_positions(positions: Any, error: type[IntrospectError] = CaptureError)
         )
     items: list[int] = []
     for item in positions:
-        number = _as_int(item)
+        number = as_int(item)
         if number is None:
             raise error(
                 f"positions must be integers, got {item!r} ({type(item).__name__}): a position "

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from introspect._capture import hidden_of
 from introspect._errors import IntrospectError, NoAdapterError
+from introspect._hooks import hidden_of, input_device
 from introspect._hookspecs import hookimpl
 from introspect._inspector import Inspector
 from introspect._paths import base_model as _base_model
@@ -133,7 +133,7 @@ def _probe_inputs(model: nn.Module) -> dict[str, Any]:
     inputs = example_inputs(config, batch=2, seq=6)
     embed = model.get_input_embeddings()  # type: ignore[operator]
     rows = getattr(embed, "num_embeddings", None)
-    device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
+    device = input_device(model)
     for key in ("input_ids", "decoder_input_ids"):
         if key in inputs and isinstance(rows, int):
             inputs[key] = inputs[key] % rows

@@ -49,7 +49,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from introspect._batching import context_length, max_positions, pad_batch, position_ids_from_mask
-from introspect._capture import onloaded
 from introspect._corpus import Inputs, read_inputs
 from introspect._dataset import (
     FORMAT,
@@ -65,6 +64,7 @@ from introspect._dataset import (
 )
 from introspect._errors import ExtractionError, LocatorError
 from introspect._export import write_atomically
+from introspect._hooks import input_device, onloaded
 from introspect._locators import Locator
 from introspect._progress import progress_enabled
 from introspect._version import __version__
@@ -859,10 +859,8 @@ class _Engine:
         self.store = store
         self.batch_size = batch_size
         self.pad_id = pad_id
-        self.device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        if self.device.type == "meta":
-            # Offloaded weights (accelerate): its hooks move the inputs where they run.
-            self.device = torch.device("cpu")
+        # Offloaded weights (accelerate) are on the meta device: its hooks move the inputs.
+        self.device = input_device(self.model)
         forward = getattr(self.model, "forward", None)
         try:
             params = inspect.signature(forward).parameters if forward else {}

@@ -365,15 +365,11 @@ def _known_cache(cache: Any) -> bool:
 _SAME_SIZE_INT = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
 
-def _fingerprint(cache: Any) -> torch.Tensor | None:
+def _checksum(state: torch.Tensor | None) -> torch.Tensor | None:
     # One checksum per row: equal before and after a step boundary unless the rows were
     # reordered or replaced (beam search), since nothing else touches the cache between two
     # calls. Summing the values' bit patterns as integers is exact and independent of the
     # memory layout (a float sum of a reordered copy can differ in its last bit).
-    return _checksum(_cache_state(cache))
-
-
-def _checksum(state: torch.Tensor | None) -> torch.Tensor | None:
     as_int = _SAME_SIZE_INT.get(state.element_size()) if state is not None else None
     if state is None or as_int is None:
         return None

@@ -103,7 +103,8 @@ _ATTRS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _as_int(value: Any) -> int | None:
+def _config_int(value: Any) -> int | None:
+    """A config value that is a plain int (a bool is not)."""
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
@@ -154,7 +155,7 @@ def _shrunk_layer(value: Any, wanted: dict[str, int]) -> Any:
 
 def _first_int(values: dict[str, Any], overrides: dict[str, Any], attrs: tuple[str, ...]) -> int:
     for attr in attrs:
-        value = _as_int(overrides.get(attr, values.get(attr)))
+        value = _config_int(overrides.get(attr, values.get(attr)))
         if value:
             return value
     return 0
@@ -166,10 +167,10 @@ def _shrink(values: dict[str, Any], wanted: dict[str, int]) -> dict[str, Any]:
         if size == "layers":
             continue
         for attr in attrs:
-            current = _as_int(values.get(attr))
+            current = _config_int(values.get(attr))
             if current is not None and current > wanted[size]:
                 overrides[attr] = wanted[size]
-    heads = [a for a in _ATTRS["heads"] if _as_int(values.get(a))]
+    heads = [a for a in _ATTRS["heads"] if _config_int(values.get(a))]
     for attr in _ATTRS["kv_heads"]:
         # Multi-head attention (as many key/value heads as heads) stays multi-head, also when
         # the heads need no shrinking (a config shrunk before: shrinking is idempotent).
@@ -179,11 +180,11 @@ def _shrink(values: dict[str, Any], wanted: dict[str, int]) -> dict[str, Any]:
             else:
                 overrides.pop(attr, None)
     for attr, value in values.items():
-        if "vocab_size" in attr and _as_int(value) is not None and value > wanted["vocab"]:
+        if "vocab_size" in attr and _config_int(value) is not None and value > wanted["vocab"]:
             overrides[attr] = wanted["vocab"]
     lists_done: set[str] = set()
     for attr in _ATTRS["layers"]:
-        old = _as_int(values.get(attr))
+        old = _config_int(values.get(attr))
         if old is None or old <= wanted["layers"]:
             continue
         keep = _sample_layers(values, old, wanted["layers"])
@@ -209,15 +210,15 @@ def _shrink(values: dict[str, Any], wanted: dict[str, int]) -> dict[str, Any]:
         head_count = _first_int(values, overrides, _ATTRS["heads"])
         if width and head_count and width % head_count == 0:
             overrides["head_dim"] = width // head_count
-    vocab = _as_int(overrides.get("vocab_size", values.get("vocab_size")))
+    vocab = _config_int(overrides.get("vocab_size", values.get("vocab_size")))
     if vocab is not None:
         for attr, value in values.items():
             if not attr.endswith("_token_id"):
                 continue
-            if _as_int(value) is not None and value >= vocab:
+            if _config_int(value) is not None and value >= vocab:
                 overrides[attr] = vocab - 1
             elif isinstance(value, list) and any(
-                _as_int(v) is not None and v >= vocab for v in value
+                _config_int(v) is not None and v >= vocab for v in value
             ):
                 overrides[attr] = [min(v, vocab - 1) for v in value]
     for key, value in values.items():
