@@ -6,11 +6,8 @@ the GGUF file into the user cache (about a minute); later runs load it in about 
 
 from __future__ import annotations
 
-import re
-import shlex
 import shutil
 import subprocess
-import sys
 from importlib import metadata
 from importlib.util import find_spec
 from pathlib import Path
@@ -19,9 +16,8 @@ from typing import Any
 import pytest
 import torch
 
-from introspect import Inspector, head_scores
+from introspect import Inspector, head_scores, logit_lens
 from introspect.cli import main
-from introspect.testing import assert_conformant
 from introspect.zoo import DEMO_INSTALL, load_model, smollm2_cache_dir
 
 
@@ -41,12 +37,19 @@ needs_smollm2 = pytest.mark.skipif(_missing() is not None, reason=str(_missing()
 ROOT = Path(__file__).resolve().parent.parent
 
 FRANCE = "The capital of France is"
-TOKYO = "Tokyo is the capital of Japan."
 
 
 @pytest.fixture(scope="module")
 def smollm2() -> tuple[Any, Any]:
     return load_model("smollm2", progress=False)
+
+
+@pytest.fixture(scope="module")
+def france(smollm2: tuple[Any, Any]) -> Any:
+    """The lens the README's command computes (`introspect lens smollm2 --prompt ... --target`):
+    every position, top 5, following " Paris". Tests read it and never change it."""
+    model, tokenizer = smollm2
+    return logit_lens(Inspector(model), FRANCE, tokenizer=tokenizer, targets=[" Paris"])
 
 
 @needs_smollm2
@@ -61,10 +64,13 @@ def test_it_is_the_real_smollm2(smollm2: tuple[Any, Any]) -> None:
 
 
 @needs_smollm2
-def test_paris_is_the_top_prediction_at_the_last_block(smollm2: tuple[Any, Any]) -> None:
+def test_paris_is_the_top_prediction_at_the_last_block(
+    smollm2: tuple[Any, Any], france: Any
+) -> None:
     model, tokenizer = smollm2
     (paris,) = tokenizer.encode(" Paris", add_special_tokens=False)
-    lens = Inspector(model).logit_lens(FRANCE, tokenizer=tokenizer)
+    lens = france
+    assert lens.rows == [f"block[{i}]" for i in range(30)]
     assert lens.top_tokens[-1][-1][0] == " Paris"
     assert int(lens.top_ids[-1, -1, 0]) == paris
     assert lens.max_diff is not None and lens.max_diff < 1e-4
@@ -93,23 +99,25 @@ def test_tokyo_is_not_followed_by_japan(smollm2: tuple[Any, Any]) -> None:
 
 
 @needs_smollm2
-def test_conformant(smollm2: tuple[Any, Any]) -> None:
-    model, tokenizer = smollm2
-    assert_conformant(model, tokenizer(TOKYO, return_tensors="pt"))
-
-
-@needs_smollm2
 def test_verify_command(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """`introspect verify smollm2`: the conformance checks (``check_conformance``, as
+    ``assert_conformant`` runs them) and the proof on a shrunk clone, all passed."""
     monkeypatch.setenv("INTROSPECT_PROGRESS", "0")
     assert main(["verify", "smollm2"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("smollm2: all ")
 
 
 @needs_smollm2
-def test_the_readme_command(tmp_path: Path) -> None:
-    """`introspect lens smollm2 --prompt "The capital of France is" --target " Paris" --plot ...`."""
+def test_the_readme_command(france: Any, tmp_path: Path) -> None:
+    """`introspect lens smollm2 --prompt "The capital of France is" --target " Paris" --plot ...`.
+
+    The README's command is the one docs/quickstart.md runs and shows the output of (the docs
+    tests run it and compare what it prints with the page); the installed console script is
+    run in tests/test_cli_commands.py. Here: the README names it, and its picture is the size
+    the page's figure is, from the lens the command computes and the title it gives.
+    """
     pytest.importorskip("matplotlib", reason=f"--plot needs matplotlib ({DEMO_INSTALL})")
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     command = (
@@ -117,40 +125,19 @@ def test_the_readme_command(tmp_path: Path) -> None:
         "--plot lens.png"
     )
     assert f"make install && {command}\n" in readme
-    script = Path(sys.executable).with_name("introspect")
-    done = subprocess.run(
-        [str(script), *shlex.split(command)[1:]],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.strip().splitlines()
-    assert lines[0] == (
+    quickstart = (ROOT / "docs" / "quickstart.md").read_text(encoding="utf-8")
+    shown = quickstart.split(f"$ {command}\n", 1)[1].split("```", 1)[0].splitlines()
+    assert shown[0] == (
         "smollm2: next-token predictions after each block at position 4 (' is'), top 5"
     )
-
-    def cells(line: str) -> list[str]:  # columns are two or more spaces apart
-        return re.split(r"\s{2,}", line.strip())
-
-    assert cells(lines[1]) == ["block", "top-1", "top-2", "top-3", "top-4", "top-5", "' Paris'"]
-    rows = {cells(line)[0]: cells(line) for line in lines[3:33]}
-    assert list(rows) == [f"block[{i}]" for i in range(30)]
-    assert [rows[f"block[{i}]"][-1] for i in (26, 27, 28, 29)] == [
-        "#34 3.3e-04",
-        "#7 0.011",
-        "#3 0.070",
-        "#1 0.773",
-    ]
-    assert rows["block[29]"][1] == "' Paris' 0.773"
-    assert lines[-3] == (
+    assert shown[-3:] == [
         "' Paris': first in the top 5 after block[28], first top-1 after block[29] "
-        "(after block[29]: #1, p 0.773)"
-    )
-    assert lines[-2].startswith("block[29] reproduces the model's own logits")
-    assert lines[-1] == "wrote lens.png"
+        "(after block[29]: #1, p 0.773)",
+        "block[29] reproduces the model's own logits (max |diff| ...)",
+        "wrote lens.png",
+    ]
+    # What the command draws: `lens.plot(path, title=..., position=-1)`, targets from the lens.
+    france.plot(tmp_path / "lens.png", title=f"logit lens: smollm2 on {FRANCE!r}")
     png = (tmp_path / "lens.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
@@ -175,17 +162,20 @@ def test_head_scores_are_reproducible_and_read_the_pattern(
 ) -> None:
     model, tokenizer = smollm2
     insp = Inspector(model)
-    asked = _spy_on_captures(monkeypatch)
+    seq_len = 10
     options: dict[str, Any] = {
-        "seq_len": 20,
+        "seq_len": seq_len,
         "batch": 2,
         "blocks": [17, 18],
         "tokenizer": tokenizer,
     }
+    # The first head capture of this model may prove the head layout on a shrunk clone (its
+    # own captures): spy on the runs after it.
     a = head_scores(insp, "induction", seed=7, **options)
+    asked = _spy_on_captures(monkeypatch)
     b = head_scores(insp, "induction", seed=7, **options)
     c = head_scores(insp, "induction", seed=8, **options)
-    assert asked == [("block[17].attn.pattern", "block[18].attn.pattern")] * 3
+    assert asked == [("block[17].attn.pattern", "block[18].attn.pattern")] * 2
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.values, b.values)
     assert not torch.equal(a.input_ids, c.input_ids) and not torch.equal(a.values, c.values)
     assert not set(a.input_ids.flatten().tolist()) & set(tokenizer.all_special_ids)
@@ -202,27 +192,24 @@ def test_head_scores_are_reproducible_and_read_the_pattern(
             config.__dict__["_attn_implementation_internal"] = value
     for row, block in enumerate((17, 18)):
         att = attentions[block]
-        by_hand = torch.stack([att[:, :, i, i - 19] for i in range(20, 40)], -1).mean((0, 2))
+        by_hand = torch.stack(
+            [att[:, :, i, i - seq_len + 1] for i in range(seq_len, 2 * seq_len)], -1
+        ).mean((0, 2))
         torch.testing.assert_close(a.values[row], by_hand, atol=1e-5, rtol=1e-4)
 
 
 @needs_smollm2
-def test_the_induction_and_previous_token_heads_of_the_docs(smollm2: tuple[Any, Any]) -> None:
-    """docs/attention.md: `python tools/attention_smollm2.py` (8 x 50 tokens x 2, seed 0)."""
+def test_no_head_before_block_17_copies(smollm2: tuple[Any, Any]) -> None:
+    """docs/attention.md: `python tools/attention_smollm2.py` (8 x 50 tokens x 2, seed 0).
+
+    The page's commands print the top five induction and previous-token heads (the docs tests
+    compare them with the page); what they do not print is checked here."""
     model, tokenizer = smollm2
-    insp = Inspector(model)
-    induction = head_scores(insp, "induction", tokenizer=tokenizer)
+    induction = head_scores(Inspector(model), "induction", tokenizer=tokenizer)
     top = induction.top(5)
     assert [(b, h) for b, h, _ in top] == [(18, 6), (17, 3), (17, 4), (17, 5), (18, 7)]
-    assert [round(v, 2) for _, _, v in top] == pytest.approx(
-        [0.90, 0.81, 0.77, 0.66, 0.61], abs=0.01
-    )
     # Nothing before block 17 copies: every score there is below 0.05.
     assert float(induction.values[:17].max()) < 0.05
-    previous = head_scores(insp, "previous-token", tokenizer=tokenizer)
-    top = previous.top(3)
-    assert [(b, h) for b, h, _ in top] == [(16, 0), (11, 1), (2, 1)]
-    assert [round(v, 2) for _, _, v in top] == pytest.approx([0.90, 0.85, 0.72], abs=0.01)
 
 
 @needs_smollm2
