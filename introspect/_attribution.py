@@ -317,12 +317,8 @@ def direct_logit_attribution(
     if frozen.bias is not None:
         bias_value = bias_value + _head_steps(frozen.bias.double() @ column, insp)
     for op in insp.adapter.logit_ops:  # in order: a constant added, then scaled, is scaled
-        if op.kind == "add":
-            added = op.value_for(insp.model)
-            if isinstance(added, torch.Tensor):
-                offset = offset + added.detach().double().reshape(-1)[token_id].to(device)
-            elif added is not None:
-                offset = offset + float(added)
+        if op.additive:
+            offset = offset + op.added(insp.model, token_id)
         else:
             offset = _linear(op, offset, insp)
     bias_value = bias_value + offset
@@ -347,22 +343,13 @@ def _head_steps(value: torch.Tensor, insp: Analysable) -> torch.Tensor:
     for op in insp.adapter.pre_head:
         value = _linear(op, value, insp)
     for op in insp.adapter.logit_ops:
-        if op.kind != "add":
+        if not op.additive:
             value = _linear(op, value, insp)
     return value
 
 
 def _linear(op: LogitOp, value: torch.Tensor, insp: Analysable) -> torch.Tensor:
-    factor = op.value_for(insp.model)
-    if factor is None:
-        return value
-    if isinstance(factor, torch.Tensor):
-        raise CaptureError(
-            f"a {op.kind} by a tensor around the unembedding is not modelled by direct logit "
-            "attribution"
-        )
-    if op.kind == "scale":
-        return value * factor
-    if op.kind == "divide":
-        return value / factor
-    raise CaptureError(f"a {op.kind} step is not linear")
+    try:
+        return value * op.factor(insp.model)
+    except ValueError as exc:
+        raise CaptureError(f"direct logit attribution does not model it: {exc}") from None

@@ -185,6 +185,48 @@ class LogitOp(_Frozen):
             return x + value
         return torch.tanh(x / value) * value
 
+    @property
+    def additive(self) -> bool:
+        """Whether this op adds a value (``add``) rather than transforming the logits.
+
+        Example:
+            >>> LogitOp(kind="add", value=1.0).additive, LogitOp(kind="scale", value=2.0).additive
+            (True, False)
+        """
+        return self.kind == "add"
+
+    def factor(self, model: Any) -> float:
+        """The number a linear op multiplies by (``scale``: v, ``divide``: 1/v; 1 where the
+        model leaves it off). ``softcap`` and ``add`` are not a multiplication, and a tensor
+        value is not one number: both are a ``ValueError`` naming the op.
+
+        Example:
+            >>> LogitOp(kind="divide", value=4.0).factor(None)
+            0.25
+        """
+        value = self.value_for(model)
+        if value is None:
+            return 1.0
+        if isinstance(value, torch.Tensor) or self.kind not in ("scale", "divide"):
+            what = "a tensor" if isinstance(value, torch.Tensor) else "not linear"
+            raise ValueError(f"a {self.kind} step of the head is {what}")
+        return float(value) if self.kind == "scale" else 1.0 / float(value)
+
+    def added(self, model: Any, index: int) -> float:
+        """What an ``add`` op adds to logit ``index`` (0 for any other op, or where the model
+        leaves it off).
+
+        Example:
+            >>> LogitOp(kind="add", value=1.5).added(None, 3)
+            1.5
+        """
+        value = self.value_for(model) if self.additive else None
+        if value is None:
+            return 0.0
+        if isinstance(value, torch.Tensor):
+            return float(value.detach().reshape(-1)[index])
+        return float(value)
+
     @staticmethod
     def apply_all(ops: Sequence[LogitOp], x: torch.Tensor, model: Any) -> torch.Tensor:
         """``x`` with every op of ``ops`` applied in order.
