@@ -1,9 +1,10 @@
-"""`introspect extract` across processes: two gloo ranks against one process, a rank that dies,
-and a seeded schedule of SIGKILLs with resumes, each compared with an uninterrupted run.
+"""`introspect extract` across processes: a rank that dies, and a seeded schedule of SIGKILLs
+resumed at last by two gloo ranks, each compared with an uninterrupted one-process run.
 
 These start real processes (each imports torch and transformers, a few seconds), so they use
-one small corpus and a tiny Llama saved as a folder, and kill at points read from the folder (the n-th
-shard on disk, plus a random delay) rather than at wall-clock times that depend on the load.
+one small corpus and a tiny Llama saved as a folder, kill at points read from the folder (the n-th
+shard on disk, plus a random delay) rather than at wall-clock times that depend on the load, and
+launch torchrun twice in all: once to lose a rank, once to finish a killed run bit for bit.
 """
 
 from __future__ import annotations
@@ -74,9 +75,15 @@ def _argv(corpus: Path, out: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference(corpus: Path) -> ActivationDataset:
-    """The uninterrupted one-process run every other run is compared with."""
+    """The uninterrupted one-process run every other run is compared with, on one thread as
+    every process of the killed runs and each rank of the two-rank run: the same float32 sums."""
     out = corpus.parent / "reference"
-    assert main(_argv(corpus, out)) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(_argv(corpus, out)) == 0
+    finally:
+        torch.set_num_threads(threads)
     return ActivationDataset(out)
 
 
@@ -89,8 +96,7 @@ def _env(*, ranks: bool = False) -> dict[str, str]:
     if ranks:
         env.pop("OMP_NUM_THREADS", None)  # the launcher shares the cores among the ranks
     else:
-        # As many threads as this process computes the reference with: the same float32 sums.
-        env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+        env["OMP_NUM_THREADS"] = "1"  # as the reference: the same float32 sums
     return env
 
 
@@ -137,45 +143,6 @@ def _assert_same(ours: ActivationDataset, theirs: ActivationDataset, *, exact: b
         else:
             # Other batches and thread counts: float32 sums in another order.
             torch.testing.assert_close(ours[loc][:], theirs[loc][:], rtol=1e-5, atol=1e-5)
-
-
-def test_two_ranks_store_the_values_of_one_process_bit_for_bit(
-    corpus: Path,
-    tmp_path: Path,
-    capfd: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Each rank cuts its documents into the shards, and each shard into the batches, of the
-    # one-process run: the same matrix shapes, so the same float sums. With one thread per
-    # process on both sides (the launcher keeps an OMP_NUM_THREADS it is given), every value
-    # is equal, not merely close.
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    one = tmp_path / "one"
-    env = {**_env(), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(_command(corpus, one), capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr
-    two = tmp_path / "two"
-    # --nproc launches torchrun from this process (the ranks are processes of their own), and
-    # leaves this process as it was: signal handlers, environment.
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    capfd.readouterr()
-    assert main([*_argv(corpus, two), "--nproc", "2"]) == 0
-    stdout, stderr = capfd.readouterr()
-    assert stdout.startswith(f"wrote {two}: ") and "2 processes" in stdout
-    assert stderr == ""
-    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
-    assert os.environ["OMP_NUM_THREADS"] == "1"
-    ours, theirs = ActivationDataset(two), ActivationDataset(one)
-    assert ours.manifest["run"]["world_size"] == 2
-    from safetensors import safe_open
-
-    ranks = set()
-    for shard in ours.manifest["shards"]:
-        with safe_open(str(two / shard["file"]), framework="pt") as handle:
-            ranks.add(json.loads(handle.metadata()["introspect"])["rank"])
-    assert ranks == {0, 1}  # each rank wrote its own shards
-    assert ours.manifest["shards"] == theirs.manifest["shards"]
-    _assert_same(ours, theirs, exact=True)
 
 
 def _rank_pids(launcher: int) -> dict[int, int]:
@@ -227,18 +194,22 @@ def test_a_rank_that_dies_is_named_and_the_run_resumes(
     _assert_same(ActivationDataset(out), reference, exact=False)
 
 
-def test_sigkill_at_random_points_then_resume_gives_the_same_dataset(
-    corpus: Path, reference: ActivationDataset, tmp_path: Path
+def test_sigkill_at_random_points_then_two_ranks_resume_bit_for_bit(
+    corpus: Path,
+    reference: ActivationDataset,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     out = tmp_path / "killed"
     total = len(reference.manifest["shards"])
     rng = random.Random(11)
-    kills = 0
-    for attempt in range(1, 4):
+    for attempt in (1, 2):
         before = len(_shards(out))
         # Where to kill: after a random number of this attempt's shards, plus a random delay
-        # (often in the middle of the next shard's write).
-        wait_shards = rng.randint(0, max(0, (total - before) // 2))
+        # (often in the middle of the next shard's write). At most a third of what is left, so
+        # the two ranks below have shards of their own to write.
+        wait_shards = rng.randint(0, (total - before) // 3)
         delay = rng.uniform(0, 0.01)
         process = subprocess.Popen(
             _command(corpus, out),
@@ -258,20 +229,40 @@ def test_sigkill_at_random_points_then_resume_gives_the_same_dataset(
                     return False
                 return record["attempt"] == attempt and len(_shards(out)) >= before + wait
 
-            if _wait_for(started, process):
-                time.sleep(delay)
-                process.send_signal(signal.SIGKILL)
+            assert _wait_for(started, process), "the run ended before it was killed"
+            time.sleep(delay)
+            process.send_signal(signal.SIGKILL)
             _, stderr = process.communicate(timeout=120)
         finally:
             if process.poll() is None:
                 process.kill()
-        _assert_consistent(out)
-        if process.returncode == 0 or (out / MANIFEST).exists():
-            break  # it finished before the kill
         assert process.returncode == -signal.SIGKILL, stderr
-        kills += 1
-    assert kills >= 2
-    assert main(_argv(corpus, out)) == 0
-    assert json.loads((out / MANIFEST).read_text())["shards"] == reference.manifest["shards"]
+        _assert_consistent(out)
+        assert not (out / MANIFEST).exists()
+    # Two gloo ranks finish it. Each rank cuts its documents into the shards, and each shard
+    # into the batches, of the one-process run: the same matrix shapes, so the same float
+    # sums. With one thread per process on both sides (the launcher keeps an OMP_NUM_THREADS
+    # it is given), every value is equal, not merely close.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # --nproc launches torchrun from this process (the ranks are processes of their own), and
+    # leaves this process as it was: signal handlers, environment.
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    capfd.readouterr()
+    assert main([*_argv(corpus, out), "--nproc", "2"]) == 0
+    stdout, stderr = capfd.readouterr()
+    assert stdout.startswith(f"wrote {out}: ") and "2 processes" in stdout
+    assert stderr == ""
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+    assert os.environ["OMP_NUM_THREADS"] == "1"
+    ours = ActivationDataset(out)
+    assert ours.manifest["run"]["world_size"] == 2
+    assert ours.manifest["shards"] == reference.manifest["shards"]
     assert not [n for n in os.listdir(out) if n.startswith(".")]
-    _assert_same(ActivationDataset(out), reference, exact=True)
+    from safetensors import safe_open
+
+    ranks = set()
+    for shard in ours.manifest["shards"]:
+        with safe_open(str(out / shard["file"]), framework="pt") as handle:
+            ranks.add(json.loads(handle.metadata()["introspect"])["rank"])
+    assert ranks == {0, 1}  # rank 1 wrote shards of its own
+    _assert_same(ours, reference, exact=True)
