@@ -20,6 +20,7 @@ from introspect._version import __version__, check_transformers
 check_transformers()
 
 if TYPE_CHECKING:
+    from introspect._atp import attribution_patching, patching_agreement
     from introspect._attention import (
         AttentionPatterns,
         HeadScores,
@@ -90,6 +91,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ["AttentionPatterns", "HeadScores", "attention_patterns", "head_scores"], "_attention"
     ),
+    **dict.fromkeys(["attribution_patching", "patching_agreement"], "_atp"),
     "Attribution": "_attribution",
     **dict.fromkeys(
         [
@@ -194,6 +196,7 @@ __all__ = [
     "VersionFacts",
     "__version__",
     "attention_patterns",
+    "attribution_patching",
     "capture_to_file",
     "describe",
     "detect_adapter",
@@ -214,6 +217,7 @@ __all__ = [
     "mean_activation",
     "new_plugin_manager",
     "pad_batch",
+    "patching_agreement",
     "position_ids_from_mask",
     "real_token_positions",
     "save_tensors",

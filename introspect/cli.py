@@ -854,6 +854,193 @@ def _heads(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attribute_options(parser: argparse.ArgumentParser) -> None:
+    _model_options(parser)
+    parser.add_argument("--clean", required=True, help="the prompt whose values are patched in")
+    parser.add_argument(
+        "--corrupted",
+        required=True,
+        help="the prompt they are patched into (as many tokens as --clean)",
+    )
+    parser.add_argument(
+        "--target",
+        required=True,
+        metavar="TOKEN",
+        help="the metric is logit(TOKEN) - logit(--versus) at the last position: one token's "
+        "exact text, leading space included (e.g. ' Mary'), or its id",
+    )
+    parser.add_argument("--versus", required=True, metavar="TOKEN", help="the other token")
+    parser.add_argument(
+        "--at",
+        action="append",
+        metavar="LOCATORS",
+        help="the sites to patch, repeatable (default: block[:]; with --heads block[:].attn.z)",
+    )
+    parser.add_argument(
+        "--heads",
+        action="store_true",
+        help="one cell per head (locator x head, each head at every position) instead of one "
+        "per position (locator x position)",
+    )
+    parser.add_argument(
+        "--no-qk-fix",
+        action="store_true",
+        help="plain AtP: q and k cells to first order too (default: AtP*, their softmax exact)",
+    )
+    parser.add_argument(
+        "--exact",
+        action="store_true",
+        help="also run exact activation patching (one forward per cell) and compare",
+    )
+    parser.add_argument(
+        "-n", "--top", type=_whole_number(1), default=10, help="how many cells to list"
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="write a heatmap of the estimate (locator x head or position), with --exact the "
+        "exact table beside it",
+    )
+
+
+@command(
+    "attribute",
+    "attribution patching: each site's share of a clean/corrupted difference, from one backward",
+    _attribute_options,
+)
+def _attribute(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from introspect._atp import attribution_patching, patching_agreement, plot_patching
+    from introspect._errors import InterventionError
+    from introspect._lens import _target_id, show_token
+    from introspect._locators import Locator
+    from introspect._patching import logit_difference
+    from introspect._text import encode_prompt, token_strings
+
+    plot = _plot_path(args.plot)
+    at = args.at or (["block[:].attn.z"] if args.heads else ["block[:]"])
+    for text in at:
+        Locator.parse(text)  # a malformed locator is an error before the model loads
+    for flag, value in (("--clean", args.clean), ("--corrupted", args.corrupted)):
+        if not value:
+            raise InterventionError(f"{flag} is empty: pass some text, e.g. {flag} 'Hello'")
+    model, tokenizer, insp = _load(args)
+    clean = encode_prompt(tokenizer, args.clean, model)
+    corrupted = encode_prompt(tokenizer, args.corrupted, model)
+    counts = [int(clean["input_ids"].shape[1]), int(corrupted["input_ids"].shape[1])]
+    if counts[0] != counts[1]:
+        raise InterventionError(
+            f"--clean is {counts[0]} tokens and --corrupted {counts[1]} for this tokenizer: "
+            "position p of one is patched into position p of the other, so they need the same "
+            "number of tokens (swap words that are one token each)"
+        )
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    ids = [
+        _target_id(int(t) if t.isdigit() else t, tokenizer, vocab)
+        for t in (args.target, args.versus)
+    ]
+    metric = logit_difference(ids[0], ids[1])
+    names = [str(loc) for loc in insp.expand(at)]
+    options: dict[str, Any] = {"locators": names, "heads": "each" if args.heads else None}
+
+    def estimate() -> Any:
+        return attribution_patching(
+            insp, clean, corrupted, metric, qk_fix=not args.no_qk_fix, **options
+        )
+
+    start = time.perf_counter()
+    try:
+        values = estimate()
+    except InterventionError as exc:
+        if args.attn_implementation is not None or not _eager_needed(exc):
+            raise
+        model, tokenizer, insp = _reload_eager(args, exc)
+        start = time.perf_counter()
+        values = estimate()
+    seconds = {"estimate": time.perf_counter() - start}
+    exact = None
+    if args.exact:
+        start = time.perf_counter()
+        exact = insp.patching_sweep(clean, corrupted, metric, **options)
+        seconds["exact"] = time.perf_counter() - start
+    with torch.no_grad():
+        scores = [float(metric(model(**inputs))) for inputs in (clean, corrupted)]
+    method = "AtP" if args.no_qk_fix else "AtP*"
+    tokens = token_strings(tokenizer, clean["input_ids"][0])
+    columns = [str(h) for h in range(values.shape[1])] if args.heads else tokens
+    agreement = patching_agreement(values, exact, top=args.top) if exact is not None else None
+    labels = [show_token(t) for t in token_strings(tokenizer, ids)]
+    if plot is not None:
+        plot_patching(
+            values,
+            plot,
+            rows=names,
+            columns=columns
+            if args.heads
+            else [f"{p} {show_token(t)}" for p, t in enumerate(tokens)],
+            xlabel="head" if args.heads else "position",
+            title=f"{method}: {args.model}, logit({labels[0]}) - logit({labels[1]})",
+            exact=exact,
+        )
+    order = values.flatten().abs().argsort(descending=True)[: args.top].tolist()
+    cells = [divmod(int(i), values.shape[1]) for i in order]
+    if args.json:
+        payload: dict[str, Any] = {
+            "model": args.model,
+            "clean": args.clean,
+            "corrupted": args.corrupted,
+            "target": {"text": args.target, "id": ids[0]},
+            "versus": {"text": args.versus, "id": ids[1]},
+            "metric": {"clean": scores[0], "corrupted": scores[1]},
+            "method": method,
+            "locators": names,
+            "axis": "head" if args.heads else "position",
+            "tokens": tokens,
+            "estimate": values.tolist(),
+        }
+        if exact is not None and agreement is not None:
+            payload["exact"] = exact.tolist()
+            payload["agreement"] = agreement.to_dict()
+        payload["seconds"] = seconds
+        if plot is not None:
+            payload["plot"] = str(plot)
+        print(json.dumps(payload, indent=2, ensure_ascii=False))
+        return 0
+    axis = "head" if args.heads else "position"
+    print(
+        f"{args.model}: {method} of logit({labels[0]}) - logit({labels[1]}) at the last "
+        f"position: clean {scores[0]:.3f}, corrupted {scores[1]:.3f}"
+    )
+    print(
+        f"{values.numel()} cells ({len(names)} locators x {values.shape[1]} {axis}s), each the "
+        "metric's change when that site takes its clean value; the largest:"
+    )
+    rows = []
+    for rank, (r, c) in enumerate(cells):
+        where = [str(c)] if args.heads else [str(c), show_token(tokens[c], 14)]
+        row = [rank + 1, names[r], *where, f"{float(values[r, c]):.4f}"]
+        if exact is not None:
+            row.append(f"{float(exact[r, c]):.4f}")
+        rows.append(row)
+    headers = ["rank", "locator", *(["head"] if args.heads else ["position", "token"])]
+    headers += ["estimate", *(["exact"] if exact is not None else [])]
+    print_table(rows, headers)
+    if agreement is not None:
+        missed = ", ".join(f"{names[i]} {axis} {j}" for i, j in agreement.false_negatives)
+        print(
+            f"{method} against exact patching over {agreement.cells} cells: Pearson "
+            f"{agreement.pearson:.3f}, Spearman {agreement.spearman:.3f}, top {agreement.top}: "
+            f"{agreement.overlap} shared{f' (missed: {missed})' if missed else ''}; "
+            f"{seconds['estimate']:.2f} s against {seconds['exact']:.2f} s"
+        )
+    if plot is not None:
+        print(f"wrote {plot}")
+    return 0
+
+
 def _extract_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help=_MODEL_HELP)
     parser.add_argument(

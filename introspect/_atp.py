@@ -1,0 +1,665 @@
+"""Attribution patching: every cell of :meth:`~introspect.Inspector.patching_sweep`, estimated
+from two forwards and one backward.
+
+Exact activation patching runs the corrupted input once per site with that site's value taken
+from the clean run. Attribution patching (AtP; Nanda 2023) replaces each of those forwards by
+the first-order term of its effect, taken at the corrupted run::
+
+    effect(n) ≈ (n_clean - n_corrupted) · ∂metric/∂n
+
+summed over the positions and heads the cell patches. One clean forward gives every
+``n_clean``, one corrupted forward under autograd gives every ``n_corrupted`` and one backward
+every gradient, whatever the number of cells.
+
+AtP misjudges queries and keys most (Kramár et al. 2024, "AtP*"): a patched query or key moves
+the attention softmax far outside its linear range. With ``qk_fix=True`` a ``q`` or ``k`` cell
+is computed the AtP* way: the pattern the patch gives is computed exactly (the scores
+recomputed from the captured queries and keys and what the attention function was given,
+through the softmax), and only what follows the pattern is taken to first order::
+
+    effect(q or k) ≈ Σ (pattern_patched - pattern_corrupted) · ∂metric/∂pattern
+
+The recomputed scores are proven on every call: their softmax must reproduce the pattern the
+model computed, or the fix is refused with the reason (never a guess).
+
+Example:
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> from introspect import Inspector, logit_difference
+    >>> cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64)
+    >>> insp = Inspector(GPT2LMHeadModel(cfg).eval())
+    >>> clean = {"input_ids": torch.tensor([[1, 2, 3]])}
+    >>> corrupted = {"input_ids": torch.tensor([[4, 2, 3]])}
+    >>> attribution_patching(insp, clean, corrupted, logit_difference(5, 6)).shape
+    torch.Size([2, 3])
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from introspect._errors import InterventionError, MissingDependencyError
+from introspect._heads import HEAD_AXIS, HeadTap, attn_part, head_site
+from introspect._lens import _save_atomically
+from introspect._locators import Locator
+
+if TYPE_CHECKING:
+    from introspect._view import Analysable
+
+__all__ = ["Agreement", "attribution_patching", "patching_agreement", "plot_patching"]
+
+_CHUNK = 1 << 24
+"""How many score entries the key fix computes at once (a bound on its memory)."""
+
+
+def attribution_patching(
+    insp: Analysable,
+    clean: Mapping[str, Any],
+    corrupted: Mapping[str, Any],
+    metric: Callable[[Any], Any],
+    *,
+    locators: str | Sequence[str] = "block[:]",
+    positions: Sequence[int] | None = None,
+    heads: str | None = None,
+    qk_fix: bool = True,
+    relative: bool = False,
+) -> torch.Tensor:
+    """Attribution patching: the table of :meth:`~introspect.Inspector.patching_sweep`,
+    estimated to first order.
+
+    Returns what :meth:`~introspect.Inspector.patching_sweep` returns for the same arguments, in the
+    same shape and order (``[locators, positions]``; with ``heads="each"``
+    ``[locators, heads]``, or ``[locators, heads, positions]`` when positions are given), each
+    cell estimated as ``(n_clean - n_corrupted) · ∂metric/∂n`` at the corrupted run, summed
+    over the batch and over the positions and heads the cell patches. It costs one clean
+    forward, one corrupted forward and one backward, whatever the number of cells.
+
+    ``metric`` takes the model's output and returns a scalar tensor that depends on the logits
+    differentiably (:func:`~introspect.logit_difference`, say). ``clean`` and ``corrupted`` hold
+    the same number of tokens: position ``p`` of one is patched into position ``p`` of the
+    other.
+
+    ``qk_fix=True`` (AtP*) computes the cells of query and key sites (``block[i].attn.q``,
+    ``.k``) through the softmax: the pattern the patched queries or keys give is computed
+    exactly, the rest of the model to first order. It changes only ``q`` and ``k`` cells (the
+    other sites do not reach the metric through a softmax of their own) and is refused, with
+    the reason, where the scores cannot be recomputed exactly: an attention computed inline,
+    one whose pattern cannot be read, or one whose recomputed scores do not reproduce the
+    model's pattern. ``qk_fix=False`` is plain AtP everywhere. ``relative=True`` divides by
+    ``metric(clean) - metric(corrupted)``, as :meth:`~introspect.Inspector.patching_sweep` does.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> from introspect import Inspector, logit_difference
+        >>> cfg = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+        ...                   num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+        >>> insp = Inspector(LlamaForCausalLM(cfg).eval())
+        >>> clean = {"input_ids": torch.tensor([[1, 2, 3, 4]])}
+        >>> corrupted = {"input_ids": torch.tensor([[1, 9, 3, 4]])}
+        >>> metric = logit_difference(5, 6)
+        >>> atp = attribution_patching(insp, clean, corrupted, metric,
+        ...                            locators="block[:].attn.q", heads="each")
+        >>> exact = insp.patching_sweep(clean, corrupted, metric,
+        ...                             locators="block[:].attn.q", heads="each")
+        >>> atp.shape == exact.shape == (2, 4)
+        True
+    """
+    plan = _plan(insp, clean, corrupted, locators, positions, heads, qk_fix)
+    model = insp.model
+    with torch.no_grad():
+        with insp.capture(*plan.names) as cap:
+            clean_score = _scalar(metric(model(**clean)), "clean")
+        clean_values = {name: _value(cap[name], loc) for name, loc in plan.locs.items()}
+    taps = list(plan.fixed.values())
+    kept = [tap.arguments for tap in taps]
+    # A model whose weights are frozen builds no graph: its values would have no gradient.
+    frozen = [p for p in model.parameters() if p.is_floating_point() and not p.requires_grad]
+    try:
+        for tap in taps:
+            tap.arguments = []
+        for param in frozen:
+            param.requires_grad_(True)
+        with torch.enable_grad(), insp.capture(*plan.names, *plan.extra) as cap:
+            score = _scalar(metric(model(**corrupted)), "corrupted")
+        calls = [tap.arguments for tap in taps]
+    finally:
+        for param in frozen:
+            param.requires_grad_(False)
+        for tap, before in zip(taps, kept, strict=True):
+            tap.arguments = before
+    if not score.requires_grad:
+        raise InterventionError(
+            "the metric's value on the corrupted run carries no gradient: it must be computed "
+            "from the model's output with differentiable operations (logits[..., a] - "
+            "logits[..., b], not argmax or .item()), outside torch.no_grad()"
+        )
+    wanted = list(plan.names) + list(plan.extra)
+    corrupt_values = {
+        name: _value(cap[name], insp.locator(name) if name not in plan.locs else plan.locs[name])
+        for name in wanted
+    }
+    grads = torch.autograd.grad(score, [corrupt_values[name] for name in wanted], allow_unused=True)
+    gradient = {
+        name: torch.zeros_like(corrupt_values[name]) if g is None else g
+        for name, g in zip(wanted, grads, strict=True)
+    }
+    base = float(score.detach())
+    arguments = dict(zip(plan.fixed, calls, strict=True))
+    effect = torch.zeros(len(plan.names), len(plan.head_axis), len(plan.spots), dtype=torch.float64)
+    with torch.no_grad():
+        for i, (name, loc) in enumerate(plan.locs.items()):
+            site = head_site(loc)
+            attn = attn_part(loc) if site in ("q", "k") else None
+            if attn is not None and attn in plan.fixed:
+                fix = _QKFix(
+                    plan.fixed[attn],
+                    attn,
+                    arguments[attn],
+                    clean_values[name],
+                    corrupt_values[f"{attn}.q"],
+                    corrupt_values[f"{attn}.k"],
+                    corrupt_values[f"{attn}.pattern"],
+                    gradient[f"{attn}.pattern"],
+                )
+                effect[i] = fix.query(plan) if site == "q" else fix.key(plan)
+                continue
+            delta = clean_values[name].to(torch.float64) - corrupt_values[name].to(torch.float64)
+            product = delta * gradient[name].to(torch.float64)
+            effect[i] = _reduce(product, HEAD_AXIS.get(site or "", 2), plan)
+    effect = effect.float()
+    if plan.heads != "each":
+        effect = effect[:, 0]
+    elif not plan.positions_given:
+        effect = effect[..., 0]
+    if relative:
+        gap = float(clean_score) - base
+        if gap == 0:
+            raise InterventionError(
+                "relative=True divides by metric(clean) - metric(corrupted), which is 0 here: "
+                "pick inputs the metric tells apart, or use relative=False"
+            )
+        effect = effect / gap
+    return effect
+
+
+# -- the plan: everything checked before any forward -----------------------------------------------
+
+
+@dataclass
+class _Plan:
+    locs: dict[str, Locator]
+    """The locators swept, by name, in order."""
+    heads: str | None
+    head_axis: list[int | None]
+    """Heads patched one at a time (``[None]``: all at once)."""
+    spots: list[int | None]
+    """Positions patched one at a time (``[None]``: all at once)."""
+    positions_given: bool
+    fixed: dict[str, HeadTap]
+    """The attention parts whose q/k cells take the QK fix, by part locator."""
+    extra: list[str]
+    """What the corrupted run also captures for the fix (q, k and pattern of those parts)."""
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.locs)
+
+
+def _token_count(inputs: Mapping[str, Any]) -> tuple[int, ...] | None:
+    for key in ("input_ids", "inputs_embeds"):
+        found = inputs.get(key)
+        if isinstance(found, torch.Tensor) and found.dim() >= 2:
+            return tuple(found.shape[:2])
+    return None
+
+
+def _plan(
+    insp: Analysable,
+    clean: Mapping[str, Any],
+    corrupted: Mapping[str, Any],
+    locators: str | Sequence[str],
+    positions: Sequence[int] | None,
+    heads: str | None,
+    qk_fix: bool,
+) -> _Plan:
+    if heads not in (None, "each"):
+        raise InterventionError(f"heads= takes 'each' (one head at a time) or None, got {heads!r}")
+    for name, inputs in (("clean", clean), ("corrupted", corrupted)):
+        if not isinstance(inputs, Mapping):
+            raise InterventionError(
+                f"{name} is the model's keyword inputs (e.g. {{'input_ids': ids}}), got "
+                f"{type(inputs).__name__}"
+            )
+    found = insp.expand([locators] if isinstance(locators, str) else locators)
+    locs = {str(loc): loc for loc in found}
+    counts: list[int] = []
+    if heads == "each":
+        counts = [insp.head_count(loc) for loc in locs.values()]
+        if len(set(counts)) > 1:
+            raise InterventionError(
+                f"heads='each' needs locators with one head count, got {sorted(set(counts))}: "
+                "sweep k/v (key/value heads) apart from q/z/result (query heads)"
+            )
+    shape_clean, shape_corrupted = _token_count(clean), _token_count(corrupted)
+    if shape_clean is not None and shape_corrupted is not None and shape_clean != shape_corrupted:
+        raise InterventionError(
+            f"clean and corrupted inputs must hold the same number of tokens (position p of one "
+            f"is patched into position p of the other), got [batch, seq] {list(shape_clean)} and "
+            f"{list(shape_corrupted)}: pad them to one length"
+        )
+    seq = shape_corrupted[1] if shape_corrupted is not None else None
+    positions_given = positions is not None or heads != "each"
+    spots: list[int | None]
+    if positions is None:
+        if heads == "each":
+            spots = [None]
+        elif seq is None:
+            raise InterventionError("pass positions=[...] when the inputs have no input_ids")
+        else:
+            spots = list(range(seq))
+    else:
+        spots = []
+        for p in positions:
+            if isinstance(p, bool) or not isinstance(p, int):
+                raise InterventionError(f"positions= takes integer positions, got {p!r:.40}")
+            if seq is not None and not -seq <= p < seq:
+                raise InterventionError(
+                    f"position {p} is out of range for inputs of {seq} tokens (use "
+                    f"{-seq}..{seq - 1})"
+                )
+            spots.append(p % seq if seq is not None else p)
+    fixed: dict[str, HeadTap] = {}
+    extra: list[str] = []
+    for name, loc in locs.items():
+        site = head_site(loc)
+        if site == "pattern" and positions_given:
+            raise InterventionError(
+                f"{name} is [batch, heads, query, key], so positions= cannot be placed on it: "
+                "sweep it with heads='each' and no positions"
+            )
+        if not qk_fix or site not in ("q", "k"):
+            continue
+        part = attn_part(loc)
+        if part in fixed:
+            continue
+        tap = insp.view.resolver.head_tap(loc)
+        reason = tap.why_not("pattern")
+        if reason is None and tap.inline:
+            reason = (
+                f"{type(tap.core).__name__} computes attention inline, so the terms it adds to "
+                f"the scores ({tap.spec.scores}) are not passed where they can be read"
+            )
+        if reason is not None:
+            raise InterventionError(
+                f"qk_fix recomputes the softmax of {part} for each patched query or key, but its "
+                f"scores cannot be recomputed exactly: {reason}; pass qk_fix=False for the "
+                "linear estimate"
+            )
+        fixed[part] = tap
+        extra.extend(f"{part}.{s}" for s in ("q", "k", "pattern") if f"{part}.{s}" not in locs)
+    return _Plan(
+        locs,
+        heads,
+        list(range(counts[0])) if heads == "each" else [None],
+        spots,
+        positions_given,
+        fixed,
+        list(dict.fromkeys(extra)),
+    )
+
+
+def _value(record: Any, loc: Locator) -> torch.Tensor:
+    value = record.input if loc.side == "input" else record.output
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        what = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+        raise InterventionError(
+            f"{loc} holds {what}, not a float tensor: attribution patching needs a value with a "
+            "gradient (token ids have none: use 'embed' or 'block[0].input')"
+        )
+    return value
+
+
+def _scalar(value: Any, run: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        got = (
+            f"a tensor of shape {list(value.shape)}"
+            if isinstance(value, torch.Tensor)
+            else type(value).__name__
+        )
+        raise InterventionError(
+            f"the metric must return a scalar tensor (one number, e.g. the batch mean of a logit "
+            f"difference), got {got} on the {run} run: reduce it (.mean()) and return the "
+            "tensor itself, not .item()"
+        )
+    return value.reshape(())
+
+
+def _reduce(product: torch.Tensor, head_axis: int, plan: _Plan) -> torch.Tensor:
+    """The cells of one locator: ``product`` summed over what each cell patches."""
+    out = torch.zeros(len(plan.head_axis), len(plan.spots), dtype=torch.float64)
+    for a, h in enumerate(plan.head_axis):
+        x = product if h is None else product.select(head_axis, h)
+        if plan.spots == [None]:
+            out[a, 0] = x.sum()
+            continue
+        by_position = x.sum(0)
+        by_position = by_position.reshape(by_position.shape[0], -1).sum(-1)
+        for j, p in enumerate(plan.spots):
+            out[a, j] = by_position.sum() if p is None else by_position[p]
+    return out
+
+
+# -- the QK fix ------------------------------------------------------------------------------------
+
+
+def _scores(
+    q: torch.Tensor, k: torch.Tensor, arguments: Mapping[str, Any], causal: bool
+) -> torch.Tensor:
+    """The attention scores ``[batch, heads, query, key]`` from ``q`` ``[b, s, h, d]`` and ``k``
+    ``[b, t, kv, d]`` and what the attention function was given (scaling, position bias,
+    soft-cap, mask), as eager attention computes them before the softmax."""
+    heads, kv = q.shape[2], k.shape[2]
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    qh = q.transpose(1, 2).to(dtype)
+    kh = k.transpose(1, 2).to(dtype)
+    if kv != heads:
+        kh = kh.repeat_interleave(heads // kv, dim=1)
+    scaling = arguments.get("scaling")
+    scores = qh @ kh.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scaling is None else scaling)
+    bias = arguments.get("position_bias")
+    if isinstance(bias, torch.Tensor):
+        scores = scores + bias[..., -scores.shape[-2] :, : kh.shape[-2]].to(dtype)
+    softcap = arguments.get("softcap")
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    lowest = torch.finfo(dtype).min
+    if causal:
+        queries, keys = scores.shape[-2], scores.shape[-1]
+        later = torch.ones(queries, keys, dtype=torch.bool, device=scores.device).triu(
+            keys - queries + 1
+        )
+        scores = scores.masked_fill(later, lowest)
+    mask = arguments.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        mask = mask[..., : kh.shape[-2]]
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, lowest)
+        else:
+            scores = (scores + mask.to(dtype)).clamp(min=lowest)
+    found: torch.Tensor = scores
+    return found
+
+
+def _softmax(scores: torch.Tensor, sinks: Any) -> torch.Tensor:
+    """The pattern of ``scores`` (heads on axis -3); ``sinks``: one extra logit per head that
+    takes part in the softmax and is left out after it (GPT-OSS)."""
+    if isinstance(sinks, torch.Tensor):
+        column = sinks.to(scores.dtype).view(-1, 1, 1).expand(*scores.shape[:-1], 1)
+        both = torch.cat([scores, column], dim=-1)
+        return torch.softmax(both - both.amax(-1, keepdim=True), dim=-1)[..., :-1]
+    return torch.softmax(scores, dim=-1)
+
+
+class _QKFix:
+    """The q or k cells of one attention part, through the softmax (AtP*)."""
+
+    def __init__(
+        self,
+        tap: HeadTap,
+        part: str,
+        calls: list[dict[str, Any]] | None,
+        patched_from: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        pattern: torch.Tensor,
+        gradient: torch.Tensor,
+    ) -> None:
+        if not calls or len(calls) != 1:
+            count = len(calls or [])
+            raise InterventionError(
+                f"qk_fix: {part} called its attention function {count} times in one forward; "
+                "the fix reads one call (one forward of one sequence batch): pass qk_fix=False"
+            )
+        self.tap = tap
+        self.part = part
+        self.arguments = calls[0]
+        self.clean = patched_from
+        self.q, self.k = q.detach(), k.detach()
+        self.sinks = getattr(tap.core, "sinks", None)
+        self.causal = bool(getattr(tap.core, "is_causal", False))
+        self.gradient = gradient.to(torch.promote_types(q.dtype, torch.float32))
+        self.scores = _scores(self.q, self.k, self.arguments, self.causal)
+        self.pattern = _softmax(self.scores, self.sinks)
+        self._prove(pattern.detach())
+
+    def _prove(self, pattern: torch.Tensor) -> None:
+        """The recomputed pattern must be the model's, on every query that attends somewhere."""
+        real = self.scores.amax(-1) > torch.finfo(self.scores.dtype).min / 2
+        mine = self.pattern[real]
+        theirs = pattern.to(self.pattern.dtype)[real]
+        tolerance = 1e-4 if pattern.element_size() >= 4 else 1e-2
+        worst = float((mine - theirs).abs().max()) if mine.numel() else 0.0
+        if mine.shape != theirs.shape or not worst <= tolerance:
+            raise InterventionError(
+                f"qk_fix: the scores of {self.part} recomputed from q, k and what its attention "
+                f"function was given do not reproduce the model's pattern (max |diff| "
+                f"{worst:.2g}; the head layout states {self.tap.spec.scores!r}), so the fixed "
+                "cells would be a guess: pass qk_fix=False for the linear estimate"
+            )
+
+    def _effect(self, pattern: torch.Tensor) -> torch.Tensor:
+        """``Σ (pattern - pattern_corrupted) · ∂metric/∂pattern`` over the last four axes."""
+        change = (pattern - self.pattern) * self.gradient
+        return change.sum(dim=(-4, -3, -2, -1))
+
+    def query(self, plan: _Plan) -> torch.Tensor:
+        # Each query's row of the pattern depends on that query alone: the effect of a set of
+        # patched queries is the sum of the rows' effects, one softmax for all of them.
+        rows = _softmax(_scores(self.clean, self.k, self.arguments, self.causal), self.sinks)
+        change = ((rows - self.pattern) * self.gradient).sum(-1)  # [batch, heads, query]
+        return _reduce(change.transpose(1, 2).to(torch.float64), 2, plan)
+
+    def key(self, plan: _Plan) -> torch.Tensor:
+        # A key reaches every query's row: the keys patched together share each softmax, so
+        # every cell is its own softmax (batched, in chunks).
+        patched = _scores(self.q, self.clean, self.arguments, self.causal)
+        heads, kv = self.q.shape[2], self.k.shape[2]
+        group = heads // kv
+        keys = self.k.shape[1]
+        cells = [(a, j) for a in range(len(plan.head_axis)) for j in range(len(plan.spots))]
+        columns = torch.zeros(len(cells), heads, keys, dtype=torch.bool, device=self.q.device)
+        for n, (a, j) in enumerate(cells):
+            h, p = plan.head_axis[a], plan.spots[j]
+            rows = slice(None) if h is None else slice(h * group, (h + 1) * group)
+            columns[n, rows, slice(None) if p is None else p] = True
+        per_cell = max(1, _CHUNK // max(1, self.scores.numel()))
+        out = torch.zeros(len(plan.head_axis), len(plan.spots), dtype=torch.float64)
+        for start in range(0, len(cells), per_cell):
+            chosen = columns[start : start + per_cell, None, :, None, :]
+            scores = torch.where(chosen, patched, self.scores)
+            found = self._effect(_softmax(scores, self.sinks))
+            for n, value in enumerate(found.tolist(), start=start):
+                a, j = cells[n]
+                out[a, j] = value
+        return out
+
+
+# -- comparing an estimate with exact patching -----------------------------------------------------
+
+
+@dataclass
+class Agreement:
+    """How well an estimate of a patching table agrees with the exact table.
+
+    ``pearson`` and ``spearman`` correlate every cell; ``top`` cells are ranked by absolute
+    value; ``overlap`` counts the exact top cells the estimate also ranks in its top;
+    ``false_negatives`` are the exact top cells it misses (as index tuples of the table).
+
+    Example:
+        >>> a = patching_agreement(torch.tensor([3.0, 0.1, 2.0]), torch.tensor([2.9, 0.0, 2.2]),
+        ...                        top=2)
+        >>> a.overlap, a.false_negatives
+        (2, [])
+    """
+
+    pearson: float
+    spearman: float
+    top: int
+    overlap: int
+    false_negatives: list[tuple[int, ...]]
+    cells: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict for JSON output.
+
+        Example:
+            >>> Agreement(1.0, 1.0, 1, 1, [], 2).to_dict()["overlap"]
+            1
+        """
+        return {
+            "pearson": _finite(self.pearson),
+            "spearman": _finite(self.spearman),
+            "top": self.top,
+            "overlap": self.overlap,
+            "false_negatives": [list(i) for i in self.false_negatives],
+            "cells": self.cells,
+        }
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    spread = float(a.norm() * b.norm())
+    return float((a * b).sum()) / spread if spread > 0 else math.nan
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks with ties sharing their mean rank."""
+    order = x.argsort()
+    ranks = torch.empty_like(x)
+    ranks[order] = torch.arange(len(x), dtype=x.dtype)
+    for value in torch.unique(x):
+        tied = x == value
+        if int(tied.sum()) > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def patching_agreement(estimate: torch.Tensor, exact: torch.Tensor, *, top: int = 10) -> Agreement:
+    """Pearson and Spearman correlation, top-``top`` agreement and false negatives of an
+    estimated patching table (:func:`attribution_patching`) against the exact one
+    (:meth:`~introspect.Inspector.patching_sweep`), cell by cell.
+
+    Example:
+        >>> exact = torch.tensor([[0.0, 1.0], [4.0, -2.0]])
+        >>> a = patching_agreement(exact * 2, exact, top=2)
+        >>> round(a.pearson, 6), round(a.spearman, 6), a.overlap
+        (1.0, 1.0, 2)
+    """
+    if estimate.shape != exact.shape:
+        raise InterventionError(
+            f"an estimate of shape {tuple(estimate.shape)} cannot be compared with an exact "
+            f"table of shape {tuple(exact.shape)}: compute both with the same arguments"
+        )
+    a = estimate.detach().flatten().to(torch.float64).cpu()
+    b = exact.detach().flatten().to(torch.float64).cpu()
+    k = min(top, len(b))
+    mine = set(a.abs().argsort(descending=True)[:k].tolist())
+    theirs = b.abs().argsort(descending=True)[:k].tolist()
+    missed = [i for i in theirs if i not in mine]
+    shape = tuple(exact.shape)
+    return Agreement(
+        _pearson(a, b),
+        _pearson(_ranks(a), _ranks(b)),
+        k,
+        k - len(missed),
+        [_unravel(i, shape) for i in missed],
+        len(b),
+    )
+
+
+def _unravel(index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    out = []
+    for size in reversed(shape):
+        out.append(index % size)
+        index //= size
+    return tuple(reversed(out))
+
+
+# -- the picture -----------------------------------------------------------------------------------
+
+
+def plot_patching(
+    values: torch.Tensor,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    rows: Sequence[str],
+    columns: Sequence[str],
+    xlabel: str = "position",
+    title: str | None = None,
+    exact: torch.Tensor | None = None,
+    dpi: int = 150,
+) -> Any:
+    """A heatmap of a ``[rows, columns]`` patching table (red raises the metric, blue lowers
+    it, white is 0); with ``exact``, the exact table beside it on the same colour scale.
+
+    Writes a PNG (or .svg, .pdf; atomically) when ``path`` is given; returns the matplotlib
+    Figure.
+
+    Example:
+        >>> from importlib.util import find_spec
+        >>> table = torch.tensor([[0.5, -1.0], [0.0, 2.0]])
+        >>> figure = (plot_patching(table, rows=["block[0]", "block[1]"], columns=["a", "b"])
+        ...           if find_spec("matplotlib") else None)
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise MissingDependencyError(
+            'plotting needs matplotlib: pip install matplotlib (or "introspect-lm[demo]")'
+        ) from None
+    tables = [("attribution patching", values)]
+    if exact is not None:
+        tables.append(("exact patching", exact))
+    n_rows, n_cols = values.shape
+    cell_w = min(0.55, 12.0 / max(n_cols, 1))
+    cell_h = min(0.3, 20.0 / max(n_rows, 1))
+    width = max(3.5, cell_w * n_cols + 2.4) * len(tables)
+    height = max(3.0, cell_h * n_rows + 1.8)
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    scale = max(float(t.abs().max()) for _, t in tables) or 1.0
+    images = []
+    for n, (name, table) in enumerate(tables):
+        ax = fig.add_subplot(1, len(tables), n + 1)
+        image = ax.imshow(
+            table.detach().float().cpu().numpy(),
+            aspect="auto",
+            cmap="RdBu_r",
+            vmin=-scale,
+            vmax=scale,
+        )
+        ax.set_xticks(range(n_cols))
+        ax.set_xticklabels(list(columns), fontsize=7, rotation=90 if n_cols > 8 else 0)
+        ax.set_yticks(range(n_rows))
+        ax.set_yticklabels(list(rows) if n == 0 else [], fontsize=7 if n_rows > 16 else 9)
+        ax.set_xlabel(xlabel)
+        ax.set_title(name, fontsize=9)
+        images.append(image)
+    fig.colorbar(images[0], ax=fig.axes, label="change of the metric", fraction=0.05, pad=0.02)
+    if title:
+        fig.suptitle(textwrap.fill(title, max(40, int(width * 11))), fontsize=10)
+    if path is not None:
+        _save_atomically(fig, Path(path), dpi)
+    return fig
