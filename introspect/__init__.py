@@ -84,6 +84,7 @@ if TYPE_CHECKING:
         StreamOp,
         VersionFacts,
     )
+    from introspect._tuned import TunedLens, train_tuned_lens
     from introspect.zoo import ByteTokenizerWarning, load_model
 
 # Where each public name lives (one flat namespace over private parts, as httpx does).
@@ -150,6 +151,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ["SAEEvaluation", "SparseAutoencoder", "evaluate_sae", "load_sae", "train_sae"], "_sae"
     ),
+    **dict.fromkeys(["TunedLens", "train_tuned_lens"], "_tuned"),
 }
 
 __all__ = [
@@ -191,6 +193,7 @@ __all__ = [
     "SparseAutoencoder",
     "StackSpec",
     "StreamOp",
+    "TunedLens",
     "UnprovenWarning",
     "UnsupportedArchitectureError",
     "VersionFacts",
@@ -222,6 +225,7 @@ __all__ = [
     "real_token_positions",
     "save_tensors",
     "train_sae",
+    "train_tuned_lens",
 ]
 
 

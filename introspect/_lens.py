@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -40,7 +40,7 @@ from introspect._text import encode_prompt, token_strings
 if TYPE_CHECKING:
     from introspect._view import Analysable
 
-__all__ = ["LensResult", "logit_lens", "main_blocks", "show_token"]
+__all__ = ["LensResult", "Translators", "logit_lens", "main_blocks", "show_token"]
 
 
 def show_token(token: str, width: int = 0) -> str:
@@ -93,6 +93,23 @@ _TARGET_COLORS = ("#e6550d", "#31a354", "#d62728", "#756bb1", "#8c564b")
 
 Target = int | str
 """A token to follow through the blocks: its id, or its text when the tokenizer is known."""
+
+
+class Translators(Protocol):
+    """What ``logit_lens(..., tuned=...)`` reads each row through before the model's head.
+
+    :class:`introspect.TunedLens` is one. ``check`` refuses another model and rows without a
+    translator (before the forward), ``default_blocks`` names the rows shown when ``blocks``
+    is None, ``translate`` maps a row's value to what the head reads.
+    """
+
+    def check(self, inspector: Analysable, rows: Sequence[Locator] = ()) -> None: ...
+
+    def default_blocks(self, inspector: Analysable) -> list[int]: ...
+
+    def translate(
+        self, inspector: Analysable, hidden: torch.Tensor, row: Locator | str
+    ) -> torch.Tensor: ...
 
 
 def _target_id(target: Target, tokenizer: Any, vocab: int | None) -> int:
@@ -162,6 +179,9 @@ class LensResult:
     """Token ids to follow: :meth:`table`, :meth:`to_dict` and :meth:`plot` show them."""
     tokenizer: Any = field(default=None, repr=False, compare=False)
     """The tokenizer the prompt was read with (None for token ids): targets may be text."""
+    lens: str = "logit"
+    """Which read-out: ``"logit"``, or ``"tuned"`` (each row through a tuned lens's
+    translator first)."""
 
     def token_id(self, token: Target) -> int:
         """The id of one token, given as its id or (with a tokenizer) its exact text.
@@ -347,8 +367,8 @@ class LensResult:
             >>> from introspect.zoo import load_model
             >>> model, tok = load_model("toy-gpt2", progress=False)
             >>> data = Inspector(model).logit_lens("Hi there", tokenizer=tok).to_dict([-1])
-            >>> sorted(data)[:4], len(data["positions"])
-            (['adapter', 'k', 'max_diff', 'model_class'], 1)
+            >>> sorted(data)[:4], data["lens"], len(data["positions"])
+            (['adapter', 'k', 'lens', 'max_diff'], 'logit', 1)
             >>> lens = logit_lens(Inspector(model), "Hi", tokenizer=tok, targets=["a"])
             >>> sorted(lens.to_dict()["positions"][0]["rows"][-1]["targets"][0])
             ['id', 'prob', 'rank', 'token']
@@ -388,6 +408,7 @@ class LensResult:
         data: dict[str, Any] = {
             "model_class": self.model_class,
             "adapter": self.adapter,
+            "lens": self.lens,
             "tokens": self.tokens,
             "token_ids": self.token_ids,
             "k": self.k,
@@ -526,7 +547,7 @@ class LensResult:
             side.grid(axis="x", alpha=0.3)
             side.legend(loc="lower right", fontsize=8)
             side.tick_params(axis="y", labelleft=False)
-        heading = title or f"logit lens: {self.model_class} ({self.adapter} adapter)"
+        heading = title or f"{self.lens} lens: {self.model_class} ({self.adapter} adapter)"
         fig.suptitle(textwrap.fill(heading, max(40, int(width * 9))))
         if path is not None:
             _save_atomically(fig, Path(path), dpi)
@@ -535,7 +556,7 @@ class LensResult:
     def __repr__(self) -> str:
         return (
             f"LensResult({self.model_class}, rows={len(self.rows)}, positions={self.positions}, "
-            f"k={self.k}, max_diff={self.max_diff})"
+            f"k={self.k}, max_diff={self.max_diff}{', lens=tuned' if self.lens == 'tuned' else ''})"
         )
 
 
@@ -636,6 +657,7 @@ def logit_lens(
     keep_logits: bool = True,
     batch_index: int = 0,
     targets: Sequence[Target] | None = None,
+    tuned: Translators | None = None,
 ) -> LensResult:
     """Run the model once and read every block's output through the model's own head.
 
@@ -645,7 +667,10 @@ def logit_lens(
     adds the residual stream entering block 0 as a first row. ``batch_index`` picks the
     sequence when ``inputs`` hold a batch. ``targets`` are tokens to follow (ids, or their
     exact text with a tokenizer): the table, the JSON and the plot show their rank and
-    probability. Every argument is checked before the model runs.
+    probability. ``tuned`` (a :class:`~introspect.TunedLens`) reads each row through its
+    translator first: the tuned lens, in the same result (``lens == "tuned"``); its rows
+    default to the blocks it has trained translators for and the last block. Every argument
+    is checked before the model runs.
 
     Example:
         >>> from introspect import Inspector
@@ -684,7 +709,11 @@ def logit_lens(
         _target_id(t, tokenizer, vocab if isinstance(vocab, int) else None) for t in targets or ()
     ]
     model_inputs = _as_inputs(insp, inputs, tokenizer)
+    if tuned is not None and blocks is None:
+        blocks = tuned.default_blocks(insp)
     rows = _rows(insp, blocks, include_embed)
+    if tuned is not None:
+        tuned.check(insp, rows)  # another model, or a row without a translator: before the run
     ids_key = (
         "decoder_input_ids"
         if insp.adapter.encoder is not None and "decoder_input_ids" in model_inputs
@@ -724,6 +753,8 @@ def logit_lens(
             # What follows the last block acts on each position alone (HF itself slices the
             # positions before its head with logits_to_keep), so only the wanted ones run.
             picked = hidden[batch_index : batch_index + 1].index_select(1, index.to(hidden.device))
+            if tuned is not None:
+                picked = tuned.translate(insp, picked, loc)
             per_row.append(insp.logits(picked)[0].float().cpu())
         stacked = torch.stack(per_row)
         own = output.get("logits") if isinstance(output, Mapping) else None
@@ -760,4 +791,5 @@ def logit_lens(
         max_diff=max_diff,
         targets=[_target_id(t, tokenizer, stacked.shape[-1]) for t in target_ids],
         tokenizer=tokenizer,
+        lens="logit" if tuned is None else "tuned",
     )
