@@ -856,10 +856,13 @@ def _heads(args: argparse.Namespace) -> int:
 
 def _attribute_options(parser: argparse.ArgumentParser) -> None:
     _model_options(parser)
-    parser.add_argument("--clean", required=True, help="the prompt whose values are patched in")
+    parser.add_argument(
+        "--clean", required=True, metavar="TEXT", help="the prompt whose values are patched in"
+    )
     parser.add_argument(
         "--corrupted",
         required=True,
+        metavar="TEXT",
         help="the prompt they are patched into (as many tokens as --clean)",
     )
     parser.add_argument(
