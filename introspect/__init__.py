@@ -59,6 +59,7 @@ if TYPE_CHECKING:
         PluginLoadError,
         SAEError,
         UnsupportedArchitectureError,
+        ViewError,
     )
     from introspect._export import capture_to_file, load_capture, save_tensors
     from introspect._extract import extract
@@ -85,6 +86,16 @@ if TYPE_CHECKING:
         VersionFacts,
     )
     from introspect._tuned import TunedLens, train_tuned_lens
+    from introspect._views import (
+        View,
+        attention_view,
+        attribution_view,
+        head_scores_view,
+        lens_view,
+        report_header,
+        report_page,
+        write_page,
+    )
     from introspect.zoo import ByteTokenizerWarning, load_model
 
 # Where each public name lives (one flat namespace over private parts, as httpx does).
@@ -148,6 +159,20 @@ _EXPORTS: dict[str, str] = {
         ["AdapterSpec", "HeadSpec", "LogitOp", "StackSpec", "StreamOp", "VersionFacts"], "_spec"
     ),
     "SAEError": "_errors",
+    "ViewError": "_errors",
+    **dict.fromkeys(
+        [
+            "View",
+            "attention_view",
+            "attribution_view",
+            "head_scores_view",
+            "lens_view",
+            "report_header",
+            "report_page",
+            "write_page",
+        ],
+        "_views",
+    ),
     **dict.fromkeys(
         ["SAEEvaluation", "SparseAutoencoder", "evaluate_sae", "load_sae", "train_sae"], "_sae"
     ),
@@ -197,9 +222,13 @@ __all__ = [
     "UnprovenWarning",
     "UnsupportedArchitectureError",
     "VersionFacts",
+    "View",
+    "ViewError",
     "__version__",
     "attention_patterns",
+    "attention_view",
     "attribution_patching",
+    "attribution_view",
     "capture_to_file",
     "describe",
     "detect_adapter",
@@ -210,8 +239,10 @@ __all__ = [
     "get_plugin_manager",
     "get_registry",
     "head_scores",
+    "head_scores_view",
     "hookimpl",
     "last_token_positions",
+    "lens_view",
     "load_capture",
     "load_model",
     "load_sae",
@@ -223,9 +254,12 @@ __all__ = [
     "patching_agreement",
     "position_ids_from_mask",
     "real_token_positions",
+    "report_header",
+    "report_page",
     "save_tensors",
     "train_sae",
     "train_tuned_lens",
+    "write_page",
 ]
 
 

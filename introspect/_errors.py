@@ -18,6 +18,7 @@
     ├── CorpusError                      an input corpus is missing, unreadable or malformed
     ├── DatasetError                     an ActivationDataset folder is missing or inconsistent
     ├── InterventionError                an edit (steer, patch, ablate, ...) cannot be applied
+    ├── ViewError                        an interactive view or report page cannot be drawn or written
     └── ConformanceError (AssertionError) an adapter disagrees with Hugging Face's own outputs
         └── FactError                    a stated fact fails its proof on this install
 
@@ -154,3 +155,16 @@ class SAEError(IntrospectError):
 
 
 __all__ += ["SAEError"]
+
+
+class ViewError(IntrospectError):
+    """An interactive view or report page cannot be drawn or written as asked (an empty
+    result, a page over its size budget, an output file that exists).
+
+    Example:
+        >>> issubclass(ViewError, IntrospectError)
+        True
+    """
+
+
+__all__ += ["ViewError"]
