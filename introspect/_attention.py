@@ -47,7 +47,7 @@ from introspect._errors import AttentionToolError, LocatorError, MissingDependen
 from introspect._hooks import input_device
 from introspect._lens import _plain, _save_atomically, main_blocks
 from introspect._locators import Locator
-from introspect._text import encode_prompt, token_strings
+from introspect._text import model_inputs_of, token_strings
 
 if TYPE_CHECKING:
     from introspect._inspector import Inspector
@@ -692,25 +692,6 @@ class AttentionPatterns:
         )
 
 
-def _model_inputs(insp: Inspector, inputs: Any, tokenizer: Any) -> dict[str, Any]:
-    if isinstance(inputs, str):
-        if tokenizer is None:
-            raise AttentionToolError(
-                "attention_patterns got a prompt but no tokenizer= to read it with: pass the "
-                "tokenizer that came with the model, or pass token ids"
-            )
-        return encode_prompt(tokenizer, inputs, insp.model)
-    if isinstance(inputs, torch.Tensor):
-        ids = inputs if inputs.dim() == 2 else inputs.unsqueeze(0)
-        return {"input_ids": ids.to(input_device(insp.model))}
-    if isinstance(inputs, Mapping):
-        return dict(inputs)
-    raise AttentionToolError(
-        "attention_patterns needs a prompt string, a tensor of token ids or a dict of model "
-        f"inputs, got {type(inputs).__name__}"
-    )
-
-
 def attention_patterns(
     inspector: Inspector,
     inputs: str | torch.Tensor | Mapping[str, Any],
@@ -757,7 +738,9 @@ def attention_patterns(
     index = as_int(batch_index)
     if index is None:
         raise AttentionToolError(f"batch_index must be a whole number, got {batch_index!r}")
-    model_inputs = _model_inputs(insp, inputs, tokenizer)
+    model_inputs = model_inputs_of(
+        insp.model, inputs, tokenizer, "attention_patterns", AttentionToolError
+    )
     ids = model_inputs.get("input_ids")
     if not isinstance(ids, torch.Tensor):
         raise AttentionToolError("attention_patterns needs 'input_ids' among the inputs")

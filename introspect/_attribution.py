@@ -36,8 +36,8 @@ from torch import nn
 
 from introspect._errors import CaptureError
 from introspect._hooks import onloaded
-from introspect._lens import _as_inputs, _target_id
 from introspect._spec import LogitOp
+from introspect._text import as_token_id, model_inputs_of
 
 if TYPE_CHECKING:
     from introspect._view import Analysable
@@ -250,8 +250,10 @@ def direct_logit_attribution(
             f"{type(head).__name__} does not have as a [vocab, hidden] matrix"
         )
     vocab = weight.shape[0]
-    token_id = _target_id(token, tokenizer, vocab)
-    model_inputs = _as_inputs(insp, inputs, tokenizer)
+    token_id = as_token_id(token, tokenizer, vocab)
+    model_inputs = model_inputs_of(
+        insp.model, inputs, tokenizer, "direct_logit_attribution", CaptureError
+    )
     ids = model_inputs.get("input_ids")
     seq = int(ids.shape[1]) if isinstance(ids, torch.Tensor) else None
     if seq is not None and not -seq <= position < seq:

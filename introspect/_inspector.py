@@ -6,13 +6,13 @@ with hooks, and applies what the model applies after its last block.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from introspect._atp import attribution_patching
 from introspect._attribution import Attribution, direct_logit_attribution
 from introspect._batching import PaddingSide, Positions, check_positions, encode_batch
 from introspect._capture import Capture, Record, Target, Transform, capture_targets
@@ -25,6 +25,7 @@ from introspect._interventions import (
     Intervention,
     as_factor,
     as_value,
+    edit_fn_name,
     edits_at,
     mean_activation,
 )
@@ -39,7 +40,7 @@ from introspect._spec import AdapterSpec
 from introspect._view import ModelView
 
 if TYPE_CHECKING:
-    from introspect._lens import LensResult
+    from introspect._lens import LensResult, Translators
 
 __all__ = ["Inspector", "get_hidden_state", "resolve_adapter"]
 
@@ -502,20 +503,7 @@ class Inspector:
             >>> torch.equal(rec.output, -rec.output_before_edit)
             True
         """
-        if not callable(fn):
-            raise InterventionError(
-                f"edit() needs a callable fn(value, record) -> value, got {type(fn).__name__}"
-            )
-        try:
-            inspect.signature(fn).bind(None, None)
-        except TypeError:
-            raise InterventionError(
-                f"edit() calls fn(value, record) with two arguments, but {fn!r} does not take "
-                "them: write it as def fn(value, record): ... (use record or ignore it)"
-            ) from None
-        except ValueError:
-            pass  # a builtin without a signature: it will tell at the call
-        name = getattr(fn, "__name__", type(fn).__name__)
+        name = edit_fn_name(fn)
         return self._edits(
             locator, EditOp("fn", fn=fn), positions, f"edit({name})", heads, features
         )
@@ -739,13 +727,15 @@ class Inspector:
         keep_logits: bool = True,
         batch_index: int = 0,
         targets: Sequence[int | str] | None = None,
+        tuned: Translators | None = None,
     ) -> LensResult:
         """The logit lens: every block's output read through what follows the last block.
 
         Uses :meth:`logits` (final norm, unembedding and the architecture's extras), so the
         last block reproduces the model's own logits. ``targets`` are tokens to follow through
-        the blocks (ids, or their exact text with a tokenizer). See
-        :func:`introspect._lens.logit_lens`.
+        the blocks (ids, or their exact text with a tokenizer). ``tuned`` (a
+        :class:`~introspect.TunedLens`) reads each row through its trained translator first:
+        the tuned lens. See :func:`introspect._lens.logit_lens`.
 
         Example:
             >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -766,6 +756,7 @@ class Inspector:
             keep_logits=keep_logits,
             batch_index=batch_index,
             targets=targets,
+            tuned=tuned,
         )
 
     def direct_logit_attribution(
@@ -797,6 +788,30 @@ class Inspector:
         return direct_logit_attribution(
             self, inputs, token, position, per_head=per_head, tokenizer=tokenizer
         )
+
+    def attribution_patching(
+        self,
+        clean: Mapping[str, Any],
+        corrupted: Mapping[str, Any],
+        metric: Callable[[Any], Any],
+        **options: Any,
+    ) -> torch.Tensor:
+        """:meth:`patching_sweep`'s table estimated to first order from two forwards and one
+        backward (AtP; with ``qk_fix=True`` the query and key cells through the exact softmax,
+        AtP*): same arguments, shape and order, so the two compare cell by cell. See
+        :func:`introspect._atp.attribution_patching`.
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> from introspect import logit_difference
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+            >>> insp = Inspector(m.eval())
+            >>> clean = {"input_ids": torch.tensor([[1, 2, 3]])}
+            >>> corrupted = {"input_ids": torch.tensor([[4, 2, 3]])}
+            >>> insp.attribution_patching(clean, corrupted, logit_difference(5, 6)).shape
+            torch.Size([2, 3])
+        """
+        return attribution_patching(self, clean, corrupted, metric, **options)
 
     # -- sparse autoencoders ----------------------------------------------------------------------
 

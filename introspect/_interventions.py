@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -82,6 +83,7 @@ __all__ = [
     "Intervention",
     "as_factor",
     "as_value",
+    "edit_fn_name",
     "edits_at",
     "mean_activation",
 ]
@@ -897,6 +899,29 @@ class Intervention(HookSession):
 
     def __repr__(self) -> str:
         return f"Intervention({', '.join(e.name for e in self.edits)})"
+
+
+def edit_fn_name(fn: Any) -> str:
+    """The name of an ``edit()`` function, after checking it takes ``(value, record)``.
+
+    Example:
+        >>> edit_fn_name(lambda value, record: value)
+        '<lambda>'
+    """
+    if not callable(fn):
+        raise InterventionError(
+            f"edit() needs a callable fn(value, record) -> value, got {type(fn).__name__}"
+        )
+    try:
+        inspect.signature(fn).bind(None, None)
+    except TypeError:
+        raise InterventionError(
+            f"edit() calls fn(value, record) with two arguments, but {fn!r} does not take "
+            "them: write it as def fn(value, record): ... (use record or ignore it)"
+        ) from None
+    except ValueError:
+        pass  # a builtin without a signature: it will tell at the call
+    return str(getattr(fn, "__name__", type(fn).__name__))
 
 
 def _counts_from_the_start(positions: Any) -> bool:

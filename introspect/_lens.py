@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import math
-import operator
 import os
 import textwrap
 import warnings
@@ -32,28 +31,24 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from introspect._batching import as_int
 from introspect._errors import CaptureError, LocatorError, MissingDependencyError
 from introspect._export import write_atomically
 from introspect._locators import Locator
-from introspect._text import encode_prompt, token_strings
+from introspect._text import (
+    TokenLike,
+    as_token_id,
+    model_inputs_of,
+    show_token,
+    token_strings,
+)
 
 if TYPE_CHECKING:
     from introspect._view import Analysable
 
 __all__ = ["LensResult", "Translators", "logit_lens", "main_blocks", "show_token"]
 
-
-def show_token(token: str, width: int = 0) -> str:
-    """A token as a table cell: quoted so spaces show, control characters escaped.
-
-    Example:
-        >>> show_token(" Paris"), show_token("\\n")
-        ("' Paris'", "'\\\\n'")
-    """
-    text = repr(token)
-    if width and len(text) > width:
-        text = text[: width - 1] + "…"
-    return text
+# show_token lives with the other text helpers; it stays importable from here.
 
 
 def _plain(token: str, width: int) -> str:
@@ -65,16 +60,6 @@ def _plain(token: str, width: int) -> str:
     if len(text) > width:
         text = text[: width - 1] + "…"
     return text
-
-
-def _as_int(value: Any) -> int | None:
-    """``value`` as an int, or None for anything int() would round or coerce (2.5, True, "3")."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
 
 
 def _format_prob(prob: float) -> str:
@@ -90,9 +75,6 @@ _SIDE_WIDTH = 2.6
 _COLORBAR_WIDTH = 0.18
 _RANKS_SHOWN = 100
 _TARGET_COLORS = ("#e6550d", "#31a354", "#d62728", "#756bb1", "#8c564b")
-
-Target = int | str
-"""A token to follow through the blocks: its id, or its text when the tokenizer is known."""
 
 
 class Translators(Protocol):
@@ -110,44 +92,6 @@ class Translators(Protocol):
     def translate(
         self, inspector: Analysable, hidden: torch.Tensor, row: Locator | str
     ) -> torch.Tensor: ...
-
-
-def _target_id(target: Target, tokenizer: Any, vocab: int | None) -> int:
-    if isinstance(target, str):
-        if tokenizer is None:
-            raise LocatorError(
-                f"target {show_token(target)} is text, but this lens has no tokenizer to turn "
-                "it into a token id: compute the lens with tokenizer=, or pass the token id"
-            )
-        if not target:
-            raise LocatorError(
-                "a target is empty text: pass one token's text, e.g. ' Paris' (with its "
-                "leading space), or its id"
-            )
-        ids = [int(i) for i in tokenizer.encode(target, add_special_tokens=False)]
-        if len(ids) != 1:
-            pieces = " + ".join(
-                f"{show_token(text)} (id {i})"
-                for text, i in zip(token_strings(tokenizer, ids), ids, strict=True)
-            )
-            raise LocatorError(
-                f"target {show_token(target)} is {len(ids)} tokens for this tokenizer, not one"
-                f"{': ' + pieces if pieces else ''}; pass the text or id of a single token"
-            )
-        number = ids[0]
-    else:
-        found = _as_int(target)
-        if found is None:
-            raise LocatorError(
-                f"a target is one token's text (e.g. ' Paris') or its id (an int), got {target!r}"
-            )
-        number = found
-    if vocab is not None and not 0 <= number < vocab:
-        raise LocatorError(
-            f"target token id {number} is out of range: this model's vocabulary has ids "
-            f"0..{vocab - 1}"
-        )
-    return number
 
 
 @dataclass
@@ -183,7 +127,7 @@ class LensResult:
     """Which read-out: ``"logit"``, or ``"tuned"`` (each row through a tuned lens's
     translator first)."""
 
-    def token_id(self, token: Target) -> int:
+    def token_id(self, token: TokenLike) -> int:
         """The id of one token, given as its id or (with a tokenizer) its exact text.
 
         Text that is not exactly one token is an error that shows how it tokenizes.
@@ -197,12 +141,12 @@ class LensResult:
             (True, 7)
         """
         vocab = self.logits.shape[-1] if self.logits is not None else None
-        return _target_id(token, self.tokenizer, vocab)
+        return as_token_id(token, self.tokenizer, vocab)
 
     def _label(self, token_id: int) -> str:
         return token_strings(self.tokenizer, [token_id])[0]
 
-    def _targets(self, targets: Sequence[Target] | None) -> list[int]:
+    def _targets(self, targets: Sequence[TokenLike] | None) -> list[int]:
         if targets is None:
             return list(self.targets)
         if isinstance(targets, str | int):
@@ -255,7 +199,7 @@ class LensResult:
             raise CaptureError("this lens was computed with keep_logits=False: recompute it")
         return self.logits
 
-    def probs_of(self, token: Target, position: int = -1) -> list[float]:
+    def probs_of(self, token: TokenLike, position: int = -1) -> list[float]:
         """The probability of ``token`` (an id, or its text) at ``position``, one per row.
 
         Example:
@@ -270,7 +214,7 @@ class LensResult:
         logits = self._need_logits()[:, self.column(position)]
         return [float(p) for p in logits.softmax(-1)[:, token_id]]
 
-    def ranks_of(self, token: Target, position: int = -1) -> list[int]:
+    def ranks_of(self, token: TokenLike, position: int = -1) -> list[int]:
         """The rank of ``token`` (an id, or its text) at ``position`` per row (0 = the top).
 
         Example:
@@ -288,7 +232,7 @@ class LensResult:
         target = logits[:, token_id : token_id + 1]
         return [int(n) for n in (logits > target).sum(-1)]
 
-    def first_row_in_top(self, token: Target, k: int = 5, position: int = -1) -> str | None:
+    def first_row_in_top(self, token: TokenLike, k: int = 5, position: int = -1) -> str | None:
         """The first row (in order) where ``token`` (an id, or its text) is in the top ``k``.
 
         None when it never is.
@@ -301,7 +245,7 @@ class LensResult:
             >>> lens.first_row_in_top(int(lens.top_ids[-1, -1, 0]), k=1) is not None
             True
         """
-        if _as_int(k) is None or k < 1:
+        if as_int(k) is None or k < 1:
             raise CaptureError(f"k must be a whole number of at least 1, got {k!r}")
         for label, rank in zip(self.rows, self.ranks_of(token, position), strict=True):
             if rank < k:
@@ -321,7 +265,7 @@ class LensResult:
         return out
 
     def table(
-        self, position: int = -1, targets: Sequence[Target] | None = None
+        self, position: int = -1, targets: Sequence[TokenLike] | None = None
     ) -> tuple[list[str], list[list[str]]]:
         """Headers and rows of the top-k table at one position, for printing.
 
@@ -355,7 +299,7 @@ class LensResult:
         return headers, rows
 
     def to_dict(
-        self, positions: Sequence[int] | None = None, targets: Sequence[Target] | None = None
+        self, positions: Sequence[int] | None = None, targets: Sequence[TokenLike] | None = None
     ) -> dict[str, Any]:
         """A JSON-ready dict (optionally only some positions).
 
@@ -427,7 +371,7 @@ class LensResult:
         *,
         title: str | None = None,
         dpi: int = 150,
-        targets: Sequence[Target] | None = None,
+        targets: Sequence[TokenLike] | None = None,
         position: int = -1,
     ) -> Any:
         """A heatmap of the top token's probability by row (block) x position, labelled.
@@ -570,27 +514,6 @@ def _save_atomically(fig: Any, path: Path, dpi: int) -> None:
         )
 
 
-def _as_inputs(insp: Analysable, inputs: Any, tokenizer: Any) -> dict[str, Any]:
-    if isinstance(inputs, str):
-        if tokenizer is None:
-            # The Inspector holds the model only; load_model returned the tokenizer beside it.
-            raise CaptureError(
-                "logit_lens got a prompt but no tokenizer= to read it with: pass the tokenizer "
-                "that came with the model (model, tokenizer = load_model(...); "
-                "insp.logit_lens(prompt, tokenizer=tokenizer)), or pass token ids"
-            )
-        return encode_prompt(tokenizer, inputs, insp.model)
-    if isinstance(inputs, torch.Tensor):
-        ids = inputs if inputs.dim() == 2 else inputs.unsqueeze(0)
-        return {"input_ids": ids}
-    if isinstance(inputs, Mapping):
-        return dict(inputs)
-    raise CaptureError(
-        f"logit_lens needs a prompt string, a tensor of token ids or a dict of model inputs, "
-        f"got {type(inputs).__name__}"
-    )
-
-
 def main_blocks(
     insp: Analysable, blocks: int | str | Sequence[int | str] | None, what: str
 ) -> list[Locator]:
@@ -613,7 +536,7 @@ def main_blocks(
             raise LocatorError("blocks is empty: pass None for every block, or e.g. [0, -1]")
     texts = []
     for b in wanted:
-        index = _as_int(b)
+        index = as_int(b)
         if index is None and not isinstance(b, str):
             raise LocatorError(
                 f"blocks holds {b!r}: each is a block index (an int, -1 = the last block) or "
@@ -656,7 +579,7 @@ def logit_lens(
     include_embed: bool = False,
     keep_logits: bool = True,
     batch_index: int = 0,
-    targets: Sequence[Target] | None = None,
+    targets: Sequence[TokenLike] | None = None,
     tuned: Translators | None = None,
 ) -> LensResult:
     """Run the model once and read every block's output through the model's own head.
@@ -681,10 +604,10 @@ def logit_lens(
         (True, True)
     """
     insp = inspector
-    k_wanted = _as_int(k)
+    k_wanted = as_int(k)
     if k_wanted is None or k_wanted < 1:
         raise CaptureError(f"k must be a whole number of at least 1, got {k!r}")
-    index_in_batch = _as_int(batch_index)
+    index_in_batch = as_int(batch_index)
     if index_in_batch is None:
         raise CaptureError(f"batch_index must be a whole number, got {batch_index!r}")
     chosen: list[int] | None = None
@@ -694,7 +617,7 @@ def logit_lens(
             raise CaptureError("positions is empty: pass None for every position, or e.g. [-1]")
         chosen = []
         for p in given:
-            number = _as_int(p)
+            number = as_int(p)
             if number is None:
                 raise CaptureError(
                     f"positions holds {p!r}: each is a whole number, negative counting from "
@@ -706,9 +629,9 @@ def logit_lens(
     if isinstance(targets, str | int):
         targets = [targets]
     target_ids = [
-        _target_id(t, tokenizer, vocab if isinstance(vocab, int) else None) for t in targets or ()
+        as_token_id(t, tokenizer, vocab if isinstance(vocab, int) else None) for t in targets or ()
     ]
-    model_inputs = _as_inputs(insp, inputs, tokenizer)
+    model_inputs = model_inputs_of(insp.model, inputs, tokenizer, "logit_lens", CaptureError)
     if tuned is not None and blocks is None:
         blocks = tuned.default_blocks(insp)
     rows = _rows(insp, blocks, include_embed)
@@ -789,7 +712,7 @@ def logit_lens(
         logits=stacked if keep_logits else None,
         model_logits=model_logits,
         max_diff=max_diff,
-        targets=[_target_id(t, tokenizer, stacked.shape[-1]) for t in target_ids],
+        targets=[as_token_id(t, tokenizer, stacked.shape[-1]) for t in target_ids],
         tokenizer=tokenizer,
         lens="logit" if tuned is None else "tuned",
     )

@@ -918,10 +918,9 @@ def _attribute(args: argparse.Namespace) -> int:
 
     from introspect._atp import attribution_patching, patching_agreement, plot_patching
     from introspect._errors import InterventionError
-    from introspect._lens import _target_id, show_token
     from introspect._locators import Locator
     from introspect._patching import logit_difference
-    from introspect._text import encode_prompt, token_strings
+    from introspect._text import as_token_id, encode_prompt, show_token, token_strings
 
     plot = _plot_path(args.plot)
     at = args.at or (["block[:].attn.z"] if args.heads else ["block[:]"])
@@ -942,7 +941,7 @@ def _attribute(args: argparse.Namespace) -> int:
         )
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     ids = [
-        _target_id(int(t) if t.isdigit() else t, tokenizer, vocab)
+        as_token_id(int(t) if t.isdigit() else t, tokenizer, vocab)
         for t in (args.target, args.versus)
     ]
     metric = logit_difference(ids[0], ids[1])
@@ -1591,7 +1590,8 @@ def _sae_batches(
 ) -> list[dict[str, Any]]:
     """The texts as padded batches of token ids (right-padded, as extract pads them)."""
     from introspect._batching import context_length, pad_batch
-    from introspect._text import _device_of, encode_prompt
+    from introspect._hooks import input_device
+    from introspect._text import encode_prompt
 
     if tokenizer is None:
         encode_prompt(tokenizer, "x", model)  # its error: this model cannot read text
@@ -1604,7 +1604,7 @@ def _sae_batches(
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
         pad = getattr(tokenizer, "eos_token_id", None)
-    device = _device_of(model)
+    device = input_device(model)
     batches = []
     for start in range(0, len(ids), batch_size):
         batch = pad_batch(
@@ -1616,14 +1616,14 @@ def _sae_batches(
 
 def _site_device(insp: Any, loc: Any) -> Any:
     """Where the values at ``loc`` are computed: its module's device, else the model's."""
-    from introspect._text import _device_of
+    from introspect._hooks import input_device
 
     path = insp.path(loc).split(":")[0]  # block[0].attn.z is a part of the attention module
     try:
         module = insp.model.get_submodule(path)
     except AttributeError:
         module = insp.model
-    return next((p.device for p in module.parameters() if not p.is_meta), _device_of(insp.model))
+    return next((p.device for p in module.parameters() if not p.is_meta), input_device(insp.model))
 
 
 _SAE_METRICS = (
