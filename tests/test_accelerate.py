@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FAMILIES, hook_state
+from _support.models import FAMILIES, hook_state
 from torch import nn
 
 pytest.importorskip("accelerate")

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 import torch
+from _support.models import gpt2_config, llama_config
 from _support.registry_cases import CASES, SPECS, Built
-from conftest import gpt2_config, llama_config
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 from introspect import CaptureError, Inspector, LocatorError

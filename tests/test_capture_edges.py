@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FAMILIES, gpt2_config, llama_config
+from _support.models import FAMILIES, gpt2_config, llama_config
 from torch import nn
 from transformers import GPT2LMHeadModel, GPT2Model, LlamaForCausalLM, LlamaModel
 

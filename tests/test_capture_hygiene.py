@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hook_state
+from _support.models import hook_state
 from torch import nn
 
 from introspect import Inspector
@@ -91,7 +91,7 @@ def test_capture_cannot_be_entered_twice(lm: nn.Module, inputs: dict[str, torch.
 
 
 def test_two_inspectors_are_independent(inputs: dict[str, torch.Tensor]) -> None:
-    from conftest import gpt2_config, llama_config
+    from _support.models import gpt2_config, llama_config
     from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
     from introspect.testing import build_tiny

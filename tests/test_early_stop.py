@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import hook_state
+from _support.models import hook_state
 from torch import nn
 
 from introspect import Inspector

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import gpt2_config, llama_config
+from _support.models import gpt2_config, llama_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn

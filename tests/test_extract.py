@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import llama_config
+from _support.models import llama_config
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 

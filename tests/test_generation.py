@@ -8,7 +8,7 @@ from contextlib import AbstractContextManager
 
 import pytest
 import torch
-from conftest import hook_state
+from _support.models import hook_state
 from torch import nn
 
 from introspect import Inspector

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import gpt2_config, llama_config
+from _support.models import gpt2_config, llama_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
@@ -93,7 +93,7 @@ def test_bad_heads_are_errors_before_any_forward() -> None:
             insp.ablate("block[0].attn.pattern", mean_over=torch.ones(4))
         with pytest.raises(CaptureError, match="does not have first"):
             insp.capture("block[0].attn.pattern", positions="last")
-        with pytest.raises(LocatorError, match="has no module at .scores.*head values: attn.q"):
+        with pytest.raises(LocatorError, match=r"has no module at .scores.*head values: attn.q"):
             insp.capture("block[0].attn.scores")
         with pytest.raises(LocatorError, match="out of range"):
             insp.capture("block[7].attn.q")

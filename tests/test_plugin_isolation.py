@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import llama_config
+from _support.models import llama_config
 from torch import nn
 from transformers import LlamaForCausalLM
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import gpt2_config
+from _support.models import gpt2_config
 from transformers import GPT2LMHeadModel
 
 import introspect._plugins as plugins

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import gpt2_config, llama_config
+from _support.models import gpt2_config, llama_config
 from transformers import GPT2LMHeadModel, GPT2Model, LlamaForCausalLM
 
 from introspect import FactError, Inspector, UnprovenWarning, _proof

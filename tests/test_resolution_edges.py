@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from conftest import gpt2_config, llama_config
+from _support.models import gpt2_config, llama_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn

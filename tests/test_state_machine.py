@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import gpt2_config, llama_config
+from _support.models import gpt2_config, llama_config
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import gpt2_config, llama_config
+from _support.models import gpt2_config, llama_config
 from torch import nn
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import llama_config
+from _support.models import llama_config
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM
 
 from introspect import (
