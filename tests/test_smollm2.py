@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Iterator
 from importlib import metadata
 from importlib.util import find_spec
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from _support.threads import all_threads
 
 from introspect import Inspector, head_scores, logit_lens
 from introspect.cli import main
@@ -37,6 +39,13 @@ needs_smollm2 = pytest.mark.skipif(_missing() is not None, reason=str(_missing()
 ROOT = Path(__file__).resolve().parent.parent
 
 FRANCE = "The capital of France is"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _all_threads() -> Iterator[None]:
+    """A real model: every thread (the tests of tiny models run on one, see _support.threads)."""
+    with all_threads():
+        yield
 
 
 @pytest.fixture(scope="module")
