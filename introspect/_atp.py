@@ -46,7 +46,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from introspect._errors import InterventionError, MissingDependencyError
-from introspect._heads import HEAD_AXIS, HeadTap, attn_part, head_site
+from introspect._heads import (
+    HEAD_AXIS,
+    HeadTap,
+    attention_pattern,
+    attention_scores,
+    attn_part,
+    head_site,
+)
 from introspect._lens import _save_atomically
 from introspect._locators import Locator
 
@@ -359,54 +366,6 @@ def _reduce(product: torch.Tensor, head_axis: int, plan: _Plan) -> torch.Tensor:
 # -- the QK fix ------------------------------------------------------------------------------------
 
 
-def _scores(
-    q: torch.Tensor, k: torch.Tensor, arguments: Mapping[str, Any], causal: bool
-) -> torch.Tensor:
-    """The attention scores ``[batch, heads, query, key]`` from ``q`` ``[b, s, h, d]`` and ``k``
-    ``[b, t, kv, d]`` and what the attention function was given (scaling, position bias,
-    soft-cap, mask), as eager attention computes them before the softmax."""
-    heads, kv = q.shape[2], k.shape[2]
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    qh = q.transpose(1, 2).to(dtype)
-    kh = k.transpose(1, 2).to(dtype)
-    if kv != heads:
-        kh = kh.repeat_interleave(heads // kv, dim=1)
-    scaling = arguments.get("scaling")
-    scores = qh @ kh.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scaling is None else scaling)
-    bias = arguments.get("position_bias")
-    if isinstance(bias, torch.Tensor):
-        scores = scores + bias[..., -scores.shape[-2] :, : kh.shape[-2]].to(dtype)
-    softcap = arguments.get("softcap")
-    if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
-    lowest = torch.finfo(dtype).min
-    if causal:
-        queries, keys = scores.shape[-2], scores.shape[-1]
-        later = torch.ones(queries, keys, dtype=torch.bool, device=scores.device).triu(
-            keys - queries + 1
-        )
-        scores = scores.masked_fill(later, lowest)
-    mask = arguments.get("attention_mask")
-    if isinstance(mask, torch.Tensor):
-        mask = mask[..., : kh.shape[-2]]
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, lowest)
-        else:
-            scores = (scores + mask.to(dtype)).clamp(min=lowest)
-    found: torch.Tensor = scores
-    return found
-
-
-def _softmax(scores: torch.Tensor, sinks: Any) -> torch.Tensor:
-    """The pattern of ``scores`` (heads on axis -3); ``sinks``: one extra logit per head that
-    takes part in the softmax and is left out after it (GPT-OSS)."""
-    if isinstance(sinks, torch.Tensor):
-        column = sinks.to(scores.dtype).view(-1, 1, 1).expand(*scores.shape[:-1], 1)
-        both = torch.cat([scores, column], dim=-1)
-        return torch.softmax(both - both.amax(-1, keepdim=True), dim=-1)[..., :-1]
-    return torch.softmax(scores, dim=-1)
-
-
 class _QKFix:
     """The q or k cells of one attention part, through the softmax (AtP*)."""
 
@@ -435,8 +394,8 @@ class _QKFix:
         self.sinks = getattr(tap.core, "sinks", None)
         self.causal = bool(getattr(tap.core, "is_causal", False))
         self.gradient = gradient.to(torch.promote_types(q.dtype, torch.float32))
-        self.scores = _scores(self.q, self.k, self.arguments, self.causal)
-        self.pattern = _softmax(self.scores, self.sinks)
+        self.scores = attention_scores(self.q, self.k, self.arguments, self.causal, clamp=True)
+        self.pattern = attention_pattern(self.scores, self.sinks)
         self._prove(pattern.detach())
 
     def _prove(self, pattern: torch.Tensor) -> None:
@@ -462,14 +421,17 @@ class _QKFix:
     def query(self, plan: _Plan) -> torch.Tensor:
         # Each query's row of the pattern depends on that query alone: the effect of a set of
         # patched queries is the sum of the rows' effects, one softmax for all of them.
-        rows = _softmax(_scores(self.clean, self.k, self.arguments, self.causal), self.sinks)
+        rows = attention_pattern(
+            attention_scores(self.clean, self.k, self.arguments, self.causal, clamp=True),
+            self.sinks,
+        )
         change = ((rows - self.pattern) * self.gradient).sum(-1)  # [batch, heads, query]
         return _reduce(change.transpose(1, 2).to(torch.float64), 2, plan)
 
     def key(self, plan: _Plan) -> torch.Tensor:
         # A key reaches every query's row: the keys patched together share each softmax, so
         # every cell is its own softmax (batched, in chunks).
-        patched = _scores(self.q, self.clean, self.arguments, self.causal)
+        patched = attention_scores(self.q, self.clean, self.arguments, self.causal, clamp=True)
         heads, kv = self.q.shape[2], self.k.shape[2]
         group = heads // kv
         keys = self.k.shape[1]
@@ -484,7 +446,7 @@ class _QKFix:
         for start in range(0, len(cells), per_cell):
             chosen = columns[start : start + per_cell, None, :, None, :]
             scores = torch.where(chosen, patched, self.scores)
-            found = self._effect(_softmax(scores, self.sinks))
+            found = self._effect(attention_pattern(scores, self.sinks))
             for n, value in enumerate(found.tolist(), start=start):
                 a, j = cells[n]
                 out[a, j] = value

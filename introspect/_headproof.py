@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from introspect._errors import MissingPartError
-from introspect._heads import CORE_SITES, HeadTap, eager
+from introspect._heads import CORE_SITES, HeadTap, attention_pattern, attention_scores, eager
 from introspect._proof import (
     Check,
     Proof,
@@ -176,41 +176,7 @@ def recompute_pattern(
         >>> p.shape, bool(p.sum(-1).allclose(torch.ones(1, 2, 3, dtype=p.dtype)))
         (torch.Size([1, 2, 3, 3]), True)
     """
-    heads, kv = q.shape[2], k.shape[2]
-    # In the model's own dtype: a fully masked row (a padding query) then comes out as the
-    # model computes it, uniform where min + score rounds to min.
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    qh = q.transpose(1, 2).to(dtype)
-    kh = k.transpose(1, 2).to(dtype)
-    if kv != heads:
-        kh = kh.repeat_interleave(heads // kv, dim=1)
-    scaling = arguments.get("scaling")
-    scores = qh @ kh.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scaling is None else scaling)
-    bias = arguments.get("position_bias")  # T5 on transformers 5: a keyword of its own
-    if isinstance(bias, torch.Tensor):
-        scores = scores + bias[..., -scores.shape[-2] :, : kh.shape[-2]].to(dtype)
-    softcap = arguments.get("softcap")
-    if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
-    mask = arguments.get("attention_mask")
-    if causal:
-        # GPT-2 on transformers 4.x gets a padding-only mask and hides later keys itself.
-        queries, keys = scores.shape[-2], scores.shape[-1]
-        later = torch.ones(queries, keys, dtype=torch.bool, device=scores.device).triu(
-            keys - queries + 1
-        )
-        scores = scores.masked_fill(later, torch.finfo(dtype).min)
-    if isinstance(mask, torch.Tensor):
-        mask = mask[..., : kh.shape[-2]]
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + mask.to(dtype)
-    if isinstance(sinks, torch.Tensor):
-        column = sinks.to(dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
-        both = torch.cat([scores, column], dim=-1)
-        return torch.softmax(both - both.amax(-1, keepdim=True), dim=-1)[..., :-1]
-    return torch.softmax(scores, dim=-1)
+    return attention_pattern(attention_scores(q, k, arguments, causal), sinks)
 
 
 def head_checks(

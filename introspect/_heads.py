@@ -36,7 +36,7 @@ import contextlib
 import copy
 import numbers
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from threading import RLock, get_ident
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -59,6 +59,8 @@ __all__ = [
     "HeadSite",
     "HeadTap",
     "Heads",
+    "attention_pattern",
+    "attention_scores",
     "attn_part",
     "check_heads",
     "head_site",
@@ -881,3 +883,77 @@ def heads_in_range(
             f"{-count}..{count - 1})"
         )
     return tuple(sorted({h % count for h in heads}))
+
+
+# -- the attention function, recomputed ------------------------------------------------------------
+
+
+def attention_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    arguments: Mapping[str, Any],
+    causal: bool = False,
+    *,
+    clamp: bool = False,
+) -> torch.Tensor:
+    """The scores ``[batch, heads, query, key]`` eager attention feeds its softmax, from ``q``
+    ``[b, s, h, d]``, ``k`` ``[b, t, kv, d]`` and what the attention function was given
+    (``scaling``, ``position_bias``, ``softcap``, ``attention_mask``). ``causal`` masks later
+    keys too (GPT-2 on transformers 4.x hides them itself, not through the mask it is given);
+    ``clamp`` keeps masked scores at the dtype's lowest value instead of letting an additive
+    mask overflow (the model's own arithmetic does not clamp).
+
+    Example:
+        >>> q, k = torch.randn(1, 3, 2, 4), torch.randn(1, 3, 1, 4)
+        >>> attention_scores(q, k, {}, causal=True).shape
+        torch.Size([1, 2, 3, 3])
+    """
+    heads, kv = q.shape[2], k.shape[2]
+    # In the model's own dtype: a fully masked row (a padding query) then comes out as the
+    # model computes it, uniform where min + score rounds to min.
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    qh = q.transpose(1, 2).to(dtype)
+    kh = k.transpose(1, 2).to(dtype)
+    if kv != heads:
+        kh = kh.repeat_interleave(heads // kv, dim=1)
+    scaling = arguments.get("scaling")
+    scores = qh @ kh.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scaling is None else scaling)
+    bias = arguments.get("position_bias")  # T5 on transformers 5: a keyword of its own
+    if isinstance(bias, torch.Tensor):
+        scores = scores + bias[..., -scores.shape[-2] :, : kh.shape[-2]].to(dtype)
+    softcap = arguments.get("softcap")
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    lowest = torch.finfo(dtype).min
+    if causal:
+        queries, keys = scores.shape[-2], scores.shape[-1]
+        later = torch.ones(queries, keys, dtype=torch.bool, device=scores.device).triu(
+            keys - queries + 1
+        )
+        scores = scores.masked_fill(later, lowest)
+    mask = arguments.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        mask = mask[..., : kh.shape[-2]]
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, lowest)
+        else:
+            scores = scores + mask.to(dtype)
+            if clamp:
+                scores = scores.clamp(min=lowest)
+    found: torch.Tensor = scores
+    return found
+
+
+def attention_pattern(scores: torch.Tensor, sinks: Any = None) -> torch.Tensor:
+    """The softmax of ``scores`` (heads on axis -3); ``sinks``: one extra logit per head that
+    takes part in the softmax and is left out after it, as GPT-OSS does.
+
+    Example:
+        >>> attention_pattern(torch.zeros(1, 2, 3, 3)).sum(-1).tolist()[0][0]
+        [1.0, 1.0, 1.0]
+    """
+    if isinstance(sinks, torch.Tensor):
+        column = sinks.to(scores.dtype).view(-1, 1, 1).expand(*scores.shape[:-1], 1)
+        both = torch.cat([scores, column], dim=-1)
+        return torch.softmax(both - both.amax(-1, keepdim=True), dim=-1)[..., :-1]
+    return torch.softmax(scores, dim=-1)
