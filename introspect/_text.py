@@ -5,6 +5,7 @@ The lens and the capture files need these; they do not need the model zoo.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +18,7 @@ from introspect._hooks import input_device
 
 __all__ = [
     "TokenLike",
+    "TokenSpaceWarning",
     "as_token_id",
     "encode_prompt",
     "model_inputs_of",
@@ -105,6 +107,8 @@ def as_token_id(target: TokenLike, tokenizer: Any, vocab: int | None) -> int:
                 f"{': ' + pieces if pieces else ''}; pass the text or id of a single token"
             )
         number = ids[0]
+        if not target[0].isspace():
+            _warn_if_spaced(target, number, tokenizer)
     else:
         found = as_int(target)
         if found is None:
@@ -118,6 +122,23 @@ def as_token_id(target: TokenLike, tokenizer: Any, vocab: int | None) -> int:
             f"0..{vocab - 1}"
         )
     return number
+
+
+class TokenSpaceWarning(UserWarning):
+    """A target given without its leading space names another token than the word inside a
+    sentence (``'Paris'`` is not ``' Paris'``)."""
+
+
+def _warn_if_spaced(target: str, number: int, tokenizer: Any) -> None:
+    spaced = [int(i) for i in tokenizer.encode(" " + target, add_special_tokens=False)]
+    if len(spaced) == 1 and spaced[0] != number:
+        warnings.warn(
+            f"target {show_token(target)} is token {number}, without a leading space; inside "
+            f"a sentence the word is usually {show_token(' ' + target)} (token {spaced[0]}): "
+            f"pass {show_token(' ' + target)} to follow that one",
+            TokenSpaceWarning,
+            stacklevel=3,
+        )
 
 
 def model_inputs_of(
