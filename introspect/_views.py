@@ -38,6 +38,7 @@ import base64
 import html
 import json
 import math
+import os
 import re
 import uuid
 from collections.abc import Mapping, Sequence
@@ -236,7 +237,7 @@ class View:
         """
         return report_page([self], header or {}, title=title or self.title)
 
-    def to_html(self, path: str | Path | None = None, *, overwrite: bool = True) -> str:
+    def to_html(self, path: str | os.PathLike[str] | None = None, *, overwrite: bool = True) -> str:
         """The page; written to ``path`` (atomically) when given, refusing an existing file
         unless ``overwrite``.
 
@@ -712,7 +713,7 @@ def report_page(
     )
 
 
-def write_page(path: str | Path, page: str, *, overwrite: bool = True) -> Path:
+def write_page(path: str | os.PathLike[str], page: str, *, overwrite: bool = True) -> Path:
     """Write a page atomically (a reader never sees half of it); refuse an existing file
     unless ``overwrite``, and a folder that does not exist.
 
