@@ -312,7 +312,7 @@ def lens_view(
         >>> from introspect import Inspector
         >>> from introspect.zoo import load_model
         >>> model, tok = load_model("toy-gpt2", progress=False)
-        >>> lens = Inspector(model).logit_lens("Hi there", tokenizer=tok, targets=["a"])
+        >>> lens = Inspector(model).logit_lens("Hi there", tokenizer=tok, targets=[" the"])
         >>> view = lens_view(lens)
         >>> len(view.payload["top"]) == len(lens.rows) * len(lens.positions) * lens.k
         True
