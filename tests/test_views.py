@@ -653,9 +653,21 @@ def _not_blank(name: str, image: Any) -> None:
 
 
 def _save(image: Any, name: str) -> None:
-    # The docs show what the test run saw, written whole (never half a file).
+    """Put a screenshot in the docs, written whole, unless the one there looks the same.
+
+    Rendering moves a few pixels from run to run (anti-aliasing): rewriting the file for those
+    would change the repository on every run."""
+    from PIL import Image, ImageChops
+
     IMAGES.mkdir(parents=True, exist_ok=True)
     target = IMAGES / f"{name}.png"
+    if target.is_file():
+        with Image.open(target) as old:
+            if old.size == image.size:
+                diff = ImageChops.difference(old.convert("RGB"), image.convert("RGB"))
+                moved = diff.convert("L").point(lambda v: 255 if v else 0).histogram()[255]
+                if moved < 0.002 * image.width * image.height:
+                    return
     partial = target.with_name(f".{name}.png.partial")
     image.save(partial, format="PNG", optimize=True)
     partial.replace(target)
