@@ -76,6 +76,7 @@ if TYPE_CHECKING:
         new_plugin_manager,
     )
     from introspect._proof import UnprovenWarning
+    from introspect._report import build_report
     from introspect._sae import SAEEvaluation, SparseAutoencoder, evaluate_sae, load_sae, train_sae
     from introspect._spec import (
         AdapterSpec,
@@ -160,6 +161,7 @@ _EXPORTS: dict[str, str] = {
     ),
     "SAEError": "_errors",
     "ViewError": "_errors",
+    "build_report": "_report",
     **dict.fromkeys(
         [
             "View",
@@ -229,6 +231,7 @@ __all__ = [
     "attention_view",
     "attribution_patching",
     "attribution_view",
+    "build_report",
     "capture_to_file",
     "describe",
     "detect_adapter",

@@ -48,6 +48,7 @@ from introspect._hooks import input_device
 from introspect._lens import _plain, _save_atomically, main_blocks
 from introspect._locators import Locator
 from introspect._text import model_inputs_of, token_strings
+from introspect._views import attention_view, head_scores_view
 
 if TYPE_CHECKING:
     from introspect._inspector import Inspector
@@ -353,6 +354,29 @@ class HeadScores:
         if path is not None:
             _save_atomically(fig, Path(path), dpi)
         return fig
+
+    def _repr_html_(self) -> str:
+        return head_scores_view(self).html()
+
+    def to_html(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        patterns: AttentionPatterns | Sequence[AttentionPatterns] | None = None,
+        overwrite: bool = True,
+    ) -> str:
+        """The interactive block x head grid as one self-contained page (with ``patterns``,
+        a click on a head opens its pattern), written atomically to ``path`` when given.
+
+        Example:
+            >>> from introspect import Inspector
+            >>> from introspect.zoo import load_model
+            >>> model, _ = load_model("toy-llama", progress=False)
+            >>> s = head_scores(Inspector(model), "induction", seq_len=6, batch=1)
+            >>> s.to_html().count('data-kind="heads"')
+            1
+        """
+        return head_scores_view(self, patterns=patterns).to_html(path, overwrite=overwrite)
 
     def __repr__(self) -> str:
         best = self.top(1)
@@ -684,6 +708,23 @@ class AttentionPatterns:
         if path is not None:
             _save_atomically(fig, Path(path), dpi)
         return fig
+
+    def _repr_html_(self) -> str:
+        return attention_view(self).html()
+
+    def to_html(self, path: str | os.PathLike[str] | None = None, *, overwrite: bool = True) -> str:
+        """The interactive patterns (a head, or all heads) as one self-contained page,
+        written atomically to ``path`` when given; returns the page.
+
+        Example:
+            >>> from introspect import Inspector
+            >>> from introspect.zoo import load_model
+            >>> model, tok = load_model("toy-llama", progress=False)
+            >>> att = attention_patterns(Inspector(model), "Hi there", 0, tokenizer=tok)
+            >>> att.to_html().count('data-kind="attention"')
+            1
+        """
+        return attention_view(self).to_html(path, overwrite=overwrite)
 
     def __repr__(self) -> str:
         return (

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,7 @@ from introspect._errors import CaptureError
 from introspect._hooks import onloaded
 from introspect._spec import LogitOp
 from introspect._text import as_token_id, model_inputs_of
+from introspect._views import attribution_view
 
 if TYPE_CHECKING:
     from introspect._view import Analysable
@@ -87,6 +89,26 @@ class Attribution:
             "values": self.values.tolist(),
             "max_diff": self.max_diff,
         }
+
+    def _repr_html_(self) -> str:
+        return attribution_view(self).html()
+
+    def to_html(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        token_text: str | None = None,
+        overwrite: bool = True,
+    ) -> str:
+        """The interactive bars as one self-contained page (``token_text`` names the token),
+        written atomically to ``path`` when given; returns the page.
+
+        Example:
+            >>> a = Attribution(["embed", "bias"], torch.tensor([1.0, 0.5]), 1.5, 7, -1, 0.0)
+            >>> a.to_html(token_text=" Paris").count('data-kind="dla"')
+            1
+        """
+        return attribution_view(self, token_text=token_text).to_html(path, overwrite=overwrite)
 
 
 @dataclass

@@ -42,6 +42,7 @@ from introspect._text import (
     show_token,
     token_strings,
 )
+from introspect._views import lens_view
 
 if TYPE_CHECKING:
     from introspect._view import Analysable
@@ -496,6 +497,29 @@ class LensResult:
         if path is not None:
             _save_atomically(fig, Path(path), dpi)
         return fig
+
+    def _repr_html_(self) -> str:
+        return lens_view(self).html()
+
+    def to_html(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        targets: Sequence[int | str] | None = None,
+        overwrite: bool = True,
+    ) -> str:
+        """The interactive lens grid as one self-contained page (see ``docs/views.md``),
+        written atomically to ``path`` when given; returns the page.
+
+        Example:
+            >>> from introspect import Inspector
+            >>> from introspect.zoo import load_model
+            >>> model, tok = load_model("toy-gpt2", progress=False)
+            >>> lens = Inspector(model).logit_lens("Hi", tokenizer=tok)
+            >>> lens.to_html().startswith("<!doctype html>")
+            True
+        """
+        return lens_view(self, targets=targets).to_html(path, overwrite=overwrite)
 
     def __repr__(self) -> str:
         return (

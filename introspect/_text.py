@@ -107,7 +107,7 @@ def as_token_id(target: TokenLike, tokenizer: Any, vocab: int | None) -> int:
                 f"{': ' + pieces if pieces else ''}; pass the text or id of a single token"
             )
         number = ids[0]
-        if not target[0].isspace():
+        if len(target) > 1 and target.isalpha():  # a word, not a piece or a letter
             _warn_if_spaced(target, number, tokenizer)
     else:
         found = as_int(target)
