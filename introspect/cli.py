@@ -517,6 +517,13 @@ def _lens_options(parser: argparse.ArgumentParser) -> None:
         help="write a heatmap: top token's probability by block x position, labelled; with "
         "--target, the target's cells are boxed and its probability is drawn beside",
     )
+    parser.add_argument(
+        "--tuned",
+        metavar="LENS_DIR",
+        help="read each block through this tuned lens (a folder introspect tune-lens or "
+        "AlignmentResearch/tuned-lens wrote); rows: the blocks it has translators for, and "
+        "the last",
+    )
 
 
 def _plot_path(text: str | None) -> Path | None:
@@ -567,24 +574,37 @@ def _lens_target_summary(lens: Any, target: int, position: int) -> str:
 )
 def _lens(args: argparse.Namespace) -> int:
     from introspect._lens import logit_lens, show_token
+    from introspect._tuned import TunedLens
 
     plot = _plot_path(args.plot)
     positions = args.position or [-1]
+    # The lens folder is read before the model loads; checked against the model before it runs.
+    tuned = TunedLens.load(args.tuned) if args.tuned is not None else None
     _, tokenizer, insp = _load(args)
+    if tuned is not None:
+        _check_tuned(args, tuned, insp)
     # The plot shows every position; the table only needs the chosen ones.
     wanted = None if plot is not None else positions
     # A digit-only target is a token id; anything else is a token's text.
     targets = [int(t) if t.isdigit() else t for t in args.target or ()]
     lens = logit_lens(
-        insp, args.prompt, tokenizer=tokenizer, k=args.top, positions=wanted, targets=targets
+        insp,
+        args.prompt,
+        tokenizer=tokenizer,
+        k=args.top,
+        positions=wanted,
+        targets=targets,
+        tuned=tuned,
     )
     for p in positions:
         lens.column(p)  # a position outside the prompt is an error before anything prints
     if plot is not None:
-        title = f"logit lens: {args.model} on {args.prompt!r}"
+        title = f"{lens.lens} lens: {args.model} on {args.prompt!r}"
         lens.plot(plot, title=title, position=positions[0])
     if args.json:
         payload = {"model": args.model, **lens.to_dict(positions)}
+        if tuned is not None:
+            payload["tuned"] = args.tuned
         if plot is not None:
             payload["plot"] = str(plot)
         print(json.dumps(payload, indent=2, ensure_ascii=False))
@@ -594,8 +614,9 @@ def _lens(args: argparse.Namespace) -> int:
         pos = lens.positions[col]
         if n:
             print()
+        through = f" through the tuned lens {args.tuned}" if tuned is not None else ""
         print(
-            f"{args.model}: next-token predictions after each block at position {pos} "
+            f"{args.model}: next-token predictions after each block{through} at position {pos} "
             f"({show_token(lens.tokens[pos])}), top {lens.k}"
         )
         headers, rows = lens.table(p)
@@ -608,6 +629,19 @@ def _lens(args: argparse.Namespace) -> int:
     if plot is not None:
         print(f"wrote {plot}")
     return 0
+
+
+def _check_tuned(args: argparse.Namespace, tuned: Any, insp: Any) -> None:
+    """A lens for another model's shape is an error; one named for another model, a warning."""
+    tuned.check(insp)  # width and block count: one line, before any forward
+    name = tuned.base_model_name_or_path
+    own = getattr(getattr(insp.model, "config", None), "name_or_path", "") or ""
+    if name and name != own and not _same_model(args.model, name):
+        warnings.warn(
+            f"{args.tuned} was tuned for {name!r}, not {args.model!r}: its width and block "
+            "count match, its translators may not",
+            stacklevel=2,
+        )
 
 
 def _whole_number(minimum: int) -> Callable[[str], int]:
@@ -1729,6 +1763,250 @@ def _sae_options(parser: argparse.ArgumentParser) -> None:
 @command("sae", "sparse autoencoders: 'introspect sae eval MODEL SAE_DIR ...'", _sae_options)
 def _sae(args: argparse.Namespace) -> int:
     return _SAE_COMMANDS[args.sae_command][2](args)
+
+
+# -- the tuned lens ----------------------------------------------------------------------------
+
+
+def _fraction(text: str) -> float:
+    """A finite number in [0, 1) (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number, e.g. 0.1") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 0 and below 1, e.g. 0.1")
+    return value
+
+
+def _tune_lens_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help=_MODEL_HELP + "; the one the activations come from")
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="DIR",
+        help="a folder written by introspect extract from this model, holding the last block",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="LENS",
+        help="where the lens goes (AlignmentResearch/tuned-lens's layout) and its checkpoints "
+        "(LENS/checkpoint)",
+    )
+    parser.add_argument(
+        "--at",
+        action="append",
+        metavar="LOCATOR",
+        help="repeatable: the blocks to translate, e.g. block[10:] (default: every block before "
+        "the last that DIR holds)",
+    )
+    parser.add_argument(
+        "--include-embed",
+        action=argparse.BooleanOptionalAction,
+        help="train the embedding entry's translator (block[0].input) too, or not (default: "
+        "when DIR holds it and --at is not given)",
+    )
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument(
+        "--steps", type=_whole_number(1), metavar="N", help="optimiser steps (default: --epochs)"
+    )
+    length.add_argument(
+        "--epochs", type=_whole_number(1), metavar="N", help="passes over the data (default: 1)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_whole_number(1),
+        default=256,
+        metavar="N",
+        help="tokens per step (default: 256)",
+    )
+    parser.add_argument(
+        "--lr",
+        type=_positive,
+        metavar="LR",
+        help="SGD's learning rate, decayed linearly to 0 (default: 1 - momentum, 0.1)",
+    )
+    parser.add_argument(
+        "--momentum",
+        type=_fraction,
+        default=0.9,
+        metavar="M",
+        help="Nesterov momentum (default: 0.9)",
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=_tolerance,
+        default=1e-3,
+        metavar="W",
+        help="weight decay, towards the logit lens (default: 1e-3)",
+    )
+    parser.add_argument(
+        "--clip",
+        type=_tolerance,
+        default=1.0,
+        metavar="C",
+        help="clip the gradient's norm to C, 0 for no clipping (default: 1.0)",
+    )
+    parser.add_argument(
+        "--held-out",
+        type=_fraction,
+        default=0.1,
+        metavar="F",
+        help="the fraction of documents kept out of training, to measure the KL on (default: 0.1)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, metavar="N", help="the split and the order (default: 0)"
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=_whole_number(1),
+        default=50,
+        metavar="N",
+        help="steps between checkpoints (default: 50)",
+    )
+    parser.add_argument("--adapter", metavar="NAME", help="force this adapter instead of detecting")
+    parser.add_argument("--device", help="run on this device, e.g. cuda or cpu (default: cpu)")
+    _device_map_option(parser)
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="cast the weights first"
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="start over instead of resuming the run (or keeping the lens) in LENS",
+    )
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress lines (also: INTROSPECT_PROGRESS=0)",
+    )
+    _json_flag(parser)
+
+
+def _check_lens_data(args: argparse.Namespace, ds: Any) -> None:
+    """What the dataset's manifest can refuse before the model loads."""
+    from introspect._errors import DatasetError
+
+    recorded = ds.manifest.get("model")
+    if (
+        isinstance(recorded, str)
+        and recorded != ds.manifest.get("model_class")
+        and not _same_model(args.model, recorded)
+    ):
+        raise DatasetError(
+            f"{args.data} holds activations of {recorded!r} (its manifest.json), not of "
+            f"{args.model!r}: name the model it was extracted from"
+        )
+    counts = ds.manifest.get("num_blocks")
+    blocks = counts.get("") if isinstance(counts, dict) else None
+    if isinstance(blocks, int) and blocks > 0:
+        last = f"block[{blocks - 1}]"
+        if last not in ds.locators:
+            raise DatasetError(
+                f"{args.data} does not hold the last block ({last}), whose read-out is the "
+                f"target: extract with --at {last} too (it holds {', '.join(ds.locators)})"
+            )
+
+
+@command(
+    "tune-lens",
+    "train a tuned lens (one affine translator per block) on activations from introspect "
+    "extract; resumable",
+    _tune_lens_options,
+)
+def _tune_lens(args: argparse.Namespace) -> int:
+    from introspect._dataset import ActivationDataset
+    from introspect._errors import DatasetError
+    from introspect._locators import Locator
+    from introspect._tuned import CHECKPOINT, CONFIG, train_tuned_lens
+
+    # Everything that can be checked without the model is checked before it loads.
+    for text in args.at or ():
+        Locator.parse(text)
+    ds = ActivationDataset(args.data)
+    _check_lens_data(args, ds)
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"--out {args.out} is a file: name a folder for the lens")
+    state = out / CHECKPOINT / "state.json"
+    start = 0
+    if not args.force and state.is_file():
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+            start = int(json.loads(state.read_text("utf-8")).get("step", 0))
+    before = _stamp(out / CONFIG)
+    _, _, insp = _load(args)
+    try:
+        lens = train_tuned_lens(
+            args.data,
+            insp,
+            out=out,
+            blocks=args.at,
+            include_embed=args.include_embed,
+            steps=args.steps,
+            epochs=args.epochs or 1,
+            lr=args.lr if args.lr is not None else 1.0 * (1 - args.momentum),
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            clip=args.clip,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            held_out=args.held_out,
+            checkpoint_every=args.checkpoint_every,
+            resume=not args.force,
+            progress=not args.no_progress,
+        )
+    except DatasetError as exc:
+        text = str(exc)
+        if "pass resume=False" not in text:
+            raise
+        raise DatasetError(text.replace("pass resume=False", "pass --force")) from None
+    kept = before is not None and _stamp(out / CONFIG) == before  # not written again
+    training = dict(lens.metadata.get("training", {}))
+    held = training.pop("held_out", None)
+    steps = int(training.get("steps", 0))
+    size = training.get("settings", {}).get("batch_size", args.batch_size)
+    rows = lens.rows(insp)
+    if args.json:
+        payload = {
+            "model": args.model,
+            "data": args.data,
+            "out": str(out),
+            "d_model": lens.d_model,
+            "num_hidden_layers": lens.num_hidden_layers,
+            "rows": rows,
+            "already_complete": kept,
+            "held_out": held,
+            "training": training,
+        }
+        print(json.dumps(payload, indent=2, default=str))
+        return 0
+    if not training.get("finished", True):
+        total = training.get("settings", {}).get("steps", "?")
+        print(
+            f"stopped at step {steps:,} of {total:,}: the checkpoint is in {out / CHECKPOINT}; "
+            "rerun the same command to resume"
+        )
+        return 0
+    note = "already trained, nothing to do: " if kept else "wrote "
+    resumed = not kept and 0 < start < steps
+    print(
+        f"{note}{out}: tuned lens of {args.model}, {len(rows)} of {len(lens)} translators "
+        f"trained ({', '.join(rows)}); {steps:,} steps of {size:,} tokens"
+        + (f" (resumed at step {start:,})" if resumed else "")
+    )
+    if held:
+        docs = len(held.get("documents", []))
+        print(
+            f"KL(final || lens) on {held['tokens']:,} held-out tokens ({docs:,} "
+            f"document{'s' if docs != 1 else ''}), nats per token:"
+        )
+        headers, table = lens.held_out_table()
+        print_table(table, headers)
+    else:
+        print("no documents held out (--held-out 0): no KL to show")
+    print(f"next: introspect lens {args.model} --prompt TEXT --tuned {out}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
