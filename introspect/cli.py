@@ -644,6 +644,117 @@ def _check_tuned(args: argparse.Namespace, tuned: Any, insp: Any) -> None:
         )
 
 
+def _report_options(parser: argparse.ArgumentParser) -> None:
+    _model_options(parser)
+    parser.add_argument("--prompt", required=True, help="the text to run the model on")
+    parser.add_argument(
+        "--target",
+        action="append",
+        metavar="TOKEN",
+        help="a token to follow, repeatable, e.g. ' Paris' (its exact text, leading space "
+        "included, or its id): its rank in the lens and its logit attribution per head "
+        "(default: the model's top prediction)",
+    )
+    parser.add_argument(
+        "--blocks",
+        metavar="A:B",
+        help="only these blocks: a slice (0:8, 20:) or a comma list (0,5,-1); default: every "
+        "block (a long prompt on a deep model may need fewer to fit the page)",
+    )
+    parser.add_argument(
+        "--score",
+        choices=["induction", "previous-token"],
+        default="induction",
+        help="the head score of the grid (default: %(default)s)",
+    )
+    parser.add_argument("--out", required=True, metavar="FILE.html", help="where to write the page")
+    parser.add_argument("--force", action="store_true", help="replace FILE.html if it exists")
+
+
+def _report_blocks(text: str | None) -> list[int | str] | None:
+    """``--blocks``: a slice (``0:8``) or a comma list (``0,5,-1``) of block indices."""
+    from introspect._errors import LocatorError
+
+    if text is None:
+        return None
+    if ":" in text:
+        return [f"block[{text}]"]
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise LocatorError(
+            f"--blocks {text!r} is neither a slice (0:8, 20:) nor a comma list of block "
+            "indices (0,5,-1)"
+        ) from None
+
+
+def _report_out(text: str, force: bool) -> Path:
+    """``--out``, checked before the model loads."""
+    from introspect._errors import ViewError
+
+    out = Path(text).expanduser()
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise ViewError(f"--out {text!r} must end in .html: the report is one HTML page")
+    if out.is_dir():
+        raise ViewError(f"--out {text!r} is a folder: name a file, e.g. {text}/report.html")
+    if not (out.parent if str(out.parent) else Path(".")).is_dir():
+        raise ViewError(f"the folder of --out {text!r} does not exist: create it")
+    if out.exists() and not force:
+        raise ViewError(f"{text} exists: pass --force to replace it, or choose another --out")
+    return out
+
+
+@command(
+    "report",
+    "one self-contained HTML page: the lens, the attention of every block and head, head "
+    "scores and logit attribution for a prompt",
+    _report_options,
+)
+def _report(args: argparse.Namespace) -> int:
+    import shlex
+
+    from introspect._report import build_report
+    from introspect._views import write_page
+
+    out = _report_out(args.out, args.force)
+    blocks = _report_blocks(args.blocks)
+    targets = [int(t) if t.isdigit() else t for t in args.target or ()]
+    _, tokenizer, insp = _load(args)
+    words = ["introspect", "report", args.model, "--prompt", args.prompt]
+    for t in args.target or ():
+        words += ["--target", t]
+    if args.blocks:
+        words += ["--blocks", args.blocks]
+    words += ["--out", args.out]
+
+    def build() -> str:
+        return build_report(
+            insp,
+            args.prompt,
+            tokenizer=tokenizer,
+            targets=targets,
+            blocks=blocks,
+            score=args.score,
+            model_name=args.model,
+            command=shlex.join(words),
+        )
+
+    try:
+        page = build()
+    except MissingPartError as exc:
+        if args.attn_implementation is not None or not _eager_needed(exc):
+            raise
+        _, tokenizer, insp = _reload_eager(args, exc)
+        page = build()
+    write_page(out, page)  # atomic: a reader never sees half a page
+    size = len(page.encode("utf-8"))
+    if args.json:
+        print(json.dumps({"model": args.model, "out": str(out), "bytes": size}))
+    else:
+        print(f"wrote {out} ({size / 1024:.0f} KB)")
+    return 0
+
+
 def _whole_number(minimum: int) -> Callable[[str], int]:
     """An argparse type: a whole number of at least ``minimum``."""
 

@@ -27,7 +27,9 @@ from introspect.testing import build_tiny
 # and normalises; RWKV's channel mix gates the value projection with the receptance.
 NOT_THE_OUTPUT = {"bert", "roberta", "rwkv"}
 
-POST_CASES = [c for c in CASES if SPECS[c.adapter].mlp_post and SPECS[c.adapter].unsupported is None]
+POST_CASES = [
+    c for c in CASES if SPECS[c.adapter].mlp_post and SPECS[c.adapter].unsupported is None
+]
 
 
 def _llama() -> LlamaForCausalLM:
@@ -167,11 +169,11 @@ def test_raw_paths_steer_and_follow_generation() -> None:
 def test_unreachable_names_say_what_is_there() -> None:
     model = _llama()
     insp = Inspector(model)
-    with pytest.raises(LocatorError, match="gate_proj, up_proj, down_proj, act_fn.*mlp.post"):
+    with pytest.raises(LocatorError, match=r"gate_proj, up_proj, down_proj, act_fn.*mlp\.post"):
         insp.capture("block[0].mlp.nope")
-    with pytest.raises(LocatorError, match="'model.layers' \\(ModuleList\\) holds 0, 1"):
+    with pytest.raises(LocatorError, match=r"'model\.layers' \(ModuleList\) holds 0, 1"):
         insp.capture("module:model.layers.7")
-    with pytest.raises(LocatorError, match="head values: attn.q"):
+    with pytest.raises(LocatorError, match=r"head values: attn\.q"):
         insp.capture("block[0].attn.nope")
     with pytest.raises(LocatorError, match="cannot parse"):
         insp.capture("module:model..layers")
@@ -180,7 +182,7 @@ def test_unreachable_names_say_what_is_there() -> None:
         insp.capture("block[0].mlp.z")  # z is a head value: mlp has no head layout
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     spec = Inspector(gpt2).adapter.model_copy(update={"mlp_post": None})
-    with pytest.raises(MissingPartError, match="states no down-projection.*c_fc, c_proj"):
+    with pytest.raises(MissingPartError, match=r"states no down-projection.*c_fc, c_proj"):
         Inspector(gpt2, spec, prove=False).capture("block[0].mlp.post")
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _support.models import FAMILIES
 from _support.sae_formats import (
     write_dictionary_learning,
     write_gemma_scope,
@@ -19,7 +20,6 @@ from _support.sae_formats import (
     write_saelens,
     write_sparsify,
 )
-from conftest import FAMILIES
 from torch import nn
 
 from introspect import Inspector, SAEError, SparseAutoencoder, evaluate_sae, load_sae, train_sae
