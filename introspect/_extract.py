@@ -76,6 +76,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DTYPES",
+    "as_ranks",
     "check_output_dir",
     "extract",
     "init_distributed",
@@ -806,6 +807,40 @@ def launch(argv: Sequence[str], nproc: int) -> int:
                 if handler is not None:
                     signal.signal(sig, handler)
     return 0
+
+
+def as_ranks(
+    nproc: int,
+    argv: Sequence[str],
+    device: str | None,
+    run: Callable[[str | None], dict[str, Any]],
+) -> dict[str, Any] | None:
+    """Run an extraction as this process's share of a multi-process run.
+
+    Outside torchrun with ``nproc > 1``: launch ``nproc`` ranks of ``python -m introspect
+    ARGV`` on this machine (:func:`launch`) and return ``None`` once they all finished.
+    Otherwise join the process group torchrun describes (if any), call ``run(device)`` with
+    the device this rank uses (``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun), leave the
+    group on every exit path and return what ``run`` returned (the manifest).
+
+    Example:
+        >>> as_ranks(1, [], None, lambda device: {"device": device})
+        {'device': None}
+    """
+    if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        launch(argv, nproc)
+        return None
+    distributed = init_distributed()
+    try:
+        if distributed and device is not None and device.startswith("cuda") and ":" not in device:
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        return run(device)
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
 
 
 # -- the engine -------------------------------------------------------------------------------

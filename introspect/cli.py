@@ -1351,10 +1351,9 @@ def _extract(args: argparse.Namespace) -> int:
     from introspect._dataset import MANIFEST, read_json
     from introspect._errors import IntrospectError
     from introspect._extract import (
+        as_ranks,
         check_output_dir,
         extract,
-        init_distributed,
-        launch,
         settings_of,
         weights_fingerprint,
     )
@@ -1398,23 +1397,13 @@ def _extract(args: argparse.Namespace) -> int:
                         args.out, manifest, "already complete, nothing to do: ", ran=False
                     )
             return 0
-        if args.nproc > 1 and world == 1:
-            return launch(_extract_argv(args), args.nproc)
-        distributed = init_distributed()
-        try:
-            device = args.device
-            if (
-                distributed
-                and device is not None
-                and device.startswith("cuda")
-                and ":" not in device
-            ):
-                device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+
+        def run(device: str | None) -> dict[str, Any]:
             load_args = argparse.Namespace(
                 **{**vars(args), "dtype": args.model_dtype, "device": device}
             )
             _, tokenizer, insp = _load(load_args)
-            manifest = extract(
+            return extract(
                 insp,
                 tokenizer,
                 docs,
@@ -1430,12 +1419,12 @@ def _extract(args: argparse.Namespace) -> int:
                 shard_rows=args.shard_rows,
                 progress=not args.no_progress,
             )
-        finally:
-            if distributed:
-                import torch.distributed as dist
 
-                with contextlib.suppress(Exception):
-                    dist.destroy_process_group()
+        # One rank of torchrun, or the launcher of --nproc ranks (then nothing to print here).
+        found = as_ranks(args.nproc, _extract_argv(args), args.device, run)
+        if found is None:
+            return 0
+        manifest = found
     except IntrospectError as exc:
         if world > 1:
             # Every rank prints its own error: say whose it is.
