@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
+import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -930,5 +931,20 @@ def select_adapter(model: nn.Module, candidates: Sequence[AdapterSpec]) -> Adapt
         spec = detect_adapter(model)
     except NoAdapterError as exc:
         raise NoAdapterError(f"Structure detection did not help: {exc}") from None
-    warnings.warn(detected_message(model, spec), DetectedAdapterWarning, stacklevel=2)
+    warnings.warn(
+        detected_message(model, spec), DetectedAdapterWarning, stacklevel=_callers_level()
+    )
     return spec
+
+
+def _callers_level() -> int:
+    """The ``stacklevel`` of the first frame outside introspect and pluggy (the code that
+    built the Inspector), for a warning raised from inside the plugin hooks."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and str(frame.f_globals.get("__name__", "")).startswith(
+        ("introspect", "pluggy")
+    ):
+        frame = frame.f_back
+        level += 1
+    return level

@@ -397,8 +397,12 @@ def _verify_options(parser: argparse.ArgumentParser) -> None:
         default="The quick brown fox jumps over the lazy dog.",
         help="the text to check on (random token ids when the model has no tokenizer)",
     )
-    parser.add_argument("--atol", type=_tolerance, default=1e-5, help="absolute tolerance")
-    parser.add_argument("--rtol", type=_tolerance, default=1e-4, help="relative tolerance")
+    parser.add_argument(
+        "--atol", type=_tolerance, default=1e-5, help="absolute tolerance (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--rtol", type=_tolerance, default=1e-4, help="relative tolerance (default: %(default)s)"
+    )
 
 
 def _tolerance(text: str) -> float:
@@ -494,7 +498,9 @@ def _verify(args: argparse.Namespace) -> int:
 def _lens_options(parser: argparse.ArgumentParser) -> None:
     _model_options(parser)
     parser.add_argument("--prompt", required=True, help="the text to run the model on")
-    parser.add_argument("-k", "--top", type=int, default=5, help="how many tokens per block")
+    parser.add_argument(
+        "-k", "--top", type=int, default=5, help="how many tokens per block (default: %(default)s)"
+    )
     parser.add_argument(
         "-p",
         "--position",
@@ -802,7 +808,11 @@ def _attention_options(parser: argparse.ArgumentParser) -> None:
         help="the query position the table reads; negative counts from the end (default: -1)",
     )
     parser.add_argument(
-        "-k", "--top", type=_whole_number(1), default=2, help="keys per head in the table"
+        "-k",
+        "--top",
+        type=_whole_number(1),
+        default=2,
+        help="keys per head in the table (default: %(default)s)",
     )
     parser.add_argument(
         "--plot",
@@ -898,7 +908,11 @@ def _heads_options(parser: argparse.ArgumentParser) -> None:
         help="put the tokenizer's (else the config's) BOS token before every sequence",
     )
     parser.add_argument(
-        "-n", "--top", type=_whole_number(1), default=10, help="how many heads to list"
+        "-n",
+        "--top",
+        type=_whole_number(1),
+        default=10,
+        help="how many heads to list (default: %(default)s)",
     )
     parser.add_argument(
         "--plot",
@@ -1041,7 +1055,11 @@ def _attribute_options(parser: argparse.ArgumentParser) -> None:
         help="also run exact activation patching (one forward per cell) and compare",
     )
     parser.add_argument(
-        "-n", "--top", type=_whole_number(1), default=10, help="how many cells to list"
+        "-n",
+        "--top",
+        type=_whole_number(1),
+        default=10,
+        help="how many cells to list (default: %(default)s)",
     )
     parser.add_argument(
         "--plot",

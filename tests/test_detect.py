@@ -130,8 +130,12 @@ def build(model_type: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
 def test_detects_and_proves_with_the_builtin_adapter_disabled(model_type: str) -> None:
     model, inputs = build(model_type)
     pm, builtin = without_builtin(model_type)
-    with pytest.warns(DetectedAdapterWarning, match=rf"detected-{model_type}.*introspect scaffold"):
+    with pytest.warns(
+        DetectedAdapterWarning, match=rf"detected-{model_type}.*introspect scaffold"
+    ) as caught:
         insp = Inspector(model, plugin_manager=pm)
+    # The warning points at the code that built the Inspector, not into pluggy.
+    assert [w.filename for w in caught if w.category is DetectedAdapterWarning] == [__file__]
     assert insp.adapter.name == f"detected-{model_type}"
     assert insp.adapter.model_types == (model_type,)
     assert_conformant(model, inputs, adapter=insp.adapter)
