@@ -87,8 +87,8 @@ def check_output_path(path: str | os.PathLike[str], *, force: bool = False) -> P
     if existing and not force:
         raise CaptureError(
             f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: "
-            "choose another output name, or replace the pair (--force on the command line, "
-            "force=True in Python)"
+            "choose another output name, or replace the pair with --force (force=True in "
+            "Python)"
         )
     return out
 

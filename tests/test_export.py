@@ -46,7 +46,7 @@ def _new(out: Path) -> tuple[Path, Path]:
 
 def test_existing_pair_is_refused_without_force(tmp_path: Path) -> None:
     out = _old_pair(tmp_path)
-    with pytest.raises(CaptureError, match=r"already exist.*--force \(force=True\)"):
+    with pytest.raises(CaptureError, match=r"already exist.*--force \(force=True in Python\)"):
         save_tensors(out, {"block[0]": torch.ones(1)}, {"model": "new"})
     _assert_old_pair_intact(out)
     # A lone sidecar (someone's config.json) is protected too.
