@@ -11,6 +11,7 @@ from _support.models import FAMILIES
 from _support.threads import ALL_THREADS
 from torch import nn
 
+import introspect.zoo
 from introspect.testing import build_tiny
 
 
@@ -72,6 +73,16 @@ class CharTokenizer:
 @pytest.fixture
 def tokenizer() -> CharTokenizer:
     return CharTokenizer()
+
+
+@pytest.fixture
+def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading a model fails the test: a command's error must come before it."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(introspect.zoo, "load_model", refuse)
 
 
 @pytest.fixture(scope="session")

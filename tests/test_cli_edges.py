@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _support.cli import error_line, run_command
 
 import introspect.zoo
 from introspect._export import load_capture
@@ -18,31 +19,6 @@ from introspect.cli import main
 @pytest.fixture(autouse=True)
 def _no_bars(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INTROSPECT_PROGRESS", "0")
-
-
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 2, err
-    assert lines[1] == "(run with --debug for the full traceback)"
-    assert "Traceback" not in err
-    assert lines[0].startswith("introspect: error: ")
-    return lines[0]
-
-
-@pytest.fixture
-def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Loading a model fails the test: the error must come before it."""
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("the model must not load")
-
-    monkeypatch.setattr(introspect.zoo, "load_model", refuse)
 
 
 def _capture(out: Path) -> list[str]:
@@ -77,9 +53,9 @@ def test_bad_options_are_one_line_before_loading(
     message: str,
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    code, out, err = _run(capsys, *argv)
+    code, out, err = run_command(capsys, *argv)
     assert code == 1 and out == ""
-    assert message in _error_line(err)
+    assert message in error_line(err)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -97,7 +73,7 @@ def test_verify_tolerances_are_checked_by_the_parser(
 def test_debug_after_the_command_shows_the_traceback(
     capsys: pytest.CaptureFixture[str], no_model: None
 ) -> None:
-    code, _, err = _run(capsys, "inspect", "toy-gpt2", "--device", "foo", "--debug")
+    code, _, err = run_command(capsys, "inspect", "toy-gpt2", "--device", "foo", "--debug")
     assert code == 1
     assert "Traceback (most recent call last)" in err and "ModelLoadError" in err
 
@@ -114,9 +90,9 @@ def test_an_error_from_a_plugin_is_one_line(
         raise RuntimeError("register_adapters of introspect-broken failed")
 
     monkeypatch.setattr(introspect._plugins, "get_registry", broken)
-    code, _, err = _run(capsys, "adapters")
+    code, _, err = run_command(capsys, "adapters")
     assert code == 1
-    assert _error_line(err) == (
+    assert error_line(err) == (
         "introspect: error: RuntimeError: register_adapters of introspect-broken failed"
     )
 
@@ -128,7 +104,7 @@ def test_ctrl_c_exits_130_with_one_line(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(introspect.zoo, "load_model", interrupted)
-    code, out, err = _run(capsys, "inspect", "toy-gpt2")
+    code, out, err = run_command(capsys, "inspect", "toy-gpt2")
     assert (code, out, err) == (130, "", "introspect: interrupted\n")
 
 
@@ -139,16 +115,16 @@ def test_a_full_disk_is_one_line_and_the_old_pair_stays(
     from safetensors import SafetensorError
 
     out = tmp_path / "run.safetensors"
-    assert _run(capsys, *_capture(out))[0] == 0
+    assert run_command(capsys, *_capture(out))[0] == 0
     before = out.read_bytes(), out.with_suffix(".json").read_bytes()
 
     def disk_full(tensors: object, filename: str, metadata: object = None) -> None:
         raise SafetensorError("Error while serializing: I/O error: No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
-    code, _, err = _run(capsys, *_capture(out), "--force")
+    code, _, err = run_command(capsys, *_capture(out), "--force")
     assert code == 1
-    line = _error_line(err)
+    line = error_line(err)
     assert "could not write" in line and "No space left on device; nothing was replaced" in line
     assert (out.read_bytes(), out.with_suffix(".json").read_bytes()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "run.safetensors"]
@@ -163,8 +139,8 @@ def test_a_read_only_folder_is_one_line_before_loading(
         os, "access", lambda path, mode, **kw: False if Path(path) == tmp_path else real(path, mode)
     )
     monkeypatch.setattr(introspect.zoo, "load_model", lambda *a, **k: pytest.fail("loaded"))
-    code, _, err = _run(capsys, *_capture(tmp_path / "run.safetensors"))
-    assert code == 1 and "permission denied" in _error_line(err)
+    code, _, err = run_command(capsys, *_capture(tmp_path / "run.safetensors"))
+    assert code == 1 and "permission denied" in error_line(err)
 
 
 def test_a_project_warning_is_one_line(
@@ -173,7 +149,7 @@ def test_a_project_warning_is_one_line(
     monkeypatch.setattr(introspect.zoo, "gpt2_bpe_files", lambda: None)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        code, out, err = _run(capsys, "inspect", "toy-gpt2")
+        code, out, err = run_command(capsys, "inspect", "toy-gpt2")
     assert code == 0 and out.startswith("model: toy-gpt2")
     assert err.splitlines() == [
         "introspect: warning: the toy models tokenize byte by byte: GPT-2's BPE files come "
@@ -189,18 +165,18 @@ def test_existing_capture_is_refused_before_loading_unless_force(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "run.safetensors"
-    assert _run(capsys, *_capture(out))[0] == 0
+    assert run_command(capsys, *_capture(out))[0] == 0
     before = out.read_bytes()
     real = introspect.zoo.load_model
     monkeypatch.setattr(introspect.zoo, "load_model", lambda *a, **k: pytest.fail("loaded"))
-    code, _, err = _run(capsys, *_capture(out))
+    code, _, err = run_command(capsys, *_capture(out))
     assert code == 1
     assert "already exist: choose another output name, or replace the pair with --force" in (
-        _error_line(err)
+        error_line(err)
     )
     assert out.read_bytes() == before
     monkeypatch.setattr(introspect.zoo, "load_model", real)
-    code, printed, _ = _run(
+    code, printed, _ = run_command(
         capsys,
         "capture",
         "toy-gpt2",
@@ -223,9 +199,9 @@ def test_a_models_config_json_is_not_overwritten(
     folder = tmp_path / "mymodel"
     folder.mkdir()
     (folder / "config.json").write_text('{"model_type": "gpt2"}')
-    code, _, err = _run(capsys, *_capture(folder / "config.safetensors"))
+    code, _, err = run_command(capsys, *_capture(folder / "config.safetensors"))
     assert code == 1
-    assert "config.json already exists" in _error_line(err)
+    assert "config.json already exists" in error_line(err)
     assert (folder / "config.json").read_text() == '{"model_type": "gpt2"}'
     assert sorted(p.name for p in folder.iterdir()) == ["config.json"]
 
@@ -233,7 +209,7 @@ def test_a_models_config_json_is_not_overwritten(
 def test_capture_files_follow_the_umask(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     previous = os.umask(0o022)
     try:
-        assert _run(capsys, *_capture(tmp_path / "run.safetensors"))[0] == 0
+        assert run_command(capsys, *_capture(tmp_path / "run.safetensors"))[0] == 0
     finally:
         os.umask(previous)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
@@ -244,7 +220,7 @@ def test_capture_of_two_locators_that_are_one_tensor(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     out = tmp_path / "run.safetensors"
-    code, _, err = _run(
+    code, _, err = run_command(
         capsys,
         "capture",
         "toy-llama",

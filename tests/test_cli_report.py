@@ -6,23 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from introspect.cli import main
+from _support.cli import run_command
 
 PROMPT = "The capital of France is"
-
-
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_report_writes_one_page_with_every_view(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "report.html"
-    code, printed, _ = _run(
+    code, printed, _ = run_command(
         capsys,
         "report",
         "toy-gpt2",
@@ -48,9 +41,9 @@ def test_report_refuses_an_existing_file_unless_forced(
     out = tmp_path / "report.html"
     out.write_text("mine")
     args = ["report", "toy-gpt2", "--prompt", "Hi", "--out", str(out), "--no-progress"]
-    code, _, err = _run(capsys, *args)
+    code, _, err = run_command(capsys, *args)
     assert code == 1 and "exists: pass --force" in err and out.read_text() == "mine"
-    code, _, _ = _run(capsys, *args, "--blocks", "0:2", "--force")
+    code, _, _ = run_command(capsys, *args, "--blocks", "0:2", "--force")
     page = out.read_text(encoding="utf-8")
     assert code == 0 and "attention of 2 blocks (block[0]..block[1])" in page
 
@@ -59,7 +52,7 @@ def test_report_refuses_a_prompt_too_long_for_the_page(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     long = " ".join(["word"] * 800)
-    code, _, err = _run(
+    code, _, err = run_command(
         capsys,
         "report",
         "toy-gpt2",
@@ -78,7 +71,7 @@ def test_report_refuses_a_prompt_too_long_for_the_page(
 def test_report_checks_its_output_path_before_loading(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    code, _, err = _run(
+    code, _, err = run_command(
         capsys, "report", "toy-gpt2", "--prompt", "Hi", "--out", str(tmp_path / "r.png")
     )
     assert code == 1 and "must end in .html" in err

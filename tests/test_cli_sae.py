@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _support.cli import error_line, run_command
 
 import introspect._sae
 import introspect.zoo
@@ -38,31 +39,6 @@ METRICS = [
 @pytest.fixture(autouse=True)
 def _no_bars(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INTROSPECT_PROGRESS", "0")
-
-
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 2, err
-    assert lines[1] == "(run with --debug for the full traceback)"
-    assert "Traceback" not in err
-    assert lines[0].startswith("introspect: error: ")
-    return lines[0]
-
-
-@pytest.fixture
-def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Loading a model fails the test: the error must come before it."""
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("the model must not load")
-
-    monkeypatch.setattr(introspect.zoo, "load_model", refuse)
 
 
 @pytest.fixture
@@ -144,7 +120,9 @@ def test_extract_train_and_evaluate(capsys: pytest.CaptureFixture[str], work: Wo
     held_out.write_text(
         '{"text": "A lazy dog sleeps."}\n{"text": "The fox number 99 runs."}\n', encoding="utf-8"
     )
-    code, out, err = _run(capsys, "sae", "eval", "toy-gpt2", str(sae_dir), "--input", str(held_out))
+    code, out, err = run_command(
+        capsys, "sae", "eval", "toy-gpt2", str(sae_dir), "--input", str(held_out)
+    )
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0].startswith(
@@ -160,7 +138,7 @@ def test_eval_json_is_the_librarys_evaluation(
 ) -> None:
     prompts = ["The quick brown fox jumps.", "A second, longer prompt about lazy dogs."]
     argv = ["sae", "eval", "toy-gpt2", str(work.folder / "sae"), "--json", "--batch-size", "1"]
-    code, out, err = _run(capsys, *argv, "--prompt", prompts[0], "--prompt", prompts[1])
+    code, out, err = run_command(capsys, *argv, "--prompt", prompts[0], "--prompt", prompts[1])
     assert code == 0, err
     shown = json.loads(out)
     model, tokenizer = load_model("toy-gpt2", progress=False)
@@ -179,7 +157,7 @@ def test_eval_json_is_the_librarys_evaluation(
 
 def test_eval_at_another_site(capsys: pytest.CaptureFixture[str], work: Work) -> None:
     argv = ["sae", "eval", "toy-gpt2", str(work.folder / "sae"), "--prompt", "Hello there, fox."]
-    code, out, err = _run(capsys, *argv, "--at", "block[1]", "--json")
+    code, out, err = run_command(capsys, *argv, "--at", "block[1]", "--json")
     assert code == 0, err
     assert json.loads(out)["at"] == "block[1]"
 
@@ -192,22 +170,22 @@ def test_a_finished_sae_is_kept_and_force_starts_over(
     capsys: pytest.CaptureFixture[str], work: Work, tmp_path: Path
 ) -> None:
     out_dir = tmp_path / "sae"
-    code, out, _ = _run(capsys, *_train(work, out_dir, "--steps", "3"))
+    code, out, _ = run_command(capsys, *_train(work, out_dir, "--steps", "3"))
     assert code == 0 and out.startswith(f"wrote {out_dir}: ")
     weights = load_sae(out_dir).W_enc.clone()
-    code, out, _ = _run(capsys, *_train(work, out_dir, "--steps", "3", "--json"))
+    code, out, _ = run_command(capsys, *_train(work, out_dir, "--steps", "3", "--json"))
     assert code == 0
     again = json.loads(out)
     assert again["already_complete"] is True and again["training"]["steps"] == 3
     assert (again["at"], again["d_in"], again["d_sae"], again["k"]) == ("block[3]", 64, 96, 4)
-    code, out, _ = _run(capsys, *_train(work, out_dir, "--steps", "3"))
+    code, out, _ = run_command(capsys, *_train(work, out_dir, "--steps", "3"))
     assert out.startswith(f"already trained, nothing to do: {out_dir}: ")
-    code, out, _ = _run(capsys, *_train(work, out_dir, "--steps", "3", "--force"))
+    code, out, _ = run_command(capsys, *_train(work, out_dir, "--steps", "3", "--force"))
     assert code == 0 and out.startswith(f"wrote {out_dir}: ")
     assert torch.equal(load_sae(out_dir).W_enc, weights)  # the same seed, the same SAE
-    code, out, err = _run(capsys, *_train(work, out_dir, "--steps", "5"))
+    code, out, err = run_command(capsys, *_train(work, out_dir, "--steps", "5"))
     assert code == 1 and out == ""
-    assert "holds a run with other settings" in _error_line(err)
+    assert "holds a run with other settings" in error_line(err)
 
 
 @pytest.mark.usefixtures("no_model")
@@ -221,14 +199,17 @@ def test_an_interrupted_run_resumes(
     monkeypatch.setattr(introspect._sae, "train_sae", lambda *a, **kw: real(*a, **kw, stop_after=2))
     out_dir = tmp_path / "sae"
     argv = _train(work, out_dir, "--steps", "5", "--checkpoint-every", "1")
-    assert _run(capsys, *argv)[0] == 0  # stopped after 2 steps, as Ctrl-C would
+    assert run_command(capsys, *argv)[0] == 0  # stopped after 2 steps, as Ctrl-C would
     assert not (out_dir / "cfg.json").exists() and (out_dir / "checkpoint").is_dir()
     monkeypatch.setattr(introspect._sae, "train_sae", real)
-    code, out, _ = _run(capsys, *argv)
+    code, out, _ = run_command(capsys, *argv)
     assert code == 0
     assert "5 steps of 32 tokens (resumed at step 2)" in out.splitlines()[0]
     straight = tmp_path / "straight"
-    assert _run(capsys, *_train(work, straight, "--steps", "5", "--checkpoint-every", "1"))[0] == 0
+    assert (
+        run_command(capsys, *_train(work, straight, "--steps", "5", "--checkpoint-every", "1"))[0]
+        == 0
+    )
     assert torch.equal(load_sae(out_dir).W_dec, load_sae(straight).W_dec)
 
 
@@ -262,9 +243,9 @@ def test_train_sae_bad_input_is_one_line(
         if flag in argv:
             argv[argv.index(flag) + 1] = value
     argv = [str(work.folder / a) if a in ("no-such-folder", "corpus.txt") else a for a in argv]
-    code, out, err = _run(capsys, *argv)
+    code, out, err = run_command(capsys, *argv)
     assert code == 1 and out == ""
-    assert message in _error_line(err)
+    assert message in error_line(err)
     assert not (tmp_path / "sae").exists()
 
 
@@ -311,9 +292,9 @@ def test_eval_refuses_before_the_model_loads(
         ([str(work.folder / "sae"), "--prompt", "hi", "--at", "blok[1]"], "cannot parse locator"),
     ]
     for argv, message in cases:
-        code, out, err = _run(capsys, "sae", "eval", "toy-gpt2", *argv)
+        code, out, err = run_command(capsys, "sae", "eval", "toy-gpt2", *argv)
         assert code == 1 and out == "", argv
-        assert message in _error_line(err), argv
+        assert message in error_line(err), argv
 
 
 @pytest.mark.usefixtures("no_evaluation")
@@ -322,9 +303,11 @@ def test_eval_refuses_a_width_mismatch_before_any_forward(
 ) -> None:
     narrow = SparseAutoencoder(32, 64, architecture="topk", k=4, locator="block[0]")
     folder = narrow.save(tmp_path / "narrow")
-    code, out, err = _run(capsys, "sae", "eval", "toy-gpt2", str(folder), "--prompt", "Hi there")
+    code, out, err = run_command(
+        capsys, "sae", "eval", "toy-gpt2", str(folder), "--prompt", "Hi there"
+    )
     assert code == 1 and out == ""
-    assert "the SAE reads d_in=32 values, but block[0] is 64 wide" in _error_line(err)
+    assert "the SAE reads d_in=32 values, but block[0] is 64 wide" in error_line(err)
 
 
 def test_sae_needs_a_sub_command(capsys: pytest.CaptureFixture[str]) -> None:
@@ -340,5 +323,5 @@ def test_debug_after_the_sub_command_shows_the_traceback(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     argv = ["sae", "eval", "toy-gpt2", str(tmp_path / "x"), "--prompt", "a", "--debug"]
-    code, _, err = _run(capsys, *argv)
+    code, _, err = run_command(capsys, *argv)
     assert code == 1 and "Traceback" in err and "does not exist" in err

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from _support.cli import error_line
 
 import introspect._lens
 import introspect._tuned
@@ -47,15 +48,6 @@ def _printed(*argv: str) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(list(argv))
     return code, out.getvalue(), err.getvalue()
-
-
-def _error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 2, err
-    assert lines[1] == "(run with --debug for the full traceback)"
-    assert "Traceback" not in err
-    assert lines[0].startswith("introspect: error: ")
-    return lines[0]
 
 
 @dataclass
@@ -94,16 +86,6 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Work:
         work = Work(folder, (0, "", ""))
         work.train = _printed(*work.tune(work.lens))
     return work
-
-
-@pytest.fixture
-def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Loading a model fails the test: the error must come before it."""
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("the model must not load")
-
-    monkeypatch.setattr(introspect.zoo, "load_model", refuse)
 
 
 @pytest.fixture
@@ -217,7 +199,7 @@ def test_an_interrupted_run_resumes_and_force_starts_over(
 
     code, _, err = _printed(*work.tune(out_dir)[:-4], "--steps", "3")
     assert code == 1
-    assert _error_line(err).endswith(
+    assert error_line(err).endswith(
         "holds a run with other settings: rerun with the same arguments to resume it, or pass "
         "--force to start over"
     )
@@ -250,22 +232,22 @@ def test_tune_lens_refuses_a_missing_or_foreign_dataset(work: Work, tmp_path: Pa
     argv = ["tune-lens", "toy-llama", "--data", str(tmp_path / "nope"), "--out", "x"]
     code, _, err = _printed(*argv)
     assert code == 1
-    assert _error_line(err) == (
+    assert error_line(err) == (
         f"introspect: error: {tmp_path / 'nope'} is not an extraction folder (no manifest.json): "
         "write one with introspect extract MODEL --input ... --at ... --out DIR"
     )
     code, _, err = _printed("tune-lens", "toy-gpt2", *work.tune(tmp_path / "o")[2:])
     assert code == 1
-    assert _error_line(err) == (
+    assert error_line(err) == (
         f"introspect: error: {work.acts} holds activations of 'toy-llama' (its manifest.json), "
         "not of 'toy-gpt2': name the model it was extracted from"
     )
     (tmp_path / "file").write_text("x", encoding="utf-8")
     code, _, err = _printed(*work.tune(tmp_path / "file"))
     assert code == 1
-    assert "is a file: name a folder for the lens" in _error_line(err)
+    assert "is a file: name a folder for the lens" in error_line(err)
     code, _, err = _printed(*work.tune(tmp_path / "o"), "--at", "block[")
-    assert code == 1 and "block[" in _error_line(err)
+    assert code == 1 and "block[" in error_line(err)
 
 
 @pytest.mark.usefixtures("no_work")
@@ -280,7 +262,7 @@ def test_tune_lens_refuses_a_dataset_without_the_last_block(work: Work, tmp_path
         patch.setattr(introspect.zoo, "load_model", lambda *a, **k: pytest.fail("loaded"))
         code, _, err = _printed("tune-lens", "toy-llama", "--data", str(first), "--out", "o")
     assert code == 1
-    assert _error_line(err) == (
+    assert error_line(err) == (
         f"introspect: error: {first} does not hold the last block (block[3]), whose read-out is "
         "the target: extract with --at block[3] too (it holds block[0])"
     )
@@ -292,14 +274,14 @@ def test_lens_refuses_a_missing_lens_and_one_for_another_model(tmp_path: Path) -
         patch.setattr(introspect.zoo, "load_model", lambda *a, **k: pytest.fail("loaded"))
         code, _, err = _printed("lens", "toy-llama", "--prompt", "hi", "--tuned", str(tmp_path))
     assert code == 1
-    assert _error_line(err) == (
+    assert error_line(err) == (
         f"introspect: error: {tmp_path} is not a tuned lens folder: it has no config.json (a "
         "lens folder holds config.json and params.pt)"
     )
     small = TunedLens(32, 2, base_model_name_or_path="other").save(tmp_path / "small")
     code, _, err = _printed("lens", "toy-llama", "--prompt", "hi", "--tuned", str(small))
     assert code == 1  # the library's error, before logit_lens runs (no_work)
-    assert _error_line(err) == (
+    assert error_line(err) == (
         "introspect: error: this tuned lens is for d_model 32 and 2 hidden layers; Inspector "
         "holds LlamaForCausalLM with d_model 64 and 4 blocks: load the lens trained for this "
         "model (this one was tuned for 'other')"

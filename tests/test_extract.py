@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from _support.cli import error_line
 from _support.models import llama_config
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -73,13 +74,6 @@ def _alone(insp: Inspector, ids: list[int], locators: list[str]) -> dict[str, to
         record = cap[loc.removesuffix(".input")]
         found[loc] = (record.input if loc.endswith(".input") else record.output)[0]
     return found
-
-
-def _error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert lines[-1] == "(run with --debug for the full traceback)", err
-    assert len(lines) == 2, err
-    return lines[0]
 
 
 # -- values ------------------------------------------------------------------------------------
@@ -354,12 +348,12 @@ def test_a_checkpoint_changed_in_place_is_not_resumed_on_the_command_line(
     capsys.readouterr()
     with _disk_full_after_one_shard(monkeypatch):
         assert main(argv) == 1
-    assert "No space left on device" in _error_line(capsys.readouterr().err)
+    assert "No space left on device" in error_line(capsys.readouterr().err)
     # The folder is trained further (here: other weights) and the command rerun as it was.
     build_tiny(LlamaForCausalLM, config, seed=1).save_pretrained(folder)
     capsys.readouterr()
     assert main(argv) == 1
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert "holds an extraction of other weights than this model's (weights fingerprint" in line
     assert line.endswith("use another --out for this one, or add --force to replace them")
     assert main([*argv, "--force"]) == 0
@@ -370,7 +364,7 @@ def test_a_checkpoint_changed_in_place_is_not_resumed_on_the_command_line(
     build_tiny(LlamaForCausalLM, config, seed=2).save_pretrained(folder)
     capsys.readouterr()
     assert main(argv) == 1
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert "holds an extraction of other weights than this model's (weights fingerprint" in line
 
 
@@ -580,7 +574,7 @@ def test_cli_extract_writes_the_manifest_the_issue_lists(
     code, _, err = _extract_cli(
         capsys, "--input", str(corpus), "--text-field", "body", "--out", str(out), *ARGS,
     )  # fmt: skip
-    line = _error_line(err)
+    line = error_line(err)
     assert code == 1 and "holds an extraction made with other arguments (positions:" in line
     assert '"last" there, "all" now; dtype: "bfloat16" there, "float16" now' in line
     assert line.endswith("or add --force to start over")
@@ -626,7 +620,7 @@ def test_cli_errors_come_before_the_model_loads(
     ]  # fmt: skip
     for argv, message in cases:
         code, _, err = _extract_cli(capsys, *argv)
-        assert code == 1 and message in _error_line(err), (argv, err)
+        assert code == 1 and message in error_line(err), (argv, err)
     assert not out.exists()
     assert (busy / "notes.md").read_text() == "mine"
 
@@ -643,7 +637,7 @@ def test_cli_unknown_locators_fail_before_any_file_is_written(
         code, _, err = _extract_cli(
             capsys, "--input", str(corpus), "--at", loc, "--out", str(tmp_path / "acts")
         )
-        assert code == 1 and message in _error_line(err), err
+        assert code == 1 and message in error_line(err), err
         assert not (tmp_path / "acts").exists()
 
 
@@ -658,7 +652,7 @@ def test_max_length_past_the_position_table_fails_before_any_file_is_written(
                  "--out", str(out), "--max-length", "1000"])  # fmt: skip
     _, err = capsys.readouterr()
     assert code == 1
-    assert _error_line(err) == (
+    assert error_line(err) == (
         "introspect: error: --max-length 1000 is more than this model's 512 positions "
         "(GPT2LMHeadModel looks each position up in a table of 512 rows): use --max-length 512 "
         "or less, or leave it out (the default is the model's context)"
@@ -694,7 +688,7 @@ def test_full_disk_keeps_complete_shards_and_resumes(
 
     monkeypatch.setattr(extract_module, "_save_file", disk_full)
     code, _, err = _extract_cli(capsys, *argv, "--out", str(out))
-    line = _error_line(err)
+    line = error_line(err)
     assert code == 1
     assert "No space left on device" in line and "rerun the same command to resume" in line
     names = sorted(n for n in os.listdir(out) if not n.startswith("."))
