@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 import torch
+from _support.models import llama_config
 from _support.registry_cases import CASES, SPECS, Built
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from introspect import Inspector, Locator, LocatorError, MissingPartError
 from introspect.testing import build_tiny
@@ -33,14 +34,7 @@ POST_CASES = [
 
 
 def _llama() -> LlamaForCausalLM:
-    config = LlamaConfig(
-        num_hidden_layers=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        vocab_size=64,
-    )
-    return build_tiny(LlamaForCausalLM, config)
+    return build_tiny(LlamaForCausalLM, llama_config(layers=2))  # hidden 64, MLP 128
 
 
 IDS = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
@@ -155,12 +149,12 @@ def test_raw_paths_steer_and_follow_generation() -> None:
         model.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
     joined = cap.concat("module:model.layers.0")
     assert joined.shape[:2] == (1, prompt.shape[1] + 2)
-    assert cap.concat("block[0].mlp.post").shape == (1, prompt.shape[1] + 2, 64)
+    assert cap.concat("block[0].mlp.post").shape == (1, prompt.shape[1] + 2, 128)
     with torch.no_grad():
         plain = model(prompt).logits
-        with insp.steer("module:model.layers.1", torch.ones(32), positions=[-1]):
+        with insp.steer("module:model.layers.1", torch.ones(64), positions=[-1]):
             steered = model(prompt).logits
-        with insp.steer("block[1]", torch.ones(32), positions=[-1]):
+        with insp.steer("block[1]", torch.ones(64), positions=[-1]):
             by_locator = model(prompt).logits
     assert not torch.equal(plain, steered)
     assert torch.equal(steered, by_locator)

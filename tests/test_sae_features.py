@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from _support.models import llama_config
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from introspect import Inspector, InterventionError, MissingPartError, SAEError, SparseAutoencoder
 from introspect.testing import build_tiny
@@ -25,6 +26,10 @@ def _sae(d_in: int, seed: int = 0) -> SparseAutoencoder:
         for param in sae.parameters():
             param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
     return sae
+
+
+def _llama() -> LlamaForCausalLM:
+    return build_tiny(LlamaForCausalLM, llama_config(layers=2)).eval()  # hidden 64, MLP 128
 
 
 @pytest.fixture(scope="module")
@@ -83,18 +88,9 @@ def test_verbs_on_features_equal_the_splices_own_edits(
 
 
 def test_a_feature_edit_equals_a_hand_written_forward() -> None:
-    model = build_tiny(
-        LlamaForCausalLM,
-        LlamaConfig(
-            num_hidden_layers=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=4,
-            vocab_size=64,
-        ),
-    ).eval()
+    model = _llama()
     insp = Inspector(model)
-    sae = _sae(32, seed=2)
+    sae = _sae(64, seed=2)
     layer = model.model.layers[0]
 
     def replace(module: torch.nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
@@ -180,19 +176,10 @@ def test_an_mlp_hook_post_sae_splices_at_the_neurons(tmp_path: object) -> None:
 
     from introspect import load_sae
 
-    model = build_tiny(
-        LlamaForCausalLM,
-        LlamaConfig(
-            num_hidden_layers=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=4,
-            vocab_size=64,
-        ),
-    ).eval()
+    model = _llama()
     insp = Inspector(model)
     folder = Path(str(tmp_path)) / "post"
-    write_saelens(folder, d_in=64, d_sae=96, hook_name="blocks.1.mlp.hook_post")
+    write_saelens(folder, d_in=128, d_sae=96, hook_name="blocks.1.mlp.hook_post")
     sae = load_sae(folder)
     assert sae.locator == "block[1].mlp.post"
     down = model.model.layers[1].mlp.down_proj
