@@ -25,26 +25,22 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-CASES = [
-    ("standard", True, "none"),
-    ("standard", False, "constant_norm_rescale"),
-    ("jumprelu", True, "none"),
-    ("jumprelu", False, "layer_norm"),
-    ("gated", True, "none"),
-    ("topk", True, "none"),
-    ("topk", False, "constant_norm_rescale"),
-]
 
 
 def write(folder: Path) -> list[str]:
     sys.path.insert(0, str(ROOT / "tests"))
-    from _support.sae_formats import write_gemma_scope, write_saelens, write_sparsify
+    from _support.sae_formats import (
+        SAELENS_CASES,
+        write_gemma_scope,
+        write_saelens,
+        write_sparsify,
+    )
     from safetensors.torch import save_file
 
     from introspect import SparseAutoencoder, load_sae
 
     names = []
-    for arch, apply_b_dec, normalize in CASES:
+    for arch, apply_b_dec, normalize in SAELENS_CASES:
         name = f"{arch}-{int(apply_b_dec)}-{normalize}"
         write_saelens(
             folder / name,

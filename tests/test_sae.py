@@ -14,6 +14,7 @@ import pytest
 import torch
 from _support.models import FAMILIES
 from _support.sae_formats import (
+    SAELENS_CASES,
     write_dictionary_learning,
     write_gemma_scope,
     write_llama_scope,
@@ -79,18 +80,7 @@ def ref_saelens(
     return f, out
 
 
-@pytest.mark.parametrize(
-    ("architecture", "apply_b_dec", "normalize"),
-    [
-        ("standard", True, "none"),
-        ("standard", False, "constant_norm_rescale"),
-        ("jumprelu", True, "none"),
-        ("jumprelu", False, "layer_norm"),
-        ("gated", True, "none"),
-        ("topk", True, "none"),
-        ("topk", False, "constant_norm_rescale"),
-    ],
-)
+@pytest.mark.parametrize(("architecture", "apply_b_dec", "normalize"), SAELENS_CASES)
 def test_saelens_matches_its_documented_encode_and_decode(
     tmp_path: Path, architecture: str, apply_b_dec: bool, normalize: str
 ) -> None:

@@ -60,12 +60,26 @@ import torch
 from safetensors.torch import save_file
 
 __all__ = [
+    "SAELENS_CASES",
     "write_dictionary_learning",
     "write_gemma_scope",
     "write_llama_scope",
     "write_saelens",
     "write_sparsify",
 ]
+
+
+SAELENS_CASES = [
+    ("standard", True, "none"),
+    ("standard", False, "constant_norm_rescale"),
+    ("jumprelu", True, "none"),
+    ("jumprelu", False, "layer_norm"),
+    ("gated", True, "none"),
+    ("topk", True, "none"),
+    ("topk", False, "constant_norm_rescale"),
+]
+"""SAELens folders the tests and the sae-lens cross-check write: (architecture,
+apply_b_dec_to_input, normalize_activations), covering every architecture and normalisation."""
 
 
 def _rand(gen: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
