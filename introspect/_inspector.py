@@ -846,10 +846,16 @@ class Inspector:
         return splice(self, sae, at, error_term=error_term, sites=sites, **feature_edits)
 
     def evaluate_sae(
-        self, sae: SparseAutoencoder, inputs: Any, *, at: str | Locator | None = None
+        self,
+        sae: SparseAutoencoder,
+        inputs: Any,
+        *,
+        at: str | Locator | None = None,
+        skip_first: int = 0,
     ) -> SAEEvaluation:
         """CE and KL loss scores, L0, explained variance and dead latents of ``sae`` on
-        ``inputs`` (see :func:`introspect._sae.evaluate_sae`).
+        ``inputs``, leaving the first ``skip_first`` positions of each sequence alone (see
+        :func:`introspect._sae.evaluate_sae`).
 
         Example:
             >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -859,7 +865,7 @@ class Inspector:
             >>> Inspector(m.eval()).evaluate_sae(sae, torch.tensor([[1, 2, 3, 4]]), at="block[0]").tokens
             4
         """
-        return evaluate_sae(self, sae, inputs, at=at)
+        return evaluate_sae(self, sae, inputs, at=at, skip_first=skip_first)
 
     def __repr__(self) -> str:
         return (

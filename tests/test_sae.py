@@ -23,7 +23,15 @@ from _support.sae_formats import (
 )
 from torch import nn
 
-from introspect import Inspector, SAEError, SparseAutoencoder, evaluate_sae, load_sae, train_sae
+from introspect import (
+    ActivationDataset,
+    Inspector,
+    SAEError,
+    SparseAutoencoder,
+    evaluate_sae,
+    load_sae,
+    train_sae,
+)
 from introspect._sae import map_site, splice
 from introspect.testing import build_tiny
 
@@ -569,6 +577,58 @@ def test_evaluate_reports_the_documented_figures(
     assert "CE score" in str(result)
 
 
+def test_evaluate_skip_first_leaves_the_first_positions_alone(
+    llama: tuple[nn.Module, Inspector], tmp_path: Path
+) -> None:
+    """skip_first=2: positions 0 and 1 are neither spliced nor ablated nor counted."""
+    model, insp = llama
+    sae = _topk_sae(tmp_path)
+    result = evaluate_sae(insp, sae, IDS, skip_first=2)
+    with torch.no_grad(), insp.capture("block[1]") as cap:
+        clean = model(IDS).logits
+    h = cap["block[1]"].output
+
+    def replaced(fn: Any) -> torch.Tensor:
+        def edit(o: torch.Tensor, _: Any) -> torch.Tensor:
+            out = fn(o).to(o.dtype)
+            return torch.cat([o[:, :2], out[:, 2:]], dim=1)
+
+        handle = _block(model, 1).register_forward_hook(_replace_output(edit))
+        try:
+            return model(IDS).logits
+        finally:
+            handle.remove()
+
+    with torch.no_grad():
+        spliced, ablated = replaced(sae), replaced(torch.zeros_like)
+        x, xhat = h[:, 2:].flatten(0, 1).double(), sae(h)[:, 2:].flatten(0, 1).double()
+        f = sae.encode(h)[:, 2:].flatten(0, 1)
+
+    def ce(logits: torch.Tensor) -> float:
+        logp = logits[:, 2:-1].log_softmax(-1)
+        return float(-logp.gather(-1, IDS[:, 3:, None]).mean())
+
+    assert result.tokens == IDS.shape[0] * (IDS.shape[1] - 2)
+    assert result.ce_clean == pytest.approx(ce(clean), rel=1e-5)
+    assert result.ce_sae == pytest.approx(ce(spliced), rel=1e-5)
+    assert result.ce_ablate == pytest.approx(ce(ablated), rel=1e-5)
+    ev = 1 - ((x - xhat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert result.explained_variance == pytest.approx(float(ev), rel=1e-6)
+    assert result.l0 == pytest.approx(float((f != 0).sum(-1).float().mean()))
+    for bad in (-1, 1.5, True):
+        with pytest.raises(SAEError, match="skip_first must be") as exc:
+            evaluate_sae(insp, sae, IDS, skip_first=bad)
+        _one_line(exc)
+    left = torch.ones_like(IDS)
+    left[0, 0] = 0
+    with pytest.raises(SAEError, match="right-padded") as exc:
+        evaluate_sae(insp, sae, {"input_ids": IDS, "attention_mask": left}, skip_first=1)
+    _one_line(exc)
+    with pytest.raises(SAEError, match="after the first") as exc:
+        evaluate_sae(insp, sae, IDS, skip_first=IDS.shape[1])
+    _one_line(exc)
+
+
 # -- training -----------------------------------------------------------------------------------
 
 
@@ -621,6 +681,44 @@ def test_train_resumes_to_the_same_weights(
     assert 0 < result.l0 <= 4
     with pytest.raises(SAEError, match="other settings") as exc:
         train_sae(acts, out=tmp_path / "b", stop_after=1, **{**args, "k": 3, "steps": 9})
+    _one_line(exc)
+
+
+def test_train_skip_first_never_sees_the_first_positions(
+    extracted: tuple[Path, nn.Module, Inspector], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from introspect._sae import _train
+
+    acts, _, _ = extracted
+    seen: list[torch.Tensor] = []
+    step = _train._step
+
+    def spy(sae: Any, opt: Any, x: torch.Tensor, *rest: Any) -> Any:
+        seen.append(x.clone())
+        return step(sae, opt, x, *rest)
+
+    monkeypatch.setattr(_train, "_step", spy)
+    sae = train_sae(
+        acts,
+        out=tmp_path / "s",
+        at="block[1]",
+        k=4,
+        expansion=2,
+        batch_size=64,
+        steps=4,
+        skip_first=1,
+    )
+    assert sae.metadata["training"]["settings"]["skip_first"] == 1
+    ds = ActivationDataset(acts)
+    first = ds["block[1]"][:][ds.tokens.pos[:] == 0].float()
+    rows = torch.cat(seen)
+    assert len(seen) == 4 and len(first) == 40
+    # No row trained on is a document's first token (every first token's activation is the same
+    # vector on this model: the first token of each document is the same word).
+    assert not any(torch.equal(row, first[0]) for row in rows)
+    assert (rows.shape[0] < 4 * 64) and rows.shape[0] > 0
+    with pytest.raises(SAEError, match="skip_first must be") as exc:
+        train_sae(acts, out=tmp_path / "t", at="block[1]", k=4, expansion=2, skip_first=-1)
     _one_line(exc)
 
 

@@ -96,8 +96,10 @@ def _load_checkpoint(
     return state, tensors["since_fired"].clone()
 
 
-def _rows(batch: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+def _rows(batch: dict[str, torch.Tensor], key: str, skip_first: int = 0) -> torch.Tensor:
     x = batch[key]
+    if skip_first:
+        x = x[batch["pos"] >= skip_first]
     return (x.flatten(1) if x.dim() > 2 else x).float()
 
 
@@ -120,6 +122,7 @@ def train_sae(
     resume: bool = True,
     progress: bool = False,
     stop_after: int | None = None,
+    skip_first: int = 0,
 ) -> SparseAutoencoder:
     """Train a TopK SAE on the activations of ``at`` in the extraction folder ``dataset_dir``.
 
@@ -131,6 +134,13 @@ def train_sae(
     ``checkpoint_every`` steps; a rerun with the same settings resumes from the last one
     (``resume=False`` starts over). ``stop_after`` ends the run after that many steps of this
     call, as an interruption would (for tests and time limits).
+
+    ``skip_first=n`` trains on the tokens at positions ``n`` and later of each document only.
+    The first token of many models is an attention sink whose activation is orders of
+    magnitude larger than the rest (as on SmolLM2); it then dominates the reconstruction loss
+    and the decoder's bias. A batch keeps its ``batch_size`` rows before the filter, so it is
+    slightly smaller after it. Evaluate such an SAE with ``evaluate_sae(..., skip_first=n)``;
+    ``metadata["training"]["settings"]`` records it.
 
     Example:
         >>> import tempfile
@@ -150,6 +160,8 @@ def train_sae(
         d_sae = expansion * d_in
     if not 0 < k <= d_sae:
         raise SAEError(f"k must be in 1..d_sae ({d_sae}), got {k}")
+    if isinstance(skip_first, bool) or not isinstance(skip_first, int) or skip_first < 0:
+        raise SAEError(f"skip_first must be a whole number of positions >= 0, got {skip_first!r}")
     if batch_size < 1 or epochs < 1 or checkpoint_every < 1:
         raise SAEError("batch_size, epochs and checkpoint_every must be at least 1")
     rows = len(ds)
@@ -173,6 +185,7 @@ def train_sae(
         seed=seed,
         k_aux=k_aux,
         dead_after=dead_after,
+        **({"skip_first": skip_first} if skip_first else {}),
     )
     if resume and (folder / SAELENS_CONFIG).is_file():
         done = load_sae(folder)
@@ -200,7 +213,12 @@ def train_sae(
         w = torch.randn(d_sae, d_in, generator=generator)
         sae.W_dec.copy_(w / w.norm(dim=-1, keepdim=True))
         sae.W_enc.copy_(sae.W_dec.T)
-        sample = _rows(next(ds.batches(min(rows, 4 * batch_size), locators=[key])), key)
+        sample = _rows(next(ds.batches(min(rows, 4 * batch_size), locators=[key])), key, skip_first)
+        if not len(sample):
+            raise SAEError(
+                f"{dataset_dir}: no token of the first {min(rows, 4 * batch_size)} rows is at "
+                f"position {skip_first} or later (skip_first={skip_first})"
+            )
         sae.b_dec.copy_(sample.mean(0))
     opt = torch.optim.Adam(sae.parameters(), lr=lr, eps=6.25e-10)
     since_fired = torch.zeros(d_sae, dtype=torch.long)
@@ -220,6 +238,7 @@ def train_sae(
     tokens = 0
     step = start_step
     ran = 0
+    loss = fvu = aux = math.nan
     while step < total and (stop_after is None or ran < stop_after):
         epoch, skip = divmod(step, per_epoch)
         batches = ds.batches(
@@ -229,12 +248,15 @@ def train_sae(
             next(batches)  # the batches of this epoch a resumed run already did
         t_read = time.perf_counter()
         for batch in batches:
-            x = _rows(batch, key)
+            x = _rows(batch, key, skip_first)
             t_compute = time.perf_counter()
             read_s += t_compute - t_read
-            loss, fvu, aux, fired = _step(sae, opt, x, since_fired, k_aux, dead_after)
-            since_fired += x.shape[0]
-            since_fired[fired] = 0
+            if len(x) >= 2:
+                loss, fvu, aux, fired = _step(sae, opt, x, since_fired, k_aux, dead_after)
+                since_fired += x.shape[0]
+                since_fired[fired] = 0
+            # else: skip_first left (almost) nothing of this batch; it still counts as a step,
+            # so that a resumed run skips the same batches
             step += 1
             ran += 1
             tokens += x.shape[0]

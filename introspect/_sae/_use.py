@@ -8,6 +8,7 @@ threads and generation rules of every edit, and nothing here depends on the faca
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from torch import nn
 from introspect._errors import IntrospectError, SAEError
 from introspect._locators import Locator
 from introspect._sae._model import SparseAutoencoder
+from introspect._views import sae_evaluation_view, save_view
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -434,6 +436,22 @@ class SAEEvaluation:
             f"{self.explained_variance:.3f}; dead latents {self.dead}/{self.d_sae}"
         )
 
+    def _repr_html_(self) -> str:
+        return sae_evaluation_view(self).html()
+
+    def to_html(self, path: str | os.PathLike[str] | None = None, *, force: bool = False) -> str:
+        """The figures as a table of bars on one self-contained page, written atomically to
+        ``path`` when given (an existing file only with ``force``); returns the page. To
+        compare several SAEs on one page: ``sae_evaluation_view([a, b]).to_html(path)``.
+
+        Example:
+            >>> e = SAEEvaluation("block[1]", 40, 2.0, 2.2, 4.0, 0.9, 0.1, 1.0, 0.9, 12.0, 0.8,
+            ...                   3, 64)
+            >>> e.to_html().count('data-kind="sae-eval"')
+            1
+        """
+        return save_view(sae_evaluation_view(self), path, force=force)
+
 
 def _batches(inputs: Any) -> list[dict[str, torch.Tensor]]:
     if isinstance(inputs, torch.Tensor):
@@ -468,6 +486,7 @@ def evaluate_sae(
     inputs: Any,
     *,
     at: str | Locator | None = None,
+    skip_first: int = 0,
 ) -> SAEEvaluation:
     """CE and KL scores, L0, explained variance and dead latents of ``sae`` on ``inputs``.
 
@@ -476,6 +495,13 @@ def evaluate_sae(
     SAE spliced with its error term (the model's own logits, and the SAE's features and
     reconstruction), spliced without it, and with the site zero-ablated. Losses are next-token
     cross-entropies over real tokens; KL is ``KL(clean ‖ edited)`` per token, averaged.
+
+    ``skip_first=n`` leaves the first ``n`` positions of every sequence out: they are neither
+    spliced nor ablated, and no metric counts them (nor the predictions made from them). The
+    first token of many models is an attention sink whose activation is orders of magnitude
+    larger than the others'; an SAE trained without it (``train_sae(skip_first=1)``) is
+    measured on the tokens it was trained for. It needs unpadded or right-padded inputs (the
+    first positions of a left-padded row are padding, not its first tokens).
 
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -489,6 +515,18 @@ def evaluate_sae(
         (8, True, True)
     """
     loc = site_locator(insp, sae, at, splicing=True)
+    if isinstance(skip_first, bool) or not isinstance(skip_first, int) or skip_first < 0:
+        raise SAEError(f"skip_first must be a whole number of positions >= 0, got {skip_first!r}")
+    batches = _batches(inputs)
+    if skip_first:
+        for batch in batches:
+            mask = batch["attention_mask"]
+            if not bool(mask[:, :1].all()) and bool(mask.any()):
+                raise SAEError(
+                    "skip_first needs unpadded or right-padded inputs: a row of these inputs "
+                    "starts with padding, so its first positions are not its first tokens"
+                )
+    kept = slice(skip_first, None) if skip_first else None
     heads = sae.head_index
     totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_ablate": 0.0, "kl_sae": 0.0, "kl_ablate": 0.0}
     predicted = 0
@@ -500,16 +538,19 @@ def evaluate_sae(
     resid_sq = 0.0
     model = insp.model
     with torch.no_grad():
-        for batch in _batches(inputs):
-            with splice(insp, sae, loc, error_term=True) as sp:
+        for batch in batches:
+            if skip_first >= batch["input_ids"].shape[1]:
+                continue  # no position left to measure in this batch
+            with splice(insp, sae, loc, error_term=True, positions=kept) as sp:
                 clean = _logits(model(**batch))
             assert sp.sae_input is not None and sp.features is not None
             assert sp.reconstruction is not None
-            with splice(insp, sae, loc):
+            with splice(insp, sae, loc, positions=kept):
                 spliced = _logits(model(**batch))
-            with insp.ablate(loc, heads=heads):
+            with insp.ablate(loc, heads=heads, positions=kept):
                 ablated = _logits(model(**batch))
-            mask = batch["attention_mask"].bool()
+            mask = batch["attention_mask"].bool().clone()
+            mask[:, :skip_first] = False
             real = mask.to(sp.features.device)
             x = sp.sae_input[real].double()
             tokens += int(x.shape[0])
@@ -520,7 +561,7 @@ def evaluate_sae(
             sum_sq += float((x**2).sum())
             resid_sq += float(((x - sp.reconstruction[real].double()) ** 2).sum())
             ids = batch["input_ids"].to(clean.device)
-            pairs = (mask[:, :-1] & mask[:, 1:]).to(clean.device)
+            pairs = (mask[:, :-1] & batch["attention_mask"].bool()[:, 1:]).to(clean.device)
             targets = ids[:, 1:][pairs]
             log_clean = clean[:, :-1][pairs].log_softmax(-1)
             predicted += int(targets.numel())
@@ -531,7 +572,10 @@ def evaluate_sae(
                     kl = (log_clean.exp() * (log_clean - logp)).sum(-1)
                     totals["kl" + name[2:]] += float(kl.sum())
     if tokens == 0 or predicted == 0:
-        raise SAEError("evaluate_sae needs inputs with at least two real tokens in a sequence")
+        raise SAEError(
+            "evaluate_sae needs inputs with at least two real tokens in a sequence"
+            + (f" after the first {skip_first} (skip_first)" if skip_first else "")
+        )
     ce = {name: value / predicted for name, value in totals.items()}
     total_var = sum_sq - float((sum_x**2).sum()) / tokens
 
