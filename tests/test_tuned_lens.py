@@ -139,6 +139,23 @@ def test_training_lowers_held_out_kl_at_every_block(trained: Trained) -> None:
     assert headers[0] == "block" and [r[0] for r in rows] == held["rows"]
 
 
+def test_the_held_out_plot_draws_both_lenses_on_a_log_axis(
+    trained: Trained, tmp_path: Path
+) -> None:
+    held = trained.lens.metadata["training"]["held_out"]
+    fig = trained.lens.plot_held_out(tmp_path / "kl.png")
+    assert (tmp_path / "kl.png").stat().st_size > 0
+    (ax,) = fig.axes
+    assert ax.get_yscale() == "log"
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert sorted(lines) == ["logit lens", "tuned lens"]
+    for name, key in (("logit lens", "logit_lens"), ("tuned lens", "tuned_lens")):
+        kept = [v for v in held[key] if v > 0]
+        assert list(lines[name].get_ydata()) == pytest.approx(kept)
+    with pytest.raises(ValueError, match="no held-out evaluation"):
+        TunedLens(8, 2).plot_held_out()
+
+
 def test_held_out_kl_is_what_the_lens_reads_on_a_forward(trained: Trained) -> None:
     """The held-out figures, recomputed through the model: each held-out document's lens
     (plain and tuned) against the model's own logits, averaged over the same tokens."""
