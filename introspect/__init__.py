@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         real_token_positions,
     )
     from introspect._capture import Capture, Record
+    from introspect._circuits import FactoredMatrix, RotaryWarning
     from introspect._dataset import ActivationDataset
     from introspect._describe import describe
     from introspect._detect import DetectedAdapterWarning, detect_adapter
@@ -117,6 +118,7 @@ _EXPORTS: dict[str, str] = {
         "_batching",
     ),
     **dict.fromkeys(["Capture", "Record"], "_capture"),
+    **dict.fromkeys(["FactoredMatrix", "RotaryWarning"], "_circuits"),
     "ActivationDataset": "_dataset",
     "describe": "_describe",
     **dict.fromkeys(["DetectedAdapterWarning", "detect_adapter"], "_detect"),
@@ -198,6 +200,7 @@ __all__ = [
     "DetectedAdapterWarning",
     "ExtractionError",
     "FactError",
+    "FactoredMatrix",
     "HeadScores",
     "HeadSpec",
     "Inspector",
@@ -215,6 +218,7 @@ __all__ = [
     "PluginLoadError",
     "PluginWarning",
     "Record",
+    "RotaryWarning",
     "SAEError",
     "SAEEvaluation",
     "SparseAutoencoder",

@@ -16,6 +16,7 @@ from introspect._atp import attribution_patching
 from introspect._attribution import Attribution, direct_logit_attribution
 from introspect._batching import PaddingSide, Positions, check_positions, encode_batch
 from introspect._capture import Capture, Record, Target, Transform, capture_targets
+from introspect._circuits import FactoredMatrix, composition_scores, head_ov, head_qk
 from introspect._errors import CaptureError, InterventionError
 from introspect._headproof import FirstUse
 from introspect._heads import HEAD_AXIS, Heads, head_site
@@ -812,6 +813,53 @@ class Inspector:
             torch.Size([2, 3])
         """
         return attribution_patching(self, clean, corrupted, metric, **options)
+
+    # -- weight-based head circuits (introspect._circuits owns them) ------------------------------
+
+    def ov(self, block: int, head: int, *, fold_norm: bool = True) -> FactoredMatrix:
+        """Head ``head`` of ``block``: ``W_OV = W_V @ W_O`` ``[d_model, d_model]``, factored.
+
+        ``x @ ov.AB`` is what the head writes to the stream for value input ``x`` (row
+        vectors, biases ignored); ``fold_norm`` folds the gain of the norm the attention reads
+        into ``W_V``. Read from the model's own q/k/v and ``o`` (any projection layout, grouped
+        key/value heads included). See :mod:`introspect._circuits`.
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64))
+            >>> ov = Inspector(m.eval()).ov(1, 3)
+            >>> ov.shape, ov.inner_dim, len(ov.singular_values())
+            (torch.Size([32, 32]), 8, 8)
+        """
+        return head_ov(self, block, head, fold_norm=fold_norm)
+
+    def qk(self, block: int, head: int, *, fold_norm: bool = True) -> FactoredMatrix:
+        """Head ``head`` of ``block``: ``W_QK = W_Q @ W_K.T`` ``[d_model, d_model]``, factored.
+
+        ``x_q @ qk.AB @ x_k`` is ``q · k`` before the attention's scaling, mask and position
+        bias. On rotary models it is the form before the rotation (relative position 0), and a
+        :class:`~introspect._circuits.RotaryWarning` says so. See :mod:`introspect._circuits`.
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64))
+            >>> Inspector(m.eval()).qk(0, -1, fold_norm=False).rank
+            8
+        """
+        return head_qk(self, block, head, fold_norm=fold_norm, stacklevel=3)
+
+    def composition_scores(self, kind: str, *, fold_norm: bool = True) -> torch.Tensor:
+        """Q-, K- or V-composition (``kind``) of every earlier head with every later one,
+        ``[blocks, heads, blocks, heads]`` (0 unless the second block is later), as
+        TransformerLens's ``all_composition_scores``. See :mod:`introspect._circuits`.
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> m = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=64))
+            >>> Inspector(m.eval()).composition_scores("K").shape
+            torch.Size([3, 4, 3, 4])
+        """
+        return composition_scores(self, kind, fold_norm=fold_norm, stacklevel=3)
 
     # -- sparse autoencoders ----------------------------------------------------------------------
 
