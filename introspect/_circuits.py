@@ -54,6 +54,9 @@ OPT with ``do_layer_norm_before=False``) there is nothing to fold. ``W_O`` is ne
 centres it; this does not). ``fold_norm=False``: the input space is what the attention module
 receives.
 
+The blocks are those of the main stack (``block[i]``: the decoder's on BART and T5)
+and the heads those of its self-attention part ``attn`` (cross-attention is not offered).
+
 Composition scores (:func:`composition_scores`) are TransformerLens's
 ``all_composition_scores``: for an earlier head ``(a, h)`` and a later one ``(b, g)``,
 ``‖W_OV[a,h] @ M[b,g]‖_F / (‖W_OV[a,h]‖_F ‖M[b,g]‖_F)`` with ``M = W_QK`` (Q-composition),
@@ -810,6 +813,8 @@ def composition_scores(
     (``"K"``) or value (``"V"``) reads what the earlier head ``(a, h)`` writes:
     ``‖W_OV[a,h] @ M‖_F / (‖W_OV[a,h]‖_F ‖M‖_F)`` with ``M`` = ``W_QK[b,g]``, ``W_QK[b,g].T``
     or ``W_OV[b,g]`` (TransformerLens's ``all_composition_scores``); 0 unless ``a < b``.
+    Every block needs heads, of one count (a hybrid's blocks without attention are refused
+    with the reason).
 
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
