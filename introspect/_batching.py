@@ -74,6 +74,14 @@ _COMPUTED_POSITIONS = ("rope_parameters", "rope_theta", "rope_scaling", "rotary_
 
 _HEAD_COUNTS = ("num_attention_heads", "n_head", "n_heads", "num_heads")
 
+_PADDING_OFFSET_POSITIONS = frozenset(
+    {"roberta", "xlm-roberta", "camembert", "roberta-prelayernorm", "data2vec-text"}
+)
+"""Model types whose position ids start after the padding index (``pad_token_id + 1``, as
+fairseq numbered them): the first ``pad_token_id + 1`` rows of their table are never a real
+token's, so ``max_position_embeddings`` 514 runs 512 tokens (tests/test_batching.py runs each
+at its limit and one past it)."""
+
 
 def _config_of(model_or_config: Any) -> Any:
     config = getattr(model_or_config, "config", model_or_config)
@@ -128,7 +136,8 @@ def max_positions(model_or_config: Any) -> int | None:
     So GPT-2, OPT, GPT-Neo, BERT and BART (learned tables), GPT-J and CodeGen (a rotary table
     computed once, of that many rows) and MPT (an ALiBi bias built to that length) have a
     maximum; models that state no length (BLOOM's ALiBi, T5's relative buckets, Mamba) have
-    none.
+    none. RoBERTa and its kin number positions from ``pad_token_id + 1``, so their maximum is
+    that much below the table's length (514 rows: 512 tokens).
 
     Example:
         >>> from transformers import GPT2Config, LlamaConfig
@@ -143,6 +152,9 @@ def max_positions(model_or_config: Any) -> int | None:
         return None
     if not any(_length_in(config, name) for name in _HEAD_COUNTS):
         return None
+    if getattr(config, "model_type", None) in _PADDING_OFFSET_POSITIONS:
+        pad = getattr(config, "pad_token_id", None)
+        length -= (pad if isinstance(pad, int) and pad >= 0 else 0) + 1
     return length
 
 

@@ -16,6 +16,7 @@ from introspect import (
     position_ids_from_mask,
     real_token_positions,
 )
+from introspect._batching import _PADDING_OFFSET_POSITIONS
 
 # Tolerance: a padded batch runs the same maths on differently shaped matrices, so results may
 # differ from the lone run in the last float32 bits.
@@ -184,3 +185,30 @@ def test_max_positions_only_where_a_longer_sequence_fails() -> None:
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=16))
     assert max_positions(gpt2) == 16
     assert max_positions(nn.Linear(2, 2)) is None
+
+
+@pytest.mark.parametrize("model_type", sorted(_PADDING_OFFSET_POSITIONS))
+def test_padding_offset_positions_run_to_their_maximum_and_no_further(model_type: str) -> None:
+    """RoBERTa's kin number positions from pad_token_id + 1: each runs max_positions tokens,
+    and one more fails in Hugging Face's own forward."""
+    from transformers import AutoConfig, AutoModel
+
+    from introspect._batching import max_positions
+
+    config = AutoConfig.for_model(
+        model_type,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=50,
+        max_position_embeddings=16,
+        pad_token_id=1,
+    )
+    model = AutoModel.from_config(config).eval()
+    limit = max_positions(config)
+    assert limit == 14
+    with torch.no_grad():
+        model(torch.full((1, limit), 5))
+        with pytest.raises((IndexError, RuntimeError)):
+            model(torch.full((1, limit + 1), 5))
