@@ -510,7 +510,7 @@ def head_scores(
     }
     per_block: list[torch.Tensor] = []
     with torch.no_grad():
-        with insp.capture(*locs, detach=True) as cap:
+        with insp.capture(*locs, detach=True, stop=True) as cap:  # no head, no later block
             insp.model(**inputs)
         for loc in locs:
             per_block.append(_score(cap[str(loc)].output, name, length, offset))
