@@ -39,7 +39,7 @@ import math
 import os
 import textwrap
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,11 +56,19 @@ from introspect._heads import (
 )
 from introspect._lens import _save_atomically
 from introspect._locators import Locator
+from introspect._views import patching_view, save_view
 
 if TYPE_CHECKING:
     from introspect._view import Analysable
 
-__all__ = ["Agreement", "attribution_patching", "patching_agreement", "plot_patching"]
+__all__ = [
+    "Agreement",
+    "PatchingResult",
+    "attribution_patching",
+    "patching_agreement",
+    "patching_result",
+    "plot_patching",
+]
 
 _CHUNK = 1 << 24
 """How many score entries the key fix computes at once (a bound on its memory)."""
@@ -556,6 +564,188 @@ def _unravel(index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
         out.append(index % size)
         index //= size
     return tuple(reversed(out))
+
+
+# -- a table with its labels: the interactive view ------------------------------------------------
+
+
+@dataclass
+class PatchingResult:
+    """A patching table with what its axes mean, for the interactive view and for JSON.
+
+    ``values`` is what :meth:`~introspect.Inspector.patching_sweep` or
+    :func:`attribution_patching` returned: ``[locators, positions]``; with heads
+    ``[locators, heads]`` (``positions`` None: every position patched at once) or
+    ``[locators, heads, positions]``. ``tokens`` are the prompt's tokens (they label the
+    positions), ``method`` names how the table was computed, ``metric`` what it measures.
+    ``exact``, when given, is the exact table of the same shape: the view draws it beside the
+    estimate on one scale. :func:`patching_result` fills the labels from the sweep's arguments.
+
+    Example:
+        >>> table = PatchingResult(torch.tensor([[0.5, -1.0], [0.0, 2.0]]),
+        ...                        ["block[0]", "block[1]"], [0, 1], tokens=["a", "b"])
+        >>> table.to_dict()["values"], table.to_html().count('data-kind="patching"')
+        ([[0.5, -1.0], [0.0, 2.0]], 1)
+    """
+
+    values: torch.Tensor
+    locators: list[str]
+    positions: list[int] | None
+    heads: list[int] | None = None
+    tokens: list[str] = field(default_factory=list)
+    method: str = "activation patching"
+    metric: str = "the metric"
+    model: str = ""
+    exact: torch.Tensor | None = None
+
+    def agreement(self, top: int = 10) -> Agreement:
+        """How well this table agrees with :attr:`exact` (:func:`patching_agreement`).
+
+        Example:
+            >>> exact = torch.tensor([[1.0, -2.0], [0.5, 0.0]])
+            >>> PatchingResult(exact * 0.9, ["embed", "block[0]"], [0, 1], exact=exact,
+            ...                method="AtP").agreement(top=2).overlap
+            2
+        """
+        if self.exact is None:
+            raise InterventionError(
+                "this table holds no exact table to agree with: build it with exact= (the "
+                "patching_sweep of the same arguments)"
+            )
+        return patching_agreement(self.values, self.exact, top=top)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data: the labels, the table, the exact table and their agreement.
+
+        Example:
+            >>> t = PatchingResult(torch.tensor([[1.0]]), ["block[0]"], None, heads=[0])
+            >>> t.to_dict()["heads"], t.to_dict()["agreement"]
+            ([0], None)
+        """
+        return {
+            "model": self.model,
+            "method": self.method,
+            "metric": self.metric,
+            "locators": list(self.locators),
+            "positions": None if self.positions is None else list(self.positions),
+            "heads": None if self.heads is None else list(self.heads),
+            "tokens": list(self.tokens),
+            "values": self.values.tolist(),
+            "exact": None if self.exact is None else self.exact.tolist(),
+            "agreement": None if self.exact is None else self.agreement().to_dict(),
+        }
+
+    def _repr_html_(self) -> str:
+        return patching_view(self).html()
+
+    def to_html(self, path: str | os.PathLike[str] | None = None, *, force: bool = False) -> str:
+        """The interactive table (the exact one beside it when held) as one self-contained
+        page, written atomically to ``path`` when given (an existing file only with
+        ``force``); returns the page.
+
+        Example:
+            >>> t = PatchingResult(torch.tensor([[1.0, -1.0]]), ["block[0]"], [0, 1])
+            >>> t.to_html().startswith("<!doctype html>")
+            True
+        """
+        return save_view(patching_view(self), path, force=force)
+
+    def __repr__(self) -> str:
+        beside = ", exact beside" if self.exact is not None else ""
+        return (
+            f"PatchingResult({self.method}, {list(self.values.shape)} over "
+            f"{len(self.locators)} locators{beside})"
+        )
+
+
+def patching_result(
+    insp: Analysable,
+    values: torch.Tensor,
+    *,
+    locators: str | Sequence[str] = "block[:]",
+    positions: Sequence[int] | None = None,
+    heads: str | None = None,
+    tokens: Sequence[str] | None = None,
+    method: str | None = None,
+    metric: str = "the metric",
+    model: str | None = None,
+    exact: torch.Tensor | None = None,
+) -> PatchingResult:
+    """Label a patching table with the arguments it was computed with (``locators``,
+    ``positions``, ``heads`` as given to :meth:`~introspect.Inspector.patching_sweep` or
+    :func:`attribution_patching`), for its interactive view.
+
+    ``tokens`` label the positions (the clean prompt's tokens); ``method`` names the table
+    (default: ``"activation patching"``, or ``"attribution patching"`` when ``exact`` is
+    given); ``model`` names the model (default: its ``name_or_path``). A table whose shape
+    does not follow from the arguments is refused, in one line.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> from introspect import Inspector, logit_difference
+        >>> cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64)
+        >>> insp = Inspector(GPT2LMHeadModel(cfg).eval())
+        >>> clean = {"input_ids": torch.tensor([[1, 2, 3]])}
+        >>> corrupted = {"input_ids": torch.tensor([[4, 2, 3]])}
+        >>> table = insp.patching_sweep(clean, corrupted, logit_difference(5, 6))
+        >>> labelled = patching_result(insp, table, tokens=["a", "b", "c"])
+        >>> labelled.locators, labelled.positions
+        (['block[0]', 'block[1]'], [0, 1, 2])
+    """
+    if heads not in (None, "each"):
+        raise InterventionError(f"heads= takes 'each' (one head at a time) or None, got {heads!r}")
+    if not isinstance(values, torch.Tensor):
+        raise InterventionError(
+            f"values must be the table patching_sweep or attribution_patching returned (a "
+            f"tensor), got {type(values).__name__}"
+        )
+    names = [str(loc) for loc in insp.expand([locators] if isinstance(locators, str) else locators)]
+    words = list(tokens) if tokens is not None else []
+    dims = 3 if heads == "each" and positions is not None else 2
+    if values.dim() != dims or values.shape[0] != len(names):
+        axes = (
+            "locators x heads x positions"
+            if dims == 3
+            else ("locators x heads" if heads == "each" else "locators x positions")
+        )
+        raise InterventionError(
+            f"a table of shape {list(values.shape)} is not [{axes}] for {len(names)} locators: "
+            "pass the locators, positions and heads it was computed with"
+        )
+    chosen_positions = None
+    if heads != "each" or positions is not None:
+        where = list(range(values.shape[-1])) if positions is None else [int(p) for p in positions]
+        if len(where) != values.shape[-1]:
+            raise InterventionError(
+                f"{len(where)} positions for a table of {values.shape[-1]} columns: pass the "
+                "positions it was computed with"
+            )
+        n = len(words)
+        bad = [p for p in where if not -n <= p < n]
+        if words and bad:
+            raise InterventionError(
+                f"position {bad[0]} is out of range for {n} tokens (use {-n}..{n - 1})"
+            )
+        chosen_positions = [p % n for p in where] if words else where
+    if exact is not None and (not isinstance(exact, torch.Tensor) or exact.shape != values.shape):
+        got = list(exact.shape) if isinstance(exact, torch.Tensor) else type(exact).__name__
+        raise InterventionError(
+            f"exact must be the exact table of the same shape {list(values.shape)}, got {got}: "
+            "compute both with the same arguments"
+        )
+    config = getattr(insp.model, "config", None)
+    named = getattr(config, "name_or_path", "") or ""
+    return PatchingResult(
+        values=values.detach().float().cpu(),
+        locators=names,
+        positions=chosen_positions,
+        heads=list(range(values.shape[1])) if heads == "each" else None,
+        tokens=words,
+        method=method or ("attribution patching" if exact is not None else "activation patching"),
+        metric=metric,
+        model=model or (named if isinstance(named, str) else "") or type(insp.model).__name__,
+        exact=None if exact is None else exact.detach().float().cpu(),
+    )
 
 
 # -- the picture -----------------------------------------------------------------------------------

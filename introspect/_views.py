@@ -6,8 +6,12 @@ the top-k on hover, the targets' ranks), :func:`attention_view` (one or more
 :class:`~introspect.AttentionPatterns`: a head or all heads of a block, query rows and key
 columns on hover, a token strip coloured by attention), :func:`head_scores_view` (a
 :class:`~introspect.HeadScores` grid; a click opens the head's pattern when patterns are
-given) and :func:`attribution_view` (an :class:`~introspect.Attribution` as sorted bars that sum
-to the logit). :func:`report_page` composes several views under one header.
+given), :func:`attribution_view` (an :class:`~introspect.Attribution` as sorted bars that sum
+to the logit), :func:`patching_view` (a patching table, exact or estimated, on a diverging scale
+centred at 0; an estimate beside the exact table), :func:`sae_evaluation_view` (CE and KL
+scores, L0, explained variance and dead latents of one SAE or several) and
+:func:`sae_features_view` (an SAE's top latents per token). :func:`report_page` composes several
+views under one header.
 
 A view is data (the numbers, as compact JSON in the page) and a small script written for this
 project that draws it in the browser: no request of any kind leaves the page (its content
@@ -63,8 +67,12 @@ __all__ = [
     "head_scores_view",
     "lens_view",
     "page_bytes",
+    "patching_view",
     "report_header",
     "report_page",
+    "sae_evaluation_view",
+    "sae_features_view",
+    "save_view",
     "visible",
     "write_page",
 ]
@@ -78,6 +86,9 @@ SCALE = 1 / 255
 _SHOWN_BARS = 20
 _BLOCK = re.compile(r"^block\[(\d+)\]$")
 _COMPONENT = re.compile(r"^block\[(\d+)\]\.(attn|mlp)(?:\.head\[(\d+)\])?$")
+_SITE_BLOCK = re.compile(r"^(?:[a-z_]+\.)?block\[(\d+)\]")
+_CELLS_LABELLED = 600
+"""Up to this many cells a grid writes each value in its cell; beyond, hover shows it."""
 _QUANTISED = (
     "attention weights are stored as 8-bit integers (weight = byte \u00d7 1/255, within 0.002 of "
     "the model's value)"
@@ -157,6 +168,80 @@ class AttributionLike(Protocol):
     def max_diff(self) -> float: ...
 
 
+class PatchingLike(Protocol):
+    """What :func:`patching_view` reads of a patching table (``PatchingResult`` is one)."""
+
+    @property
+    def values(self) -> torch.Tensor: ...
+    @property
+    def locators(self) -> list[str]: ...
+    @property
+    def positions(self) -> list[int] | None: ...
+    @property
+    def heads(self) -> list[int] | None: ...
+    @property
+    def tokens(self) -> list[str]: ...
+    @property
+    def method(self) -> str: ...
+    @property
+    def metric(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def exact(self) -> torch.Tensor | None: ...
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class SAEEvaluationLike(Protocol):
+    """What :func:`sae_evaluation_view` reads of an ``evaluate_sae`` result."""
+
+    @property
+    def at(self) -> str: ...
+    @property
+    def tokens(self) -> int: ...
+    @property
+    def ce_clean(self) -> float: ...
+    @property
+    def ce_sae(self) -> float: ...
+    @property
+    def ce_ablate(self) -> float: ...
+    @property
+    def ce_score(self) -> float: ...
+    @property
+    def kl_sae(self) -> float: ...
+    @property
+    def kl_ablate(self) -> float: ...
+    @property
+    def kl_score(self) -> float: ...
+    @property
+    def l0(self) -> float: ...
+    @property
+    def explained_variance(self) -> float: ...
+    @property
+    def dead(self) -> int: ...
+    @property
+    def d_sae(self) -> int: ...
+
+
+class SAEFeaturesLike(Protocol):
+    """What :func:`sae_features_view` reads of an SAE's top latents per token."""
+
+    @property
+    def at(self) -> str: ...
+    @property
+    def tokens(self) -> list[str]: ...
+    @property
+    def top_ids(self) -> torch.Tensor: ...
+    @property
+    def top_values(self) -> torch.Tensor: ...
+    @property
+    def latents(self) -> list[int]: ...
+    @property
+    def activations(self) -> torch.Tensor: ...
+    @property
+    def d_sae(self) -> int: ...
+
+
 def visible(token: str, width: int = 0) -> str:
     """A token as a view shows it: each space as ``␣``, what would not print escaped.
 
@@ -180,6 +265,18 @@ def _number(value: float) -> float | None:
     if math.isnan(value):
         return None
     return float(f"{value:.4g}")
+
+
+def _full(value: float) -> float | None:
+    """A float32 value as a page stores it where it prints three decimals whatever the
+    magnitude (a patching table, activations): seven significant digits, a float32's
+    precision (``None`` for NaN or infinity)."""
+    return float(f"{value:.7g}") if math.isfinite(value) else None
+
+
+def _finite(value: float) -> float | None:
+    """A float with every digit (``None`` for NaN or infinity)."""
+    return value if math.isfinite(value) else None
 
 
 def _new_id() -> str:
@@ -570,6 +667,240 @@ def attribution_view(
     return View("dla", title or f"direct logit attribution: {visible(text)}", payload, note)
 
 
+def _block_of(locator: str) -> int | None:
+    found = _SITE_BLOCK.match(locator)
+    return int(found.group(1)) if found else None
+
+
+def patching_view(result: PatchingLike, *, title: str | None = None) -> View:
+    """A patching table as a grid on a diverging scale centred at 0, with its legend.
+
+    Rows are the locators; columns are positions (with their tokens) or, with ``heads``,
+    heads; a table of locators x heads x positions is drawn as small multiples, one grid per
+    head. Blue cells raise the metric, red ones lower it, on one scale for every grid. When
+    the result holds the exact table beside an estimate (``exact``), both are drawn side by
+    side on that one scale, and hovering a cell lights it in both and shows both values and
+    their difference (the note gives their agreement).
+
+    Example:
+        >>> import torch
+        >>> from introspect._atp import PatchingResult
+        >>> table = PatchingResult(torch.tensor([[0.5, -1.0], [0.0, 2.0]]),
+        ...                        ["block[0]", "block[1]"], [0, 1], tokens=["a", "b"])
+        >>> view = patching_view(table)
+        >>> view.payload["values"], view.payload["scale"]
+        ([0.5, -1.0, 0.0, 2.0], 2.0)
+    """
+    rows = list(result.locators)
+    heads, positions = result.heads, result.positions
+    panels: list[int | None]
+    if heads is not None and positions is not None:
+        panels, columns, axis = list(heads), list(positions), "position"
+        shape: tuple[int, ...] = (len(rows), len(panels), len(columns))
+    elif heads is not None:
+        panels, columns, axis = [None], list(heads), "head"
+        shape = (len(rows), len(columns))
+    else:
+        panels, columns, axis = [None], list(positions or []), "position"
+        shape = (len(rows), len(columns))
+    if not rows or not columns or not panels:
+        raise ViewError(
+            f"this patching table is empty ({len(rows)} locators x {len(columns)} {axis}s): "
+            "nothing to draw; patch at least one locator at one position or head"
+        )
+    tables = [(result.method, result.values)]
+    if result.exact is not None:
+        tables.append(("exact patching", result.exact))
+    flat: list[float | None] = []
+    for name, table in tables:
+        if tuple(table.shape) != shape:
+            raise ViewError(
+                f"the {name} table is {list(table.shape)}, not {list(shape)} "
+                f"({len(rows)} locators{' x heads' if heads is not None else ''}"
+                f"{' x positions' if axis == 'position' else ''}): label it as it was computed"
+            )
+        grid = table.detach().double().cpu()
+        grid = grid.permute(1, 0, 2) if grid.dim() == 3 else grid.unsqueeze(0)
+        flat.extend(_full(float(v)) for v in grid.flatten().tolist())
+    scale = max((abs(v) for v in flat if v is not None), default=0.0) or 1.0
+    metric = result.metric or "the metric"
+    payload = {
+        "kind": "patching",
+        "title": f"{result.method} of {metric}",
+        "tables": [name for name, _ in tables],
+        "rows": rows,
+        "blocks": [_block_of(row) for row in rows],
+        "axis": axis,
+        "columns": [int(c) for c in columns],
+        "panels": panels,
+        "tokens": list(result.tokens),
+        "values": flat,
+        "scale": scale,
+    }
+    site = "head" if heads is not None and axis == "head" else "site"
+    note = (
+        f"Each cell: how much {metric} changes when that {site} of the corrupted run takes its "
+        f"value from the clean run ({result.method}). Blue raises it, red lowers it, on one "
+        f"scale for every grid (|value| up to {scale:.3g})."
+    )
+    agreement = result.to_dict().get("agreement")
+    if agreement:
+        pearson, spearman = agreement.get("pearson"), agreement.get("spearman")
+        note += (
+            f" {result.method} against exact patching over {agreement['cells']} cells: Pearson "
+            f"{'n/a' if pearson is None else f'{pearson:.3f}'}, Spearman "
+            f"{'n/a' if spearman is None else f'{spearman:.3f}'}; of the exact top "
+            f"{agreement['top']}, {agreement['overlap']} are in the estimate's top "
+            f"{agreement['top']}."
+        )
+    named = [x for x in (result.model, result.metric) if x and x != "the metric"]
+    heading = title or result.method + (f": {', '.join(named)}" if named else "")
+    return View("patching", heading, payload, note)
+
+
+_SAE_METRICS = (
+    (
+        "ceScore",
+        "CE score",
+        "score",
+        "(CE zero-ablated \u2212 CE spliced) / (CE zero-ablated \u2212 CE clean): 1 is the "
+        "model's own loss, 0 zero ablation's",
+    ),
+    ("klScore", "KL score", "score", "(KL zero-ablated \u2212 KL spliced) / KL zero-ablated"),
+    (
+        "explainedVariance",
+        "explained variance",
+        "score",
+        "1 \u2212 \u03a3\u2016x \u2212 x\u0302\u2016\u00b2 / \u03a3\u2016x \u2212 x\u0304\u2016\u00b2 over the tokens",
+    ),
+    ("l0", "L0", "count", "mean number of non-zero latents per token"),
+    ("dead", "dead latents", "dead", "latents that never fired on these tokens"),
+)
+
+
+def sae_evaluation_view(
+    evaluations: SAEEvaluationLike | Sequence[SAEEvaluationLike],
+    *,
+    names: Sequence[str] | None = None,
+    title: str | None = None,
+) -> View:
+    """One SAE's evaluation, or several side by side: a row per SAE, a bar per figure.
+
+    The CE score, KL score and explained variance are drawn as bars on 0..1 (1 is best), L0
+    against the largest L0 shown and the dead latents as a share of ``d_sae``; hovering a
+    row shows the losses behind the scores. ``names`` label the rows (default: each SAE's
+    site and width).
+
+    Example:
+        >>> from introspect import SAEEvaluation
+        >>> e = SAEEvaluation("block[1]", 40, 2.0, 2.2, 4.0, 0.9, 0.1, 1.0, 0.9, 12.0, 0.8, 3, 64)
+        >>> view = sae_evaluation_view(e)
+        >>> view.payload["rows"][0]["values"]["ceScore"], view.payload["rows"][0]["block"]
+        (0.9, 1)
+    """
+    found = [evaluations] if not isinstance(evaluations, Sequence) else list(evaluations)
+    if not found:
+        raise ViewError("no SAE evaluation to draw: pass one evaluate_sae result or several")
+    labels = list(names) if names is not None else [f"{e.at} (d_sae {e.d_sae})" for e in found]
+    if names is None and len(set(labels)) < len(labels):
+        labels = [f"{label} #{n}" for n, label in enumerate(labels, start=1)]
+    if len(labels) != len(found):
+        raise ViewError(
+            f"{len(labels)} names for {len(found)} evaluations: give one name per evaluation"
+        )
+    rows = []
+    for label, e in zip(labels, found, strict=True):
+        rows.append(
+            {
+                "name": label,
+                "at": e.at,
+                "block": _block_of(e.at),
+                "tokens": int(e.tokens),
+                "dSae": int(e.d_sae),
+                "values": {
+                    "ceScore": _finite(float(e.ce_score)),
+                    "klScore": _finite(float(e.kl_score)),
+                    "explainedVariance": _finite(float(e.explained_variance)),
+                    "l0": _finite(float(e.l0)),
+                    "dead": int(e.dead),
+                },
+                "ce": [_finite(float(v)) for v in (e.ce_clean, e.ce_sae, e.ce_ablate)],
+                "kl": [_finite(float(v)) for v in (e.kl_sae, e.kl_ablate)],
+            }
+        )
+    payload = {
+        "kind": "sae-eval",
+        "title": "SAE evaluation",
+        "metrics": [
+            {"key": key, "name": name, "bar": bar, "means": means}
+            for key, name, bar, means in _SAE_METRICS
+        ],
+        "rows": rows,
+    }
+    note = (
+        "Scores as bars on 0..1 (1 is best; CE and KL scores compare the spliced model with "
+        "the model itself and with the site zero-ablated), L0 against the largest shown, dead "
+        "latents as a share of d_sae. Hover a row for the losses behind its scores."
+    )
+    which = found[0].at if len(found) == 1 else f"{len(found)} SAEs"
+    return View("sae-eval", title or f"SAE evaluation: {which}", payload, note)
+
+
+def sae_features_view(features: SAEFeaturesLike, *, title: str | None = None) -> View:
+    """An SAE's top latents per token: a token strip and, per token, its top latents.
+
+    Hover a token for its top latents (bars by activation); hover a latent to shade every
+    token by that latent's activation (relative to its largest on these tokens).
+
+    Example:
+        >>> import torch
+        >>> from introspect._sae._features import top_features
+        >>> f = torch.zeros(3, 16)
+        >>> f[0, 4], f[2, 4], f[2, 9] = 1.0, 0.5, 2.0
+        >>> view = sae_features_view(top_features(f, k=2, tokens=["a", " b", " c"]))
+        >>> view.payload["top"][2], view.payload["latents"]
+        ([[9, 2.0], [4, 0.5]], [4, 9])
+    """
+    tokens = list(features.tokens)
+    n = len(tokens)
+    ids, values = features.top_ids, features.top_values
+    if n == 0 or ids.numel() == 0 or not features.latents:
+        raise ViewError(
+            f"these SAE features are empty ({n} tokens, {len(features.latents)} latents that "
+            "fired): nothing to draw; run the model on some tokens inside the splice"
+        )
+    if tuple(ids.shape[:1]) != (n,) or ids.shape != values.shape:
+        raise ViewError(
+            f"top latents of shape {list(ids.shape)} do not match {n} tokens: one row per token"
+        )
+    top = [
+        [[int(i), _full(float(v))] for i, v in zip(row_ids, row_values, strict=True) if v != 0]
+        for row_ids, row_values in zip(ids.tolist(), values.tolist(), strict=True)
+    ]
+    acts = features.activations.detach().double().cpu()
+    if tuple(acts.shape) != (len(features.latents), n):
+        raise ViewError(
+            f"activations of shape {list(acts.shape)} are not [latents, tokens] = "
+            f"[{len(features.latents)}, {n}]"
+        )
+    payload = {
+        "kind": "sae-features",
+        "title": f"top SAE latents at {features.at}",
+        "at": features.at,
+        "block": _block_of(features.at),
+        "tokens": tokens,
+        "latents": [int(f) for f in features.latents],
+        "acts": [_full(float(v)) for v in acts.flatten().tolist()],
+        "top": top,
+        "dSae": int(features.d_sae),
+    }
+    note = (
+        f"The SAE at {features.at} ({features.d_sae} latents). Hover a token for its top "
+        "latents; hover a latent to shade every token by its activation."
+    )
+    return View("sae-features", title or f"SAE latents per token: {features.at}", payload, note)
+
+
 def page_bytes(num_blocks: int, num_heads: int, num_tokens: int, k: int = 5) -> int:
     """About how many bytes a report of this size takes (attention of every block and head,
     the lens, the script).
@@ -742,6 +1073,32 @@ def write_page(path: str | os.PathLike[str], page: str, *, overwrite: bool = Tru
     return target
 
 
+def save_view(
+    view: View, path: str | os.PathLike[str] | None = None, *, force: bool = False
+) -> str:
+    """The view as a page; written to ``path`` (atomically) when given, refusing an existing
+    file unless ``force``. The results' ``to_html(path, force=...)`` call this.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from introspect import Attribution
+        >>> a = Attribution(["embed", "bias"], torch.tensor([1.0, 0.5]), 1.5, 7, -1, 0.0)
+        >>> target = Path(tempfile.mkdtemp()) / "dla.html"
+        >>> page = save_view(attribution_view(a), target)
+        >>> save_view(attribution_view(a), target)
+        Traceback (most recent call last):
+        ...
+        introspect._errors.ViewError: ... exists: give another path, or force=True to replace it
+    """
+    page = view.page()
+    if path is not None:
+        target = Path(path)
+        if target.exists() and not target.is_dir() and not force:
+            raise ViewError(f"{target} exists: give another path, or force=True to replace it")
+        write_page(target, page)
+    return page
+
+
 _PAGE_CSS = (
     "body{margin:0;padding:12px 16px;background:#fff;color:#1f2328}"
     "@media (prefers-color-scheme:dark){body{background:#0d1117;color:#e6edf3}}"
@@ -814,12 +1171,21 @@ CSS = """.iv-view{--iv-fg:var(--jp-ui-font-color0,var(--vscode-editor-foreground
 .iv-pos{background:rgba(var(--iv-pos),.85)}
 .iv-neg{background:rgba(var(--iv-neg),.85)}
 .iv-bar-label{text-align:right;font-size:11px}
+.iv-diverging{background:linear-gradient(90deg,rgba(var(--iv-neg),1),rgba(var(--iv-neg),0) 50%,rgba(var(--iv-pos),0) 50%,rgba(var(--iv-pos),1))}
+.iv-pair{display:flex;gap:1em;flex-wrap:wrap;align-items:flex-start}
+.iv-caption{caption-side:top;text-align:left;font-weight:bold;font-size:11px;padding-bottom:2px}
+.iv-patch{cursor:default}
+.iv-metric{text-align:left!important;min-width:9em;max-width:none}
+.iv-metric-track{display:inline-block;width:5em;margin-right:.4em;vertical-align:middle;background:var(--iv-masked)}
+.iv-features{margin:0;padding-left:1.6em}
+.iv-features li{display:flex;gap:.4em;align-items:center;cursor:default}
+.iv-features li.iv-on code{color:var(--iv-mark);font-weight:bold}
 .iv-error{color:#d1242f;font-weight:bold}"""
 """The views' style: colours from the notebook's theme where it has one, light and dark."""
 
 SCRIPT = r"""(function () {
   "use strict";
-  var VERSION = 1;
+  var VERSION = 2;
   if (window.introspectViews && window.introspectViews.version >= VERSION) return;
   var IV = { version: VERSION, views: {}, errors: [] };
   window.introspectViews = IV;
@@ -1280,7 +1646,260 @@ SCRIPT = r"""(function () {
     return { select: select, state: state };
   }
 
-  var KINDS = { lens: lens, attention: attention, heads: heads, dla: dla };
+  // -- patching: locators x positions (or heads), a table per method side by side ----------------
+  function diverge(e, v, scale) {
+    if (v === null) { e.classList.add("iv-masked"); return; }
+    var a = Math.min(1, Math.abs(v) / scale);
+    e.style.background = "rgba(var(" + (v >= 0 ? "--iv-pos" : "--iv-neg") + ")," + a.toFixed(3) + ")";
+    e.classList.toggle("iv-ink", a > 0.55);
+  }
+  function short(v) { return v === null ? "" : Math.abs(v) >= 9.995 ? v.toFixed(1) : v.toFixed(2); }
+  function patching(root, d, body) {
+    var T = d.tables.length, P = d.panels.length, R = d.rows.length, C = d.columns.length;
+    var cells = {}, lit = [], small = T * P * R * C <= 600, best = 0;
+    var st = { panel: 0, row: 0, column: 0 };
+    function at(t, p, r, c) { return d.values[((t * P + p) * R + r) * C + c]; }
+    function head(p, c) { return d.axis === "head" ? d.columns[c] : d.panels[p]; }
+    function position(c) { return d.axis === "position" ? d.columns[c] : null; }
+    function column(c) {
+      var x = d.columns[c];
+      return d.axis === "head" ? "head " + x : "position " + x + (d.tokens[x] !== undefined ? " " + tokenAt(d, x) : "");
+    }
+    function where(p, r, c) { return d.rows[r] + (d.panels[p] !== null ? " head " + d.panels[p] : "") + ", " + column(c); }
+    function values(p, r, c) {
+      return d.tables.map(function (name, t) { var v = at(t, p, r, c); return name + " " + (v === null ? "n/a" : signed(v)); }).join("; ");
+    }
+    for (var i = 0; i < P * R * C; i++) if (Math.abs(d.values[i] || 0) > Math.abs(d.values[best] || 0)) best = i;
+    st = { panel: Math.floor(best / (R * C)), row: Math.floor(best / C) % R, column: best % C };
+    var area = el("div", "iv-panels");
+    d.panels.forEach(function (ph, p) {
+      var fig = el("figure", "iv-panel", { "data-head": ph });
+      if (ph !== null) fig.appendChild(el("figcaption", "", null, "head " + ph));
+      var pair = el("div", "iv-pair");
+      d.tables.forEach(function (name, t) {
+        var table = el("table", "iv-table iv-patch-table", { role: "grid", "data-table": t, "aria-label": name + (ph !== null ? ", head " + ph : "") });
+        table.appendChild(el("caption", "iv-caption", null, name));
+        var hd = el("tr");
+        hd.appendChild(el("th", "", { scope: "col" }, d.axis === "head" ? "locator \\ head" : "locator \\ position"));
+        d.columns.forEach(function (x, c) {
+          var text = d.axis === "head" ? String(x) : x + (d.tokens[x] !== undefined ? " " + visible(d.tokens[x], 8) : "");
+          var th = el("th", "iv-colhead", { scope: "col", "data-position": position(c), "data-head": d.axis === "head" ? x : null }, text);
+          label(th, column(c));
+          hd.appendChild(th);
+        });
+        table.appendChild(hd);
+        d.rows.forEach(function (loc, r) {
+          var tr = el("tr");
+          tr.appendChild(el("th", "iv-rowhead", { scope: "row", "data-locator": loc, "data-block": d.blocks[r] }, loc));
+          for (var c = 0; c < C; c++) {
+            var v = at(t, p, r, c);
+            var td = el("td", "iv-cell iv-patch", {
+              "data-table": t, "data-method": name, "data-locator": loc, "data-block": d.blocks[r],
+              "data-position": position(c), "data-head": head(p, c), "data-panel": p, "data-row": r,
+              "data-column": c, "data-value": v === null ? "" : v, tabindex: "-1"
+            }, small ? short(v) : "");
+            diverge(td, v, d.scale);
+            label(td, where(p, r, c) + ": " + values(p, r, c));
+            var key = p + ":" + r + ":" + c;
+            (cells[key] = cells[key] || []).push(td);
+            tr.appendChild(td);
+          }
+          table.appendChild(tr);
+        });
+        var box = el("div", "iv-scroll");
+        box.appendChild(table);
+        pair.appendChild(box);
+      });
+      fig.appendChild(pair);
+      area.appendChild(fig);
+    });
+    var side = el("div", "iv-side", { "aria-live": "polite" });
+    body.appendChild(area);
+    body.appendChild(side);
+    function draw() {
+      lit = swap(lit, "iv-sel", cells[st.panel + ":" + st.row + ":" + st.column]);
+      side.textContent = "";
+      side.appendChild(el("div", "iv-side-title", null, where(st.panel, st.row, st.column)));
+      var vals = d.tables.map(function (_, t) { return at(t, st.panel, st.row, st.column); });
+      d.tables.forEach(function (name, t) {
+        side.appendChild(el("div", "iv-num", { "data-table": t, "data-value": vals[t] === null ? "" : vals[t] }, name + ": " + (vals[t] === null ? "n/a" : signed(vals[t]))));
+      });
+      if (T > 1 && vals[0] !== null && vals[1] !== null) {
+        side.appendChild(el("div", "iv-num", { "data-difference": vals[0] - vals[1] }, "difference: " + signed(vals[0] - vals[1])));
+      }
+    }
+    function select(s) {
+      var p = s.panel !== undefined ? Number(s.panel) : P > 1 && s.head !== undefined ? d.panels.indexOf(Number(s.head)) : st.panel;
+      var r = s.row !== undefined ? Number(s.row) : s.locator !== undefined ? d.rows.indexOf(s.locator) : st.row;
+      var c = s.column !== undefined ? Number(s.column) : st.column;
+      if (s.column === undefined && d.axis === "head" && s.head !== undefined) c = d.columns.indexOf(Number(s.head));
+      if (s.column === undefined && d.axis === "position" && s.position !== undefined) c = d.columns.indexOf(Number(s.position));
+      if (!(p >= 0 && p < P && r >= 0 && r < R && c >= 0 && c < C)) throw new Error("no such cell: " + JSON.stringify(s));
+      st = { panel: p, row: r, column: c };
+      draw();
+      return state();
+    }
+    function state() {
+      return { locator: d.rows[st.row], position: position(st.column), head: head(st.panel, st.column),
+        values: d.tables.map(function (_, t) { return at(t, st.panel, st.row, st.column); }) };
+    }
+    body.addEventListener("mouseover", function (e) {
+      var t = e.target.closest(".iv-patch");
+      if (t) select({ panel: t.getAttribute("data-panel"), row: t.getAttribute("data-row"), column: t.getAttribute("data-column") });
+    });
+    var box = root.querySelector(".iv-legend");
+    if (box) {
+      box.appendChild(el("span", "", null, signed(-d.scale)));
+      box.appendChild(el("span", "iv-ramp iv-diverging", { role: "img", "aria-label": "change of the metric: " + signed(-d.scale) + " (red) through 0 (blank) to " + signed(d.scale) + " (blue)" }));
+      box.appendChild(el("span", "", null, signed(d.scale) + " \u2014 change of the metric (blue raises it, red lowers it; 0 is blank)"));
+    }
+    draw();
+    return { select: select, state: state };
+  }
+
+  // -- SAE evaluation: a row per SAE, a bar per figure -------------------------------------------
+  function saeEval(root, d, body) {
+    var M = d.metrics, st = { row: 0, metric: M[0].key }, cells = {}, rows = [], lit = [];
+    var maxL0 = Math.max.apply(null, d.rows.map(function (x) { return x.values.l0 || 0; }).concat([1e-12]));
+    function text(m, x) {
+      var v = x.values[m.key];
+      if (v === null) return "n/a";
+      if (m.bar === "dead") return v + " / " + x.dSae + " (" + (100 * v / x.dSae).toFixed(1) + "%)";
+      return m.bar === "count" ? v.toFixed(1) : v.toFixed(3);
+    }
+    function share(m, x) {
+      var v = x.values[m.key];
+      if (v === null) return 0;
+      return m.bar === "dead" ? v / x.dSae : m.bar === "count" ? v / maxL0 : v;
+    }
+    var table = el("table", "iv-table iv-sae-table", { role: "grid", "aria-label": d.title });
+    var hd = el("tr");
+    hd.appendChild(el("th", "", { scope: "col" }, "SAE"));
+    M.forEach(function (m) { var th = el("th", "iv-colhead", { scope: "col", "data-metric": m.key }, m.name); label(th, m.name + ": " + m.means); hd.appendChild(th); });
+    table.appendChild(hd);
+    d.rows.forEach(function (x, r) {
+      var tr = el("tr", "iv-sae-row", { "data-row": r, "data-block": x.block, "data-at": x.at });
+      var th = el("th", "iv-rowhead", { scope: "row", "data-row": r, "data-block": x.block }, x.name);
+      rows.push(th);
+      tr.appendChild(th);
+      M.forEach(function (m) {
+        var v = x.values[m.key], f = share(m, x);
+        var td = el("td", "iv-cell iv-metric", { "data-row": r, "data-metric": m.key, "data-block": x.block, "data-value": v === null ? "" : v, tabindex: "-1" });
+        var track = el("span", "iv-track iv-metric-track");
+        var bar = el("span", "iv-bar " + (m.bar === "dead" || f < 0 ? "iv-neg" : "iv-pos"));
+        bar.style.left = "0";
+        bar.style.width = (Math.max(0, Math.min(1, Math.abs(f))) * 100).toFixed(1) + "%";
+        track.appendChild(bar);
+        td.appendChild(track);
+        td.appendChild(el("span", "iv-num", null, text(m, x)));
+        label(td, x.name + ": " + m.name + " " + text(m, x) + " (" + m.means + ")");
+        cells[r + ":" + m.key] = td;
+        tr.appendChild(td);
+      });
+      table.appendChild(tr);
+    });
+    var wrap = el("div", "iv-scroll");
+    wrap.appendChild(table);
+    var side = el("div", "iv-side", { "aria-live": "polite" });
+    body.appendChild(wrap);
+    body.appendChild(side);
+    function draw() {
+      var x = d.rows[st.row];
+      lit = swap(lit, "iv-sel", [cells[st.row + ":" + st.metric]]);
+      rows.forEach(function (th, r) { th.classList.toggle("iv-on", r === st.row); });
+      side.textContent = "";
+      side.appendChild(el("div", "iv-side-title", null, x.name + " on " + x.tokens + " tokens"));
+      [["CE clean", x.ce[0]], ["CE spliced", x.ce[1]], ["CE zero-ablated", x.ce[2]], ["KL spliced", x.kl[0]], ["KL zero-ablated", x.kl[1]]].forEach(function (pair) {
+        side.appendChild(el("div", "iv-num", { "data-name": pair[0], "data-value": pair[1] === null ? "" : pair[1] }, pair[0] + ": " + (pair[1] === null ? "n/a" : pair[1].toFixed(4))));
+      });
+    }
+    function select(s) {
+      var r = s.row !== undefined ? Number(s.row) : st.row, m = s.metric !== undefined ? s.metric : st.metric;
+      if (!d.rows[r] || !M.some(function (x) { return x.key === m; })) throw new Error("no such cell: " + JSON.stringify(s));
+      st = { row: r, metric: m };
+      draw();
+      return state();
+    }
+    function state() { return { row: st.row, metric: st.metric, name: d.rows[st.row].name }; }
+    body.addEventListener("mouseover", function (e) {
+      var t = e.target.closest(".iv-metric");
+      if (t) select({ row: t.getAttribute("data-row"), metric: t.getAttribute("data-metric") });
+    });
+    var box = root.querySelector(".iv-legend");
+    if (box) {
+      box.appendChild(el("span", "iv-swatch iv-pos", { role: "img", "aria-label": "a score, L0" }));
+      box.appendChild(el("span", "", null, "score on 0..1 (1 is best); L0 against the largest shown"));
+      box.appendChild(el("span", "iv-swatch iv-neg", { role: "img", "aria-label": "dead latents, a negative score" }));
+      box.appendChild(el("span", "", null, "dead latents as a share of d_sae; a score below 0"));
+    }
+    draw();
+    return { select: select, state: state };
+  }
+
+  // -- SAE features: a token strip, the top latents of a token, a latent over the tokens -------
+  function saeFeatures(root, d, body) {
+    var n = d.tokens.length, index = {}, most = {};
+    d.latents.forEach(function (f, i) {
+      index[f] = i;
+      var m = 0;
+      for (var p = 0; p < n; p++) m = Math.max(m, d.acts[i * n + p] || 0);
+      most[f] = m;
+    });
+    function act(f, p) { return d.acts[index[f] * n + p] || 0; }
+    var last = n - 1;
+    while (last > 0 && !d.top[last].length) last--;
+    var st = { position: n - 1, feature: d.top[last].length ? d.top[last][0][0] : d.latents[0] };
+    var strip = el("div", "iv-strip", { "aria-live": "polite" });
+    var side = el("div", "iv-side", { "aria-live": "polite" });
+    body.appendChild(strip);
+    body.appendChild(side);
+    function draw() {
+      strip.textContent = "";
+      strip.appendChild(el("span", "iv-strip-title", null, "latent " + st.feature + " over the tokens:"));
+      for (var p = 0; p < n; p++) {
+        var v = act(st.feature, p);
+        var tok = el("span", "iv-tok" + (p === st.position ? " iv-sel" : ""), { "data-position": p, "data-block": d.block, "data-feature": st.feature, "data-value": v }, visible(d.tokens[p], 12));
+        shade(tok, most[st.feature] > 0 ? v / most[st.feature] : 0);
+        label(tok, "position " + p + " " + tokenAt(d, p) + ": latent " + st.feature + " " + fmt(v) + " (hover: its top latents)");
+        strip.appendChild(tok);
+      }
+      side.textContent = "";
+      side.appendChild(el("div", "iv-side-title", null, "top latents after " + tokenAt(d, st.position) + " (position " + st.position + ")"));
+      var top = d.top[st.position];
+      if (!top.length) side.appendChild(el("div", "iv-note", null, "no latent fired here"));
+      var ol = el("ol", "iv-features");
+      top.forEach(function (pair) {
+        var li = el("li", pair[0] === st.feature ? "iv-on" : "", { "data-feature": pair[0], "data-position": st.position, "data-block": d.block, "data-value": pair[1], tabindex: "-1" });
+        var bar = el("span", "iv-minibar");
+        bar.style.width = (top[0][1] > 0 ? (pair[1] / top[0][1]) * 100 : 0).toFixed(1) + "%";
+        li.appendChild(el("code", "", null, "#" + pair[0]));
+        li.appendChild(bar);
+        li.appendChild(el("span", "iv-num", null, fmt(pair[1])));
+        label(li, "latent " + pair[0] + " at position " + st.position + ": " + fmt(pair[1]) + " (hover: it over every token)");
+        ol.appendChild(li);
+      });
+      side.appendChild(ol);
+    }
+    function select(s) {
+      var p = s.position !== undefined ? Number(s.position) : st.position;
+      var f = s.feature !== undefined ? Number(s.feature) : st.feature;
+      if (!(p >= 0 && p < n) || index[f] === undefined) throw new Error("no such token or latent: " + JSON.stringify(s));
+      if (p !== st.position || f !== st.feature) { st = { position: p, feature: f }; draw(); }
+      return state();
+    }
+    function state() { return { position: st.position, feature: st.feature }; }
+    body.addEventListener("mouseover", function (e) {
+      var t = e.target.closest(".iv-tok,.iv-features li");
+      if (!t) return;
+      if (t.classList.contains("iv-tok")) select({ position: t.getAttribute("data-position") });
+      else select({ feature: t.getAttribute("data-feature") });
+    });
+    legend(root, "0", "its largest", "activation of the chosen latent on these tokens");
+    draw();
+    return { select: select, state: state };
+  }
+
+  var KINDS = { lens: lens, attention: attention, heads: heads, dla: dla, patching: patching, "sae-eval": saeEval, "sae-features": saeFeatures };
   function fail(root, message) {
     IV.errors.push(message);
     var box = root.querySelector(".iv-error") || root;

@@ -36,7 +36,7 @@ from introspect import (
     attribution_patching,
     logit_difference,
 )
-from introspect._atp import patching_agreement
+from introspect._atp import patching_agreement, patching_result
 from introspect.testing import build_tiny
 
 CLEAN = torch.tensor([[5, 17, 42, 9, 33, 3], [8, 1, 60, 23, 4, 11]])
@@ -512,3 +512,68 @@ def test_patching_agreement_counts_false_negatives() -> None:
     assert found.cells == 6 and -1.0 <= found.spearman <= 1.0
     with pytest.raises(InterventionError, match="same arguments"):
         patching_agreement(estimate, exact[0])
+
+
+# -- a table with its labels (the interactive view reads it) --------------------------------------
+
+
+def test_patching_result_labels_each_axis_as_the_sweep_computed_it(
+    tiny: tuple[str, nn.Module, Inspector],
+) -> None:
+    _, _, insp = tiny
+    inputs = ({"input_ids": CLEAN}, {"input_ids": CORRUPTED})
+    tokens = [f"t{i}" for i in range(6)]
+    exact = insp.patching_sweep(*inputs, METRIC, locators="block[:]", positions=[1, -1])
+    estimate = attribution_patching(insp, *inputs, METRIC, locators="block[:]", positions=[1, -1])
+    both = patching_result(
+        insp, estimate, positions=[1, -1], tokens=tokens, exact=exact, metric="logit 3 - logit 4"
+    )
+    assert (both.locators, both.positions, both.heads) == (["block[0]", "block[1]"], [1, 5], None)
+    assert both.method == "attribution patching" and both.model == type(insp.model).__name__
+    assert both.exact is not None and torch.equal(both.exact, exact.float())
+    data = both.to_dict()
+    expected = patching_agreement(estimate, exact).to_dict()
+    assert data["agreement"] == expected and data["values"] == estimate.float().tolist()
+    assert data["tokens"] == tokens and data["metric"] == "logit 3 - logit 4"
+    heads = {"locators": "block[:].attn.z", "heads": "each"}
+    by_head = patching_result(insp, attribution_patching(insp, *inputs, METRIC, **heads), **heads)
+    assert by_head.heads == list(range(HEADS)) and by_head.positions is None
+    assert by_head.locators == ["block[0].attn.z", "block[1].attn.z"]
+    table = attribution_patching(insp, *inputs, METRIC, positions=[4], **heads)
+    by_spot = patching_result(insp, table, positions=[4], model="tiny", **heads)
+    assert (by_spot.positions, by_spot.model, by_spot.method) == (
+        [4],
+        "tiny",
+        "activation patching",
+    )
+    assert "3 locators" not in repr(by_spot) and "[2, 4, 1]" in repr(by_spot)
+
+
+def test_patching_result_refuses_labels_that_do_not_fit_in_one_line(
+    tiny: tuple[str, nn.Module, Inspector],
+) -> None:
+    _, _, insp = tiny
+    table = torch.zeros(2, 6)
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"heads": "all"}, "heads= takes 'each'"),
+        (
+            {"locators": "block[:].attn.z", "heads": "each", "positions": [0]},
+            r"not \[locators x heads x positions\]",
+        ),
+        (
+            {"locators": "block[0]"},
+            r"shape \[2, 6\] is not \[locators x positions\] for 1 locators",
+        ),
+        ({"positions": [0, 1]}, "2 positions for a table of 6 columns"),
+        ({"tokens": ["a", "b"]}, r"position 2 is out of range for 2 tokens \(use -2..1\)"),
+        ({"exact": torch.zeros(2, 5)}, r"exact table of the same shape \[2, 6\], got \[2, 5\]"),
+    ]
+    for options, message in bad:
+        with pytest.raises(InterventionError, match=message) as info:
+            patching_result(insp, table, **options)
+        assert "\n" not in str(info.value)
+    with pytest.raises(InterventionError, match="values must be the table"):
+        patching_result(insp, [[0.0]])  # type: ignore[arg-type]
+    labelled = patching_result(insp, table)
+    with pytest.raises(InterventionError, match="no exact table"):
+        labelled.agreement()

@@ -35,6 +35,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from introspect import (
     Attribution,
     Inspector,
+    SAEEvaluation,
+    SparseAutoencoder,
     ViewError,
     attention_patterns,
     attention_view,
@@ -42,11 +44,23 @@ from introspect import (
     head_scores,
     head_scores_view,
     lens_view,
+    logit_difference,
     report_header,
     report_page,
     write_page,
 )
-from introspect._views import PAGE_BUDGET, SCALE, check_page_budget, page_bytes, visible
+from introspect._atp import PatchingResult, patching_result
+from introspect._sae._features import SAEFeatures, top_features
+from introspect._views import (
+    PAGE_BUDGET,
+    SCALE,
+    check_page_budget,
+    page_bytes,
+    patching_view,
+    sae_evaluation_view,
+    sae_features_view,
+    visible,
+)
 from introspect.zoo import load_model
 
 IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
@@ -382,9 +396,151 @@ def _large() -> tuple[list[Any], dict[str, str]]:
     return views, header
 
 
+# The views of patching tables and SAEs, on one page: the driver reads every cell, hovers, and
+# ends in the state the docs' screenshots show, recording where each view lies.
+DRIVE_MORE = r"""
+(function () {
+  var R = {}, IV = window.introspectViews, S = SETTINGS;
+  function q(sel) { return Array.prototype.slice.call(document.querySelectorAll(sel)); }
+  function ev(e, type) { e.dispatchEvent(new MouseEvent(type, { bubbles: true })); }
+  function attrs(e) {
+    var o = { title: e.getAttribute("title"), aria: e.getAttribute("aria-label"), text: e.textContent, cls: e.className };
+    for (var i = 0; i < e.attributes.length; i++) {
+      var a = e.attributes[i];
+      if (a.name.indexOf("data-") === 0) o[a.name.slice(5)] = a.value;
+    }
+    return o;
+  }
+  try {
+    R.errorsBefore = window.introspectErrors.slice();
+    var ids = { patching: IV.ids("patching"), evaluation: IV.ids("sae-eval"), features: IV.ids("sae-features") };
+    R.ids = ids;
+    R.patching = ids.patching.map(function (id) {
+      return {
+        cells: q("#" + id + " .iv-patch").map(attrs), columns: q("#" + id + " .iv-colhead").map(attrs),
+        rows: q("#" + id + " th.iv-rowhead").map(attrs), legend: q("#" + id + " .iv-legend [role=img]").map(attrs),
+        captions: q("#" + id + " caption").map(function (e) { return e.textContent; }),
+        panels: q("#" + id + " figure.iv-panel").map(attrs), before: IV.state(id)
+      };
+    });
+    var P = S.patch, id0 = ids.patching[0];
+    ev(q("#" + id0 + " .iv-patch[data-table='1'][data-locator='" + P.locator + "'][data-position='" + P.position + "']")[0], "mouseover");
+    R.patchHover = {
+      sel: q("#" + id0 + " .iv-patch.iv-sel").map(attrs), side: q("#" + id0 + " .iv-side [data-table]").map(attrs),
+      difference: q("#" + id0 + " .iv-side [data-difference]").map(attrs), state: IV.state(id0)
+    };
+    var M = S.multi, id2 = ids.patching[2];
+    ev(q("#" + id2 + " .iv-patch[data-head='" + M.head + "'][data-locator='" + M.locator + "'][data-position='" + M.position + "']")[0], "mouseover");
+    R.multiHover = { sel: q("#" + id2 + " .iv-patch.iv-sel").map(attrs), state: IV.state(id2) };
+    R.multiSelect = IV.select(id2, { locator: M.locator, head: M.other, position: M.position });
+    R.multiSelected = q("#" + id2 + " .iv-patch.iv-sel").map(attrs);
+    var id1 = ids.patching[1];
+    ev(q("#" + id1 + " .iv-patch[data-head='" + M.head + "'][data-locator='" + M.locator + "']")[0], "mouseover");
+    R.headsHover = { sel: q("#" + id1 + " .iv-patch.iv-sel").map(attrs), state: IV.state(id1) };
+    var e = ids.evaluation[0];
+    R.evaluation = { cells: q("#" + e + " .iv-metric").map(attrs), columns: q("#" + e + " .iv-colhead").map(attrs), legend: q("#" + e + " .iv-legend [role=img]").map(attrs) };
+    ev(q("#" + e + " .iv-metric[data-row='1'][data-metric='dead']")[0], "mouseover");
+    R.evaluationHover = { sel: q("#" + e + " .iv-metric.iv-sel").map(attrs), side: q("#" + e + " .iv-side [data-name]").map(attrs), on: q("#" + e + " th.iv-on").map(attrs), state: IV.state(e) };
+    var f = ids.features[0], F = S.features;
+    R.featuresBefore = { state: IV.state(f), strip: q("#" + f + " .iv-tok").map(attrs), legend: q("#" + f + " .iv-legend [role=img]").map(attrs) };
+    ev(q("#" + f + " .iv-tok[data-position='" + F.position + "']")[0], "mouseover");
+    R.featuresToken = { state: IV.state(f), side: q("#" + f + " .iv-features li").map(attrs) };
+    ev(q("#" + f + " .iv-features li[data-feature='" + F.latent + "'] code")[0], "mouseover");
+    R.featuresLatent = { state: IV.state(f), strip: q("#" + f + " .iv-tok").map(attrs) };
+    R.errorsAfter = window.introspectErrors.slice();
+    // The screenshots: every view in the state set here, and where each lies.
+    IV.select(id0, { locator: P.locator, position: P.position });
+    IV.select(e, { row: 0, metric: "ceScore" });
+    R.rects = {};
+    [["patching", id0], ["patching-heads", id2], ["sae-eval", e], ["sae-features", f]].forEach(function (pair) {
+      var r = document.getElementById(pair[1]).getBoundingClientRect();
+      R.rects[pair[0]] = [r.left, r.top + window.scrollY, r.right, r.bottom + window.scrollY];
+    });
+  } catch (err) {
+    R.exception = String(err) + "\n" + (err.stack || "");
+  }
+  var out = document.createElement("pre");
+  out.id = "test-results";
+  out.hidden = true;
+  out.textContent = JSON.stringify(R);
+  document.body.appendChild(out);
+})();
+"""
+
+CLEAN, CORRUPTED = "The capital of France is", "The capital of Italy is"
+
+
+def _frame_sae(d_in: int, k: int, seed: int) -> SparseAutoencoder:
+    """A TopK SAE whose 4 x d_in latents are two random orthonormal bases and their negatives:
+    with every latent it would reconstruct exactly, so ``k`` sets how well it does."""
+    generator = torch.Generator().manual_seed(seed)
+    bases = [torch.linalg.qr(torch.randn(d_in, d_in, generator=generator))[0] for _ in range(2)]
+    frame = torch.cat(bases, dim=1) / math.sqrt(2)  # frame @ frame.T is the identity
+    sae = SparseAutoencoder(d_in, 4 * d_in, architecture="topk", k=k)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([frame, -frame], dim=1))
+        sae.W_dec.copy_(sae.W_enc.T)
+    return sae
+
+
+@pytest.fixture(scope="module")
+def more_results(results: dict[str, Any]) -> dict[str, Any]:
+    """Patching tables (exact and estimated), two SAE evaluations and an SAE's features."""
+    insp, tok = results["insp"], results["tok"]
+    with _one_thread():
+        clean, corrupted = (tok(text, return_tensors="pt") for text in (CLEAN, CORRUPTED))
+        metric = logit_difference(tok.encode(" Paris")[0], tok.encode(" Rome")[0])
+        tokens = [tok.decode([i]) for i in clean["input_ids"][0]]
+        exact = insp.patching_sweep(clean, corrupted, metric)
+        estimate = insp.attribution_patching(clean, corrupted, metric)
+        heads = {"locators": "block[:].attn.z", "heads": "each"}
+        by_head = insp.attribution_patching(clean, corrupted, metric, **heads)
+        spots = [1, 3, 4]
+        by_spot = insp.attribution_patching(clean, corrupted, metric, positions=spots, **heads)
+        named = {
+            "method": "AtP*",
+            "metric": "logit(' Paris') - logit(' Rome')",
+            "model": "toy-gpt2",
+        }
+        tables = [
+            patching_result(insp, estimate, tokens=tokens, exact=exact, **named),
+            patching_result(insp, by_head, tokens=tokens, **named, **heads),
+            patching_result(insp, by_spot, tokens=tokens, positions=spots, **named, **heads),
+        ]
+        saes = [_frame_sae(64, k, seed) for seed, k in ((0, 64), (1, 16))]
+        ids = clean["input_ids"]
+        evaluations = [insp.evaluate_sae(sae, ids, at="block[1]") for sae in saes]
+        with torch.no_grad(), insp.splice(saes[1], "block[1]") as spliced:
+            insp.model(**clean)
+        features = top_features(spliced, k=5, tokens=tokens)
+    return {
+        "tables": tables,
+        "evaluations": evaluations,
+        "features": features,
+        "features_all": spliced.features,
+    }
+
+
+def _more_settings(m: dict[str, Any]) -> dict[str, Any]:
+    first, multi = m["tables"][0], m["tables"][2]
+    position = 3
+    return {
+        "patch": {"locator": first.locators[2], "position": first.positions[-1]},
+        "multi": {
+            "locator": multi.locators[1],
+            "head": multi.heads[1],
+            "other": multi.heads[2],
+            "position": multi.positions[1],
+        },
+        "features": {"position": position, "latent": m["features"].of(position)[1][0]},
+    }
+
+
 @pytest.fixture(scope="module")
 def browser_runs(
-    results: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+    results: dict[str, Any],
+    more_results: dict[str, Any],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, Any]:
     """Every page of this module through Chromium in one go (the processes run side by side)."""
     browser = _need_browser()
@@ -412,13 +568,33 @@ def browser_runs(
         "dla": {"component": r["dla"].labels[1]},
     }
     pages["gallery"] = _with_script(report, SHOW, shown)
+    m = more_results
+    more = [
+        *(patching_view(t) for t in m["tables"]),
+        sae_evaluation_view(m["evaluations"], names=["TopK, k=64", "TopK, k=16"]),
+        sae_features_view(m["features"]),
+    ]
+    more_page = report_page(more, header, title="patching and SAEs: toy-gpt2")
+    pages["more"] = _with_script(more_page, DRIVE_MORE, _more_settings(m))
     for name, text in pages.items():
         (folder / f"{name}.html").write_text(text, encoding="utf-8")
     url = {name: (folder / f"{name}.html").as_uri() for name in pages}
     size = f"--window-size={GALLERY[0]},{GALLERY[1]}"
     jobs = {name: ["--dump-dom", url[name]] for name in ("driven", "notebook", "large")}
-    jobs["gallery"] = [size, "--dump-dom", url["gallery"]]
-    jobs["gallery-light"] = [size, f"--screenshot={folder / 'gallery-light.png'}", url["gallery"]]
+    # One Chromium both dumps a page's DOM and takes its screenshot, after its scripts ran.
+    jobs["gallery"] = [
+        size,
+        "--dump-dom",
+        f"--screenshot={folder / 'gallery-light.png'}",
+        url["gallery"],
+    ]
+    jobs["more"] = [size, "--dump-dom", f"--screenshot={folder / 'more-light.png'}", url["more"]]
+    jobs["more-dark"] = [
+        size,
+        "--force-dark-mode",
+        f"--screenshot={folder / 'more-dark.png'}",
+        url["more"],
+    ]
     jobs["gallery-dark"] = [
         "--window-size=1100,900",
         "--force-dark-mode",
@@ -430,7 +606,9 @@ def browser_runs(
     print(f"chromium: {len(jobs)} pages in {time.perf_counter() - start:.1f} s")
     return {
         "folder": folder,
-        "dom": {name: parse(out[name]) for name in ("driven", "notebook", "large", "gallery")},
+        "dom": {
+            name: parse(out[name]) for name in ("driven", "notebook", "large", "gallery", "more")
+        },
         "pages": pages,
         "large_views": large_views,
     }
@@ -756,3 +934,282 @@ def test_a_view_writes_its_page_and_a_fragment_brings_its_script(results: dict[s
         assert path.read_text(encoding="utf-8") == page
     fragment = attention_view(results["patterns"][0]).html()
     assert fragment.count("<script>") == 2 and "iv-data" in fragment
+
+
+# -- patching tables and SAEs -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def driven_more(browser_runs: dict[str, Any]) -> dict[str, Any]:
+    dom = browser_runs["dom"]["more"]
+    found = json.loads(dom.by_id("test-results").text())
+    assert "exception" not in found, found["exception"]
+    return found
+
+
+def _signed(text: str) -> list[float]:
+    """The signed numbers of a label, as the page writes them (+0.123, and U+2212 for minus)."""
+    return [float(n.replace("\u2212", "-")) for n in re.findall(r"[+\u2212]\d+\.\d+", text)]
+
+
+def _close(shown: str | float, value: float) -> bool:
+    return math.isclose(float(shown), value, rel_tol=1e-3, abs_tol=1e-6)
+
+
+def test_patching_grids_have_every_cell_with_the_tables_values(
+    more_results: dict[str, Any], driven_more: dict[str, Any]
+) -> None:
+    exact_beside, by_head, by_spot = more_results["tables"]
+    drawn = driven_more["patching"]
+    # Locators x positions, the estimate beside the exact table, every cell of both.
+    first = drawn[0]
+    assert first["captions"] == ["AtP*", "exact patching"]
+    assert exact_beside.exact is not None
+    tables = [exact_beside.values, exact_beside.exact]
+    n_rows, n_cols = tables[0].shape
+    assert len(first["cells"]) == 2 * n_rows * n_cols
+    for cell in first["cells"]:
+        t, r, c = int(cell["table"]), int(cell["row"]), int(cell["column"])
+        value = float(tables[t][r, c])
+        assert _close(cell["value"], value)
+        assert cell["locator"] == exact_beside.locators[r] == f"block[{cell['block']}]"
+        assert int(cell["position"]) == exact_beside.positions[c] and "head" not in cell
+        assert cell["method"] == ["AtP*", "exact patching"][t]
+        assert cell["title"] == cell["aria"]
+        shown = _signed(cell["title"])  # both tables' values, whichever table the cell is in
+        assert [round(v, 3) for v in shown] == pytest.approx(
+            [float(tables[0][r, c]), float(tables[1][r, c])], abs=1.5e-3
+        )
+        assert f"position {exact_beside.positions[c]} " in cell["title"]
+    tokens = exact_beside.tokens
+    columns = [c["text"] for c in first["columns"][:n_cols]]
+    assert columns == [f"{p} {visible(tokens[p], 8)}" for p in exact_beside.positions]
+    scale = max(float(tables[0].abs().max()), float(tables[1].abs().max()))
+    (ramp,) = first["legend"]
+    assert "iv-diverging" in ramp["cls"]
+    low, high = _signed(ramp["aria"])
+    assert low == pytest.approx(-scale, abs=1e-3) and high == pytest.approx(scale, abs=1e-3)
+    largest = int(exact_beside.values.abs().argmax())
+    assert first["before"]["locator"] == exact_beside.locators[largest // n_cols]
+    # Locators x heads: one grid, a column per head, every position patched at once.
+    second = drawn[1]
+    assert second["captions"] == ["AtP*"] and by_head.positions is None
+    assert len(second["cells"]) == by_head.values.numel()
+    for cell in second["cells"]:
+        r, h = int(cell["row"]), int(cell["head"])
+        assert _close(cell["value"], float(by_head.values[r, h])) and "position" not in cell
+        assert cell["locator"] == by_head.locators[r] and cell["title"] == cell["aria"]
+    assert [c["head"] for c in second["columns"]] == [str(h) for h in by_head.heads or []]
+    # Locators x heads x positions: a grid per head (small multiples).
+    third = drawn[2]
+    assert [p["head"] for p in third["panels"]] == [str(h) for h in by_spot.heads or []]
+    assert len(third["cells"]) == by_spot.values.numel()
+    for cell in third["cells"]:
+        r, c = int(cell["row"]), int(cell["column"])
+        h = int(cell["head"])
+        assert int(cell["position"]) == (by_spot.positions or [])[c]
+        assert _close(cell["value"], float(by_spot.values[r, h, c]))
+        assert int(cell["panel"]) == h and cell["title"].startswith(
+            f"{by_spot.locators[r]} head {h}"
+        )
+
+
+def test_patching_hover_lights_the_cell_in_both_tables(
+    more_results: dict[str, Any], driven_more: dict[str, Any]
+) -> None:
+    exact_beside, by_head, by_spot = more_results["tables"]
+    settings = _more_settings(more_results)
+    chosen = settings["patch"]
+    r = exact_beside.locators.index(chosen["locator"])
+    c = (exact_beside.positions or []).index(chosen["position"])
+    assert exact_beside.exact is not None
+    values = [float(exact_beside.values[r, c]), float(exact_beside.exact[r, c])]
+    hover = driven_more["patchHover"]
+    assert sorted((int(s["table"]), s["locator"], int(s["position"])) for s in hover["sel"]) == [
+        (0, chosen["locator"], chosen["position"]),
+        (1, chosen["locator"], chosen["position"]),
+    ]
+    assert [float(s["value"]) for s in hover["side"]] == pytest.approx(values, rel=1e-3)
+    (difference,) = hover["difference"]
+    assert float(difference["difference"]) == pytest.approx(values[0] - values[1], abs=1e-3)
+    assert hover["state"]["locator"] == chosen["locator"]
+    assert hover["state"]["position"] == chosen["position"] and hover["state"]["head"] is None
+    multi = settings["multi"]
+    r2 = by_spot.locators.index(multi["locator"])
+    c2 = (by_spot.positions or []).index(multi["position"])
+    (lit,) = driven_more["multiHover"]["sel"]
+    assert (lit["locator"], int(lit["head"]), int(lit["position"])) == (
+        multi["locator"],
+        multi["head"],
+        multi["position"],
+    )
+    state = driven_more["multiHover"]["state"]
+    assert state["values"] == [
+        pytest.approx(float(by_spot.values[r2, multi["head"], c2]), rel=1e-3)
+    ]
+    assert driven_more["multiSelect"]["head"] == multi["other"]
+    assert [int(s["head"]) for s in driven_more["multiSelected"]] == [multi["other"]]
+    heads = driven_more["headsHover"]
+    assert [(s["locator"], int(s["head"])) for s in heads["sel"]] == [
+        (multi["locator"], multi["head"])
+    ]
+    r3 = by_head.locators.index(multi["locator"])
+    assert heads["state"]["values"] == [
+        pytest.approx(float(by_head.values[r3, multi["head"]]), rel=1e-3)
+    ]
+
+
+def test_sae_evaluation_table_has_every_figure(
+    more_results: dict[str, Any], driven_more: dict[str, Any]
+) -> None:
+    evaluations = more_results["evaluations"]
+    drawn = driven_more["evaluation"]
+    expected = {
+        "ceScore": "ce_score",
+        "klScore": "kl_score",
+        "explainedVariance": "explained_variance",
+        "l0": "l0",
+        "dead": "dead",
+    }
+    assert [c["metric"] for c in drawn["columns"]] == list(expected)
+    assert len(drawn["cells"]) == len(evaluations) * len(expected)
+    for cell in drawn["cells"]:
+        row = int(cell["row"])
+        e = evaluations[row]
+        value = float(getattr(e, expected[cell["metric"]]))
+        assert _close(cell["value"], value), cell
+        assert cell["block"] == "1" and cell["title"] == cell["aria"]
+        assert cell["title"].startswith(f"TopK, k={(64, 16)[row]}: ")
+        if cell["metric"] == "dead":
+            assert cell["text"].startswith(f"{e.dead} / {e.d_sae} (")
+        elif cell["metric"] != "l0":
+            assert cell["text"] == f"{value:.3f}"
+    assert len(drawn["legend"]) == 2
+    hover = driven_more["evaluationHover"]
+    assert [(s["row"], s["metric"]) for s in hover["sel"]] == [("1", "dead")]
+    assert [h["row"] for h in hover["on"]] == ["1"]
+    e = evaluations[1]
+    side = {s["name"]: float(s["value"]) for s in hover["side"]}
+    assert side == pytest.approx(
+        {
+            "CE clean": e.ce_clean,
+            "CE spliced": e.ce_sae,
+            "CE zero-ablated": e.ce_ablate,
+            "KL spliced": e.kl_sae,
+            "KL zero-ablated": e.kl_ablate,
+        },
+        rel=1e-3,
+    )
+
+
+def test_sae_features_show_each_tokens_top_latents(
+    more_results: dict[str, Any], driven_more: dict[str, Any]
+) -> None:
+    features: SAEFeatures = more_results["features"]
+    everything = more_results["features_all"][0]  # [seq, d_sae], as the splice recorded them
+    settings = _more_settings(more_results)["features"]
+    n = len(features.tokens)
+    # By hand: the five largest activations of each token, those that fired.
+    for p in range(n):
+        top = everything[p].topk(5)
+        expected = [(int(i), float(v)) for i, v in zip(top.indices, top.values, strict=True) if v]
+        assert features.of(p) == [(i, pytest.approx(v)) for i, v in expected]
+    before = driven_more["featuresBefore"]
+    last = features.of(-1)[0][0]
+    assert before["state"] == {"position": n - 1, "feature": last}
+    assert [t["text"] for t in before["strip"]] == [visible(t, 12) for t in features.tokens]
+    assert len(before["legend"]) == 1
+    token = driven_more["featuresToken"]
+    assert token["state"]["position"] == settings["position"]
+    side = [(int(li["feature"]), float(li["value"])) for li in token["side"]]
+    assert side == [(i, pytest.approx(v, rel=1e-3)) for i, v in features.of(settings["position"])]
+    assert all(li["title"] == li["aria"] for li in token["side"])
+    latent = driven_more["featuresLatent"]
+    assert latent["state"] == {"position": settings["position"], "feature": settings["latent"]}
+    strip = [float(t["value"]) for t in latent["strip"]]
+    assert strip == pytest.approx(everything[:, settings["latent"]].tolist(), rel=1e-3, abs=1e-6)
+    assert all(t["feature"] == str(settings["latent"]) for t in latent["strip"])
+
+
+def test_patching_and_sae_pages_report_no_errors(driven_more: dict[str, Any]) -> None:
+    assert driven_more["errorsBefore"] == [] and driven_more["errorsAfter"] == []
+    assert {k: len(v) for k, v in driven_more["ids"].items()} == {
+        "patching": 3,
+        "evaluation": 1,
+        "features": 1,
+    }
+
+
+def test_patching_and_sae_screenshots_are_not_blank(
+    browser_runs: dict[str, Any], driven_more: dict[str, Any]
+) -> None:
+    image_module = pytest.importorskip("PIL.Image")
+    folder = browser_runs["folder"]
+    with image_module.open(folder / "more-light.png") as page:
+        assert page.size == GALLERY
+        for name, (left, top, right, bottom) in driven_more["rects"].items():
+            assert bottom <= GALLERY[1], f"the {name} view is below the screenshot"
+            box = (max(0, int(left) - 4), max(0, int(top) - 4), int(right) + 4, int(bottom) + 4)
+            view = page.crop(box)
+            _not_blank(name, view)
+            _save(view, f"views-{name}")
+    with image_module.open(folder / "more-dark.png") as dark:
+        _not_blank("the dark page of patching and SAEs", dark)
+        assert sum(dark.convert("RGB").getpixel((1, 1))) < 200, "the dark page is light"
+        left, top, right, bottom = driven_more["rects"]["patching"]
+        _not_blank(
+            "the dark patching view", dark.crop((int(left), int(top), int(right), int(bottom)))
+        )
+
+
+def test_empty_patching_and_sae_results_are_one_line_errors(
+    more_results: dict[str, Any],
+) -> None:
+    table = more_results["tables"][0]
+    features = more_results["features"]
+    empty = [
+        lambda: patching_view(dataclasses.replace(table, locators=[], values=torch.zeros(0, 6))),
+        lambda: patching_view(dataclasses.replace(table, positions=[], values=torch.zeros(4, 0))),
+        lambda: patching_view(dataclasses.replace(table, exact=torch.zeros(2, 2))),
+        lambda: sae_evaluation_view([]),
+        lambda: sae_evaluation_view(more_results["evaluations"], names=["one"]),
+        lambda: sae_features_view(top_features(torch.zeros(3, 8))),
+        lambda: sae_features_view(dataclasses.replace(features, tokens=[])),
+        lambda: PatchingResult(torch.zeros(0, 2), [], [0, 1]).to_html(),
+    ]
+    for make in empty:
+        with pytest.raises(ViewError) as info:
+            make()
+        assert "\n" not in str(info.value)
+
+
+def test_to_html_refuses_an_existing_file_unless_forced(
+    more_results: dict[str, Any], tmp_path: Path
+) -> None:
+    results = [
+        more_results["tables"][0],
+        more_results["evaluations"][0],
+        more_results["features"],
+    ]
+    for n, result in enumerate(results):
+        target = tmp_path / f"{n}.html"
+        page = result.to_html(target)
+        assert target.read_text(encoding="utf-8") == page
+        assert page.count('data-kind="') == 1 and result._repr_html_().count("<script>") == 2
+        target.write_text("mine", encoding="utf-8")
+        with pytest.raises(ViewError, match="exists: give another path, or force=True") as info:
+            result.to_html(target)
+        assert "\n" not in str(info.value) and target.read_text(encoding="utf-8") == "mine"
+        assert result.to_html(target, force=True) == target.read_text(encoding="utf-8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.html", "1.html", "2.html"]
+
+
+def test_a_single_evaluation_and_its_payload(more_results: dict[str, Any]) -> None:
+    e: SAEEvaluation = more_results["evaluations"][0]
+    view = sae_evaluation_view(e, names=["mine"])
+    (row,) = view.payload["rows"]
+    assert row["name"] == "mine" and row["tokens"] == e.tokens and row["block"] == 1
+    assert row["values"]["dead"] == e.dead and row["ce"][0] == pytest.approx(e.ce_clean, rel=1e-3)
+    assert view.title == f"SAE evaluation: {e.at}"
+    both = sae_evaluation_view(more_results["evaluations"]).payload["rows"]
+    assert [r["name"] for r in both] == [f"{e.at} (d_sae {e.d_sae}) #{n}" for n in (1, 2)]
