@@ -45,7 +45,7 @@ import torch
 from introspect._batching import as_int, max_positions
 from introspect._errors import AttentionToolError, LocatorError, MissingDependencyError
 from introspect._hooks import input_device
-from introspect._lens import _plain, _save_atomically, main_blocks
+from introspect._lens import _save_atomically, _token_label, main_blocks
 from introspect._locators import Locator
 from introspect._text import model_inputs_of, token_strings
 from introspect._views import attention_view, head_scores_view
@@ -72,6 +72,10 @@ _DEFAULT_SEQ_LEN = 50
 _DEFAULT_BATCH = 8
 _TOP_BOXED = 5
 _ANNOTATE_CELLS = 600
+_TICK_FONT = 7.0
+"""The smallest tick label of a pattern plot, in points."""
+_TICK_SPACING = 0.6
+"""A tick label's size as a share of the room between two ticks."""
 _SPECIAL_CONFIG_IDS = (
     "bos_token_id",
     "eos_token_id",
@@ -252,6 +256,39 @@ class HeadScores:
         heads = self.num_heads
         return [(self.blocks[i // heads], i % heads, float(flat[i])) for i in order[:wanted]]
 
+    def boxed(self, top: int = _TOP_BOXED) -> tuple[list[tuple[int, int, float]], int]:
+        """The heads :meth:`plot` boxes and how many decimals it writes in the cells.
+
+        The top ``top`` heads by their unrounded score (:meth:`top`); the decimals are the
+        fewest, from two up to four, that show the last of them apart from every head left
+        out. A head that still shows the last boxed head's value (a tie at four decimals) is
+        boxed too, so no box in the picture is arbitrary.
+
+        Example:
+            >>> s = HeadScores("induction", torch.tensor([[0.5012, 0.5004, 0.1]]), [0], 5, 2,
+            ...                1, 0, None, torch.zeros(1, 10, dtype=torch.long), "X", "x", 1)
+            >>> s.boxed(1)
+            ([(0, 0, 0.5012000203132629)], 3)
+            >>> [(b, h) for b, h, _ in s.boxed(2)[0]], s.boxed(2)[1]
+            ([(0, 0), (0, 1)], 2)
+        """
+        chosen = self.top(top)
+        if not chosen:
+            return [], 2
+        last = chosen[-1][2]
+        named = {(b, h) for b, h, _ in chosen}
+        rest = [
+            (b, h, float(v))
+            for r, b in enumerate(self.blocks)
+            for h, v in enumerate(self.values[r].tolist())
+            if (b, h) not in named and not math.isnan(v)
+        ]
+        decimals = 2
+        while decimals < 4 and any(f"{v:.{decimals}f}" == f"{last:.{decimals}f}" for *_, v in rest):
+            decimals += 1
+        tied = [cell for cell in rest if f"{cell[2]:.{decimals}f}" == f"{last:.{decimals}f}"]
+        return chosen + sorted(tied, key=lambda cell: -cell[2]), decimals
+
     def to_dict(self, top: int = 10) -> dict[str, Any]:
         """Everything as plain JSON-able data, with the ``top`` heads listed first.
 
@@ -288,11 +325,16 @@ class HeadScores:
         title: str | None = None,
         dpi: int = 150,
         top: int = _TOP_BOXED,
+        model: str | None = None,
     ) -> Any:
         """A ``[blocks x heads]`` heatmap of the score (0 to 1), the ``top`` heads boxed.
 
-        Cells carry their value when there are few enough to read. Writes a PNG (or .svg,
-        .pdf; atomically) when ``path`` is given; returns the matplotlib Figure.
+        The boxes follow the unrounded scores (:meth:`top`). Cells carry their value when
+        there are few enough to read, with two decimals, or as many (up to four) as tell the
+        last boxed head from the first one left out; a head that still shows the same value
+        as the last boxed one is boxed too (:meth:`boxed`). The title names ``model``
+        (default: the model's class). Writes a PNG (or .svg, .pdf; atomically) when ``path``
+        is given; returns the matplotlib Figure.
 
         Example:
             >>> from importlib.util import find_spec
@@ -314,6 +356,7 @@ class HeadScores:
         values = self.values.float().numpy()
         image = ax.imshow(values, aspect="auto", cmap="Blues", vmin=0.0, vmax=1.0)
         font = max(4.0, 7.0 * min(cell_w / 0.55, cell_h / 0.3))
+        boxed, decimals = self.boxed(top) if top else ([], 2)
         if n_rows * n_cols <= _ANNOTATE_CELLS:
             for r in range(n_rows):
                 for c in range(n_cols):
@@ -322,13 +365,13 @@ class HeadScores:
                         ax.text(
                             c,
                             r,
-                            f"{v:.2f}",
+                            f"{v:.{decimals}f}",
                             ha="center",
                             va="center",
                             fontsize=font,
                             color="white" if v > 0.55 else "black",
                         )
-        for block, head, _ in self.top(top) if top else ():
+        for block, head, _ in boxed:
             r = self.blocks.index(block)
             ax.add_patch(
                 Rectangle((head - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="#e6550d", lw=2.0)
@@ -347,10 +390,12 @@ class HeadScores:
             if self.seed is not None
             else f"given runs of {self.seq_len} tokens, each repeated {self.repeats} times"
         )
-        heading = title or f"{self.score} heads: {self.model_class}"
+        heading = title or f"{self.score} heads: {model or self.model_class}"
         fig.suptitle(textwrap.fill(heading, max(40, int(width * 11))), fontsize=10)
-        boxed = f"; boxed: the top {min(top, n_rows * n_cols)}" if top else ""
-        ax.set_title(textwrap.fill(source + boxed, max(40, int(width * 13))), fontsize=8)
+        ranked = len(self.top(top)) if top else 0
+        ties = f" ({len(boxed)} with ties)" if len(boxed) > ranked else ""
+        which = f"; boxed: the top {ranked}{ties}" if top else ""
+        ax.set_title(textwrap.fill(source + which, max(40, int(width * 13))), fontsize=8)
         if path is not None:
             _save_atomically(fig, Path(path), dpi)
         return fig
@@ -639,12 +684,18 @@ class AttentionPatterns:
         *,
         title: str | None = None,
         dpi: int = 150,
+        model: str | None = None,
+        prompt: str | None = None,
     ) -> Any:
         """A grid of the heads' patterns (or one head, large): query down, key across, 0 to 1.
 
-        Tokens label both axes (on the outer panels of a grid; positions only when there are
-        too many to read). Writes a PNG (or .svg, .pdf; atomically) when ``path`` is given;
-        returns the matplotlib Figure.
+        Tokens label both axes (on the outer panels of a grid) at 7 points or more: where
+        there are more tokens than fit at that size, every second (third, ...) token is
+        labelled, and only positions where there are too many to read. A lone byte of a
+        multi-byte character is labelled by its id (``#8582``; these patterns keep no
+        tokenizer to name its bytes). The title names ``model`` (default: the model's class)
+        and ``prompt`` when given. Writes a PNG (or .svg, .pdf; atomically) when ``path`` is
+        given; returns the matplotlib Figure.
 
         Example:
             >>> from importlib.util import find_spec
@@ -663,9 +714,13 @@ class AttentionPatterns:
         if single:
             panel = min(12.0, max(4.0, 0.28 * n))
         else:
-            panel = min(4.5, max(2.2, 0.16 * n), 22.0 / cols)
+            panel = min(5.5, max(2.4, 0.17 * n), 22.0 / cols)
         labelled = n <= (80 if single else 48)
-        font = max(4.0, min(9.0, panel * 72 / max(n, 1) * 0.55))
+        # Tick labels never shrink below _TICK_FONT: where the tokens do not fit at that size,
+        # every step-th one is labelled.
+        room = panel * 72 * _TICK_SPACING / max(n, 1)
+        font = min(9.0, max(_TICK_FONT, room))
+        step = max(1, math.ceil(font / room))
         label_room = 1.2 if labelled else 0.5
         width = cols * panel + label_room + 1.0
         height = rows * panel + label_room + 0.9
@@ -677,7 +732,9 @@ class AttentionPatterns:
             upper = torch.ones(n, n, dtype=torch.bool).triu(1)
             data[:, upper] = float("nan")
         image = None
-        labels = [_plain(t, 10) for t in self.tokens]
+        labels = [
+            _token_label(t, i, None, 10) for t, i in zip(self.tokens, self.token_ids, strict=True)
+        ]
         for i in range(rows * cols):
             ax = axes[i // cols][i % cols]
             if i >= count:
@@ -688,14 +745,14 @@ class AttentionPatterns:
             )
             ax.set_facecolor("#eeeeee")
             ax.set_title(f"head {self.heads[i]}", fontsize=10 if single else 8)
-            ticks = range(n) if labelled else range(0, n, max(1, n // 10))
-            ax.set_xticks(list(ticks))
-            ax.set_yticks(list(ticks))
+            ticks = list(range(0, n, step) if labelled else range(0, n, max(1, n // 10)))
+            ax.set_xticks(ticks)
+            ax.set_yticks(ticks)
             if labelled:
-                ax.set_xticklabels(labels, rotation=90, fontsize=font)
-                ax.set_yticklabels(labels, fontsize=font)
+                ax.set_xticklabels([labels[t] for t in ticks], rotation=90, fontsize=font)
+                ax.set_yticklabels([labels[t] for t in ticks], fontsize=font)
             else:
-                ax.tick_params(labelsize=7)
+                ax.tick_params(labelsize=_TICK_FONT)
             ax.tick_params(labelbottom=i // cols == rows - 1 or i + cols >= count)
             ax.tick_params(labelleft=i % cols == 0)
         fig.supxlabel("key (attended to)", fontsize=9)
@@ -703,7 +760,8 @@ class AttentionPatterns:
         if image is not None:
             fig.colorbar(image, ax=axes, label="attention weight", shrink=0.8)
         what = f"head {self.heads[0]}" if single else f"{count} heads"
-        heading = title or f"attention of block[{self.block}], {what}: {self.model_class}"
+        named = f"{model or self.model_class}" + (f" on {prompt!r}" if prompt else "")
+        heading = title or f"attention of block[{self.block}], {what}: {named}"
         fig.suptitle(textwrap.fill(heading, max(40, int(width * 11))), fontsize=10)
         if path is not None:
             _save_atomically(fig, Path(path), dpi)

