@@ -62,7 +62,7 @@ from introspect._dataset import (
     shard_name,
     shard_range,
 )
-from introspect._errors import ExtractionError, LocatorError
+from introspect._errors import DatasetError, ExtractionError, LocatorError
 from introspect._export import write_atomically
 from introspect._hooks import input_device, onloaded
 from introspect._locators import Locator
@@ -80,6 +80,7 @@ __all__ = [
     "check_output_dir",
     "extract",
     "init_distributed",
+    "kept",
     "launch",
     "settings_of",
     "weights_fingerprint",
@@ -88,8 +89,13 @@ __all__ = [
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 """The dtypes activations can be stored in (``--dtype``)."""
 Position = Literal["all", "last"]
-_SHARD_BYTES = 256 * 2**20
+_SHARD_BYTES = 64 * 2**20
 """The default size of a shard, from which ``shard_rows`` is derived."""
+_SHARD_TOKENS = 2**15
+"""The default most tokens a shard puts through the model (``shard_tokens``): what an
+interruption can lose is a few shards of work (about a minute and a half each for SmolLM2 on
+two CPU cores), whatever the row size or ``positions``. Tokens, not seconds: the cuts must
+be the same in every run, for a resumed run and every rank to cut where one process does."""
 _TOKENIZE_CHUNK = 256
 _ANCHOR_BYTES = 64 * 2**20
 """Text between anchors (documents where every run starts a shard): at most this much is
@@ -306,6 +312,34 @@ def check_output_dir(
     return "complete" if record_path.name == MANIFEST else "resume"
 
 
+def kept(out: str | os.PathLike[str], settings: Mapping[str, Any]) -> dict[str, int] | None:
+    """What an unfinished extraction with ``settings`` has on disk in ``out``: its complete
+    shards, their documents, rows and tokens (what a rerun of the same command keeps).
+
+    ``None`` when ``out`` holds no unfinished extraction with these settings (nothing written
+    yet, a finished one, another one). Nothing is changed.
+
+    Example:
+        >>> import tempfile
+        >>> kept(Path(tempfile.mkdtemp()) / "acts", {"model": "toy-llama"}) is None
+        True
+    """
+    folder = Path(out).expanduser()
+    try:
+        record = read_json(folder / PROGRESS)
+        if _differences(record.get("settings", {}), settings):
+            return None
+        done = _scan(folder, str(record["fingerprint"]))
+    except (ExtractionError, DatasetError, KeyError, OSError):
+        return None
+    return {
+        "shards": len(done),
+        "documents": sum(shard.end - shard.first for shard in done),
+        "rows": sum(shard.rows for shard in done),
+        "tokens": sum(shard.tokens for shard in done),
+    }
+
+
 def _clear(folder: Path, *, hidden_only: bool = False) -> None:
     """Delete extract's files in ``folder`` (only the temporary, hidden ones if asked)."""
     for name in os.listdir(folder):
@@ -466,6 +500,7 @@ class _Window:
     ids: list[list[int]] = field(default_factory=list)
     truncated: list[list[int]] = field(default_factory=list)
     rows: int = 0
+    tokens: int = 0
 
     @property
     def end(self) -> int:
@@ -525,16 +560,20 @@ def _windows(
     last: bool,
     shard_rows: int,
     anchors: frozenset[int] = frozenset(),
+    *,
+    shard_tokens: int | None = None,
 ) -> Iterator[_Window]:
     """The rank's shards to be, tokenized: for each run, the shards that start in its part.
 
-    A shard closes as soon as it reaches ``shard_rows`` or the next document is an anchor, so
-    the cuts depend only on where a run of documents starts, and every run starts at a cut:
-    a resumed run, or a rank of several, cuts its documents as a one-process run does. Its
-    shards, and the batches of each shard, are the same, and so are the values, bit for bit.
+    A shard closes as soon as it reaches ``shard_rows`` rows or ``shard_tokens`` tokens (after
+    truncation: what goes through the model), or the next document is an anchor, so the cuts
+    depend only on where a run of documents starts, and every run starts at a cut: a resumed
+    run, or a rank of several, cuts its documents as a one-process run does. Its shards, and
+    the batches of each shard, are the same, and so are the values, bit for bit.
     """
+    most = shard_tokens or _SHARD_TOKENS
     for run in runs:
-        yield from _run_windows(run, inputs, tokenize, max_length, last, shard_rows, anchors)
+        yield from _run_windows(run, inputs, tokenize, max_length, last, shard_rows, most, anchors)
 
 
 def _run_windows(
@@ -544,6 +583,7 @@ def _run_windows(
     max_length: int | None,
     last: bool,
     shard_rows: int,
+    shard_tokens: int,
     anchors: frozenset[int],
 ) -> Iterator[_Window]:
     window = _Window(run.start)
@@ -556,7 +596,8 @@ def _run_windows(
                 ids = ids[:max_length]
             window.ids.append(ids)
             window.rows += (1 if ids else 0) if last else len(ids)
-            if window.rows >= shard_rows or doc + 1 in anchors:
+            window.tokens += len(ids)
+            if window.rows >= shard_rows or window.tokens >= shard_tokens or doc + 1 in anchors:
                 if window.first >= run.own:
                     yield window
                 if doc + 1 >= run.until:
@@ -1161,6 +1202,7 @@ def extract(
     force: bool = False,
     model_name: str | None = None,
     shard_rows: int | None = None,
+    shard_tokens: int | None = None,
     queue_size: int = 2,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -1171,6 +1213,10 @@ def extract(
     token). Documents longer than ``max_length`` tokens (default: the model's context) are
     truncated and listed in the manifest. Values equal a capture of each document run alone:
     batches are padded on the right, with the attention mask and position ids from it.
+
+    A shard closes at ``shard_rows`` rows (default: about 64 MiB of values) or
+    ``shard_tokens`` tokens through the model (default 32,768), whichever comes first: an
+    interruption keeps every complete shard, and a rerun goes on from there.
 
     The folder may hold an unfinished run with the same settings: it is resumed. Other
     settings are refused unless ``force`` (which deletes the old extraction's files, never
@@ -1201,6 +1247,9 @@ def extract(
         raise ExtractionError(f"batch_size must be at least 1, got {batch_size}")
     if max_length is not None and max_length < 1:
         raise ExtractionError(f"max_length must be at least 1, got {max_length}")
+    for name, value in (("shard_rows", shard_rows), ("shard_tokens", shard_tokens)):
+        if value is not None and value < 1:
+            raise ExtractionError(f"{name} must be at least 1, got {value}")
     if tokenizer is None:
         raise ExtractionError(
             "this model has no tokenizer, so it cannot read text: load a folder or hub id that "
@@ -1277,7 +1326,12 @@ def extract(
     _barrier()
     done = _scan(folder, fingerprint)
     _barrier()  # nobody writes a shard before every rank has seen the same ones
-    before = sum(shard.rows for shard in done), sum(shard.tokens for shard in done)
+    earlier = {
+        "shards": len(done),
+        "documents": sum(shard.end - shard.first for shard in done),
+        "rows": sum(shard.rows for shard in done),
+        "tokens": sum(shard.tokens for shard in done),
+    }
     remaining = _remaining(done, docs.total)
     sizes = docs.weights()
     anchors = _anchors(sizes)
@@ -1295,6 +1349,7 @@ def extract(
             engine.last,
             rows_per_shard,
             anchors,
+            shard_tokens=shard_tokens,
         ),
         size=2,
         name="introspect-reader",
@@ -1304,16 +1359,19 @@ def extract(
     if rank == 0:
         done = _scan(folder, fingerprint)
         seconds = time.perf_counter() - started
-        rows_now = sum(shard.rows for shard in done) - before[0]
-        tokens_now = sum(shard.tokens for shard in done) - before[1]
+        tokens_now = sum(shard.tokens for shard in done) - earlier["tokens"]
         run = {
             "world_size": world,
             "batch_size": batch_size,
             "device": str(engine.device),
             "seconds": round(seconds, 3),
-            "rows": rows_now,
+            # What this run put through the model and wrote; "resumed": what earlier runs had.
+            "shards": len(done) - earlier["shards"],
+            "documents": docs.total - earlier["documents"],
+            "rows": sum(shard.rows for shard in done) - earlier["rows"],
             "tokens": tokens_now,
             "tokens_per_second": round(tokens_now / seconds, 1) if seconds > 0 else None,
+            "resumed": earlier,
         }
         _finish(folder, done, read_json(folder / PROGRESS), docs.total, run)
     _barrier()

@@ -1292,7 +1292,14 @@ def _extract_options(parser: argparse.ArgumentParser) -> None:
         "--shard-rows",
         type=_whole_number(1),
         metavar="N",
-        help="rows per shard file (default: about 256 MiB of values per shard)",
+        help="at most N rows per shard file (default: about 64 MiB of values)",
+    )
+    parser.add_argument(
+        "--shard-tokens",
+        type=_whole_number(1),
+        metavar="N",
+        help="at most N tokens through the model per shard (default: 32768); a shard is what "
+        "an interruption can lose, every complete one is kept",
     )
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bars (also: INTROSPECT_PROGRESS=0)"
@@ -1316,6 +1323,7 @@ def _extract_argv(args: argparse.Namespace) -> list[str]:
         ("--adapter", args.adapter),
         ("--model-dtype", args.model_dtype),
         ("--shard-rows", args.shard_rows),
+        ("--shard-tokens", args.shard_tokens),
     ):
         if value is not None:
             argv += [flag, str(value)]
@@ -1356,11 +1364,45 @@ def _extract_summary(out: str, manifest: dict[str, Any], note: str, *, ran: bool
         print(f"{len(empty):,} empty documents (no tokens, no rows; listed in manifest.json)")
     run = manifest.get("run") or {}
     if ran and run.get("tokens_per_second"):
-        print(
-            f"{run['tokens']:,} tokens through the model in {run['seconds']:.1f} s "
+        # This run's work, apart from the dataset's totals above: a resumed run did only part.
+        documents = run.get("documents")
+        of = f" of {_count(documents, 'document')}" if documents is not None else ""
+        line = (
+            f"this run: {_count(run['tokens'], 'token')}{of} through the model, "
+            f"{_count(run['rows'], 'row')} written, in {run['seconds']:.1f} s "
             f"({run['tokens_per_second']:,.0f} tokens/s, {run['world_size']} "
             f"process{'es' if run['world_size'] != 1 else ''})"
         )
+        resumed = run.get("resumed") or {}
+        if resumed.get("shards"):
+            line += (
+                f"; the other {_count(resumed['documents'], 'document')} "
+                f"({_count(resumed['rows'], 'row')}, {_count(resumed['shards'], 'shard')}) "
+                "were on disk from an earlier run"
+            )
+        print(line)
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 row``, ``2,048 rows``."""
+    return f"{n:,} {noun}{'s' if n != 1 else ''}"
+
+
+def _interrupted(out: str, settings: dict[str, Any] | None, total: int | None, force: bool) -> str:
+    """What an interrupted extraction kept in ``out``, and how to go on from there."""
+    from introspect._extract import kept
+
+    if settings is None:
+        return ""  # stopped before the inputs were read: nothing known yet
+    found = kept(out, settings)
+    again = "rerun the same command without --force" if force else "rerun the same command"
+    if not found or not found["shards"]:
+        return f"no shard was complete, nothing kept in {out}; {again} to start"
+    of = f" of {total:,}" if total is not None else ""
+    return (
+        f"{_count(found['shards'], 'complete shard')} kept in {out} ({found['documents']:,}"
+        f"{of} documents, {_count(found['rows'], 'row')}); {again} to resume from there"
+    )
 
 
 @command(
@@ -1384,6 +1426,8 @@ def _extract(args: argparse.Namespace) -> int:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    settings: dict[str, Any] | None = None
+    docs: Any = None
     try:
         for text in args.at:
             Locator.parse(text)  # a malformed locator is an error before anything is read
@@ -1440,6 +1484,7 @@ def _extract(args: argparse.Namespace) -> int:
                 force=args.force,
                 model_name=args.model,
                 shard_rows=args.shard_rows,
+                shard_tokens=args.shard_tokens,
                 progress=not args.no_progress,
             )
 
@@ -1453,6 +1498,14 @@ def _extract(args: argparse.Namespace) -> int:
             # Every rank prints its own error: say whose it is.
             raise type(exc)(f"rank {rank} of {world}: {exc}") from exc
         raise
+    except BaseException as exc:
+        # Ctrl-C (torchrun's launcher turns it into a SignalException): say what is kept.
+        if not isinstance(exc, KeyboardInterrupt) and type(exc).__name__ != "SignalException":
+            raise
+        if rank != 0:
+            raise KeyboardInterrupt from None  # rank 0 speaks for the run
+        total = docs.total if docs is not None else None
+        raise KeyboardInterrupt(_interrupted(args.out, settings, total, args.force)) from None
     if rank == 0:
         if args.json:
             print(json.dumps(manifest, indent=2, ensure_ascii=False))
@@ -2228,8 +2281,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"introspect: error: {_error_line(exc)}", file=sys.stderr)
             print("(run with --debug for the full traceback)", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("introspect: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # A command may say what its work left behind (extract: the shards kept).
+        detail = str(exc).strip()
+        print(f"introspect: interrupted{': ' + detail if detail else ''}", file=sys.stderr)
         return 130
 
 

@@ -430,6 +430,123 @@ def test_every_rank_cuts_its_shards_where_one_process_does(tmp_path: Path) -> No
     assert extract_module._anchors(sizes, 400)  # the cases above did place anchors
 
 
+def test_the_token_cap_cuts_shards_where_one_process_does(tmp_path: Path) -> None:
+    # --positions last: a shard of 64 MiB of rows would hold every document; the token cap
+    # closes it after so much work instead, at the same documents in every run and rank.
+    lines = _lines(90, seed=11, longest=60)
+    docs = read_inputs([_corpus(tmp_path, lines)])
+    sizes = docs.weights()
+    tokenize = extract_module._tokenizer_fn(CharTokenizer())
+
+    def cuts(share: list[tuple[int, int]], remaining: list[tuple[int, int]]) -> Any:
+        anchors = extract_module._anchors(sizes, 10**9)
+        runs = extract_module._runs(share, remaining, anchors)
+        windows = extract_module._windows(
+            runs, docs, tokenize, 30, True, 10**9, anchors, shard_tokens=200
+        )
+        return [(w.first, w.end, w.ids, w.tokens) for w in windows]
+
+    alone = cuts([(0, 90)], [(0, 90)])
+    assert len(alone) > 5
+    for _, _, ids, tokens in alone[:-1]:
+        assert tokens == sum(len(i) for i in ids) >= 200  # closed at the cap...
+        assert tokens - len(ids[-1]) < 200  # ...by its last document, not later
+    assert [w[0] for w in alone[1:]] == [w[1] for w in alone[:-1]]
+    done = [alone[i] for i in (0, 3)]
+    remaining = _remaining([extract_module._Done("x", w[0], w[1], 0, [], [], {}) for w in done], 90)
+    left = [w for w in alone if w not in done]
+    for world in (1, 2, 3):
+        parts = [cuts(_share(remaining, sizes, rank, world), remaining) for rank in range(world)]
+        assert [w for part in parts for w in part] == left
+
+
+def test_ctrl_c_says_what_is_kept_and_the_rerun_counts_its_own_work(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    corpus: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    argv = ["--input", str(corpus), "--text-field", "body", *ARGS, "--dtype", "float32"]
+    reference = tmp_path / "reference"
+    assert _extract_cli(capsys, *argv, "--out", str(reference))[0] == 0
+    shards = ActivationDataset(reference).manifest["shards"]
+    out = tmp_path / "acts"
+    real = extract_module._save_file
+    calls: list[str] = []
+
+    def interrupt_at(number: int) -> Any:
+        def save(tensors: Any, path: str, metadata: Any) -> None:
+            calls.append(path)
+            if len(calls) == number:
+                raise KeyboardInterrupt  # Ctrl-C while this shard is being written
+            real(tensors, path, metadata)
+
+        return save
+
+    monkeypatch.setattr(extract_module, "_save_file", interrupt_at(3))
+    code, stdout, err = _extract_cli(capsys, *argv, "--out", str(out))
+    docs, rows = shards[1]["docs"][1], shards[1]["rows"][1]
+    assert (code, stdout) == (130, "")
+    assert err == (
+        f"introspect: interrupted: 2 complete shards kept in {out} ({docs} of 16 documents, "
+        f"{rows} rows); rerun the same command to resume from there\n"
+    )
+    # With --force the same command would start over: the message says how to resume instead.
+    calls.clear()
+    monkeypatch.setattr(extract_module, "_save_file", interrupt_at(4))
+    code, _, err = _extract_cli(capsys, *argv, "--out", str(out), "--force")
+    assert code == 130
+    assert err.endswith("rerun the same command without --force to resume from there\n")
+    assert f"3 complete shards kept in {out} ({shards[2]['docs'][1]} of 16 documents" in err
+    # The rerun resumes, and says what it did apart from what the dataset holds.
+    monkeypatch.setattr(extract_module, "_save_file", real)
+    code, stdout, err = _extract_cli(capsys, *argv, "--out", str(out))
+    assert code == 0, err
+    _assert_same(ActivationDataset(out), ActivationDataset(reference), exact=True)
+    manifest = ActivationDataset(out).manifest
+    run, total = manifest["run"], manifest["rows"]
+    kept = shards[2]["rows"][1]
+    assert run["resumed"] == {
+        "shards": 3, "documents": shards[2]["docs"][1], "rows": kept, "tokens": kept,
+    }  # fmt: skip
+    assert (run["rows"], run["tokens"], run["shards"]) == (
+        total - kept,
+        total - kept,
+        len(shards) - 3,
+    )
+    assert run["documents"] == 16 - shards[2]["docs"][1]
+    dataset, this_run = stdout.splitlines()[:2]
+    assert dataset.startswith(f"wrote {out}: {total} rows (tokens) from 16 documents;")
+    assert this_run.startswith(
+        f"this run: {total - kept} tokens of {run['documents']} documents through the model, "
+        f"{total - kept} rows written, in "
+    )
+    assert this_run.endswith(
+        f"; the other {shards[2]['docs'][1]} documents ({kept} rows, 3 shards) were on disk "
+        "from an earlier run"
+    )
+
+
+def test_interrupted_before_any_shard_keeps_nothing_and_says_so(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    corpus: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(extract_module, "_save_file", interrupted)
+    out = tmp_path / "acts"
+    code, _, err = _extract_cli(capsys, "--input", str(corpus), "--text-field", "body", *ARGS,
+                                "--out", str(out))  # fmt: skip
+    assert code == 130
+    assert err == (
+        f"introspect: interrupted: no shard was complete, nothing kept in {out}; rerun the same "
+        "command to start\n"
+    )
+
+
 # -- inputs --------------------------------------------------------------------------------------
 
 
