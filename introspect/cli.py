@@ -1211,6 +1211,163 @@ def _attribute(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dla_options(parser: argparse.ArgumentParser) -> None:
+    _model_options(parser)
+    parser.add_argument("--prompt", required=True, help="the text to run the model on")
+    parser.add_argument(
+        "--target",
+        required=True,
+        metavar="TOKEN",
+        help="the token whose logit is taken apart: its exact text, leading space included "
+        "(e.g. ' Paris'), or its id",
+    )
+    parser.add_argument(
+        "-p",
+        "--position",
+        type=int,
+        default=-1,
+        metavar="N",
+        help="the prompt position whose next-token logit is taken apart; negative counts "
+        "from the end (default: -1, the last token)",
+    )
+    parser.add_argument(
+        "--per-head",
+        action="store_true",
+        help="one component per attention head (block[i].attn.head[h]) instead of one per "
+        "attention layer",
+    )
+    parser.add_argument(
+        "-n",
+        "--top",
+        type=_whole_number(1),
+        default=10,
+        help="how many components to list, largest first (default: %(default)s; --json and "
+        "--plot have them all)",
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="write a bar chart: every component's contribution, in the order the residual "
+        "stream adds them (red raises the logit, blue lowers it)",
+    )
+
+
+def _plot_dla(labels: Sequence[str], values: Sequence[float], path: Path, title: str) -> None:
+    """A bar per component, in stream order, written atomically to ``path``."""
+    import textwrap
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from introspect._lens import _save_atomically
+
+    count = len(labels)
+    width = min(18.0, max(5.0, 0.25 * count + 1.5))
+    fig = Figure(figsize=(width, 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    colours = ["#b2182b" if v >= 0 else "#2166ac" for v in values]
+    ax.bar(range(count), list(values), color=colours, width=0.8)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    step = max(1, math.ceil(count / 70))  # at most 70 names under the bars
+    ax.set_xticks(
+        range(0, count, step),
+        [labels[i] for i in range(0, count, step)],
+        rotation=90,
+        fontsize=7 if count > 24 else 8,
+    )
+    ax.set_xlim(-0.6, count - 0.4)
+    ax.set_ylabel("contribution to the logit")
+    ax.set_title(textwrap.fill(title, max(40, int(width * 11))), fontsize=10)
+    _save_atomically(fig, path, 150)
+
+
+@command(
+    "dla",
+    "direct logit attribution: what the embedding, each attention and MLP (or head) write "
+    "into one token's logit",
+    _dla_options,
+)
+def _dla(args: argparse.Namespace) -> int:
+    from introspect._errors import CaptureError
+
+    if not args.target:
+        raise CaptureError("--target is empty: pass a token's text (e.g. ' Paris') or its id")
+    plot = _plot_path(args.plot)
+
+    from introspect._attribution import direct_logit_attribution
+    from introspect._text import encode_prompt, show_token, token_strings
+
+    model, tokenizer, insp = _load(args)
+    inputs = encode_prompt(tokenizer, args.prompt, model)
+    tokens = token_strings(tokenizer, inputs["input_ids"][0])
+    if not -len(tokens) <= args.position < len(tokens):
+        raise CaptureError(
+            f"--position {args.position} is out of range for the prompt's "
+            f"{_count(len(tokens), 'token')} (use {-len(tokens)}..{len(tokens) - 1})"
+        )
+    position = args.position % len(tokens)
+    target = int(args.target) if args.target.isdigit() else args.target
+
+    def attribute() -> Any:
+        return direct_logit_attribution(
+            insp, inputs, target, position, per_head=args.per_head, tokenizer=tokenizer
+        )
+
+    try:
+        attribution = attribute()
+    except MissingPartError as exc:
+        if args.attn_implementation is not None or not _eager_needed(exc):
+            raise
+        model, tokenizer, insp = _reload_eager(args, exc)
+        inputs = encode_prompt(tokenizer, args.prompt, model)
+        attribution = attribute()
+    labels = list(attribution.labels)
+    values = [float(v) for v in attribution.values.tolist()]
+    name = show_token(token_strings(tokenizer, [attribution.token])[0])
+    here = f"position {position} ({show_token(tokens[position])})"
+    if plot is not None:
+        title = (
+            f"direct logit attribution: {args.model}, the logit of {name} at {here}: "
+            f"{attribution.logit:.3f}, the sum of the bars"
+        )
+        _plot_dla(labels, values, plot, title)
+    if args.json:
+        payload: dict[str, Any] = {
+            "model": args.model,
+            "prompt": args.prompt,
+            "tokens": tokens,
+            "target": {"text": args.target, "id": attribution.token},
+            "per_head": args.per_head,
+            **attribution.to_dict(),
+        }
+        if plot is not None:
+            payload["plot"] = str(plot)
+        print(json.dumps(payload, indent=2, ensure_ascii=False))
+        return 0
+    order = sorted(range(len(values)), key=lambda i: -abs(values[i]))
+    shown = order[: args.top]
+    print(
+        f"{args.model}: direct logit attribution of {name} (id {attribution.token}) at {here}, "
+        "the final norm's scale frozen"
+    )
+    which = "all of them" if len(shown) == len(values) else f"the {len(shown)} largest"
+    print(
+        f"its logit {attribution.logit:.4f} is the sum of {len(values)} components (max "
+        f"|diff| {attribution.max_diff:.2g}); {which}, largest first:"
+    )
+    print_table(
+        [[rank + 1, labels[i], f"{values[i]:+.4f}"] for rank, i in enumerate(shown)],
+        ["rank", "component", "contribution"],
+    )
+    rest = order[args.top :]
+    if rest:
+        print(f"the other {len(rest)} components sum to {sum(values[i] for i in rest):+.4f}")
+    if plot is not None:
+        print(f"wrote {plot}")
+    return 0
+
+
 def _extract_options(parser: argparse.ArgumentParser) -> None:
     _model_argument(parser)
     parser.add_argument(

@@ -111,6 +111,7 @@ def _heavy_imports(stderr: str) -> set[str]:
         (["inspect", "./no-such-model"], "no such folder './no-such-model'"),
         (["lens", "toy-gpt2", "--prompt", ""], "the prompt is empty"),
         (["lens", "toy-gpt2", "--prompt", "Hi", "--plot", "lens.txt"], "must end in .png"),
+        (["dla", "toy-gpt2", "--prompt", "Hi", "--target", ""], "--target is empty"),
     ],
 )  # fmt: skip
 def test_names_and_arguments_are_checked_before_torch_imports(
