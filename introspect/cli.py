@@ -251,7 +251,13 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="run on this device, e.g. cuda or cpu (default: cpu)")
     _device_map_option(parser)
     parser.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], help="cast the weights first"
+        "--dtype",
+        "--model-dtype",
+        dest="dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="the weights' dtype: cast the model's weights to it once loaded (default: as "
+        "loaded); in extract, --dtype is the dtype activations are stored in and "
+        "--model-dtype this one",
     )
     parser.add_argument(
         "--attn-implementation",
@@ -1412,7 +1418,8 @@ def _extract_options(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=["float16", "bfloat16", "float32"],
         default="float16",
-        help="the dtype the activations are stored in (default: float16)",
+        help="the storage dtype: activations are written to DIR in it (default: float16); it "
+        "does not touch the weights, --model-dtype casts those",
     )
     parser.add_argument(
         "--text-field",
@@ -1443,7 +1450,8 @@ def _extract_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-dtype",
         choices=["float32", "bfloat16", "float16"],
-        help="cast the weights first (default: as loaded)",
+        help="the weights' dtype: cast the model's weights to it once loaded (default: as "
+        "loaded; what --dtype means in the other commands)",
     )
     parser.add_argument(
         "--shard-rows",

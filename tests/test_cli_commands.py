@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -329,3 +330,45 @@ def test_lens_plot_checks_the_path_first(
         capsys, "lens", "toy-gpt2", "--prompt", "hi", "--plot", str(tmp_path / "x.txt")
     )
     assert code == 1 and "must end in .png, .svg or .pdf" in error_line(err)
+
+
+# -- --dtype: the weights' dtype, except in extract --------------------------------------------
+
+
+def _option_help(command: str, option: str) -> str:
+    from introspect.cli import build_parser
+
+    subs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    action = next(a for a in subs.choices[command]._actions if option in a.option_strings)
+    return " ".join(str(action.help).split())
+
+
+@pytest.mark.parametrize("command", ["inspect", "lens", "attribute", "dla", "sae eval"])
+def test_dtype_is_the_weights_dtype_and_says_so(command: str) -> None:
+    from introspect.cli import build_parser
+
+    subs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = subs.choices[command.split()[0]]
+    if " " in command:  # a sub-command of its own
+        inner = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = inner.choices[command.split()[1]]
+    action = next(a for a in parser._actions if "--dtype" in a.option_strings)
+    assert action.option_strings == ["--dtype", "--model-dtype"]  # one spelling everywhere
+    assert str(action.help).startswith("the weights' dtype: cast the model's weights to it")
+
+
+def test_extract_dtype_is_the_storage_dtype_and_says_so() -> None:
+    stored = _option_help("extract", "--dtype")
+    weights = _option_help("extract", "--model-dtype")
+    assert stored.startswith("the storage dtype: activations are written to DIR in it")
+    assert "does not touch the weights, --model-dtype casts those" in stored
+    assert weights.startswith("the weights' dtype: cast the model's weights to it")
+
+
+def test_model_dtype_casts_the_weights_in_every_command(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for flag in ("--dtype", "--model-dtype"):
+        code, out, err = run_command(capsys, "inspect", "toy-gpt2", flag, "bfloat16", "--json")
+        assert code == 0, err
+        assert json.loads(out)["dtype"] == "bfloat16"
