@@ -1770,6 +1770,13 @@ def _train_sae_options(parser: argparse.ArgumentParser) -> None:
         help="steps between checkpoints (default: 500)",
     )
     parser.add_argument(
+        "--skip-first",
+        type=_whole_number(0),
+        default=0,
+        metavar="N",
+        help="train on the tokens at position N and later of each document only: 1 leaves out the first token, an attention sink on many models (default: 0)",
+    )
+    parser.add_argument(
         "--force",
         action="store_true",
         help="start over instead of resuming the run (or keeping the SAE) in SAE_DIR",
@@ -1845,6 +1852,7 @@ def _train_sae(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         resume=not args.force,
         progress=not args.no_progress,
+        skip_first=args.skip_first,
     )
     kept = before is not None and _stamp(config) == before  # not written again
     training = dict(sae.metadata.get("training", {}))
@@ -1894,6 +1902,13 @@ def _train_sae(args: argparse.Namespace) -> int:
 
 def _sae_eval_options(parser: argparse.ArgumentParser) -> None:
     _model_options(parser)
+    parser.add_argument(
+        "--skip-first",
+        type=_whole_number(0),
+        default=0,
+        metavar="N",
+        help="leave the first N positions of each sequence alone: not spliced, not ablated, not counted (as an SAE trained with --skip-first N expects; default: 0)",
+    )
     parser.add_argument(
         "sae",
         metavar="SAE_DIR",
@@ -2046,7 +2061,7 @@ def _sae_eval(args: argparse.Namespace) -> int:
     batches = _sae_batches(
         tokenizer, texts, model, batch_size=args.batch_size, max_length=args.max_length
     )
-    result = evaluate_sae(insp, sae, batches, at=loc)
+    result = evaluate_sae(insp, sae, batches, at=loc, skip_first=args.skip_first)
     fields = dataclasses.asdict(result)
     if args.json:
         payload = {

@@ -155,6 +155,28 @@ def test_eval_json_is_the_librarys_evaluation(
         assert shown[name] == pytest.approx(getattr(expected, name), rel=1e-5, abs=1e-6), name
 
 
+def test_skip_first_reaches_training_and_evaluation(
+    capsys: pytest.CaptureFixture[str], work: Work, tmp_path: Path
+) -> None:
+    code, _, err = run_command(
+        capsys, *_train(work, tmp_path / "s", "--steps", "2", "--skip-first", "1")
+    )
+    assert code == 0, err
+    sae = load_sae(tmp_path / "s")
+    assert sae.metadata["training"]["settings"]["skip_first"] == 1
+    prompt = "The quick brown fox jumps."
+    argv = ["sae", "eval", "toy-gpt2", str(tmp_path / "s"), "--json", "--prompt", prompt]
+    code, out, err = run_command(capsys, *argv, "--skip-first", "2")
+    assert code == 0, err
+    shown = json.loads(out)
+    model, tokenizer = load_model("toy-gpt2", progress=False)
+    ids = {"input_ids": torch.tensor([tokenizer(prompt)["input_ids"]])}
+    expected = evaluate_sae(Inspector(model), sae, ids, skip_first=2)
+    assert shown["tokens"] == expected.tokens == ids["input_ids"].shape[1] - 2
+    for name in METRICS:
+        assert shown[name] == pytest.approx(getattr(expected, name), rel=1e-5, abs=1e-6), name
+
+
 def test_eval_at_another_site(capsys: pytest.CaptureFixture[str], work: Work) -> None:
     argv = ["sae", "eval", "toy-gpt2", str(work.folder / "sae"), "--prompt", "Hello there, fox."]
     code, out, err = run_command(capsys, *argv, "--at", "block[1]", "--json")
