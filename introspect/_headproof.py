@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 from introspect._errors import MissingPartError
-from introspect._heads import CORE_SITES, HeadTap, attention_pattern, attention_scores, eager
+from introspect._heads import (
+    CORE_SITES,
+    HeadTap,
+    attention_pattern,
+    attention_scores,
+    eager,
+    rotate,
+)
 from introspect._proof import (
     Check,
     Proof,
@@ -223,7 +230,8 @@ def head_checks(
                 continue
             indices, taps = list(by_block), list(by_block.values())
             core = taps[0].why_not("pattern") is None
-            sites = ["z", "result", "o", *(sorted(CORE_SITES) if core else [])]
+            readable = [s for s in sorted(CORE_SITES) if core and taps[0].why_not(s) is None]
+            sites = ["z", "result", "o", *readable]
             names = [f"{prefix}block[{i}].{part}.{s}" for i in indices for s in sites]
             reference = None
             if core:
@@ -233,13 +241,16 @@ def head_checks(
                 reference = out.get(field_name) if hasattr(out, "get") else None
             for tap in taps:
                 tap.arguments = [] if core else None
+                tap.rotations = [] if "q_pre" in readable else None
             try:
                 with torch.no_grad(), insp.capture(*names) as cap:
                     model(**inputs)
             finally:
                 calls = [tap.arguments or [] for tap in taps]
+                rotations = [tap.rotations or [] for tap in taps]
                 for tap in taps:
                     tap.arguments = None
+                    tap.rotations = None
             # A hybrid's output_attentions holds its attention blocks only, in block order.
             per_block = reference is not None and len(reference) == n
             for ordinal, (i, tap) in enumerate(by_block.items()):
@@ -268,6 +279,19 @@ def head_checks(
                 if not core:
                     continue
                 pattern = cap[f"{where}.pattern"].output
+                sinks = getattr(tap.core, "sinks", None)
+                scores = cap[f"{where}.scores"].output if "scores" in readable else None
+                if scores is not None:
+                    softmax = attention_pattern(scores, sinks).to(pattern.dtype)
+                    add(
+                        Check(
+                            f"{where}: softmax(scores) == pattern",
+                            close(softmax, pattern, atol, rtol),
+                            diff(softmax, pattern),
+                        )
+                    )
+                if "q_pre" in readable:
+                    add(_rotary_check(where, cap, rotations[ordinal], atol, rtol))
                 j = i if per_block else ordinal
                 theirs = reference[j] if reference is not None and j < len(reference) else None
                 ok = theirs is not None and close(pattern, theirs, atol, rtol)
@@ -309,12 +333,16 @@ def head_checks(
                 if tap.inline:
                     continue  # its terms (mask, ALiBi, ...) are inline: stated, not passed
                 arguments = calls[ordinal][0] if calls[ordinal] else {}
-                sinks = getattr(tap.core, "sinks", None)
                 causal = bool(getattr(tap.core, "is_causal", False))
-                mine = recompute_pattern(q, k, arguments, sinks, causal).to(pattern.dtype)
+                recomputed = attention_scores(q, k, arguments, causal)
+                mine = attention_pattern(recomputed, sinks).to(pattern.dtype)
                 # A padding query attends to nothing real: models differ in how they fill
                 # such a row (uniform over all keys or over some), so only real queries count.
                 real = _real_queries(inputs, stack, insp.adapter, pattern)
+                if scores is not None:
+                    add(
+                        _scores_check(where, scores, recomputed, real, atol, rtol, head_spec.scores)
+                    )
                 add(
                     Check(
                         f"{where}.pattern == softmax(q·kᵀ·scaling + mask) (real queries)",
@@ -345,6 +373,58 @@ def head_checks(
                 )
             )
     return checks
+
+
+def _scores_check(
+    where: str,
+    scores: torch.Tensor,
+    recomputed: torch.Tensor,
+    real: torch.Tensor,
+    atol: float,
+    rtol: float,
+    stated: str,
+) -> Check:
+    """The captured scores against those recomputed from q, k and the attention's arguments,
+    on real queries: the same keys masked (the dtype's lowest value, or -inf where two masks
+    add up), the same values elsewhere."""
+    lowest = torch.finfo(recomputed.dtype).min / 2
+    kept = real & (recomputed > lowest)
+    same_mask = torch.equal(recomputed[real] > lowest, scores[real].to(recomputed.dtype) > lowest)
+    ours, theirs = recomputed[kept], scores[kept].to(recomputed.dtype)
+    return Check(
+        f"{where}.scores == q·kᵀ·scaling + mask (real queries, unmasked keys)",
+        same_mask and close(ours, theirs, atol, rtol),
+        diff(ours, theirs),
+        stated if same_mask else "the masked keys differ",
+    )
+
+
+def _rotary_check(
+    where: str, cap: Any, found: Sequence[dict[str, Any]], atol: float, rtol: float
+) -> Check:
+    """``q == rotary(q_pre)`` and ``k == rotary(k_pre)`` with the model's own rotary function
+    and the arguments (cos, sin) it was called with; ``q_pre == q``, ``k_pre == k`` exactly
+    where no rotary function ran."""
+    q_pre, k_pre = cap[f"{where}.q_pre"].output, cap[f"{where}.k_pre"].output
+    q, k = cap[f"{where}.q"].output, cap[f"{where}.k"].output
+    spans = found[0] if found else {"q": [], "k": []}
+    if not spans["q"] and not spans["k"]:
+        same = torch.equal(q_pre, q) and torch.equal(k_pre, k)
+        return Check(
+            f"{where}: q_pre == q, k_pre == k (no rotary embedding here)",
+            same,
+            diff(q_pre, q) + diff(k_pre, k),
+        )
+    again_q = rotate(q_pre.transpose(1, 2), spans["q"]).transpose(1, 2)
+    again_k = rotate(k_pre.transpose(1, 2), spans["k"]).transpose(1, 2)
+    new_k = k[:, k.shape[1] - k_pre.shape[1] :]
+    rotated = [f"{s.width} of {q.shape[-1]} dims" for s in spans["q"][:1]]
+    return Check(
+        f"{where}: q == rotary(q_pre), k == rotary(k_pre) (the model's rotary function)",
+        close(again_q, q, atol, rtol) and close(again_k, new_k, atol, rtol),
+        max(diff(again_q, q), diff(again_k, new_k)),
+        f"rotary on {rotated[0]}" if rotated else "",
+    )
 
 
 def _real_queries(

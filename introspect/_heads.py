@@ -1,6 +1,7 @@
 """Attention heads: the places inside an attention module where heads can be read and edited.
 
-A head locator (``block[i].attn.q``, ``.k``, ``.v``, ``.pattern``, ``.z``, ``.result``) names
+A head locator (``block[i].attn.q_pre``, ``.k_pre``, ``.q``, ``.k``, ``.v``, ``.scores``,
+``.pattern``, ``.z``, ``.result``) names
 a value that passes *inside* the attention module, not a module. Each is given a
 :class:`HeadSite`: an identity module that the value is passed through while a capture or an
 edit uses it, so that the hook engine records and edits it exactly as it records and edits a
@@ -24,8 +25,19 @@ Where the values pass through a site, per attention module (a :class:`HeadTap`):
   inside it): the scores matmul gives ``q`` and ``k``, the softmax ``pattern``, the values
   matmul ``v``.
 - ``pattern`` needs the attention weights, which only eager attention computes: while a
-  ``pattern`` site is in use the model's config is switched to ``eager`` (so its masks are
-  built for eager too) and restored afterwards.
+  ``pattern`` or ``scores`` site is in use the model's config is switched to ``eager`` (so its
+  masks are built for eager too) and restored afterwards.
+- ``scores``: what the eager attention function hands its softmax (:class:`_Scores`, a
+  ``TorchFunctionMode`` active only inside that call; inline: the input of the softmax the
+  trace sees). Masked entries hold what the model put there: ``torch.finfo(dtype).min`` in
+  transformers' eager attention, ``-inf`` where a modeling file adds two masks (GPT-Neo; GPT-2
+  on 4.x), ``min / scale_attn`` where it scales after masking (CodeGen on 4.x). Read-only.
+- ``q_pre``, ``k_pre``: the queries and keys before the rotary embedding, read where ``q`` and
+  ``k`` are: what each rotary function of the modeling file (``apply_*rotary*``, wrapped while a
+  site is in use) returned is found in ``q``/``k`` and replaced by what it received
+  (:meth:`HeadTap.before_rotary`). They are ``q``/``k`` where no rotary function ran, and after
+  any q/k norm (what the rotary function receives). An edit of ``q_pre`` is rotated again by
+  the same function and arguments; ``k_pre`` is read-only (a KV cache holds the rotated keys).
 
 Nothing is left on the model once the last capture or edit that uses a site exits.
 """
@@ -34,9 +46,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import numbers
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from threading import RLock, get_ident
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -53,8 +68,12 @@ from introspect._spec import HeadSpec
 
 __all__ = [
     "CORE_SITES",
+    "EAGER_SITES",
     "HEAD_AXIS",
     "IMPLEMENTATION",
+    "KV_SITES",
+    "QUERY_KEY_SITES",
+    "READ_ONLY_SITES",
     "SITES",
     "HeadSite",
     "HeadTap",
@@ -66,14 +85,44 @@ __all__ = [
     "head_site",
     "head_tap",
     "heads_in_range",
+    "rotary_functions",
+    "rotate",
 ]
 
-SITES = ("q", "k", "v", "pattern", "z", "result")
+SITES = ("q_pre", "k_pre", "q", "k", "v", "scores", "pattern", "z", "result")
 """The head values, in the order a forward computes them."""
-CORE_SITES = frozenset({"q", "k", "v", "pattern"})
+CORE_SITES = frozenset({"q_pre", "k_pre", "q", "k", "v", "scores", "pattern"})
 """The values read from the attention function (the others from the output projection)."""
-HEAD_AXIS = {"q": 2, "k": 2, "v": 2, "z": 2, "result": 2, "pattern": 1}
+EAGER_SITES = frozenset({"scores", "pattern"})
+"""The values only eager attention computes: the model runs eager while one is in use."""
+KV_SITES = frozenset({"k_pre", "k", "v"})
+"""The values counted in key/value heads (``num_kv_heads``), the others in query heads."""
+QUERY_KEY_SITES = frozenset({"scores", "pattern"})
+"""The values laid out ``[batch, heads, query, key]``: no sequence axis first, so positions=
+cannot be placed on them and they have no mean over inputs."""
+HEAD_AXIS = {
+    "q_pre": 2,
+    "k_pre": 2,
+    "q": 2,
+    "k": 2,
+    "v": 2,
+    "z": 2,
+    "result": 2,
+    "scores": 1,
+    "pattern": 1,
+}
 """Which axis of each value counts heads (``pattern`` is ``[batch, heads, query, key]``)."""
+READ_ONLY_SITES = {
+    "scores": (
+        "edit block[i].attn.pattern (the weights the softmax gives), or q/k, instead: edits of "
+        "the scores themselves are not supported"
+    ),
+    "k_pre": (
+        "an edit before the rotary embedding would not reach the keys a KV cache already holds; "
+        "edit k (after the rotary embedding) or q_pre instead"
+    ),
+}
+"""The head values that can be read but not edited, with what to edit instead."""
 IMPLEMENTATION = "introspect_heads"
 """The attention implementation name a tapped module's config copy carries."""
 
@@ -83,6 +132,13 @@ _CORES: WeakKeyDictionary[nn.Module, HeadTap] = WeakKeyDictionary()
 _EAGER: dict[int, list[Any]] = {}
 """id(config) -> [config, users, implementation before the switch to eager]."""
 _REGISTERED = False
+_ROTATING: dict[int, list[HeadTap]] = {}
+"""thread id -> the taps whose attention runs now in that thread with q_pre or k_pre in use
+(innermost last): the rotary functions note their calls there."""
+_PATCHED: dict[tuple[int, str], list[Any]] = {}
+"""(id(module globals), name) -> [globals, the rotary function, its wrapper, users]."""
+_ROTARY_NAME = re.compile(r"^_?apply_\w*(?:rotary|rope)", re.IGNORECASE)
+"""The modeling files' rotary functions (apply_rotary_pos_emb, apply_rotary_emb, ...)."""
 
 
 class HeadSite(nn.Module):
@@ -95,12 +151,24 @@ class HeadSite(nn.Module):
         (True, False)
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, label: str = "block[i].attn") -> None:
         super().__init__()
         self.name = name
+        self.label = label
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return hidden_states
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # An edit wraps a site by setting its forward (before any forward runs): a value that
+        # cannot be edited is refused here, where every edit verb passes.
+        if name == "forward" and self.__dict__.get("name") in READ_ONLY_SITES:
+            site = self.__dict__["name"]
+            raise InterventionError(
+                f"{self.__dict__['label']}.{site} can be read but not edited: "
+                f"{READ_ONLY_SITES[site]}"
+            )
+        super().__setattr__(name, value)
 
     def active(self) -> bool:
         """Whether a capture hooks this site or an edit wraps it (else it is not called)."""
@@ -266,7 +334,7 @@ class HeadTap:
         self.attn = attn
         self.spec = spec
         self.label = label
-        self.sites = {name: HeadSite(name) for name in SITES}
+        self.sites = {name: HeadSite(name, label) for name in SITES}
         core: nn.Module | None = attn
         if spec.core:
             core = get_path(attn, spec.core)
@@ -305,10 +373,21 @@ class HeadTap:
         self._eager_config: Any = None
         self._ran: dict[int, bool] = {}
         self._modes: dict[int, _Trace] = {}
+        self.rotary: tuple[tuple[dict[str, Any], str], ...] = (
+            rotary_functions(core) if core is not None else ()
+        )
+        """The rotary functions ``core``'s forward calls, as (module globals, name)."""
+        self._pre_users = 0
+        self._rotary_handles: list[Any] = []
+        self._rotary_calls: dict[int, list[_RotaryCall]] = {}
         self.arguments: list[dict[str, Any]] | None = None
         """Set to a list to keep what each call gave the attention function (the mask, the
         scaling and the other keyword arguments): the conformance checks recompute the
         pattern from them. ``None`` (the default) keeps nothing."""
+        self.rotations: list[dict[str, list[_Span]]] | None = None
+        """Set to a list to keep, for each call that reads q_pre or k_pre, where the rotary
+        functions' values were found (``{"q": spans, "k": spans}``): the conformance checks
+        rotate q_pre again with them. ``None`` (the default) keeps nothing."""
 
     # -- what a site needs --------------------------------------------------------------------
 
@@ -320,7 +399,7 @@ class HeadTap:
             if self.core is None:
                 return f"the head layout names core={self.spec.core!r}, which is missing"
 
-        if site == "pattern" and self.core is not None:
+        if site in EAGER_SITES and self.core is not None:
             fixed = fixed_implementation(self.core)
             if fixed is not None:
                 import transformers
@@ -329,7 +408,16 @@ class HeadTap:
                     f"{type(self.core).__name__} was built for {fixed} attention when the model "
                     f"loaded (transformers {transformers.__version__} picks this class then), "
                     "which computes no attention weights: load the model with "
-                    "attn_implementation='eager' to read patterns (q, k and v work as loaded)"
+                    "attn_implementation='eager' to read scores and patterns (q, k and v work "
+                    "as loaded)"
+                )
+        if site in ("q_pre", "k_pre") and self.core is not None and not self.rotary:
+            hint = _rotary_hint(self.core)
+            if hint is not None:
+                return (
+                    f"{type(self.core).__name__} {hint}, but its forward calls no "
+                    "apply_*rotary*/apply_*rope* function of its modeling file, where the values "
+                    "before the rotary embedding are read"
                 )
         if site == "result" and self._per_head is None:
             return f"the output projection {type(self.projection).__name__} has no 2-D weight"
@@ -354,9 +442,13 @@ class HeadTap:
             if self._core_users == 0:
                 self._install_core()
             self._core_users += 1
-            if site == "pattern":
+            if site in EAGER_SITES:
                 _switch_eager(self._real_config)
                 self._eager_config = self._real_config
+            if site in ("q_pre", "k_pre"):
+                if self._pre_users == 0:
+                    self._install_rotary()
+                self._pre_users += 1
         else:
             if self._o_users == 0:
                 self._o_handles = [
@@ -367,7 +459,11 @@ class HeadTap:
 
     def _release(self, site: str) -> None:
         if site in CORE_SITES:
-            if site == "pattern":
+            if site in ("q_pre", "k_pre"):
+                self._pre_users -= 1
+                if self._pre_users == 0:
+                    self._remove_rotary()
+            if site in EAGER_SITES:
                 _restore_eager(self._eager_config)
             self._core_users -= 1
             if self._core_users == 0:
@@ -413,6 +509,126 @@ class HeadTap:
             core.config = self._real_config
         _CORES.pop(core, None)
         self._real_config = None
+
+    # -- before the rotary embedding ----------------------------------------------------------
+
+    def _install_rotary(self) -> None:
+        core = self.core
+        assert core is not None
+        self._rotary_handles = [
+            core.register_forward_pre_hook(self._rotary_enter),
+            core.register_forward_hook(self._rotary_leave, always_call=True),
+        ]
+        _patch_rotary(self.rotary)
+
+    def _remove_rotary(self) -> None:
+        for handle in self._rotary_handles:
+            handle.remove()
+        self._rotary_handles = []
+        _unpatch_rotary(self.rotary)
+
+    def _rotary_enter(self, module: nn.Module, args: Any) -> None:
+        thread = get_ident()
+        _ROTATING.setdefault(thread, []).append(self)
+        self._rotary_calls[thread] = []
+
+    def _rotary_leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        thread = get_ident()
+        stack = _ROTATING.get(thread, [])
+        if stack and stack[-1] is self:
+            stack.pop()
+        if not stack:
+            _ROTATING.pop(thread, None)
+        self._rotary_calls.pop(thread, None)
+
+    def note_rotary(self, function: Any, args: tuple[Any, ...], kwargs: Any, out: Any) -> None:
+        """Keep what a rotary function received and returned while this attention runs."""
+        calls = self._rotary_calls.get(get_ident())
+        if calls is None:
+            return
+        outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        pairs: list[tuple[int, torch.Tensor, torch.Tensor]] | None = []
+        for i, returned in enumerate(outs):
+            received = args[i] if i < len(args) else None
+            if not (
+                isinstance(received, torch.Tensor)
+                and isinstance(returned, torch.Tensor)
+                and received.shape == returned.shape
+                and received.dim() == 4
+            ):
+                pairs = None  # not "each value rotated in place of what it received"
+                break
+            assert pairs is not None
+            pairs.append((i, received, returned))
+        calls.append(_RotaryCall(function, args, dict(kwargs), pairs))
+
+    def before_rotary(
+        self, query: torch.Tensor, key: torch.Tensor, repeated: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``query`` ``[b, heads, s, d]`` and ``key`` ``[b, kv, t, d]`` (``[b, heads, t, d]``
+        where ``repeated``: copied to every query head of its group) passed through ``q_pre``
+        and ``k_pre`` (the values before the rotary embedding), back as the model goes on.
+
+        What a rotary function returned is found, exactly, in ``query`` or ``key`` (the last
+        positions of ``key`` under a KV cache; all of each head or a part, first or last); the
+        value before it is ``query``/``key`` with those dimensions replaced by what the function
+        received. An edit of ``q_pre`` is rotated again by the same function with the same
+        arguments (cos, sin).
+        """
+        calls = self._rotary_calls.get(get_ident(), [])
+        group = self.heads // self.kv_heads if repeated and self.kv_heads < self.heads else 1
+        keys = key[:, ::group] if group > 1 else key
+        spans: dict[str, list[_Span]] = {"q": [], "k": []}
+        for call in calls:
+            name = getattr(call.function, "__name__", type(call.function).__name__)
+            if call.pairs is None:
+                raise CaptureError(
+                    f"{self.label}: the rotary function {name} did not return one rotated value "
+                    "per value it received (each shaped alike), so q_pre and k_pre cannot be read"
+                )
+            for index, received, returned in call.pairs:
+                for role, value in (("q", query), ("k", keys)):
+                    found = _locate(value, returned)
+                    if found is not None:
+                        spans[role].append(_Span(call, index, received, *found))
+                        break
+                else:
+                    raise CaptureError(
+                        f"{self.label}: what {name} returned is not found in the queries or keys "
+                        "the attention received (the model changes them after the rotary "
+                        "embedding), so q_pre and k_pre cannot be read"
+                    )
+        if self.rotations is not None:
+            self.rotations.append(spans)
+        sites = self.sites
+        if sites["q_pre"].active():
+            if not spans["q"]:
+                query = sites["q_pre"](query.transpose(1, 2)).transpose(1, 2)
+            else:
+                pre = _unrotate(query, spans["q"])
+                shown = pre.transpose(1, 2)
+                new = sites["q_pre"](shown)
+                if new is not shown:
+                    query = rotate(new.transpose(1, 2), spans["q"]).to(query.dtype)
+                elif in_graph(shown):
+                    # Unedited under autograd: the model keeps its numbers, its gradient flows
+                    # through the record (rotated again, as the model rotated it).
+                    through = rotate(shown.transpose(1, 2), spans["q"]).to(query.dtype)
+                    query = ValueFrom.apply(query, through)  # type: ignore[no-untyped-call]
+        if sites["k_pre"].active():
+            seen = spans["k"][0].seq if spans["k"] else keys.shape[2]
+            tail = keys[:, :, keys.shape[2] - seen :]
+            pre = _unrotate(tail, spans["k"])
+            shown = pre.transpose(1, 2)
+            sites["k_pre"](shown)  # read only: an edit is refused before any forward
+            if spans["k"] and in_graph(shown):
+                through = rotate(shown.transpose(1, 2), spans["k"]).to(key.dtype)
+                if seen < keys.shape[2]:  # the cached keys keep their own path
+                    through = torch.cat([keys[:, :, : keys.shape[2] - seen], through], dim=2)
+                if group > 1:
+                    through = through.repeat_interleave(group, dim=1)
+                key = ValueFrom.apply(key, through)  # type: ignore[no-untyped-call]
+        return query, key
 
     # -- the forward --------------------------------------------------------------------------
 
@@ -516,13 +732,27 @@ class HeadTap:
                 f"{self.heads} and {self.kv_heads} of width {self.head_dim}: the adapter's "
                 "HeadSpec is wrong for this model"
             )
+        if sites["q_pre"].active() or sites["k_pre"].active():
+            query, key = self.before_rotary(query, key)
         if sites["q"].active():
             query = sites["q"](query.transpose(1, 2)).transpose(1, 2)
         if sites["k"].active():
             key = sites["k"](key.transpose(1, 2)).transpose(1, 2)
         if sites["v"].active():
             value = sites["v"](value.transpose(1, 2)).transpose(1, 2)
-        out, weights = function(module, query, key, value, attention_mask, *args, **kwargs)
+        if sites["scores"].active():
+            shape = (query.shape[0], heads, query.shape[2], key.shape[2])
+            with _Scores(sites["scores"], shape, getattr(module, "sinks", None)) as mode:
+                out, weights = function(module, query, key, value, attention_mask, *args, **kwargs)
+            if not mode.seen:
+                raise CaptureError(
+                    f"{self.label}.scores: the attention function "
+                    f"{getattr(function, '__name__', function)!r} took no softmax of "
+                    f"{list(shape)} scores, where the scores are read; load the model with "
+                    "attn_implementation='eager'"
+                )
+        else:
+            out, weights = function(module, query, key, value, attention_mask, *args, **kwargs)
         if sites["pattern"].active():
             if weights is None:
                 raise CaptureError(
@@ -589,6 +819,58 @@ _MATMULS = {
     torch.Tensor.baddbmm,
 }
 _SOFTMAXES = {torch.softmax, torch.Tensor.softmax, nn.functional.softmax}
+_CATS = {torch.cat, torch.concat, torch.concatenate}
+_QKV = ("query", "key", "value")
+
+
+class _Scores(TorchFunctionMode):
+    """Follows an eager attention function to its softmax and passes the scores it takes
+    (``[batch, heads, query, key]``) through the ``scores`` site.
+
+    Where the module has attention sinks (GPT-OSS: one extra logit per head joins the softmax
+    and is dropped after it), the scores are the first operand of the concatenation that adds
+    that column, before the softmax's overflow guard subtracts the row maximum.
+    """
+
+    def __init__(self, site: HeadSite, shape: tuple[int, ...], sinks: Any) -> None:
+        super().__init__()
+        self.site = site
+        self.shape = shape
+        self.sinks = isinstance(sinks, torch.Tensor)
+        self.seen = False
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = dict(kwargs or {})
+        if self.seen:
+            return func(*args, **kwargs)
+        values = list(args)
+        if func in _CATS and self.sinks:
+            tensors = values[0] if values else kwargs.get("tensors")
+            dim = values[1] if len(values) > 1 else kwargs.get("dim", 0)
+            if (
+                isinstance(tensors, (list, tuple))
+                and tensors
+                and isinstance(tensors[0], torch.Tensor)
+                and tuple(tensors[0].shape) == self.shape
+                and dim in (-1, len(self.shape) - 1)
+            ):
+                self.seen = True
+                joined = [self.site(tensors[0]), *tensors[1:]]
+                if values:
+                    values[0] = joined
+                else:
+                    kwargs["tensors"] = joined
+        elif func in _SOFTMAXES and not self.sinks:
+            scores = values[0] if values else kwargs.get("input")
+            if isinstance(scores, torch.Tensor) and tuple(scores.shape) == self.shape:
+                self.seen = True
+                if values:
+                    values[0] = self.site(scores)
+                else:
+                    kwargs["input"] = self.site(scores)
+        return func(*values, **kwargs)
 
 
 class _Trace(TorchFunctionMode):
@@ -621,7 +903,15 @@ class _Trace(TorchFunctionMode):
             if func in _MATMULS and self.stage in (0, 2):
                 return self._matmul(func, args, kwargs)
             elif func in _SOFTMAXES and self.stage == 1:
-                out = func(*args, **kwargs)
+                values = list(args)
+                scores = values[0] if values else kwargs.get("input")
+                if isinstance(scores, torch.Tensor) and scores.dim() in (3, 4):
+                    new_scores = self._pass("scores", scores, key_axis=True)
+                    if values:
+                        values[0] = new_scores
+                    else:
+                        kwargs["input"] = new_scores
+                out = func(*values, **kwargs)
                 new = self._pass("pattern", out, key_axis=True)
                 self.stage = 2
                 return new
@@ -633,13 +923,16 @@ class _Trace(TorchFunctionMode):
     def _sdpa(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """q, k and v of a ``scaled_dot_product_attention`` call (it computes no pattern)."""
         values = list(args)
-        for index, name in enumerate(("query", "key", "value")):
+        given: list[torch.Tensor] = []
+        for index, name in enumerate(_QKV):
             found = kwargs.get(name, values[index] if index < len(values) else None)
             if not isinstance(found, torch.Tensor) or found.dim() != 4:
                 return func(*values, **kwargs)
-            if index == 0:
-                self.batch = found.shape[0]
-            new = self._pass(name[0], found)
+            given.append(found)
+        self.batch = given[0].shape[0]
+        rotated = self._before_rotary(given[0], given[1])
+        for index, name in enumerate(_QKV):
+            new = self._pass(name[0], rotated[index] if index < 2 else given[index])
             if name in kwargs:
                 kwargs[name] = new
             else:
@@ -682,9 +975,10 @@ class _Trace(TorchFunctionMode):
             if a.shape[-1] != tap.head_dim or b.shape[-2] != tap.head_dim:
                 return func(*values, **kwargs)
             self.batch = a.shape[0] if a.dim() == 4 else a.shape[0] // tap.heads
-            put(slots[0], self._pass("q", a))
             k = b.transpose(-1, -2)
-            new_k = self._pass("k", k)
+            a, rotated = self._before_rotary(a, k)
+            put(slots[0], self._pass("q", a))
+            new_k = self._pass("k", rotated)
             if new_k is not k:
                 put(slots[1], new_k.transpose(-1, -2))
             self.stage = 1
@@ -695,6 +989,22 @@ class _Trace(TorchFunctionMode):
         put(slots[1], self._pass("v", b))
         self.stage = 3
         return func(*values, **kwargs)
+
+    def _before_rotary(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``q`` and ``k`` (the model's layout) through ``q_pre`` and ``k_pre``."""
+        sites = self.tap.sites
+        if not (sites["q_pre"].active() or sites["k_pre"].active()):
+            return q, k
+        self.seen.update(("q_pre", "k_pre"))
+        q4 = q if q.dim() == 4 else q.view(self.batch, -1, *q.shape[1:])
+        k4 = k if k.dim() == 4 else k.view(self.batch, -1, *k.shape[1:])
+        repeated = k4.shape[1] == self.tap.heads and self.tap.kv_heads < self.tap.heads
+        new_q, new_k = self.tap.before_rotary(q4, k4, repeated)
+        if new_q is not q4:
+            q = new_q.reshape(q.shape)
+        if new_k is not k4:
+            k = new_k.reshape(k.shape)
+        return q, k
 
     def _pass(self, name: str, value: torch.Tensor, key_axis: bool = False) -> torch.Tensor:
         """``value`` through site ``name`` in the site's layout, back in the model's.
@@ -777,6 +1087,180 @@ class _NormThenProject(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> Any:
         return self.projection(self.norm(hidden_states))
+
+
+# -- following the rotary embedding --------------------------------------------------------------
+
+
+@dataclass
+class _RotaryCall:
+    """One call of a rotary function: the function, its arguments and, for each value it
+    returned, ``(argument index, what it received, what it returned)`` (``None`` where the
+    values returned do not each stand for one received)."""
+
+    function: Any
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    pairs: list[tuple[int, torch.Tensor, torch.Tensor]] | None
+
+
+@dataclass
+class _Span:
+    """Where one rotated value sits in the queries or keys ``[b, heads, seq, d]``: its last
+    ``seq`` positions, dimensions ``offset:offset + width`` (``transposed``: the rotary function
+    saw ``[b, seq, heads, width]``)."""
+
+    call: _RotaryCall
+    index: int
+    received: torch.Tensor
+    transposed: bool
+    offset: int
+    width: int
+    seq: int
+
+
+def rotary_functions(core: nn.Module) -> tuple[tuple[dict[str, Any], str], ...]:
+    """The rotary functions the forward of ``core``'s class (and of the classes it inherits
+    from) calls by name, as ``(the modeling file's globals, name)``.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> cfg = LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+        ...                   num_attention_heads=4, vocab_size=64)
+        >>> attn = LlamaForCausalLM(cfg).model.layers[0].self_attn
+        >>> [name for _, name in rotary_functions(attn)], rotary_functions(nn.Linear(2, 2))
+        (['apply_rotary_pos_emb'], ())
+    """
+    found: dict[tuple[int, str], tuple[dict[str, Any], str]] = {}
+    for cls in type(core).__mro__:
+        forward = cls.__dict__.get("forward")
+        if forward is None or cls.__module__.startswith("torch."):
+            continue
+        function = inspect.unwrap(forward)
+        code = getattr(function, "__code__", None)
+        names = getattr(function, "__globals__", None)
+        if code is None or not isinstance(names, dict):
+            continue
+        for name in code.co_names:
+            if _ROTARY_NAME.match(name) and callable(names.get(name)):
+                found.setdefault((id(names), name), (names, name))
+    return tuple(found.values())
+
+
+def _rotary_hint(core: nn.Module) -> str | None:
+    """What says ``core`` applies a rotary embedding (``None``: nothing does)."""
+    forward = getattr(type(core), "forward", None)
+    try:
+        parameters = inspect.signature(inspect.unwrap(forward)).parameters if forward else {}
+    except (TypeError, ValueError):
+        parameters = {}
+    if "position_embeddings" in parameters:
+        return "receives position embeddings (cos, sin)"
+    names = [*core.__dict__, *core._modules]
+    rotary = [n for n in names if re.search("rotary|rope", n, re.IGNORECASE)]
+    return f"holds {rotary[0]}" if rotary else None
+
+
+def _rotary_wrapper(function: Any) -> Callable[..., Any]:
+    def rotary(*args: Any, **kwargs: Any) -> Any:
+        out = function(*args, **kwargs)
+        stack = _ROTATING.get(get_ident())
+        if stack:
+            stack[-1].note_rotary(function, args, kwargs, out)
+        return out
+
+    rotary.__wrapped__ = function  # type: ignore[attr-defined]
+    rotary.__name__ = str(getattr(function, "__name__", "rotary"))
+    return rotary
+
+
+def _patch_rotary(functions: Iterable[tuple[dict[str, Any], str]]) -> None:
+    """Have each rotary function note its calls (in the modeling file's globals, which the
+    attention forward looks the name up in at each call) while a q_pre or k_pre is in use.
+    Outside an attention that reads them, in any thread, the wrapper only calls the function."""
+    with _LOCK:
+        for names, name in functions:
+            entry = _PATCHED.get((id(names), name))
+            if entry is None:
+                original = names[name]
+                wrapper = _rotary_wrapper(original)
+                names[name] = wrapper
+                _PATCHED[(id(names), name)] = [names, original, wrapper, 1]
+            else:
+                entry[3] += 1
+
+
+def _unpatch_rotary(functions: Iterable[tuple[dict[str, Any], str]]) -> None:
+    with _LOCK:
+        for names, name in functions:
+            entry = _PATCHED.get((id(names), name))
+            if entry is None:
+                continue
+            entry[3] -= 1
+            if entry[3] == 0:
+                del _PATCHED[(id(names), name)]
+                if names.get(name) is entry[2]:
+                    names[name] = entry[1]
+
+
+def _locate(value: torch.Tensor, returned: torch.Tensor) -> tuple[bool, int, int, int] | None:
+    """Where ``returned`` sits, exactly, in ``value`` ``[b, heads, t, d]``: ``(transposed,
+    offset, width, seq)``, or ``None``. Its heads may be one shared by all (broadcast)."""
+    b, heads, t, d = value.shape
+    for transposed in (False, True):
+        found = returned.transpose(1, 2) if transposed else returned
+        if (
+            found.shape[0] != b
+            or found.shape[1] not in (heads, 1)
+            or found.shape[2] > t
+            or found.shape[3] > d
+        ):
+            continue
+        seq, width = found.shape[2], found.shape[3]
+        for offset in dict.fromkeys((0, d - width)):
+            part = value[:, :, t - seq :, offset : offset + width]
+            if torch.equal(part, found.to(part.dtype).expand(part.shape)):
+                return transposed, offset, width, seq
+    return None
+
+
+def _unrotate(value: torch.Tensor, spans: Sequence[_Span]) -> torch.Tensor:
+    """The last positions of ``value`` with each span replaced by what the rotary function
+    received (``value`` itself where nothing was rotated)."""
+    if not spans:
+        return value
+    seq = spans[0].seq
+    pre = value[:, :, value.shape[2] - seq :].clone()
+    for span in spans:
+        received = span.received.transpose(1, 2) if span.transposed else span.received
+        part = pre[..., span.offset : span.offset + span.width]
+        pre[..., span.offset : span.offset + span.width] = received.to(pre.dtype).expand(part.shape)
+    return pre
+
+
+def rotate(pre: torch.Tensor, spans: Sequence[_Span]) -> torch.Tensor:
+    """``pre`` ``[b, heads, s, d]`` (q_pre or k_pre in the model's layout) rotated as the model
+    rotated it: each span through its rotary function again, with the same other arguments.
+
+    Example:
+        >>> rotate(torch.ones(1, 2, 3, 4), []).shape
+        torch.Size([1, 2, 3, 4])
+    """
+    if not spans:
+        return pre
+    out = pre.clone()
+    for span in spans:
+        piece = pre[..., span.offset : span.offset + span.width]
+        if span.transposed:
+            piece = piece.transpose(1, 2)
+        args = list(span.call.args)
+        args[span.index] = piece.to(span.received.dtype)
+        result = span.call.function(*args, **span.call.kwargs)
+        got = result[span.index] if isinstance(result, (tuple, list)) else result
+        if span.transposed:
+            got = got.transpose(1, 2)
+        out[..., span.offset : span.offset + span.width] = got.to(out.dtype)
+    return out
 
 
 def _has_weight(module: nn.Module) -> bool:

@@ -3,7 +3,7 @@
 Grammar (see ``docs/concepts.md``)::
 
     locator  := [stack "."] target ["." side] | "module:" path ["." side]
-    target   := "block[" selector "]" ["." sub] | name
+    target   := "block[" selector "]" ["." sub] | name [".scale"]
     selector := int | [int] ":" [int] [":" [int]]
     side     := "input" | "output"
 
@@ -11,7 +11,8 @@ Grammar (see ``docs/concepts.md``)::
 ``sub`` is ``attn``, ``mlp`` or any extra block part the adapter declares, optionally followed
 by a head value (``attn.z``), the MLP's hidden activations (``mlp.post``) or the attribute path
 of a sub-module of that part (``mlp.down_proj``); ``stack`` is ``encoder`` or ``decoder`` on
-encoder-decoder models. ``module:`` names any module of the model by its dotted path from the
+encoder-decoder models. A norm's ``.scale`` (``final_norm.scale``, ``block[0].attn_norm.scale``)
+names the per-position divisor it normalises by. ``module:`` names any module of the model by its dotted path from the
 top-level model (``module:model.layers.0.mlp.down_proj``, as ``named_modules()`` spells it).
 A trailing ``.sae.features`` names the features of the sparse autoencoder spliced at that
 site (``block[3].sae.features``), while the splice is active.
@@ -33,7 +34,8 @@ Side = Literal["input", "output"]
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _PATTERN = re.compile(
     rf"^(?:(?P<stack>{_NAME})\.)?"
-    rf"(?:block\[(?P<selector>[^\]]*)\](?:\.(?P<sub>{_NAME}(?:\.{_NAME})*))?|(?P<name>{_NAME}))$"
+    rf"(?:block\[(?P<selector>[^\]]*)\](?:\.(?P<sub>{_NAME}(?:\.{_NAME})*))?"
+    rf"|(?P<name>{_NAME})(?:\.(?P<value>scale))?)$"
 )
 _PATH = re.compile(rf"^{_NAME}(?:\.(?:{_NAME}|\d+))*$|^\d+(?:\.(?:{_NAME}|\d+))*$")
 RAW = "module:"
@@ -80,6 +82,8 @@ class Locator(BaseModel):
     step: int | None = None
     is_slice: bool = False
     sub: str | None = None
+    """Inside a block: the part and what follows it (``attn.z``); elsewhere ``"scale"`` (a
+    norm's scale, ``final_norm.scale``) or ``None``."""
     side: Side = "output"
     path: str | None = None
     """The dotted module path of a raw locator (``part == "module"``)."""
@@ -135,11 +139,15 @@ class Locator(BaseModel):
         stack = match.group("stack")
         name = match.group("name")
         if name is not None:
+            value = match.group("value")
+            if name == "scale" and value is None and stack is not None:
+                # "final_norm.scale": the norm's scale, not a module "scale" of a stack.
+                name, stack, value = stack, None, "scale"
             if name == "block":
                 raise LocatorError(
                     f"locator {text!r} needs an index: 'block[i]' or a slice 'block[a:b]'"
                 )
-            return cls(part=name, stack=stack, side=side)
+            return cls(part=name, stack=stack, sub=value, side=side)
         selector = match.group("selector")
         sub = match.group("sub")
         if sub is not None and {"input", "output"} & set(sub.split(".")):
@@ -274,7 +282,7 @@ class Locator(BaseModel):
         elif self.path is not None:
             text = RAW + self.path
         else:
-            text += self.part
+            text += self.part + (f".{self.sub}" if self.sub else "")
         if self.sae is not None:
             text += (".input" if self.sae == "input" else "") + SAE_FEATURES
         if self.side == "input":

@@ -20,6 +20,7 @@ from introspect._capture import Target
 from introspect._errors import LocatorError, MissingPartError
 from introspect._heads import SITES, HeadSite, HeadTap, head_tap
 from introspect._locators import Locator
+from introspect._norms import ScaleSite, scale_tap
 from introspect._paths import Chain, base_model, chain_holds, walk
 from introspect._spec import AdapterSpec, HeadSpec, StackSpec
 
@@ -242,6 +243,8 @@ class Resolver:
             found, sub_chain = walk(block, path) if path else (None, ())
             if found is None:
                 raise self.missing(loc, stack, part, block)
+            if site == "scale" and walk(found, "scale")[0] is None:
+                return self._scale_site(loc, found), chain + sub_chain
             if site in HEAD_SITES:
                 return self._head_site(loc, stack, part, site, found, chain + sub_chain)
             if site:
@@ -265,6 +268,8 @@ class Resolver:
                     "language-modelling head (load it with AutoModelForCausalLM / "
                     "AutoModelForMaskedLM / AutoModelForSeq2SeqLM to get one)"
                 )
+            if loc.sub == "scale":
+                return self._scale_site(loc, head), head_chain
             return head, head_chain
         if loc.part in ("embed", "final_norm"):
             path = getattr(stack, loc.part)
@@ -280,7 +285,20 @@ class Resolver:
         found, found_chain = walk(base, path) if path else (None, ())
         if found is None:
             raise self.missing(loc, stack, loc.part)
+        if loc.sub == "scale":
+            return self._scale_site(loc, found), base_chain + found_chain
         return found, base_chain + found_chain
+
+    # -- a norm's scale -------------------------------------------------------------------------
+
+    @staticmethod
+    def scale_owner(loc: Locator) -> Locator:
+        """The norm a ``.scale`` locator reads (``block[0].attn_norm`` for its scale)."""
+        sub = (loc.sub or "").rpartition(".")[0] if loc.is_block else ""
+        return loc.model_copy(update={"sub": sub or None, "side": "output"})
+
+    def _scale_site(self, loc: Locator, norm: nn.Module) -> ScaleSite:
+        return scale_tap(norm, str(self.scale_owner(loc))).site
 
     # -- attention heads ------------------------------------------------------------------------
 
@@ -433,6 +451,8 @@ class Resolver:
         if loc.sae is not None:
             return f"{self.path(loc.spliced_at)}:sae.features"
         module = self.module(loc)
+        if isinstance(module, ScaleSite):
+            return f"{self.path(self.scale_owner(loc))}:scale"
         if isinstance(module, HeadSite):
             part = (loc.sub or "attn").partition(".")[0]
             attn = loc.model_copy(update={"sub": part, "side": "output"})
@@ -491,17 +511,30 @@ class Resolver:
             chain = chain + root_chain
         uses = None
         unjoinable = None
-        if isinstance(module, HeadSite):
+        if isinstance(module, ScaleSite):
+            owner = self.scale_owner(loc)
+            scale = scale_tap(self._module_and_chain(owner)[0], str(owner))
+
+            def uses() -> contextlib.AbstractContextManager[None]:
+                return scale.use()
+
+        elif isinstance(module, HeadSite):
             tap = self.head_tap(loc)
             site = module.name
 
             def uses() -> contextlib.AbstractContextManager[None]:
                 return tap.use(site)
 
-            if site in ("k", "v", "pattern"):
+            if site in ("k", "v", "scores", "pattern"):
                 unjoinable = (
                     f"under a KV cache the key axis of {site} holds every cached position, so "
                     "its steps overlap"
+                )
+            elif site == "k_pre":
+                unjoinable = (
+                    "under a KV cache k_pre holds this call's keys where a rotary embedding "
+                    "runs but every cached key where none does (there it is k), so its steps "
+                    "are not one sequence"
                 )
         target = Target(
             key=loc.module_key,

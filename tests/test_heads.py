@@ -93,8 +93,10 @@ def test_bad_heads_are_errors_before_any_forward() -> None:
             insp.ablate("block[0].attn.pattern", mean_over=torch.ones(4))
         with pytest.raises(CaptureError, match="does not have first"):
             insp.capture("block[0].attn.pattern", positions="last")
-        with pytest.raises(LocatorError, match=r"has no module at .scores.*head values: attn.q"):
-            insp.capture("block[0].attn.scores")
+        with pytest.raises(
+            LocatorError, match=r"has no module at .logits.*head values: attn.q_pre"
+        ):
+            insp.capture("block[0].attn.logits")
         with pytest.raises(LocatorError, match="out of range"):
             insp.capture("block[7].attn.q")
     finally:

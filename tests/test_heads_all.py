@@ -3,7 +3,9 @@
 For each (adapter, model type, class) the tiny model runs with left- and right-padded batches
 and :func:`introspect.testing.check_heads` proves, block by block and for every attention part
 with a head layout: ``pattern`` equals Hugging Face's ``output_attentions``; the pattern
-recomputed from the captured ``q``/``k`` equals it; ``result`` sums to the output projection;
+recomputed from the captured ``q``/``k`` equals it, and so does ``softmax(scores)``; ``scores``
+equal those recomputed; ``q == rotary(q_pre)`` and ``k == rotary(k_pre)`` with the model's own
+rotary function (``q_pre == q`` where none runs); ``result`` sums to the output projection;
 ``o(z)`` reproduces it; a head ablation equals the hand computation. An adapter with attention
 must state a head layout (or why it has none); an attention-free one refuses head locators.
 """
