@@ -55,7 +55,7 @@ from introspect._heads import (
     head_site,
 )
 from introspect._lens import _save_atomically
-from introspect._locators import Locator
+from introspect._locators import QUERY_KEY_SITES, Locator
 from introspect._views import patching_view, save_view
 
 if TYPE_CHECKING:
@@ -294,7 +294,7 @@ def _plan(
     extra: list[str] = []
     for name, loc in locs.items():
         site = head_site(loc)
-        if site == "pattern" and positions_given:
+        if site in QUERY_KEY_SITES and positions_given:
             raise InterventionError(
                 f"{name} is [batch, heads, query, key], so positions= cannot be placed on it: "
                 "sweep it with heads='each' and no positions"

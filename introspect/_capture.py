@@ -48,7 +48,7 @@ from introspect._hooks import (
     stale_targets,
     tensor_version,
 )
-from introspect._locators import Locator
+from introspect._locators import Locator, query_key_site
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -554,12 +554,12 @@ def capture_targets(
             continue
         by_key[key] = target(loc, needs_output)
     if positions is not None:
-        patterns = [str(loc) for loc in locators if (loc.sub or "").endswith(".pattern")]
+        patterns = [str(loc) for loc in locators if query_key_site(loc)]
         if patterns:
             raise CaptureError(
                 f"positions= selects tokens on the sequence axis, which {patterns[0]} "
-                "([batch, heads, query, key]) does not have first: capture the pattern "
-                "whole and index its query axis (pattern[:, :, -1])"
+                "([batch, heads, query, key]) does not have first: capture it whole and "
+                "index its query axis (value[:, :, -1])"
             )
     return list(by_key.values())
 

@@ -65,7 +65,7 @@ from introspect._dataset import (
 from introspect._errors import DatasetError, ExtractionError, LocatorError
 from introspect._export import write_atomically
 from introspect._hooks import input_device, onloaded
-from introspect._locators import Locator
+from introspect._locators import Locator, query_key_site
 from introspect._progress import progress_enabled
 from introspect._version import __version__
 
@@ -1102,10 +1102,11 @@ def _check_locators(insp: Inspector, locators: Sequence[str]) -> list[Locator]:
         raise LocatorError("name at least one locator with --at, e.g. --at 'block[:]'")
     locs: list[Locator] = []
     for loc in insp.expand(locators):
-        if loc.sub is not None and loc.sub.split(".")[-1] == "pattern":
+        if query_key_site(loc):
+            site = str(loc).rsplit(".", 1)[-1]
             raise LocatorError(
                 f"{loc} is [batch, heads, query, key], not one row per token: extract "
-                f"{str(loc).replace('.pattern', '.z')} or the block instead"
+                f"{str(loc).removesuffix('.' + site)}.z or the block instead"
             )
         if str(loc) in TOKEN_COLUMNS:
             raise LocatorError(f"{loc} has the name of a token-table column: it cannot be stored")

@@ -62,7 +62,7 @@ from torch.overrides import TorchFunctionMode
 
 from introspect._errors import CaptureError, InterventionError, MissingPartError
 from introspect._hooks import onloaded
-from introspect._locators import Locator
+from introspect._locators import KV_SITES, QUERY_KEY_SITES, Locator
 from introspect._paths import get_path
 from introspect._spec import HeadSpec
 
@@ -95,11 +95,6 @@ CORE_SITES = frozenset({"q_pre", "k_pre", "q", "k", "v", "scores", "pattern"})
 """The values read from the attention function (the others from the output projection)."""
 EAGER_SITES = frozenset({"scores", "pattern"})
 """The values only eager attention computes: the model runs eager while one is in use."""
-KV_SITES = frozenset({"k_pre", "k", "v"})
-"""The values counted in key/value heads (``num_kv_heads``), the others in query heads."""
-QUERY_KEY_SITES = frozenset({"scores", "pattern"})
-"""The values laid out ``[batch, heads, query, key]``: no sequence axis first, so positions=
-cannot be placed on them and they have no mean over inputs."""
 HEAD_AXIS = {
     "q_pre": 2,
     "k_pre": 2,

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict
 
 from introspect._errors import LocatorError
 
-__all__ = ["RAW", "Locator", "parse"]
+__all__ = ["KV_SITES", "QUERY_KEY_SITES", "RAW", "Locator", "parse"]
 
 Side = Literal["input", "output"]
 
@@ -41,6 +41,12 @@ _PATH = re.compile(rf"^{_NAME}(?:\.(?:{_NAME}|\d+))*$|^\d+(?:\.(?:{_NAME}|\d+))*
 RAW = "module:"
 """The prefix of a raw module path."""
 SAE_FEATURES = ".sae.features"
+
+KV_SITES = frozenset({"k_pre", "k", "v"})
+"""Head values counted in key/value heads (``num_kv_heads``), the others in query heads."""
+QUERY_KEY_SITES = frozenset({"scores", "pattern"})
+"""Head values laid out ``[batch, heads, query, key]``: no sequence axis first, so positions=
+cannot be placed on them, no row per token can be stored, and they have no mean over inputs."""
 """The suffix naming the features of an SAE spliced at a site."""
 _INT = re.compile(r"^\s*-?\d+\s*$")
 
@@ -301,3 +307,13 @@ def parse(text: str | Locator) -> Locator:
         'decoder.block[-2].attn'
     """
     return Locator.parse(text)
+
+
+def query_key_site(loc: Locator) -> bool:
+    """Whether ``loc`` names a ``[batch, heads, query, key]`` head value (``scores``, ``pattern``).
+
+    Example:
+        >>> query_key_site(Locator.parse("block[0].attn.scores")), query_key_site(Locator.parse("block[0]"))
+        (True, False)
+    """
+    return loc.sub is not None and loc.sae is None and loc.sub.rsplit(".", 1)[-1] in QUERY_KEY_SITES

@@ -21,7 +21,7 @@ from introspect._batching import Positions
 from introspect._errors import CaptureError, LocatorError, MissingPartError
 from introspect._heads import HEAD_AXIS, Heads, head_site
 from introspect._layout import hidden_layout
-from introspect._locators import Locator
+from introspect._locators import KV_SITES, Locator
 from introspect._paths import get_path
 from introspect._spec import AdapterSpec, LogitOp, StackSpec
 
@@ -106,10 +106,10 @@ class ModelView:
         site = head_site(loc)
         if site not in HEAD_AXIS:
             raise LocatorError(
-                f"{loc} is not a head locator (block[i].attn.q, .k, .v, .z, .result or .pattern)"
+                f"{loc} is not a head locator (block[i].attn.{', .'.join(HEAD_AXIS)})"
             )
         tap = self.resolver.head_tap(loc)
-        return tap.kv_heads if site in ("k", "v") else tap.heads
+        return tap.kv_heads if site in KV_SITES else tap.heads
 
     # -- what the model has ---------------------------------------------------------------------
 

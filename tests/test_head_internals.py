@@ -428,3 +428,36 @@ def test_q_pre_is_refused_where_rotary_cannot_be_followed() -> None:
         insp.capture("block[0].attn.q")  # the others stay readable
     finally:
         tap.rotary = followed
+
+
+def test_query_key_values_refuse_positions_and_rows_per_token(tmp_path: Any) -> None:
+    """scores, like pattern, has no sequence axis first: positions= and extraction are refused
+    (before, positions= would have picked along the heads axis), and k_pre counts kv heads."""
+    from introspect import attribution_patching, extract, logit_difference
+    from introspect.zoo import load_model
+
+    model = _llama()
+    insp = Inspector(model)
+    toy_model, tokenizer = load_model("toy-llama", progress=False)
+    toy = Inspector(toy_model)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("One document.\n", encoding="utf-8")
+    for site in ("scores", "pattern"):
+        with pytest.raises(CaptureError, match=r"\[batch, heads, query, key\]"):
+            insp.capture(f"block[0].attn.{site}", positions="last")
+        with pytest.raises(LocatorError, match=r"extract block\[0\]\.attn\.z or the block"):
+            extract(toy, tokenizer, [corpus], [f"block[0].attn.{site}"], tmp_path / "x")
+        ids = torch.tensor([[1, 2, 3, 4]])
+        with pytest.raises(InterventionError, match="positions= cannot be placed"):
+            attribution_patching(
+                insp,
+                {"input_ids": ids},
+                {"input_ids": ids},
+                logit_difference(1, 2),
+                locators=f"block[0].attn.{site}",
+                positions=[-1],
+            )
+    assert not (tmp_path / "x").exists()
+    assert insp.head_count("block[0].attn.k_pre") == insp.num_kv_heads
+    assert insp.head_count("block[0].attn.q_pre") == insp.num_heads
+    assert insp.head_count("block[0].attn.scores") == insp.num_heads
