@@ -22,6 +22,13 @@ through the softmax), and only what follows the pattern is taken to first order:
 The recomputed scores are proven on every call: their softmax must reproduce the pattern the
 model computed, or the fix is refused with the reason (never a guess).
 
+AtP*'s second fix, GradDrop (``grad_drop=True``), is for a value whose direct effect and the
+effects it has through later blocks cancel in the gradient, so AtP ranks it near 0. Block by
+block, the gradient through that block's residual update is stopped (its skip connection
+kept) and AtP is taken again; a cell's estimate is the mean of the magnitudes over the blocks
+other than its own. One corrupted forward serves every backward pass (``retain_graph``): the
+stopping is done by gradient hooks on each block's output and input, switched per pass.
+
 Example:
     >>> from transformers import GPT2Config, GPT2LMHeadModel
     >>> from introspect import Inspector, logit_difference
@@ -35,10 +42,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 import textwrap
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -85,6 +94,7 @@ def attribution_patching(
     heads: str | None = None,
     qk_fix: bool = True,
     relative: bool = False,
+    grad_drop: bool = False,
 ) -> torch.Tensor:
     """Attribution patching: the table of :meth:`~introspect.Inspector.patching_sweep`,
     estimated to first order.
@@ -110,6 +120,24 @@ def attribution_patching(
     model's pattern. ``qk_fix=False`` is plain AtP everywhere. ``relative=True`` divides by
     ``metric(clean) - metric(corrupted)``, as :meth:`~introspect.Inspector.patching_sweep` does.
 
+    ``grad_drop=True`` adds AtP*'s GradDrop (Kramár et al. 2024, arXiv 2403.00745, "GradDrop":
+    ``(1 / (L - 1)) Σ_l |AtP with the gradient through layer l dropped|``, the term of the
+    node's own layer being 0). For each block ``l`` the estimate is taken again with the
+    gradient through block ``l``'s residual update (its output minus its input: the attention
+    and MLP outputs of a pre-norm block) stopped and its skip connection kept; each cell is
+    the mean of ``|estimate_l|`` over the ``L - 1`` blocks other than its own. A value's own
+    block is the block it sits in (a part, a head, a module inside it) or that writes it to
+    the residual stream (``block[i]``, and ``block[i + 1].input``, which is the same tensor);
+    a value no block writes (``embed``, ``block[0].input``, the final norm) is averaged over
+    all ``L`` blocks. Blocks before a value's own leave its gradient as AtP's, so a value in
+    the last block gets ``|AtP|``. The cells are **magnitudes** (never negative), to be
+    compared with ``|exact patching|``; with ``relative=True`` they are divided by
+    ``|metric(clean) - metric(corrupted)|``. It works with ``positions``, ``heads`` and every
+    site, and with ``qk_fix`` (each pass's pattern gradient through the exact softmax). It
+    costs the same two forwards and one backward pass per block after the earliest swept
+    value's block, plus one plain one (``L`` for a sweep of every block). A model of one block
+    has no other block and is refused, as are encoder-decoder models (two stacks).
+
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
         >>> from introspect import Inspector, logit_difference
@@ -125,8 +153,12 @@ def attribution_patching(
         ...                             locators="block[:].attn.q", heads="each")
         >>> atp.shape == exact.shape == (2, 4)
         True
+        >>> drop = attribution_patching(insp, clean, corrupted, metric, grad_drop=True)
+        >>> plain = attribution_patching(insp, clean, corrupted, metric)
+        >>> bool((drop >= 0).all()), torch.allclose(drop[-1], plain[-1].abs())
+        (True, True)
     """
-    plan = _plan(insp, clean, corrupted, locators, positions, heads, qk_fix)
+    plan = _plan(insp, clean, corrupted, locators, positions, heads, qk_fix, relative, grad_drop)
     model = insp.model
     with torch.no_grad():
         with insp.capture(*plan.names) as cap:
@@ -136,12 +168,14 @@ def attribution_patching(
     kept = [tap.arguments for tap in taps]
     # A model whose weights are frozen builds no graph: its values would have no gradient.
     frozen = [p for p in model.parameters() if p.is_floating_point() and not p.requires_grad]
+    wanted = list(plan.names) + list(plan.extra)
     try:
         for tap in taps:
             tap.arguments = []
         for param in frozen:
             param.requires_grad_(True)
-        with torch.enable_grad(), insp.capture(*plan.names, *plan.extra) as cap:
+        captured = dict.fromkeys([*wanted, *plan.drops])
+        with torch.enable_grad(), insp.capture(*captured) as cap:
             score = _scalar(metric(model(**corrupted)), "corrupted")
         calls = [tap.arguments for tap in taps]
     finally:
@@ -155,53 +189,256 @@ def attribution_patching(
             "from the model's output with differentiable operations (logits[..., a] - "
             "logits[..., b], not argmax or .item()), outside torch.no_grad()"
         )
-    wanted = list(plan.names) + list(plan.extra)
     corrupt_values = {
         name: _value(cap[name], insp.locator(name) if name not in plan.locs else plan.locs[name])
         for name in wanted
     }
-    grads = torch.autograd.grad(score, [corrupt_values[name] for name in wanted], allow_unused=True)
-    gradient = {
-        name: torch.zeros_like(corrupt_values[name]) if g is None else g
-        for name, g in zip(wanted, grads, strict=True)
-    }
-    base = float(score.detach())
-    arguments = dict(zip(plan.fixed, calls, strict=True))
-    effect = torch.zeros(len(plan.names), len(plan.head_axis), len(plan.spots), dtype=torch.float64)
-    with torch.no_grad():
-        for i, (name, loc) in enumerate(plan.locs.items()):
-            site = head_site(loc)
-            attn = attn_part(loc) if site in ("q", "k") else None
-            if attn is not None and attn in plan.fixed:
-                fix = _QKFix(
-                    plan.fixed[attn],
-                    attn,
-                    arguments[attn],
-                    clean_values[name],
-                    corrupt_values[f"{attn}.q"],
-                    corrupt_values[f"{attn}.k"],
-                    corrupt_values[f"{attn}.pattern"],
-                    gradient[f"{attn}.pattern"],
-                )
-                effect[i] = fix.query(plan) if site == "q" else fix.key(plan)
-                continue
-            delta = clean_values[name].to(torch.float64) - corrupt_values[name].to(torch.float64)
-            product = delta * gradient[name].to(torch.float64)
-            effect[i] = _reduce(product, HEAD_AXIS.get(site or "", 2), plan)
+    cells = _Cells(plan, clean_values, corrupt_values, dict(zip(plan.fixed, calls, strict=True)))
+    if grad_drop:
+        blocks = range(plan.drop_blocks)
+        drops = _Drops(
+            [_value(cap[f"block[{b}]"], Locator.parse(f"block[{b}]")) for b in blocks],
+            [_value(cap[f"block[{b}].input"], Locator.parse(f"block[{b}].input")) for b in blocks],
+        )
+        effect = _grad_drop(plan, cells, drops, score, corrupt_values, wanted)
+    else:
+        found = torch.autograd.grad(
+            score, [corrupt_values[name] for name in wanted], allow_unused=True
+        )
+        gradient = {
+            name: torch.zeros_like(corrupt_values[name]) if g is None else g
+            for name, g in zip(wanted, found, strict=True)
+        }
+        effect = torch.stack([cells.of(name, [gradient])[..., 0] for name in plan.names])
     effect = effect.float()
     if plan.heads != "each":
         effect = effect[:, 0]
     elif not plan.positions_given:
         effect = effect[..., 0]
     if relative:
-        gap = float(clean_score) - base
+        gap = float(clean_score) - float(score.detach())
         if gap == 0:
             raise InterventionError(
                 "relative=True divides by metric(clean) - metric(corrupted), which is 0 here: "
                 "pick inputs the metric tells apart, or use relative=False"
             )
-        effect = effect / gap
+        # GradDrop's cells are magnitudes: divided by |gap| they stay comparable with
+        # |relative exact patching|.
+        effect = effect / (abs(gap) if grad_drop else gap)
     return effect
+
+
+# -- the cells of each locator, for one or several gradients -------------------------------------
+
+
+class _Cells:
+    """Each swept locator's cells, ``[heads, positions, passes]``, for a list of gradients
+    (one per backward pass): the AtP product, or for q/k cells of a fixed part the QK fix."""
+
+    def __init__(
+        self,
+        plan: _Plan,
+        clean: dict[str, torch.Tensor],
+        corrupted: dict[str, torch.Tensor],
+        arguments: dict[str, list[dict[str, Any]] | None],
+    ) -> None:
+        self.plan = plan
+        self.clean = clean
+        self.corrupted = corrupted
+        self.arguments = arguments
+
+    def fixed_part(self, name: str) -> str | None:
+        """The attention part whose QK fix computes this locator's cells, if any."""
+        loc = self.plan.locs[name]
+        attn = attn_part(loc) if head_site(loc) in ("q", "k") else None
+        return attn if attn is not None and attn in self.plan.fixed else None
+
+    def of(self, name: str, gradients: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+        plan, loc = self.plan, self.plan.locs[name]
+        site = head_site(loc)
+        with torch.no_grad():
+            attn = self.fixed_part(name)
+            if attn is not None:
+                fix = _QKFix(
+                    plan.fixed[attn],
+                    attn,
+                    self.arguments[attn],
+                    self.corrupted[f"{attn}.q"],
+                    self.corrupted[f"{attn}.k"],
+                    self.corrupted[f"{attn}.pattern"],
+                )
+                stack = [g[f"{attn}.pattern"] for g in gradients]
+                clean = self.clean[name]
+                return fix.query(plan, clean, stack) if site == "q" else fix.key(plan, clean, stack)
+            delta = self.clean[name].to(torch.float64) - self.corrupted[name].to(torch.float64)
+            axis = HEAD_AXIS.get(site or "", 2)
+            found = [_reduce(delta * g[name].to(torch.float64), axis, plan) for g in gradients]
+            return torch.stack(found, dim=-1)
+
+
+# -- GradDrop: one backward per block, the gradient through that block's update stopped ----------
+
+
+class _Drops:
+    """Gradient hooks that stop the gradient through one block's residual update, the block
+    chosen per backward pass (``active``), keeping its skip connection.
+
+    The hook on block ``l``'s output takes the gradient that reaches it and passes zero into
+    the block; the hook on block ``l``'s input adds that gradient back, as the skip connection
+    would have carried it. Both read what they see, so the gradient of a swept value that is
+    one of these two tensors is taken from the hook, not from what ``autograd.grad`` captures
+    (before or after the hooks, depending on the version).
+    """
+
+    def __init__(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor]) -> None:
+        self.outputs = outputs
+        self.inputs = inputs
+        self.active: int | None = None
+        self.arrived: torch.Tensor | None = None
+        self.passed: torch.Tensor | None = None
+        for b, (y, x) in enumerate(zip(outputs, inputs, strict=True)):
+            if y is x:
+                raise InterventionError(
+                    f"grad_drop: block[{b}] returns its input tensor itself, so its update "
+                    "cannot be told from its skip connection: pass grad_drop=False"
+                )
+
+    @contextlib.contextmanager
+    def hooked(self) -> Iterator[None]:
+        handles = []
+        try:
+            for b, (y, x) in enumerate(zip(self.outputs, self.inputs, strict=True)):
+                if y.requires_grad:
+                    handles.append(y.register_hook(functools.partial(self._stop, b)))  # type: ignore[no-untyped-call]
+                if x.requires_grad:
+                    handles.append(x.register_hook(functools.partial(self._skip, b)))  # type: ignore[no-untyped-call]
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _stop(self, block: int, grad: torch.Tensor) -> torch.Tensor | None:
+        if block != self.active:
+            return None
+        self.arrived = grad
+        return torch.zeros_like(grad)
+
+    def _skip(self, block: int, grad: torch.Tensor) -> torch.Tensor | None:
+        if block != self.active:
+            return None
+        if self.arrived is not None:
+            grad = grad + self.arrived
+        self.passed = grad
+        return grad
+
+    def gradients(
+        self, score: torch.Tensor, names: list[str], values: Mapping[str, torch.Tensor], block: int
+    ) -> dict[str, torch.Tensor]:
+        """``∂score/∂value`` for each name, the gradient through ``block``'s update stopped."""
+        self.active, self.arrived, self.passed = block, None, None
+        x, y = self.inputs[block], self.outputs[block]
+        # The block's output and input are asked for too, so that the backward reaches both
+        # hooks even when every value asked for lies after the block (the final norm).
+        through = [y, x] if x.requires_grad else [y]
+        try:
+            found = torch.autograd.grad(
+                score,
+                [values[n] for n in names] + through,
+                retain_graph=True,
+                allow_unused=True,
+            )[: len(names)]
+            if self.arrived is None or (x.requires_grad and self.passed is None):
+                raise InterventionError(
+                    f"grad_drop: the gradient did not pass through block[{block}]'s recorded "
+                    "output and input, so stopping it there would change nothing: the block's "
+                    "records are not the tensors the model went on with; pass grad_drop=False"
+                )
+            out = {}
+            for name, g in zip(names, found, strict=True):
+                value = values[name]
+                if value is y:
+                    g = self.arrived
+                elif value is x:
+                    g = self.passed
+                out[name] = torch.zeros_like(value) if g is None else g
+            return out
+        finally:
+            self.active = self.arrived = self.passed = None
+
+
+def _owner(plan: _Plan, name: str, value: torch.Tensor, drops: _Drops) -> int | None:
+    """The block a swept value belongs to: the block that writes it to the residual stream
+    (a block's output, the next block's input), the block it sits in (a part, a head, a
+    module inside it), or None (before or after every block: the embedding, block 0's input,
+    the final norm)."""
+    for b, y in enumerate(drops.outputs):
+        if value is y:
+            return b
+    for b, x in enumerate(drops.inputs):
+        if value is x:
+            return b - 1 if b > 0 else None
+    return plan.owners[name]
+
+
+def _before(owner: int | None, block: int) -> bool:
+    """Whether stopping the gradient through ``block`` can change a value's gradient (the
+    value is upstream of the block's update)."""
+    return owner is None or owner < block
+
+
+def _grad_drop(
+    plan: _Plan,
+    cells: _Cells,
+    drops: _Drops,
+    score: torch.Tensor,
+    values: Mapping[str, torch.Tensor],
+    wanted: list[str],
+) -> torch.Tensor:
+    """Each cell's GradDrop estimate: the mean of ``|AtP with block l dropped|`` over the
+    blocks ``l`` other than the cell's own (every block for a value no block owns)."""
+    blocks = len(drops.outputs)
+    owner: dict[str, int | None] = {
+        name: _owner(plan, name, values[name], drops) for name in wanted
+    }
+    own = [owner[name] for name in plan.names]
+    first = min(-1 if o is None else o for o in own)
+    total = torch.zeros(len(plan.names), len(plan.head_axis), len(plan.spots), dtype=torch.float64)
+    pending: dict[int, list[tuple[int, Mapping[str, torch.Tensor]]]] = {}
+
+    def absorb(gradient: Mapping[str, torch.Tensor], weights: list[int]) -> None:
+        for i, (name, weight) in enumerate(zip(plan.names, weights, strict=True)):
+            if weight == 0:
+                continue
+            part = cells.fixed_part(name)
+            if part is not None:  # the fix runs once, over every pass's pattern gradient
+                pattern = f"{part}.pattern"
+                pending.setdefault(i, []).append((weight, {pattern: gradient[pattern]}))
+            else:
+                total[i] += weight * cells.of(name, [gradient])[..., 0].abs()
+
+    with drops.hooked():
+        if any(o is not None and o >= 1 for o in own):
+            # Blocks before a value's own leave its gradient as it is: AtP's, once per block.
+            plain = torch.autograd.grad(
+                score, [values[n] for n in wanted], retain_graph=True, allow_unused=True
+            )
+            gradient = {
+                n: torch.zeros_like(values[n]) if g is None else g
+                for n, g in zip(wanted, plain, strict=True)
+            }
+            absorb(gradient, [0 if o is None else o for o in own])
+        for block in range(first + 1, blocks):
+            names = [n for n in wanted if _before(owner[n], block)]
+            gradient = drops.gradients(score, names, values, block)
+            absorb(gradient, [int(_before(o, block)) for o in own])
+    for i, terms in pending.items():
+        found = cells.of(plan.names[i], [g for _, g in terms]).abs()
+        weights = torch.tensor([w for w, _ in terms], dtype=torch.float64)
+        total[i] = (found * weights).sum(-1)
+    count = torch.tensor(
+        [blocks if o is None else blocks - 1 for o in own], dtype=torch.float64
+    ).view(-1, 1, 1)
+    return total / count
 
 
 # -- the plan: everything checked before any forward -----------------------------------------------
@@ -221,6 +458,16 @@ class _Plan:
     """The attention parts whose q/k cells take the QK fix, by part locator."""
     extra: list[str]
     """What the corrupted run also captures for the fix (q, k and pattern of those parts)."""
+    drop_blocks: int = 0
+    """GradDrop: how many blocks, each dropped in its own backward pass (0: no GradDrop)."""
+    owners: dict[str, int | None] = field(default_factory=dict)
+    """GradDrop: the block each swept or extra value sits in, as its locator says (``None``:
+    no block's); refined after the forward by which tensors are the blocks' own."""
+
+    @property
+    def drops(self) -> list[str]:
+        """What GradDrop captures on the corrupted run: each block's output and input."""
+        return [f"block[{b}]{side}" for b in range(self.drop_blocks) for side in ("", ".input")]
 
     @property
     def names(self) -> list[str]:
@@ -243,7 +490,12 @@ def _plan(
     positions: Sequence[int] | None,
     heads: str | None,
     qk_fix: bool,
+    relative: bool = False,
+    grad_drop: bool = False,
 ) -> _Plan:
+    for flag, value in (("qk_fix", qk_fix), ("relative", relative), ("grad_drop", grad_drop)):
+        if not isinstance(value, bool):
+            raise InterventionError(f"{flag}= takes True or False, got {value!r:.40}")
     if heads not in (None, "each"):
         raise InterventionError(f"heads= takes 'each' (one head at a time) or None, got {heads!r}")
     for name, inputs in (("clean", clean), ("corrupted", corrupted)):
@@ -319,7 +571,7 @@ def _plan(
             )
         fixed[part] = tap
         extra.extend(f"{part}.{s}" for s in ("q", "k", "pattern") if f"{part}.{s}" not in locs)
-    return _Plan(
+    plan = _Plan(
         locs,
         heads,
         list(range(counts[0])) if heads == "each" else [None],
@@ -328,6 +580,53 @@ def _plan(
         fixed,
         list(dict.fromkeys(extra)),
     )
+    if grad_drop:
+        plan.drop_blocks = _drop_blocks(insp, locs)
+        blocks: list[torch.nn.Module] = []
+        for name in [*plan.names, *plan.extra]:
+            loc = locs[name] if name in locs else Locator.parse(name)
+            if loc.part == "module" and not blocks:
+                blocks = [insp.module(f"block[{b}]") for b in range(plan.drop_blocks)]
+            plan.owners[name] = _static_owner(insp, loc, blocks)
+    return plan
+
+
+def _drop_blocks(insp: Analysable, locs: Mapping[str, Locator]) -> int:
+    """The number of blocks GradDrop drops one at a time, or why it cannot."""
+    if insp.adapter.encoder is not None or any(loc.stack for loc in locs.values()):
+        raise InterventionError(
+            f"grad_drop stops the gradient through each block of one stack; "
+            f"{insp.adapter.name} has an encoder and a decoder: pass grad_drop=False"
+        )
+    if "block" in insp.adapter.stack(None).outputs_changed_in_place:
+        raise InterventionError(
+            f"grad_drop hooks each block's output, which {insp.adapter.name} changes in place "
+            "after the block returns: pass grad_drop=False"
+        )
+    blocks = insp.num_blocks
+    if blocks < 2:
+        raise InterventionError(
+            f"grad_drop averages each cell over the blocks other than its own, and this model "
+            f"has {blocks} block: there is no other; pass grad_drop=False (plain AtP)"
+        )
+    return blocks
+
+
+def _static_owner(insp: Analysable, loc: Locator, blocks: list[torch.nn.Module]) -> int | None:
+    """The block a value sits in as its locator says: a block's output and everything inside
+    a block belong to it, a block's input to the block before (``None`` for block 0's), a
+    module to the block that holds it, anything else (the embedding, the final norm) to none."""
+    if loc.part == "block":
+        index = loc.index if loc.index is not None else 0
+        if loc.sub is None and (loc.sae or loc.side) == "input":
+            return index - 1 if index > 0 else None
+        return index
+    if loc.part == "module":
+        module = insp.module(loc)
+        for b, block in enumerate(blocks):
+            if any(m is module for m in block.modules()):
+                return b
+    return None
 
 
 def _value(record: Any, loc: Locator) -> torch.Tensor:
@@ -382,11 +681,9 @@ class _QKFix:
         tap: HeadTap,
         part: str,
         calls: list[dict[str, Any]] | None,
-        patched_from: torch.Tensor,
         q: torch.Tensor,
         k: torch.Tensor,
         pattern: torch.Tensor,
-        gradient: torch.Tensor,
     ) -> None:
         if not calls or len(calls) != 1:
             count = len(calls or [])
@@ -397,11 +694,10 @@ class _QKFix:
         self.tap = tap
         self.part = part
         self.arguments = calls[0]
-        self.clean = patched_from
         self.q, self.k = q.detach(), k.detach()
         self.sinks = getattr(tap.core, "sinks", None)
         self.causal = bool(getattr(tap.core, "is_causal", False))
-        self.gradient = gradient.to(torch.promote_types(q.dtype, torch.float32))
+        self.dtype = torch.promote_types(q.dtype, torch.float32)
         self.scores = attention_scores(self.q, self.k, self.arguments, self.causal, clamp=True)
         self.pattern = attention_pattern(self.scores, self.sinks)
         self._prove(pattern.detach())
@@ -421,25 +717,36 @@ class _QKFix:
                 "cells would be a guess: pass qk_fix=False for the linear estimate"
             )
 
-    def _effect(self, pattern: torch.Tensor) -> torch.Tensor:
-        """``Σ (pattern - pattern_corrupted) · ∂metric/∂pattern`` over the last four axes."""
-        change = (pattern - self.pattern) * self.gradient
-        return change.sum(dim=(-4, -3, -2, -1))
+    def _effect(self, pattern: torch.Tensor, gradients: list[torch.Tensor]) -> torch.Tensor:
+        """``Σ (pattern - pattern_corrupted) · ∂metric/∂pattern`` over the last four axes, one
+        column per gradient."""
+        change = pattern - self.pattern
+        return torch.stack([(change * g).sum(dim=(-4, -3, -2, -1)) for g in gradients], -1)
 
-    def query(self, plan: _Plan) -> torch.Tensor:
+    def query(
+        self, plan: _Plan, clean: torch.Tensor, gradients: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
+        """The cells of patching ``clean`` queries, ``[heads, positions, gradients]``."""
         # Each query's row of the pattern depends on that query alone: the effect of a set of
         # patched queries is the sum of the rows' effects, one softmax for all of them.
         rows = attention_pattern(
-            attention_scores(self.clean, self.k, self.arguments, self.causal, clamp=True),
-            self.sinks,
+            attention_scores(clean, self.k, self.arguments, self.causal, clamp=True), self.sinks
         )
-        change = ((rows - self.pattern) * self.gradient).sum(-1)  # [batch, heads, query]
-        return _reduce(change.transpose(1, 2).to(torch.float64), 2, plan)
+        change = rows - self.pattern
+        found = []
+        for g in gradients:
+            by_query = (change * g.to(self.dtype)).sum(-1)  # [batch, heads, query]
+            found.append(_reduce(by_query.transpose(1, 2).to(torch.float64), 2, plan))
+        return torch.stack(found, -1)
 
-    def key(self, plan: _Plan) -> torch.Tensor:
+    def key(
+        self, plan: _Plan, clean: torch.Tensor, gradients: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
+        """The cells of patching ``clean`` keys, ``[heads, positions, gradients]``."""
         # A key reaches every query's row: the keys patched together share each softmax, so
-        # every cell is its own softmax (batched, in chunks).
-        patched = attention_scores(self.q, self.clean, self.arguments, self.causal, clamp=True)
+        # every cell is its own softmax (batched, in chunks), whatever the number of gradients.
+        grads = [g.to(self.dtype) for g in gradients]
+        patched = attention_scores(self.q, clean, self.arguments, self.causal, clamp=True)
         heads, kv = self.q.shape[2], self.k.shape[2]
         group = heads // kv
         keys = self.k.shape[1]
@@ -450,14 +757,14 @@ class _QKFix:
             rows = slice(None) if h is None else slice(h * group, (h + 1) * group)
             columns[n, rows, slice(None) if p is None else p] = True
         per_cell = max(1, _CHUNK // max(1, self.scores.numel()))
-        out = torch.zeros(len(plan.head_axis), len(plan.spots), dtype=torch.float64)
+        out = torch.zeros(len(plan.head_axis), len(plan.spots), len(grads), dtype=torch.float64)
         for start in range(0, len(cells), per_cell):
             chosen = columns[start : start + per_cell, None, :, None, :]
             scores = torch.where(chosen, patched, self.scores)
-            found = self._effect(attention_pattern(scores, self.sinks))
-            for n, value in enumerate(found.tolist(), start=start):
+            found = self._effect(attention_pattern(scores, self.sinks), grads)
+            for n, values in enumerate(found.tolist(), start=start):
                 a, j = cells[n]
-                out[a, j] = value
+                out[a, j] = torch.tensor(values, dtype=torch.float64)
         return out
 
 

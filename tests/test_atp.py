@@ -26,6 +26,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 
 from introspect import (
@@ -45,12 +47,12 @@ METRIC = logit_difference(3, 4)
 HEADS, KV_HEADS = 4, 2
 
 
-def _build(family: str) -> nn.Module:
+def _build(family: str, blocks: int = 2) -> nn.Module:
     if family == "gpt2":
-        config: Any = GPT2Config(n_layer=2, n_embd=32, n_head=HEADS, vocab_size=64)
+        config: Any = GPT2Config(n_layer=blocks, n_embd=32, n_head=HEADS, vocab_size=64)
         return build_tiny(GPT2LMHeadModel, config).double()
     config = LlamaConfig(
-        num_hidden_layers=2,
+        num_hidden_layers=blocks,
         hidden_size=32,
         intermediate_size=64,
         num_attention_heads=HEADS,
@@ -144,19 +146,50 @@ def _split(family: str, seen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return found
 
 
-def _hand(family: str, model: nn.Module, block: int) -> dict[str, torch.Tensor]:
+@contextmanager
+def _detached(family: str, model: nn.Module, block: int | None) -> Iterator[None]:
+    """GradDrop's drop by hand: the outputs of ``block``'s attention and MLP detached, so no
+    gradient flows back through them (the forward is unchanged)."""
+    if block is None:
+        yield
+        return
+    parts = _parts(family, model, block)
+
+    def detach(module: nn.Module, args: Any, out: Any) -> Any:
+        if isinstance(out, tuple):
+            return (out[0].detach(), *out[1:])
+        return out.detach()
+
+    handles = [parts[name].register_forward_hook(detach) for name in ("attn", "mlp")]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _hand(
+    family: str, model: nn.Module, block: int, drop: int | None = None
+) -> dict[str, torch.Tensor]:
     """``(n_clean - n_corrupted) · ∂metric/∂n`` by position (``[seq]``) or by position and
-    head (``[seq, heads]``), summed over the batch and the value's width."""
+    head (``[seq, heads]``), summed over the batch and the value's width; with ``drop``, the
+    gradient taken with that block's attention and MLP outputs detached."""
     clean: dict[str, torch.Tensor] = {}
     with torch.no_grad(), _kept(family, model, block, clean):
         model(CLEAN)
     corrupted: dict[str, torch.Tensor] = {}
-    with torch.enable_grad(), _kept(family, model, block, corrupted):
+    with (
+        torch.enable_grad(),
+        _kept(family, model, block, corrupted),
+        _detached(family, model, drop),
+    ):
         metric = METRIC(model(CORRUPTED).logits)
     names = sorted(corrupted)
-    grads = dict(
-        zip(names, torch.autograd.grad(metric, [corrupted[n] for n in names]), strict=True)
-    )
+    found = torch.autograd.grad(metric, [corrupted[n] for n in names], allow_unused=True)
+    grads = {
+        n: torch.zeros_like(corrupted[n]) if g is None else g
+        for n, g in zip(names, found, strict=True)
+    }
     clean, after, grad = _split(family, clean), _split(family, corrupted), _split(family, grads)
     out: dict[str, torch.Tensor] = {}
     for name in ("block", "input", "attn", "mlp"):
@@ -210,16 +243,22 @@ def _eager(model: nn.Module) -> nn.Module:
 
 
 def _hand_qk(
-    family: str, model: nn.Module, block: int, site: str, cells: list[tuple[Any, Any]]
+    family: str,
+    model: nn.Module,
+    block: int,
+    site: str,
+    cells: list[tuple[Any, Any]],
+    drop: int | None = None,
 ) -> list[float]:
     """Each cell through the softmax: Σ (pattern_patched - pattern) · ∂metric/∂pattern, the
-    patched pattern from Hugging Face's own output_attentions with the projection patched."""
+    patched pattern from Hugging Face's own output_attentions with the projection patched
+    (the gradient with ``drop``'s attention and MLP outputs detached)."""
     eager = _eager(model)
     clean: dict[str, torch.Tensor] = {}
     with torch.no_grad(), _kept(family, eager, block, clean):
         eager(CLEAN)
     clean = _split(family, clean)
-    with torch.enable_grad():
+    with torch.enable_grad(), _detached(family, eager, drop):
         out = eager(CORRUPTED, output_attentions=True)
         pattern = out.attentions[block]
         (grad,) = torch.autograd.grad(METRIC(out.logits), pattern)
@@ -577,3 +616,288 @@ def test_patching_result_refuses_labels_that_do_not_fit_in_one_line(
     labelled = patching_result(insp, table)
     with pytest.raises(InterventionError, match="no exact table"):
         labelled.agreement()
+
+
+# -- GradDrop (AtP*): the mean over the other blocks of |AtP with one block dropped| ----------------
+
+BLOCKS = 3
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def deep(request: pytest.FixtureRequest) -> tuple[str, nn.Module, Inspector]:
+    """Three blocks: a value in the middle block has one block before and one after it."""
+    model = _build(request.param, BLOCKS)
+    return request.param, model, Inspector(model)
+
+
+@pytest.fixture(scope="module")
+def dropped(
+    deep: tuple[str, nn.Module, Inspector],
+) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+    """The formula by hand at each block, with each block's attention and MLP detached."""
+    family, model, _ = deep
+    return {
+        (block, drop): _hand(family, model, block, drop)
+        for block in range(BLOCKS)
+        for drop in range(BLOCKS)
+    }
+
+
+def _own(block: int, site: str) -> int | None:
+    """The block a value belongs to: a block's input is written by the block before it."""
+    if site == "input":
+        return block - 1 if block > 0 else None
+    return block
+
+
+def _grad_drop_by_hand(
+    dropped: dict[tuple[int, int], dict[str, torch.Tensor]],
+    block: int,
+    site: str,
+    cell: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> torch.Tensor:
+    """Mean over the blocks l other than the value's own of |its cells with l dropped|."""
+    others = [d for d in range(BLOCKS) if d != _own(block, site)]
+    return torch.stack([cell(dropped[block, d][site]).abs() for d in others]).mean(0)
+
+
+def test_grad_drop_cells_are_the_mean_over_other_blocks_by_position(
+    deep: tuple[str, nn.Module, Inspector],
+    dropped: dict[tuple[int, int], dict[str, torch.Tensor]],
+) -> None:
+    _, _, insp = deep
+    inputs = ({"input_ids": CLEAN}, {"input_ids": CORRUPTED})
+    sites = [(b, s) for b in range(BLOCKS) for s in ("block", "input", "attn", "mlp")]
+    locators = [f"block[{b}]" if s == "block" else f"block[{b}].{s}" for b, s in sites]
+    found = attribution_patching(insp, *inputs, METRIC, locators=locators, grad_drop=True)
+    _close(found, torch.stack([_grad_drop_by_hand(dropped, b, s) for b, s in sites]))
+    assert bool((found >= 0).all())
+    some = attribution_patching(
+        insp, *inputs, METRIC, locators=["block[1]", "block[0].input"], positions=[0, -1, 3],
+        grad_drop=True,
+    )  # fmt: skip
+    expected = [_grad_drop_by_hand(dropped, 1, "block"), _grad_drop_by_hand(dropped, 0, "input")]
+    _close(some, torch.stack(expected)[:, [0, 5, 3]])
+    # The embedding is block 0's input (GPT-2 adds position embeddings, equal in both runs):
+    # no block writes it, so it is averaged over every block.
+    embed = attribution_patching(insp, *inputs, METRIC, locators="embed", grad_drop=True)
+    _close(embed[0], _grad_drop_by_hand(dropped, 0, "input"))
+    # The final norm comes after every block: no drop changes its gradient.
+    norm = attribution_patching(insp, *inputs, METRIC, locators="final_norm", grad_drop=True)
+    _close(norm, attribution_patching(insp, *inputs, METRIC, locators="final_norm").abs())
+    # Every block before a value's own leaves AtP's gradient: the last block's values get |AtP|.
+    plain = attribution_patching(insp, *inputs, METRIC, locators=locators)
+    last = [n for n, (b, s) in enumerate(sites) if b == BLOCKS - 1 and s != "input"]
+    _close(found[last], plain[last].abs())
+    assert not torch.allclose(found, plain.abs(), rtol=1e-3, atol=0)  # dropping changes cells
+
+
+@pytest.mark.parametrize("site", ["z", "result", "q", "k", "v"])
+def test_grad_drop_head_cells_are_the_mean_over_other_blocks(
+    deep: tuple[str, nn.Module, Inspector],
+    dropped: dict[tuple[int, int], dict[str, torch.Tensor]],
+    site: str,
+) -> None:
+    _, _, insp = deep
+    inputs = ({"input_ids": CLEAN}, {"input_ids": CORRUPTED})
+    locators = f"block[:].attn.{site}"
+    options: dict[str, Any] = {"locators": locators, "qk_fix": False, "grad_drop": True}
+
+    def by_hand(cell: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return torch.stack([_grad_drop_by_hand(dropped, b, site, cell) for b in range(BLOCKS)])
+
+    whole = attribution_patching(insp, *inputs, METRIC, heads="each", **options)
+    _close(whole, by_hand(lambda t: t.sum(0)))  # each head at every position at once
+    some = attribution_patching(insp, *inputs, METRIC, heads="each", positions=[1, 5], **options)
+    _close(some, by_hand(lambda t: t[[1, 5]].t()))
+    together = attribution_patching(insp, *inputs, METRIC, positions=[3], **options)
+    _close(together, by_hand(lambda t: t[[3]].sum(-1)))
+
+
+@pytest.mark.parametrize("site", ["q", "k"])
+def test_grad_drop_with_the_qk_fix_takes_each_pass_through_the_softmax(
+    deep: tuple[str, nn.Module, Inspector], site: str
+) -> None:
+    family, model, insp = deep
+    heads = KV_HEADS if (site == "k" and family == "llama") else HEADS
+    inputs = ({"input_ids": CLEAN}, {"input_ids": CORRUPTED})
+    found = attribution_patching(
+        insp, *inputs, METRIC, locators=f"block[:2].attn.{site}", heads="each", grad_drop=True
+    )
+    cells = [(slice(None), h) for h in range(heads)]
+    for block in (0, 1):
+        others = [d for d in range(BLOCKS) if d != block]
+        per_drop = [_hand_qk(family, model, block, site, cells, drop=d) for d in others]
+        expected = torch.tensor(per_drop, dtype=torch.float64).abs().mean(0)
+        _close(found[block], expected, 1e-4)  # Llama's eager softmax is float32 (see above)
+    linear = attribution_patching(
+        insp, *inputs, METRIC, locators=f"block[:2].attn.{site}", heads="each", grad_drop=True,
+        qk_fix=False,
+    )  # fmt: skip
+    assert not torch.allclose(linear, found, rtol=1e-3, atol=0)
+
+
+def test_grad_drop_pattern_cells_against_hugging_faces_attentions(
+    deep: tuple[str, nn.Module, Inspector],
+) -> None:
+    family, model, insp = deep
+    eager = _eager(model)
+    with torch.no_grad():
+        clean = eager(CLEAN, output_attentions=True).attentions
+    expected = []
+    for block in range(BLOCKS):
+        terms = []
+        for drop in (d for d in range(BLOCKS) if d != block):
+            with torch.enable_grad(), _detached(family, eager, drop):
+                out = eager(CORRUPTED, output_attentions=True)
+                (grad,) = torch.autograd.grad(METRIC(out.logits), out.attentions[block])
+            change = (clean[block] - out.attentions[block].detach()) * grad
+            terms.append(change.sum(dim=(0, 2, 3)).abs())
+        expected.append(torch.stack(terms).mean(0))
+    inputs = ({"input_ids": CLEAN}, {"input_ids": CORRUPTED})
+    found = attribution_patching(
+        insp, *inputs, METRIC, locators="block[:].attn.pattern", heads="each", grad_drop=True
+    )
+    _close(found, torch.stack(expected), 1e-4)
+
+
+def test_grad_drop_stops_a_blocks_whole_update_where_its_parts_include_the_stream() -> None:
+    """BLOOM's attention and MLP outputs already include the residual stream: the block's
+    update (output minus input) is what is dropped, never the skip connection."""
+    model = build_tiny(
+        BloomForCausalLM, BloomConfig(n_layer=BLOCKS, hidden_size=32, n_head=4, vocab_size=64)
+    ).double()
+    layers = model.transformer.h
+
+    def cells(drop: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        runs: list[dict[str, torch.Tensor]] = [{}, {}]
+        handles = []
+        for b, layer in enumerate(layers):
+
+            def hook(module: nn.Module, args: Any, kwargs: Any, out: Any, b: int = b) -> Any:
+                x = args[0] if args else kwargs["hidden_states"]
+                y = out[0] if isinstance(out, tuple) else out
+                if b == drop:
+                    y = x + (y - x).detach()  # the update's gradient stopped, the skip kept
+                runs[run][f"out{b}"], runs[run][f"in{b}"] = y, x
+                return (y, *out[1:]) if isinstance(out, tuple) else y
+
+            handles.append(layer.register_forward_hook(hook, with_kwargs=True))
+        try:
+            run = 0
+            with torch.no_grad():
+                model(CLEAN)
+            run = 1
+            with torch.enable_grad():
+                metric = METRIC(model(CORRUPTED).logits)
+        finally:
+            for handle in handles:
+                handle.remove()
+        names = [f"out{b}" for b in range(BLOCKS)] + [f"in{b}" for b in range(BLOCKS)]
+        grads = torch.autograd.grad(metric, [runs[1][n] for n in names])
+        out = [
+            ((runs[0][n] - runs[1][n]) * g).sum(dim=(0, 2))
+            for n, g in zip(names, grads, strict=True)
+        ]
+        return torch.stack(out[:BLOCKS]), torch.stack(out[BLOCKS:])
+
+    by_drop = {drop: cells(drop) for drop in range(BLOCKS)}
+    outputs = [
+        torch.stack([by_drop[d][0][b].abs() for d in range(BLOCKS) if d != b]).mean(0)
+        for b in range(BLOCKS)
+    ]
+    block_inputs = [
+        torch.stack([by_drop[d][1][b].abs() for d in range(BLOCKS) if d != _own(b, "input")]).mean(
+            0
+        )
+        for b in range(BLOCKS)
+    ]
+    insp = Inspector(model)
+    inputs = ({"input_ids": CLEAN}, {"input_ids": CORRUPTED})
+    locators = [f"block[{b}]" for b in range(BLOCKS)] + [f"block[{b}].input" for b in range(BLOCKS)]
+    found = attribution_patching(insp, *inputs, METRIC, locators=locators, grad_drop=True)
+    _close(found, torch.stack(outputs + block_inputs))
+
+
+def test_grad_drop_is_one_forward_of_each_run_and_a_backward_per_block(
+    deep: tuple[str, nn.Module, Inspector],
+) -> None:
+    _, model, insp = deep
+    head = model.get_output_embeddings()
+    passes: list[int] = []
+
+    def count(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+        if out.requires_grad:
+            out.register_hook(lambda grad: passes.append(1))
+
+    inputs = ({"input_ids": CLEAN}, {"input_ids": CORRUPTED})
+    handle = head.register_forward_hook(count)
+    try:
+        for locators, expected in (
+            ("block[:]", BLOCKS),  # one plain pass, one per block after block 0
+            ("block[2]", 1),  # nothing after the last block: AtP's gradient alone
+            ("block[1:]", 2),
+            ("embed", BLOCKS),  # no block writes it: one pass per block, no plain one
+        ):
+            passes.clear()
+            with _forwards(model) as forwards:
+                attribution_patching(insp, *inputs, METRIC, locators=locators, grad_drop=True)
+            assert (len(forwards), len(passes)) == (2, expected), locators
+    finally:
+        handle.remove()
+
+
+def test_grad_drop_relative_divides_magnitudes_by_the_gaps_magnitude(
+    deep: tuple[str, nn.Module, Inspector],
+) -> None:
+    _, model, insp = deep
+    inputs = ({"input_ids": CLEAN}, {"input_ids": CORRUPTED})
+    plain = attribution_patching(insp, *inputs, METRIC, grad_drop=True)
+    relative = attribution_patching(insp, *inputs, METRIC, grad_drop=True, relative=True)
+    with torch.no_grad():
+        gap = float(METRIC(model(CLEAN).logits) - METRIC(model(CORRUPTED).logits))
+    _close(relative, (plain / abs(gap)).float())
+    assert bool((relative >= 0).all())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"grad_drop": "yes"}, "grad_drop= takes True or False, got 'yes'"),
+        ({"grad_drop": 1}, "grad_drop= takes True or False, got 1"),
+        ({"grad_drop": None}, "grad_drop= takes True or False, got None"),
+        ({"qk_fix": "no"}, "qk_fix= takes True or False"),
+        ({"relative": 0}, "relative= takes True or False"),
+    ],
+)
+def test_grad_drop_bad_flags_are_refused_before_any_forward(
+    tiny: tuple[str, nn.Module, Inspector], kwargs: dict[str, Any], match: str
+) -> None:
+    _, model, insp = tiny
+    inputs = ({"input_ids": CLEAN}, {"input_ids": CORRUPTED})
+    with _forwards(model) as calls, pytest.raises(InterventionError, match=match) as caught:
+        attribution_patching(insp, *inputs, METRIC, **kwargs)
+    assert not calls and "\n" not in str(caught.value)
+
+
+def test_grad_drop_on_one_block_is_refused_there_is_no_other_block() -> None:
+    model = _build("gpt2", 1)
+    insp = Inspector(model)
+    inputs = ({"input_ids": CLEAN}, {"input_ids": CORRUPTED})
+    for locators in ("block[:]", "embed"):
+        with _forwards(model) as calls, pytest.raises(InterventionError) as caught:
+            attribution_patching(insp, *inputs, METRIC, locators=locators, grad_drop=True)
+        assert not calls and "\n" not in str(caught.value)
+        assert "has 1 block: there is no other; pass grad_drop=False" in str(caught.value)
+    assert attribution_patching(insp, *inputs, METRIC).shape == (1, 6)
+
+
+def test_grad_drop_is_refused_on_an_encoder_decoder() -> None:
+    model = build_tiny(
+        T5ForConditionalGeneration,
+        T5Config(num_layers=2, d_model=32, d_ff=64, num_heads=4, d_kv=8, vocab_size=64),
+    )
+    ids = {"input_ids": CLEAN, "decoder_input_ids": CLEAN[:, :3]}
+    with _forwards(model) as calls, pytest.raises(InterventionError, match="encoder and a"):
+        attribution_patching(Inspector(model), ids, ids, METRIC, grad_drop=True)
+    assert not calls
