@@ -20,7 +20,12 @@ from introspect._version import __version__, check_transformers
 check_transformers()
 
 if TYPE_CHECKING:
-    from introspect._atp import attribution_patching, patching_agreement
+    from introspect._atp import (
+        PatchingResult,
+        attribution_patching,
+        patching_agreement,
+        patching_result,
+    )
     from introspect._attention import (
         AttentionPatterns,
         HeadScores,
@@ -79,6 +84,7 @@ if TYPE_CHECKING:
     from introspect._proof import UnprovenWarning
     from introspect._report import build_report
     from introspect._sae import SAEEvaluation, SparseAutoencoder, evaluate_sae, load_sae, train_sae
+    from introspect._sae._features import SAEFeatures, top_features
     from introspect._spec import (
         AdapterSpec,
         HeadSpec,
@@ -92,10 +98,14 @@ if TYPE_CHECKING:
         View,
         attention_view,
         attribution_view,
+        check_page_budget,
         head_scores_view,
         lens_view,
+        patching_view,
         report_header,
         report_page,
+        sae_evaluation_view,
+        sae_features_view,
         write_page,
     )
     from introspect.zoo import ByteTokenizerWarning, load_model
@@ -105,7 +115,9 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ["AttentionPatterns", "HeadScores", "attention_patterns", "head_scores"], "_attention"
     ),
-    **dict.fromkeys(["attribution_patching", "patching_agreement"], "_atp"),
+    **dict.fromkeys(
+        ["PatchingResult", "attribution_patching", "patching_agreement", "patching_result"], "_atp"
+    ),
     "Attribution": "_attribution",
     **dict.fromkeys(
         [
@@ -169,10 +181,14 @@ _EXPORTS: dict[str, str] = {
             "View",
             "attention_view",
             "attribution_view",
+            "check_page_budget",
             "head_scores_view",
             "lens_view",
+            "patching_view",
             "report_header",
             "report_page",
+            "sae_evaluation_view",
+            "sae_features_view",
             "write_page",
         ],
         "_views",
@@ -180,6 +196,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ["SAEEvaluation", "SparseAutoencoder", "evaluate_sae", "load_sae", "train_sae"], "_sae"
     ),
+    **dict.fromkeys(["SAEFeatures", "top_features"], "_sae._features"),
     **dict.fromkeys(["TunedLens", "train_tuned_lens"], "_tuned"),
 }
 
@@ -215,12 +232,14 @@ __all__ = [
     "MissingPartError",
     "ModelLoadError",
     "NoAdapterError",
+    "PatchingResult",
     "PluginLoadError",
     "PluginWarning",
     "Record",
     "RotaryWarning",
     "SAEError",
     "SAEEvaluation",
+    "SAEFeatures",
     "SparseAutoencoder",
     "StackSpec",
     "StreamOp",
@@ -237,6 +256,7 @@ __all__ = [
     "attribution_view",
     "build_report",
     "capture_to_file",
+    "check_page_budget",
     "describe",
     "detect_adapter",
     "encode_batch",
@@ -259,11 +279,16 @@ __all__ = [
     "new_plugin_manager",
     "pad_batch",
     "patching_agreement",
+    "patching_result",
+    "patching_view",
     "position_ids_from_mask",
     "real_token_positions",
     "report_header",
     "report_page",
+    "sae_evaluation_view",
+    "sae_features_view",
     "save_tensors",
+    "top_features",
     "train_sae",
     "train_tuned_lens",
     "write_page",

@@ -45,10 +45,19 @@ import torch
 from introspect._batching import as_int, max_positions
 from introspect._errors import AttentionToolError, LocatorError, MissingDependencyError
 from introspect._hooks import input_device
-from introspect._lens import _save_atomically, _token_label, main_blocks
+from introspect._lens import _plain, _save_atomically, main_blocks
 from introspect._locators import Locator
 from introspect._text import model_inputs_of, token_strings
-from introspect._views import attention_view, head_scores_view
+from introspect._views import (
+    attention_view,
+    byte_labels,
+    forced,
+    head_scores_view,
+    model_title,
+    prompt_text,
+    prompt_title,
+    save_view,
+)
 
 if TYPE_CHECKING:
     from introspect._inspector import Inspector
@@ -201,6 +210,10 @@ class HeadScores:
     adapter: str
     num_blocks: int
     """The model's block count (``blocks`` may be a subset)."""
+    model_name: str = ""
+    """The model as titles name it, recorded by :func:`head_scores`: the tokenizer's
+    ``name_or_path`` (a hub id, or ``org/name`` from a hub cache folder), else the model's class
+    and adapter; empty: the class."""
 
     @property
     def num_heads(self) -> int:
@@ -333,8 +346,8 @@ class HeadScores:
         there are few enough to read, with two decimals, or as many (up to four) as tell the
         last boxed head from the first one left out; a head that still shows the same value
         as the last boxed one is boxed too (:meth:`boxed`). The title names ``model``
-        (default: the model's class). Writes a PNG (or .svg, .pdf; atomically) when ``path``
-        is given; returns the matplotlib Figure.
+        (default: :attr:`model_name`, as recorded from the tokenizer). Writes a PNG (or .svg,
+        .pdf; atomically) when ``path`` is given; returns the matplotlib Figure.
 
         Example:
             >>> from importlib.util import find_spec
@@ -390,7 +403,7 @@ class HeadScores:
             if self.seed is not None
             else f"given runs of {self.seq_len} tokens, each repeated {self.repeats} times"
         )
-        heading = title or f"{self.score} heads: {model or self.model_class}"
+        heading = title or f"{self.score} heads: {model or self.model_name or self.model_class}"
         fig.suptitle(textwrap.fill(heading, max(40, int(width * 11))), fontsize=10)
         ranked = len(self.top(top)) if top else 0
         ties = f" ({len(boxed)} with ties)" if len(boxed) > ranked else ""
@@ -408,10 +421,12 @@ class HeadScores:
         path: str | os.PathLike[str] | None = None,
         *,
         patterns: AttentionPatterns | Sequence[AttentionPatterns] | None = None,
-        overwrite: bool = True,
+        force: bool = False,
+        overwrite: bool | None = None,
     ) -> str:
         """The interactive block x head grid as one self-contained page (with ``patterns``,
-        a click on a head opens its pattern), written atomically to ``path`` when given.
+        a click on a head opens its pattern), written atomically to ``path`` when given (an
+        existing file only with ``force``; ``overwrite=`` is its deprecated name).
 
         Example:
             >>> from introspect import Inspector
@@ -421,7 +436,8 @@ class HeadScores:
             >>> s.to_html().count('data-kind="heads"')
             1
         """
-        return head_scores_view(self, patterns=patterns).to_html(path, overwrite=overwrite)
+        replace = forced(force, overwrite)  # a contradiction is an error before any work
+        return save_view(head_scores_view(self, patterns=patterns), path, force=replace)
 
     def __repr__(self) -> str:
         best = self.top(1)
@@ -576,6 +592,7 @@ def head_scores(
         model_class=type(insp.model).__name__,
         adapter=insp.adapter.name,
         num_blocks=insp.num_blocks,
+        model_name=model_title(tokenizer, type(insp.model).__name__, insp.adapter.name),
     )
 
 
@@ -601,6 +618,32 @@ class AttentionPatterns:
     adapter: str
     causal: bool = field(default=True)
     """Whether every weight above the diagonal is zero (a causal mask): plots grey it out."""
+    model_name: str = ""
+    """The model as titles name it, recorded by :func:`attention_patterns`: the tokenizer's
+    ``name_or_path`` (a hub id, or ``org/name`` from a hub cache folder), else the model's class
+    and adapter; empty: the class."""
+    prompt: str | None = None
+    """The prompt the patterns were read on: the text given, or the token ids decoded by the
+    tokenizer (None: token ids without a tokenizer)."""
+    labels: list[str] = field(default_factory=list)
+    """The tokens as pictures and views label them, recorded with the tokenizer: a lone byte
+    of a multi-byte character by its bytes (``<0xF0><0x9F>``, where ``tokens`` holds the
+    missing glyph); empty: by its id (``#8582``)."""
+
+    @property
+    def token_labels(self) -> list[str]:
+        """:attr:`labels`, or (where none were recorded) the tokens with a lone byte by its id.
+
+        Example:
+            >>> import torch
+            >>> att = AttentionPatterns(0, [0], 1, [7, 8582], ["a", "\ufffd"], torch.eye(2)[None],
+            ...                         "GPT2LMHeadModel", "gpt2")
+            >>> att.token_labels
+            ['a', '#8582']
+        """
+        if len(self.labels) == len(self.tokens):
+            return list(self.labels)
+        return byte_labels(None, self.token_ids, self.tokens)
 
     def _position(self, position: int) -> int:
         n = len(self.tokens)
@@ -692,10 +735,10 @@ class AttentionPatterns:
         Tokens label both axes (on the outer panels of a grid) at 7 points or more: where
         there are more tokens than fit at that size, every second (third, ...) token is
         labelled, and only positions where there are too many to read. A lone byte of a
-        multi-byte character is labelled by its id (``#8582``; these patterns keep no
-        tokenizer to name its bytes). The title names ``model`` (default: the model's class)
-        and ``prompt`` when given. Writes a PNG (or .svg, .pdf; atomically) when ``path`` is
-        given; returns the matplotlib Figure.
+        multi-byte character is labelled by its bytes (``<0xF0><0x9F>``, :attr:`labels`), or by
+        its id (``#8582``) where the tokenizer did not name them. The title names ``model``
+        and ``prompt`` (default: :attr:`model_name` and :attr:`prompt`, as recorded). Writes a
+        PNG (or .svg, .pdf; atomically) when ``path`` is given; returns the matplotlib Figure.
 
         Example:
             >>> from importlib.util import find_spec
@@ -732,9 +775,7 @@ class AttentionPatterns:
             upper = torch.ones(n, n, dtype=torch.bool).triu(1)
             data[:, upper] = float("nan")
         image = None
-        labels = [
-            _token_label(t, i, None, 10) for t, i in zip(self.tokens, self.token_ids, strict=True)
-        ]
+        labels = [_plain(label, 12) for label in self.token_labels]  # "<0xF0><0x9F>" whole
         for i in range(rows * cols):
             ax = axes[i // cols][i % cols]
             if i >= count:
@@ -760,7 +801,7 @@ class AttentionPatterns:
         if image is not None:
             fig.colorbar(image, ax=axes, label="attention weight", shrink=0.8)
         what = f"head {self.heads[0]}" if single else f"{count} heads"
-        named = f"{model or self.model_class}" + (f" on {prompt!r}" if prompt else "")
+        named = (model or self.model_name or self.model_class) + prompt_title(prompt or self.prompt)
         heading = title or f"attention of block[{self.block}], {what}: {named}"
         fig.suptitle(textwrap.fill(heading, max(40, int(width * 11))), fontsize=10)
         if path is not None:
@@ -770,9 +811,16 @@ class AttentionPatterns:
     def _repr_html_(self) -> str:
         return attention_view(self).html()
 
-    def to_html(self, path: str | os.PathLike[str] | None = None, *, overwrite: bool = True) -> str:
+    def to_html(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        force: bool = False,
+        overwrite: bool | None = None,
+    ) -> str:
         """The interactive patterns (a head, or all heads) as one self-contained page,
-        written atomically to ``path`` when given; returns the page.
+        written atomically to ``path`` when given (an existing file only with ``force``;
+        ``overwrite=`` is its deprecated name); returns the page.
 
         Example:
             >>> from introspect import Inspector
@@ -782,7 +830,8 @@ class AttentionPatterns:
             >>> att.to_html().count('data-kind="attention"')
             1
         """
-        return attention_view(self).to_html(path, overwrite=overwrite)
+        replace = forced(force, overwrite)  # a contradiction is an error before any work
+        return save_view(attention_view(self), path, force=replace)
 
     def __repr__(self) -> str:
         return (
@@ -867,14 +916,20 @@ def attention_patterns(
     pattern = pattern[chosen]
     n = int(pattern.shape[-1])
     causal = n > 1 and bool((pattern.triu(1) == 0).all())
+    token_ids = [int(i) for i in seq_ids.tolist()]
+    tokens = token_strings(tokenizer, seq_ids)
+    model_class = type(insp.model).__name__
     return AttentionPatterns(
         block=loc.index,
         heads=chosen,
         num_heads=heads,
-        token_ids=[int(i) for i in seq_ids.tolist()],
-        tokens=token_strings(tokenizer, seq_ids),
+        token_ids=token_ids,
+        tokens=tokens,
         pattern=pattern,
-        model_class=type(insp.model).__name__,
+        model_class=model_class,
         adapter=insp.adapter.name,
         causal=causal,
+        model_name=model_title(tokenizer, model_class, insp.adapter.name),
+        prompt=inputs if isinstance(inputs, str) else prompt_text(tokenizer, token_ids),
+        labels=byte_labels(tokenizer, token_ids, tokens),
     )

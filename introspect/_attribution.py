@@ -39,7 +39,7 @@ from introspect._errors import CaptureError
 from introspect._hooks import onloaded
 from introspect._spec import LogitOp
 from introspect._text import as_token_id, model_inputs_of
-from introspect._views import attribution_view
+from introspect._views import attribution_view, forced, save_view
 
 if TYPE_CHECKING:
     from introspect._view import Analysable
@@ -98,17 +98,20 @@ class Attribution:
         path: str | os.PathLike[str] | None = None,
         *,
         token_text: str | None = None,
-        overwrite: bool = True,
+        force: bool = False,
+        overwrite: bool | None = None,
     ) -> str:
         """The interactive bars as one self-contained page (``token_text`` names the token),
-        written atomically to ``path`` when given; returns the page.
+        written atomically to ``path`` when given (an existing file only with ``force``;
+        ``overwrite=`` is its deprecated name); returns the page.
 
         Example:
             >>> a = Attribution(["embed", "bias"], torch.tensor([1.0, 0.5]), 1.5, 7, -1, 0.0)
             >>> a.to_html(token_text=" Paris").count('data-kind="dla"')
             1
         """
-        return attribution_view(self, token_text=token_text).to_html(path, overwrite=overwrite)
+        replace = forced(force, overwrite)  # a contradiction is an error before any work
+        return save_view(attribution_view(self, token_text=token_text), path, force=replace)
 
 
 @dataclass

@@ -20,10 +20,8 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import math
 import os
-import re
 import textwrap
 import warnings
 from collections.abc import Mapping, Sequence
@@ -44,7 +42,15 @@ from introspect._text import (
     show_token,
     token_strings,
 )
-from introspect._views import lens_view
+from introspect._views import (
+    byte_label,
+    forced,
+    lens_view,
+    model_title,
+    prompt_text,
+    prompt_title,
+    save_view,
+)
 
 if TYPE_CHECKING:
     from introspect._view import Analysable
@@ -67,87 +73,11 @@ def _plain(token: str, width: int) -> str:
     return text
 
 
-_BYTE_PIECE = re.compile(r"(?:<0x[0-9A-Fa-f]{2}>)+")
-
-
-@functools.cache
-def _byte_level_decoder() -> dict[str, int]:
-    """GPT-2's byte-level BPE alphabet, character -> byte (its ``bytes_to_unicode`` inverted)."""
-    shown = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    shown += range(ord("®"), ord("ÿ") + 1)
-    chars = list(shown)
-    extra = 0
-    for byte in range(256):
-        if byte not in shown:
-            shown.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(shown, chars, strict=True)}
-
-
-def _token_bytes(tokenizer: Any, token_id: int) -> bytes | None:
-    """The bytes a token stands for, where its vocabulary piece names them: a SentencePiece
-    byte piece (``<0xE2>``) or a byte-level BPE piece (``âĢ``); None otherwise."""
-    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
-    if not callable(convert):
-        return None
-    try:
-        piece = convert(int(token_id))
-    except (IndexError, KeyError, TypeError, ValueError, OverflowError):
-        return None  # a tokenizer that cannot name the piece: the caller shows the id
-    if not isinstance(piece, str) or not piece:
-        return None
-    if _BYTE_PIECE.fullmatch(piece):
-        return bytes.fromhex(piece.replace("<0x", "").replace(">", ""))
-    decoder = _byte_level_decoder()
-    if all(ch in decoder for ch in piece):
-        return bytes(decoder[ch] for ch in piece)
-    return None
-
-
 def _token_label(token: str, token_id: int, tokenizer: Any, width: int) -> str:
-    """A token as a picture labels it: :func:`_plain`, except that a token which decodes to
-    an incomplete character (a lone byte of a multi-byte character, drawn as the missing
-    glyph ``\ufffd``) is shown by its bytes (``<0xE2><0x80>``) where the tokenizer names them,
-    and by its id (``#8582``) where it does not."""
-    if "\ufffd" not in token:
-        return _plain(token, width)
-    data = _token_bytes(tokenizer, token_id) if tokenizer is not None else None
-    if data is None:
-        return _plain(f"#{token_id}", width)
-    # Undecodable bytes become lone surrogates (U+DC80..U+DCFF), each shown as its byte.
-    text = "".join(
-        f"<0x{ord(ch) - 0xDC00:02X}>" if 0xDC80 <= ord(ch) <= 0xDCFF else _plain_char(ch)
-        for ch in data.decode("utf-8", errors="surrogateescape")
-    )
-    if len(text) > width:
-        text = text[: width - 1] + "…"
-    return text
-
-
-def _model_name(tokenizer: Any, model_class: str, adapter: str) -> str:
-    """The model as a title names it: the tokenizer's ``name_or_path`` (a hub id as given;
-    ``org/name`` from a hub cache folder; the last two parts of another absolute folder),
-    else its class and adapter."""
-    named = getattr(tokenizer, "name_or_path", None)
-    if not isinstance(named, str) or not named.strip():
-        return f"{model_class} ({adapter} adapter)"
-    path = Path(named)
-    if not path.is_absolute():
-        return named
-    for part in path.parts:  # .../models--org--name/snapshots/<commit>
-        if part.startswith("models--"):
-            return part.removeprefix("models--").replace("--", "/")
-    return "/".join(path.parts[-2:])
-
-
-def _prompt_text(tokenizer: Any, token_ids: Sequence[int], width: int = 60) -> str | None:
-    """The prompt as the model read it (special tokens left out), cut to ``width``."""
-    decode = getattr(tokenizer, "decode", None)
-    if not callable(decode) or not token_ids:
-        return None
-    text = str(decode(list(token_ids), skip_special_tokens=True))
-    return text if len(text) <= width else text[: width - 1] + "…"
+    """A token as a picture labels it: :func:`_plain` of its :func:`byte_label` (a lone
+    byte of a multi-byte character by its bytes, ``<0xE2><0x80>``, where the tokenizer names
+    them, by its id, ``#8582``, where it does not)."""
+    return _plain(byte_label(token, token_id, tokenizer), width)
 
 
 def _format_prob(prob: float) -> str:
@@ -606,9 +536,9 @@ class LensResult:
             side.grid(axis="x", alpha=0.3)
             side.legend(loc="lower right", fontsize=8)
             side.tick_params(axis="y", labelleft=False)
-        name = model or _model_name(self.tokenizer, self.model_class, self.adapter)
-        prompt = _prompt_text(self.tokenizer, self.token_ids)
-        heading = title or f"{self.lens} lens: {name}" + (f" on {prompt!r}" if prompt else "")
+        name = model or model_title(self.tokenizer, self.model_class, self.adapter)
+        prompt = prompt_title(prompt_text(self.tokenizer, self.token_ids))
+        heading = title or f"{self.lens} lens: {name}{prompt}"
         fig.suptitle(textwrap.fill(heading, max(40, int(width * 9))))
         if path is not None:
             _save_atomically(fig, Path(path), dpi)
@@ -626,10 +556,12 @@ class LensResult:
         path: str | os.PathLike[str] | None = None,
         *,
         targets: Sequence[int | str] | None = None,
-        overwrite: bool = True,
+        force: bool = False,
+        overwrite: bool | None = None,
     ) -> str:
         """The interactive lens grid as one self-contained page (see ``docs/views.md``),
-        written atomically to ``path`` when given; returns the page.
+        written atomically to ``path`` when given (an existing file only with ``force``;
+        ``overwrite=`` is its deprecated name); returns the page.
 
         Example:
             >>> from introspect import Inspector
@@ -639,7 +571,8 @@ class LensResult:
             >>> lens.to_html().startswith("<!doctype html>")
             True
         """
-        return lens_view(self, targets=targets).to_html(path, overwrite=overwrite)
+        replace = forced(force, overwrite)  # a contradiction is an error before any work
+        return save_view(lens_view(self, targets=targets), path, force=replace)
 
     def __repr__(self) -> str:
         return (

@@ -39,12 +39,14 @@ Example:
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import json
 import math
 import os
 import re
 import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -63,16 +65,23 @@ __all__ = [
     "View",
     "attention_view",
     "attribution_view",
+    "byte_label",
+    "byte_labels",
     "check_page_budget",
+    "forced",
     "head_scores_view",
     "lens_view",
+    "model_title",
     "page_bytes",
     "patching_view",
+    "prompt_text",
+    "prompt_title",
     "report_header",
     "report_page",
     "sae_evaluation_view",
     "sae_features_view",
     "save_view",
+    "token_bytes",
     "visible",
     "write_page",
 ]
@@ -111,6 +120,8 @@ class LensLike(Protocol):
     @property
     def tokens(self) -> list[str]: ...
     @property
+    def token_ids(self) -> list[int]: ...
+    @property
     def k(self) -> int: ...
     @property
     def logits(self) -> torch.Tensor | None: ...
@@ -139,6 +150,12 @@ class AttentionLike(Protocol):
     def causal(self) -> bool: ...
     @property
     def model_class(self) -> str: ...
+    @property
+    def model_name(self) -> str: ...
+    @property
+    def prompt(self) -> str | None: ...
+    @property
+    def token_labels(self) -> list[str]: ...
 
 
 class HeadScoresLike(Protocol):
@@ -146,6 +163,8 @@ class HeadScoresLike(Protocol):
 
     @property
     def model_class(self) -> str: ...
+    @property
+    def model_name(self) -> str: ...
     @property
     def blocks(self) -> list[int]: ...
     def to_dict(self, top: int = 10) -> dict[str, Any]: ...
@@ -260,18 +279,170 @@ def visible(token: str, width: int = 0) -> str:
     return text
 
 
-def _number(value: float) -> float | None:
-    """A float as the page stores it: four significant digits, ``None`` for NaN."""
-    if math.isnan(value):
+_PRINTED = (".1f", ".2f", ".3f", ".1e")
+"""The ways a page prints a stored number: one to three decimals, or two significant digits."""
+
+
+_BYTE_PIECE = re.compile(r"(?:<0x[0-9A-Fa-f]{2}>)+")
+
+
+@functools.cache
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, character -> byte (its ``bytes_to_unicode`` inverted)."""
+    shown = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    shown += range(ord("®"), ord("ÿ") + 1)
+    chars = list(shown)
+    extra = 0
+    for byte in range(256):
+        if byte not in shown:
+            shown.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(shown, chars, strict=True)}
+
+
+def token_bytes(tokenizer: Any, token_id: int) -> bytes | None:
+    """The bytes a token stands for, where its vocabulary piece names them: a SentencePiece
+    byte piece (``<0xE2>``) or a byte-level BPE piece (``âĢ``); None otherwise.
+
+    Example:
+        >>> from introspect.zoo import load_model
+        >>> _, tok = load_model("toy-gpt2", progress=False)
+        >>> token_bytes(tok, 8582)
+        b'\\xf0\\x9f'
+    """
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    if not callable(convert):
         return None
-    return float(f"{value:.4g}")
+    try:
+        piece = convert(int(token_id))
+    except (IndexError, KeyError, TypeError, ValueError, OverflowError):
+        return None  # a tokenizer that cannot name the piece: the caller shows the id
+    if not isinstance(piece, str) or not piece:
+        return None
+    if _BYTE_PIECE.fullmatch(piece):
+        return bytes.fromhex(piece.replace("<0x", "").replace(">", ""))
+    decoder = _byte_level_decoder()
+    if all(ch in decoder for ch in piece):
+        return bytes(decoder[ch] for ch in piece)
+    return None
+
+
+def byte_label(token: str, token_id: int, tokenizer: Any) -> str:
+    """A token's text as pictures and views show it: the text itself, except that a token
+    which decodes to an incomplete character (a lone byte of a multi-byte character, drawn as
+    the missing glyph ``\ufffd``) is shown by its bytes (``<0xF0><0x9F>``) where the tokenizer
+    names them, and by its id (``#8582``) where it does not. Spaces and what would not print
+    are left for :func:`visible` to show.
+
+    Example:
+        >>> from introspect.zoo import load_model
+        >>> _, tok = load_model("toy-gpt2", progress=False)
+        >>> byte_label("\ufffd", 8582, tok), byte_label("\ufffd", 8582, None)
+        ('<0xF0><0x9F>', '#8582')
+        >>> byte_label(" x", 2124, tok)
+        ' x'
+    """
+    if "\ufffd" not in token:
+        return token
+    data = token_bytes(tokenizer, token_id) if tokenizer is not None else None
+    if data is None:
+        return f"#{token_id}"
+    # Undecodable bytes become lone surrogates (U+DC80..U+DCFF), each shown as its byte.
+    return "".join(
+        f"<0x{ord(ch) - 0xDC00:02X}>" if 0xDC80 <= ord(ch) <= 0xDCFF else ch
+        for ch in data.decode("utf-8", errors="surrogateescape")
+    )
+
+
+def byte_labels(tokenizer: Any, token_ids: Sequence[int], tokens: Sequence[str]) -> list[str]:
+    """:func:`byte_label` of each token of a sequence.
+
+    Example:
+        >>> from introspect.zoo import load_model
+        >>> _, tok = load_model("toy-gpt2", progress=False)
+        >>> ids = tok.encode("🙂 x")
+        >>> byte_labels(tok, ids, [tok.decode([i]) for i in ids])
+        ['<0xF0><0x9F>', '<0x99><0x82>', ' x']
+    """
+    return [byte_label(text, int(i), tokenizer) for text, i in zip(tokens, token_ids, strict=True)]
+
+
+def model_title(tokenizer: Any, model_class: str, adapter: str) -> str:
+    """The model as a title names it: the tokenizer's ``name_or_path`` (a hub id as given;
+    ``org/name`` from a hub cache folder; the last two parts of another absolute folder),
+    else its class and adapter.
+
+    Example:
+        >>> model_title(None, "GPT2LMHeadModel", "gpt2")
+        'GPT2LMHeadModel (gpt2 adapter)'
+    """
+    named = getattr(tokenizer, "name_or_path", None)
+    if not isinstance(named, str) or not named.strip():
+        return f"{model_class} ({adapter} adapter)"
+    path = Path(named)
+    if not path.is_absolute():
+        return named
+    for part in path.parts:  # .../models--org--name/snapshots/<commit>
+        if part.startswith("models--"):
+            return part.removeprefix("models--").replace("--", "/")
+    return "/".join(path.parts[-2:])
+
+
+def prompt_text(tokenizer: Any, token_ids: Sequence[int]) -> str | None:
+    """The prompt as the model read it (special tokens left out); None without a tokenizer.
+
+    Example:
+        >>> from introspect.zoo import load_model
+        >>> _, tok = load_model("toy-gpt2", progress=False)
+        >>> prompt_text(tok, tok.encode("Hi there")), prompt_text(None, [1, 2])
+        ('Hi there', None)
+    """
+    decode = getattr(tokenizer, "decode", None)
+    if not callable(decode) or not token_ids:
+        return None
+    return str(decode([int(i) for i in token_ids], skip_special_tokens=True))
+
+
+def prompt_title(prompt: str | None, width: int = 60) -> str:
+    """A prompt as a title quotes it (``" on 'text'"``, cut to ``width``; empty without one).
+
+    Example:
+        >>> prompt_title("Hi"), prompt_title(None), prompt_title("abcdef", 4)
+        (" on 'Hi'", '', " on 'abc…'")
+    """
+    if not prompt:
+        return ""
+    return f" on {(prompt if len(prompt) <= width else prompt[: width - 1] + chr(0x2026))!r}"
+
+
+def _number(value: float, digits: int = 4) -> float | None:
+    """A float as a page stores it: the fewest significant digits, ``digits`` or more, that
+    the page prints exactly as ``value`` (with one, two or three decimals, or as ``1.2e-05``),
+    so what it prints is ``value`` correctly rounded (``None`` for NaN or infinity).
+
+    Four digits alone would round twice: 0.12350000441 is stored as 0.1235, which prints as
+    0.123, where the value rounds to 0.124.
+
+    Example:
+        >>> _number(0.12345678), _number(0.12350000441), _number(1 / 16)
+        (0.1235, 0.123500004, 0.0625)
+    """
+    if not math.isfinite(value):
+        return None
+    for precision in range(digits, 18):
+        stored = float(f"{value:.{precision}g}")
+        if all(format(stored, way) == format(value, way) for way in _PRINTED):
+            return stored
+    return value
 
 
 def _full(value: float) -> float | None:
     """A float32 value as a page stores it where it prints three decimals whatever the
     magnitude (a patching table, activations): seven significant digits, a float32's
-    precision (``None`` for NaN or infinity)."""
-    return float(f"{value:.7g}") if math.isfinite(value) else None
+    precision, or more where the page would print it otherwise (``None`` for NaN or
+    infinity)."""
+    return _number(value, 7)
 
 
 def _finite(value: float) -> float | None:
@@ -334,9 +505,15 @@ class View:
         """
         return report_page([self], header or {}, title=title or self.title)
 
-    def to_html(self, path: str | os.PathLike[str] | None = None, *, overwrite: bool = True) -> str:
+    def to_html(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        force: bool = False,
+        overwrite: bool | None = None,
+    ) -> str:
         """The page; written to ``path`` (atomically) when given, refusing an existing file
-        unless ``overwrite``.
+        unless ``force`` (``overwrite=`` is its deprecated name).
 
         Example:
             >>> import tempfile, torch
@@ -347,10 +524,40 @@ class View:
             >>> target.read_text(encoding="utf-8") == page
             True
         """
-        page = self.page()
-        if path is not None:
-            write_page(path, page, overwrite=overwrite)
-        return page
+        return save_view(self, path, force=forced(force, overwrite))
+
+
+def forced(force: bool, overwrite: bool | None) -> bool:
+    """Whether a ``to_html(path, force=..., overwrite=...)`` may replace an existing file.
+
+    ``overwrite=`` is the deprecated name of ``force=`` (the views' first release replaced an
+    existing file unless ``overwrite=False``; every writer of the project now refuses one
+    unless forced): it still works, with a :class:`DeprecationWarning`. Called by the
+    ``to_html`` methods, so the warning points at their caller.
+
+    Example:
+        >>> import warnings
+        >>> forced(False, None), forced(True, None)
+        (False, True)
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     forced(False, True), str(caught[0].message)[:53]
+        (True, 'to_html(overwrite=True) is deprecated: use force=True')
+    """
+    if overwrite is None:
+        return bool(force)
+    if force and not overwrite:
+        raise ViewError(
+            "force=True and overwrite=False disagree: pass force= alone (overwrite= is its "
+            "deprecated name)"
+        )
+    warnings.warn(
+        f"to_html(overwrite={overwrite!r}) is deprecated: use force={overwrite!r} (an existing "
+        "file is refused unless force=True); overwrite= goes in the next release",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return bool(overwrite)
 
 
 def _json(payload: Mapping[str, Any]) -> str:
@@ -420,6 +627,7 @@ def lens_view(
             "nothing to draw; compute it with at least one block and one position"
         )
     ids = [result.token_id(t) for t in (result.targets if targets is None else targets)]
+    tokenizer = getattr(result, "tokenizer", None)
     kept = result.logits is not None
     data = result.to_dict(targets=ids if kept else [])
     rows, positions = result.rows, result.positions
@@ -433,11 +641,11 @@ def lens_view(
             for item in cell["top"]:
                 top.append(int(item["id"]))
                 probs.append(_number(float(item["prob"])))
-                vocab[int(item["id"])] = str(item["token"])
+                vocab[int(item["id"])] = byte_label(str(item["token"]), int(item["id"]), tokenizer)
             for j, followed in enumerate(cell.get("targets", [])):
                 per_target[j][0].append(int(followed["rank"]))
                 per_target[j][1].append(_number(float(followed["prob"])))
-    names = token_strings(getattr(result, "tokenizer", None), ids)
+    names = byte_labels(tokenizer, ids, token_strings(tokenizer, ids))
     last = f"block[{result.num_blocks - 1}]"
     row_labels = [f"{row} = output" if row == last else row for row in rows]
     blocks = [int(m.group(1)) if (m := _BLOCK.match(row)) else None for row in rows]
@@ -448,7 +656,7 @@ def lens_view(
         "rowLabels": row_labels,
         "blocks": blocks,
         "positions": positions,
-        "tokens": result.tokens,
+        "tokens": byte_labels(tokenizer, result.token_ids, result.tokens),
         "k": int(data["k"]),
         "top": top,
         "probs": probs,
@@ -472,7 +680,9 @@ def lens_view(
     )
     if ids and not kept:
         note += " Target ranks need the logits (computed with keep_logits=False)."
-    heading = title or f"{result.lens} lens ({result.adapter} adapter): {result.model_class}"
+    name = model_title(tokenizer, result.model_class, result.adapter)
+    prompt = prompt_title(prompt_text(tokenizer, result.token_ids))
+    heading = title or f"{result.lens} lens: {name}{prompt}"
     return View("lens", heading, payload, note)
 
 
@@ -541,17 +751,15 @@ def attention_view(
         if len(blocks) == 1
         else f"{len(blocks)} blocks (block[{blocks[0]['block']}]..block[{blocks[-1]['block']}])"
     )
-    payload = {"kind": "attention", "tokens": tokens, "scale": SCALE, "blocks": blocks}
+    labels = found[0].token_labels  # a lone byte by its bytes, as the tokenizer names them
+    payload = {"kind": "attention", "tokens": labels, "scale": SCALE, "blocks": blocks}
     note = (
         "Query (attending) down, key (attended to) across. Hover a query or key token to light "
         f"its row or column; {_QUANTISED}."
     )
-    return View(
-        "attention",
-        title or f"attention of {which}: {found[0].model_class}",
-        payload,
-        note,
-    )
+    name = found[0].model_name or found[0].model_class
+    heading = title or f"attention of {which}: {name}{prompt_title(found[0].prompt)}"
+    return View("attention", heading, payload, note)
 
 
 def head_scores_view(
@@ -599,7 +807,7 @@ def head_scores_view(
     children = [] if patterns is None else [attention_view(patterns)]
     if children:
         note += " Click a head to open its pattern on the prompt below."
-    heading = title or f"{data['score']} heads: {scores.model_class}"
+    heading = title or f"{data['score']} heads: {scores.model_name or scores.model_class}"
     return View("heads", heading, payload, note, children)
 
 
@@ -684,7 +892,7 @@ def patching_view(result: PatchingLike, *, title: str | None = None) -> View:
 
     Example:
         >>> import torch
-        >>> from introspect._atp import PatchingResult
+        >>> from introspect import PatchingResult
         >>> table = PatchingResult(torch.tensor([[0.5, -1.0], [0.0, 2.0]]),
         ...                        ["block[0]", "block[1]"], [0, 1], tokens=["a", "b"])
         >>> view = patching_view(table)
@@ -854,7 +1062,7 @@ def sae_features_view(features: SAEFeaturesLike, *, title: str | None = None) ->
 
     Example:
         >>> import torch
-        >>> from introspect._sae._features import top_features
+        >>> from introspect import top_features
         >>> f = torch.zeros(3, 16)
         >>> f[0, 4], f[2, 4], f[2, 9] = 1.0, 0.5, 2.0
         >>> view = sae_features_view(top_features(f, k=2, tokens=["a", " b", " c"]))
@@ -1219,8 +1427,20 @@ SCRIPT = r"""(function () {
     return e;
   }
   function label(e, text) { e.title = text; e.setAttribute("aria-label", text); }
-  function fmt(v) { return v === 0 || (v >= 0.001 && v < 1000) ? v.toFixed(3) : v.toExponential(1); }
-  function signed(v) { return (v >= 0 ? "+" : "\u2212") + Math.abs(v).toFixed(3); }
+  // v with f decimals as Python's format writes it: toFixed rounds the exact value of v, but
+  // an exact tie (0.0625 to three decimals) away from zero, where Python takes the even digit.
+  function fixed(v, f) {
+    var s = v.toFixed(f), a = Math.abs(v);
+    if (!(a < 1e21) || a < 5 * Math.pow(10, -f - 1)) return s;
+    var exact = a.toFixed(100), dot = exact.indexOf("."), at = dot + 1 + f;
+    if (exact.charAt(at) !== "5" || /[1-9]/.test(exact.slice(at + 1))) return s;
+    var kept = f ? exact.slice(0, at) : exact.slice(0, dot);
+    return +kept.charAt(kept.length - 1) % 2 === 0 ? (v < 0 ? "-" : "") + kept : s;
+  }
+  IV.fixed = fixed;
+  function fmt(v) { return v === 0 || (v >= 0.001 && v < 1000) ? fixed(v, 3) : v.toExponential(1); }
+  IV.fmt = fmt;
+  function signed(v) { return (v >= 0 ? "+" : "\u2212") + fixed(Math.abs(v), 3); }
   // One sequential scale for every view: the scale colour over the theme's background.
   function shade(e, v) {
     e.style.background = "rgba(var(--iv-scale)," + Math.max(0, Math.min(1, v)).toFixed(3) + ")";
@@ -1534,9 +1754,9 @@ SCRIPT = r"""(function () {
       for (var h = 0; h < H; h++) {
         var v = d.values[r * H + h];
         var td = el("td", "iv-cell iv-score" + (top[b + ":" + h] ? " iv-top" : ""), { "data-block": b, "data-head": h, "data-value": v === null ? "" : v, tabindex: "-1" },
-          v === null || B * H > 600 ? "" : v.toFixed(2));
+          v === null || B * H > 600 ? "" : fixed(v, 2));
         if (v !== null) shade(td, v);
-        label(td, "block[" + b + "] head " + h + ": " + d.score + " score " + (v === null ? "(no such head)" : v.toFixed(3)) + (d.link ? " (click: its pattern on the prompt)" : ""));
+        label(td, "block[" + b + "] head " + h + ": " + d.score + " score " + (v === null ? "(no such head)" : fixed(v, 3)) + (d.link ? " (click: its pattern on the prompt)" : ""));
         cells[b + ":" + h] = td;
         tr.appendChild(td);
       }
@@ -1611,7 +1831,7 @@ SCRIPT = r"""(function () {
       if (rest) list.appendChild(el("div", "iv-bar-row iv-rest", { role: "listitem", "data-value": restSum }, rest + " more components: " + signed(restSum)));
       var total = d.values.reduce(function (a, b) { return a + b; }, 0);
       var tot = el("div", "iv-bar-row iv-total", { role: "listitem", "data-total": total },
-        "sum of all " + N + " = " + total.toFixed(3) + "; the model's logit = " + d.logit.toFixed(3));
+        "sum of all " + N + " = " + total.toFixed(3) + "; the model's logit = " + fixed(d.logit, 3));
       list.appendChild(tot);
       more.textContent = st.all ? "show the top " + d.shown : "show all " + N;
       sort.textContent = st.byValue ? "model order" : "largest first";
@@ -1653,7 +1873,7 @@ SCRIPT = r"""(function () {
     e.style.background = "rgba(var(" + (v >= 0 ? "--iv-pos" : "--iv-neg") + ")," + a.toFixed(3) + ")";
     e.classList.toggle("iv-ink", a > 0.55);
   }
-  function short(v) { return v === null ? "" : Math.abs(v) >= 9.995 ? v.toFixed(1) : v.toFixed(2); }
+  function short(v) { return v === null ? "" : Math.abs(v) >= 9.995 ? fixed(v, 1) : fixed(v, 2); }
   function patching(root, d, body) {
     var T = d.tables.length, P = d.panels.length, R = d.rows.length, C = d.columns.length;
     var cells = {}, lit = [], small = T * P * R * C <= 600, best = 0;
@@ -1765,7 +1985,7 @@ SCRIPT = r"""(function () {
       var v = x.values[m.key];
       if (v === null) return "n/a";
       if (m.bar === "dead") return v + " / " + x.dSae + " (" + (100 * v / x.dSae).toFixed(1) + "%)";
-      return m.bar === "count" ? v.toFixed(1) : v.toFixed(3);
+      return m.bar === "count" ? fixed(v, 1) : fixed(v, 3);
     }
     function share(m, x) {
       var v = x.values[m.key];
@@ -1810,7 +2030,7 @@ SCRIPT = r"""(function () {
       side.textContent = "";
       side.appendChild(el("div", "iv-side-title", null, x.name + " on " + x.tokens + " tokens"));
       [["CE clean", x.ce[0]], ["CE spliced", x.ce[1]], ["CE zero-ablated", x.ce[2]], ["KL spliced", x.kl[0]], ["KL zero-ablated", x.kl[1]]].forEach(function (pair) {
-        side.appendChild(el("div", "iv-num", { "data-name": pair[0], "data-value": pair[1] === null ? "" : pair[1] }, pair[0] + ": " + (pair[1] === null ? "n/a" : pair[1].toFixed(4))));
+        side.appendChild(el("div", "iv-num", { "data-name": pair[0], "data-value": pair[1] === null ? "" : pair[1] }, pair[0] + ": " + (pair[1] === null ? "n/a" : fixed(pair[1], 4))));
       });
     }
     function select(s) {

@@ -8,6 +8,7 @@ so its scores are known exactly.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -427,6 +428,82 @@ def test_pattern_plots(tmp_path: Path) -> None:
     labels = [t.get_text() for t in grid.axes[0].get_yticklabels()]
     assert labels == [f"#{i}" for i in range(3, 13)]
     assert _png_size(tmp_path / "grid.png")[0] > 500 and _png_size(tmp_path / "one.png")[0] > 500
+
+
+class _Named:
+    """A tokenizer under a hub name, as one loaded with ``from_pretrained`` is named."""
+
+    def __init__(self, tokenizer: Any, name: str) -> None:
+        self._tokenizer, self.name_or_path = tokenizer, name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._tokenizer(*args, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self._tokenizer)
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self._tokenizer, attribute)
+
+
+def _suptitle(figure: Any) -> str:
+    return str(figure.get_suptitle()).replace("\n", " ")
+
+
+def test_patterns_and_scores_record_the_model_the_prompt_and_byte_labels() -> None:
+    from introspect._views import attention_view, head_scores_view
+
+    model, tok = load_model("toy-gpt2", progress=False)
+    insp = Inspector(model)
+    hub = "HuggingFaceTB/SmolLM2-135M"
+    named = _Named(tok, hub)
+    # The tokenizer's name_or_path names the model, the text given is the prompt.
+    att = attention_patterns(insp, TOKYO, 1, tokenizer=named)
+    assert (att.model_name, att.prompt) == (hub, TOKYO)
+    assert att.labels == att.tokens == [tok.decode([i]) for i in tok.encode(TOKYO)]
+    assert attention_view(att).title == f"attention of block[1]: {hub} on {TOKYO!r}"
+    # Token ids: the prompt is what the tokenizer decodes; the two halves of "🙂" (each a
+    # lone byte, decoded as U+FFFD) are labelled by their bytes.
+    ids = [40, 588, 8582, 25081, 257]  # "I like" + the bytes of "🙂" + " a"
+    assert tok.decode([8582]) == "\ufffd"
+    by_ids = attention_patterns(insp, torch.tensor([ids]), 0, tokenizer=tok)
+    assert by_ids.prompt == tok.decode(ids) == "I like🙂 a"
+    assert by_ids.labels == ["I", " like", "<0xF0><0x9F>", "<0x99><0x82>", " a"]
+    assert by_ids.tokens[2:4] == ["\ufffd", "\ufffd\ufffd"]  # the text itself is unchanged
+    assert by_ids.model_name == "GPT2LMHeadModel (gpt2 adapter)"  # no name_or_path: the class
+    # Without a tokenizer: no prompt text, ids as tokens.
+    bare = attention_patterns(insp, torch.tensor([ids]), 0)
+    assert bare.prompt is None and bare.token_labels == bare.tokens
+    scores = head_scores(insp, "induction", seq_len=6, batch=1, tokenizer=named)
+    assert scores.model_name == hub
+    assert head_scores_view(scores).title == f"induction heads: {hub}"
+    unnamed = head_scores(insp, "induction", seq_len=6, batch=1)
+    assert unnamed.model_name == "GPT2LMHeadModel (gpt2 adapter)"
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert _suptitle(att.plot()) == f"attention of block[1], 4 heads: {hub} on {TOKYO!r}"
+        assert _suptitle(att.plot(model="mine", prompt="other")) == (
+            "attention of block[1], 4 heads: mine on 'other'"
+        )
+        assert _suptitle(scores.plot()) == f"induction heads: {hub}"
+        ticks = [t.get_text() for t in by_ids.plot().axes[0].get_yticklabels()]
+        assert ticks == ["I", "\u2423like", "<0xF0><0x9F>", "<0x99><0x82>", "\u2423a"]
+
+
+def test_results_made_without_the_new_fields_still_work() -> None:
+    # Built as before (positional fields only): titles fall back on the class, a lone byte
+    # on its id.
+    att = introspect.AttentionPatterns(
+        0, [0], 1, [7, 8582], ["a", "\ufffd"], torch.eye(2)[None], "LlamaForCausalLM", "llama"
+    )
+    assert (att.model_name, att.prompt, att.labels) == ("", None, [])
+    assert att.token_labels == ["a", "#8582"]
+    assert introspect.attention_view(att).title == "attention of block[0]: LlamaForCausalLM"
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    scores = introspect.HeadScores(
+        "induction", torch.tensor([[0.5]]), [0], 2, 2, 1, 0, None, ids, "LlamaForCausalLM", "x", 1
+    )
+    assert scores.model_name == ""
+    assert introspect.head_scores_view(scores).title == "induction heads: LlamaForCausalLM"
 
 
 # -- the commands ---------------------------------------------------------------------------

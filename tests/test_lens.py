@@ -17,7 +17,7 @@ import transformers
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from introspect import HeadScores, Inspector, attention_patterns, head_scores
+from introspect import HeadScores, Inspector, attention_patterns, head_scores, lens_view
 from introspect._errors import CaptureError, LocatorError, MissingPartError, ViewError
 from introspect._lens import LensResult, _plain, _token_label, logit_lens
 from introspect._plugins import get_registry
@@ -553,8 +553,17 @@ def test_titles_name_the_model_and_the_prompt() -> None:
     assert _title(att.plot(model="SmolLM2", prompt=prompt)) == (
         f"attention of block[1], {len(att.heads)} heads: SmolLM2 on {prompt!r}"
     )
+    # By default, what the patterns recorded: the name the lens would give, and the prompt.
+    assert _title(att.plot()) == (
+        f"attention of block[1], {len(att.heads)} heads: GPT2LMHeadModel (gpt2 adapter) on "
+        f"{prompt!r}"
+    )
     scores = head_scores(insp, "induction", seq_len=6, batch=1)
     assert _title(scores.plot(model="SmolLM2")) == "induction heads: SmolLM2"
+    assert _title(scores.plot()) == "induction heads: GPT2LMHeadModel (gpt2 adapter)"
+    # The interactive lens names the model and the prompt as its picture does.
+    assert lens_view(lens).title == f"logit lens: HuggingFaceTB/SmolLM2-135M on {prompt!r}"
+    assert lens_view(ids_only).title == "logit lens: GPT2LMHeadModel (gpt2 adapter)"
 
 
 def _nine_heads() -> Inspector:
@@ -629,9 +638,14 @@ def test_a_lone_byte_of_a_character_is_labelled_by_its_bytes() -> None:
     lens = Inspector(model).logit_lens(torch.tensor([ids]), tokenizer=tokenizer)
     ticks = [t.get_text() for t in lens.plot().axes[0].get_xticklabels()]
     assert ticks == ["I", "\u2423like", "<0xF0><0x9F>", "<0x99><0x82>", "\u2423a"]
+    # The attention plot labels its tokens the same way (recorded with the patterns).
     att = attention_patterns(Inspector(model), torch.tensor([ids]), 0, tokenizer=tokenizer)
     labels = [t.get_text() for t in att.plot().axes[0].get_yticklabels()]
-    assert labels == ["I", "\u2423like", "#8582", "#25081", "\u2423a"]
+    assert labels == ["I", "\u2423like", "<0xF0><0x9F>", "<0x99><0x82>", "\u2423a"]
+    # Without a tokenizer to name the bytes, by the token's id.
+    bare = attention_patterns(Inspector(model), torch.tensor([ids]), 0)
+    ids_shown = [t.get_text() for t in bare.plot().axes[0].get_yticklabels()]
+    assert ids_shown == [f"#{i}" for i in ids]
 
 
 class _ByteFallback:

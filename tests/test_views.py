@@ -32,35 +32,33 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import introspect
 from introspect import (
     Attribution,
     Inspector,
+    PatchingResult,
     SAEEvaluation,
+    SAEFeatures,
     SparseAutoencoder,
     ViewError,
     attention_patterns,
     attention_view,
     attribution_view,
+    check_page_budget,
     head_scores,
     head_scores_view,
     lens_view,
     logit_difference,
+    patching_result,
+    patching_view,
     report_header,
     report_page,
-    write_page,
-)
-from introspect._atp import PatchingResult, patching_result
-from introspect._sae._features import SAEFeatures, top_features
-from introspect._views import (
-    PAGE_BUDGET,
-    SCALE,
-    check_page_budget,
-    page_bytes,
-    patching_view,
     sae_evaluation_view,
     sae_features_view,
-    visible,
+    top_features,
+    write_page,
 )
+from introspect._views import PAGE_BUDGET, SCALE, _number, byte_label, page_bytes, visible
 from introspect.zoo import load_model
 
 IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
@@ -82,6 +80,59 @@ TRICKY = [
     "\u2028",
     "🙂 x",
 ]
+# Numbers the page prints with one to three decimals: exact ties (0.0625 is 1/16) that Python
+# rounds to the even digit, values just either side of a rounding boundary, and the edges of
+# the three-decimal range.
+NUMBERS = [
+    0.0625,
+    0.1875,
+    0.3125,
+    0.625,
+    0.125,
+    0.375,
+    0.25,
+    0.05,
+    1.005,
+    2.675,
+    0.12350000441,
+    0.1234999,
+    0.0005,
+    0.001,
+    0.0009995,
+    0.00099999,
+    1e-5,
+    0.9995,
+    0.99951,
+    1.0,
+    0.0,
+    2.5,
+    12.3455,
+    999.9996,
+]
+
+
+def _near_boundaries() -> list[float]:
+    """float32 probabilities on either side of where three decimals (or two significant
+    digits) round up, as a lens holds them: four significant digits would round them twice."""
+    edges = torch.tensor([0.1235, 0.4445, 0.9995, 0.0015, 0.000125, 0.00995, 0.0625])
+    up = torch.nextafter(edges, torch.tensor(2.0))
+    down = torch.nextafter(edges, torch.tensor(-2.0))
+    return [float(v) for v in torch.cat([edges, up, down, up + 1e-7, down - 1e-7])]
+
+
+NEAR = _near_boundaries()
+# "I like" + the two halves of "🙂" (each a lone byte, decoded as U+FFFD) + " a", in GPT-2's BPE.
+BYTE_IDS = [40, 588, 8582, 25081, 257]
+BYTE_LABELS = ["I", " like", "<0xF0><0x9F>", "<0x99><0x82>", " a"]
+
+
+def printed(value: float) -> str:
+    """A number as the page's ``fmt`` must print it: Python's value correctly rounded, to three
+    decimals, or to two significant digits in JavaScript's exponent form (``1.2e-5``)."""
+    if value == 0 or 0.001 <= value < 1000:
+        return f"{value:.3f}"
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa}e{int(exponent):+d}"
 
 
 def _need_browser() -> str:
@@ -211,6 +262,9 @@ DRIVE = r"""
       dla = IV.ids("dla")[0];
     R.ids = { lens: lens, att: att, heads: heads, dla: dla };
     R.visible = S.tricky.map(function (t) { return IV.visible(t); });
+    R.fmt = S.numbers.map(function (v) { return IV.fmt(v); });
+    R.stored = S.stored.map(function (v) { return [IV.fmt(v), IV.fixed(v, 2)]; });
+    R.fixed = S.numbers.map(function (v) { return [IV.fixed(v, 1), IV.fixed(v, 2), IV.fixed(v, 3), IV.fixed(-v, 3)]; });
     // lens: the pointer over one cell selects it, its row and its column
     R.lensBefore = q("#" + lens + " .iv-cell.iv-sel").map(function (e) { return [e.dataset.row, +e.dataset.position]; });
     ev(q("#" + lens + " .iv-cell[data-row='" + S.lens.row + "'][data-position='" + S.lens.position + "']")[0], "mouseover");
@@ -363,6 +417,8 @@ def _settings(r: dict[str, Any]) -> dict[str, Any]:
     small = min(range(len(r["dla"].labels)), key=lambda i: abs(float(r["dla"].values[i])))
     return {
         "tricky": TRICKY,
+        "numbers": NUMBERS,
+        "stored": [_number(v) for v in NEAR],
         "lens": {"row": lens.rows[1], "position": lens.positions[2], "column": lens.positions[1]},
         "blocks": [p.block for p in r["patterns"]],
         "att": {"block": 2, "head": 1, "query": 3, "key": 1},
@@ -561,6 +617,12 @@ def browser_runs(
     }
     large_views, large_header = _large()
     pages["large"] = report_page(large_views, large_header, title="30 blocks x 9 heads")
+    with _one_thread():
+        ids = torch.tensor([BYTE_IDS])
+        byte_lens = r["insp"].logit_lens(ids, tokenizer=r["tok"])
+        byte_patterns = attention_patterns(r["insp"], ids, 0, tokenizer=r["tok"])
+    byte_views = [lens_view(byte_lens), attention_view(byte_patterns)]
+    pages["bytes"] = report_page(byte_views, header, title="a lone byte")
     shown = {
         "lens": {"row": r["lens"].rows[-1], "position": r["lens"].positions[-1]},
         "attention": {"block": 1, "head": "all", "query": 4, "key": 1},
@@ -580,7 +642,7 @@ def browser_runs(
         (folder / f"{name}.html").write_text(text, encoding="utf-8")
     url = {name: (folder / f"{name}.html").as_uri() for name in pages}
     size = f"--window-size={GALLERY[0]},{GALLERY[1]}"
-    jobs = {name: ["--dump-dom", url[name]] for name in ("driven", "notebook", "large")}
+    jobs = {name: ["--dump-dom", url[name]] for name in ("driven", "notebook", "large", "bytes")}
     # One Chromium both dumps a page's DOM and takes its screenshot, after its scripts ran.
     jobs["gallery"] = [
         size,
@@ -607,10 +669,12 @@ def browser_runs(
     return {
         "folder": folder,
         "dom": {
-            name: parse(out[name]) for name in ("driven", "notebook", "large", "gallery", "more")
+            name: parse(out[name])
+            for name in ("driven", "notebook", "large", "gallery", "more", "bytes")
         },
         "pages": pages,
         "large_views": large_views,
+        "bytes": (byte_lens, byte_patterns),
     }
 
 
@@ -635,22 +699,37 @@ def test_lens_grid_has_every_cell_with_the_results_values(
     results: dict[str, Any], driven: tuple[Node, dict[str, Any]]
 ) -> None:
     dom, found = driven
-    lens = results["lens"]
+    lens, tok = results["lens"], results["tok"]
     view = _view(dom, found["ids"]["lens"])
     cells = view.find("iv-cell")
     assert len(cells) == len(lens.rows) * len(lens.positions)
+    last = f"block[{lens.num_blocks - 1}]"
+    paris = lens.token_id(" Paris")
     for r, row in enumerate(lens.rows):
         for c, position in enumerate(lens.positions):
             (cell,) = view.find("iv-cell", data_row=row, data_position=position)
-            top = lens.top_tokens[r][c]
-            assert int(cell.attrs["data-token-id"]) == int(lens.top_ids[r, c, 0])
+            ids = [int(i) for i in lens.top_ids[r, c]]
+            top = [byte_label(t, i, tok) for t, i in zip(lens.top_tokens[r][c], ids, strict=True)]
+            assert int(cell.attrs["data-token-id"]) == ids[0]
             assert cell.attrs["data-token"] == top[0]
             assert math.isclose(
                 float(cell.attrs["data-prob"]), float(lens.top_probs[r, c, 0]), rel_tol=1e-3
             )
             assert cell.text() == visible(top[0], 8)
             assert cell.attrs["title"] == cell.attrs["aria-label"]
-            assert all(f"'{visible(t)}'" in cell.attrs["title"] for t in top)
+            # Every probability printed is the Python value correctly rounded.
+            probs = [float(p) for p in lens.top_probs[r, c]]
+            ranked = "; ".join(
+                f"{j + 1}. '{visible(t)}' {printed(p)}"
+                for j, (t, p) in enumerate(zip(top, probs, strict=True))
+            )
+            token = byte_label(lens.tokens[position], lens.token_ids[position], tok)
+            rank = lens.ranks_of(paris, position)[r] + 1
+            followed = f"target '\u2423Paris' #{rank} {printed(lens.probs_of(paris, position)[r])}"
+            assert cell.attrs["title"] == (
+                f"{row}{' = output' if row == last else ''}, after '{visible(token, 16)}' "
+                f"(position {position}): {ranked}; {followed}"
+            )
             match = re.match(r"block\[(\d+)\]$", row)
             assert cell.attrs.get("data-block", "") == (match.group(1) if match else "")
     # Leading spaces are visible: every input token after the first starts with "␣".
@@ -780,6 +859,39 @@ def test_tokens_are_shown_alike_in_python_and_in_the_page(
 ) -> None:
     _, found = driven
     assert found["visible"] == [visible(t) for t in TRICKY]
+
+
+def test_numbers_are_printed_as_python_rounds_them(driven: tuple[Node, dict[str, Any]]) -> None:
+    # toFixed rounds an exact tie away from zero (0.0625 -> 0.063); Python, and so the page,
+    # to the even digit (0.062).
+    _, found = driven
+    assert found["fmt"] == [printed(v) for v in NUMBERS]
+    expected = [
+        [f"{v:.1f}", f"{v:.2f}", f"{v:.3f}", f"{-v:.3f}" if v else "0.000"] for v in NUMBERS
+    ]
+    assert found["fixed"] == expected
+    # A value as a view stores it prints as the value itself, correctly rounded.
+    assert found["stored"] == [[printed(v), f"{v:.2f}"] for v in NEAR]
+    # (Four significant digits, as the views stored them before, would misprint some.)
+    assert any(printed(float(f"{v:.4g}")) != printed(v) for v in NEAR)
+
+
+def test_a_lone_byte_shows_as_its_bytes_in_every_view(browser_runs: dict[str, Any]) -> None:
+    dom = browser_runs["dom"]["bytes"]
+    lens, patterns = browser_runs["bytes"]
+    assert lens.tokens[2:4] == patterns.tokens[2:4] == ["\ufffd", "\ufffd\ufffd"]
+    (grid,) = dom.find("iv-view", data_kind="lens", data_ready="true")
+    assert [h.text() for h in grid.find("iv-colhead")] == [visible(t, 8) for t in BYTE_LABELS]
+    for cell in grid.find("iv-cell", data_position=2):
+        assert "after '<0xF0><0x9F>' (position 2)" in cell.attrs["title"]
+    (attention,) = dom.find("iv-view", data_kind="attention", data_ready="true")
+    assert [t.text() for t in attention.find("iv-tok")] == [visible(t, 12) for t in BYTE_LABELS]
+    keys = attention.find("iv-a", data_head=0, data_query=4)
+    assert "query 4 '\u2423a' \u2192 key 3 '<0x99><0x82>': " in keys[3].attrs["title"]
+    # Nothing of either view (text, hover text, data) shows the missing glyph.
+    for node in (grid, attention):
+        assert "\ufffd" not in node.text()
+        assert all("\ufffd" not in value for n in node.walk() for value in n.attrs.values())
 
 
 def test_pages_report_no_errors_and_their_collector_works(
@@ -1183,15 +1295,25 @@ def test_empty_patching_and_sae_results_are_one_line_errors(
         assert "\n" not in str(info.value)
 
 
-def test_to_html_refuses_an_existing_file_unless_forced(
-    more_results: dict[str, Any], tmp_path: Path
-) -> None:
-    results = [
+def _every_result(results: dict[str, Any], more_results: dict[str, Any]) -> list[Any]:
+    """One result of each kind that has a page, and a bare view."""
+    return [
+        results["lens"],
+        results["patterns"][0],
+        results["scores"],
+        results["dla"],
         more_results["tables"][0],
         more_results["evaluations"][0],
         more_results["features"],
+        attribution_view(results["dla"]),
     ]
-    for n, result in enumerate(results):
+
+
+def test_to_html_refuses_an_existing_file_unless_forced(
+    results: dict[str, Any], more_results: dict[str, Any], tmp_path: Path
+) -> None:
+    every = _every_result(results, more_results)
+    for n, result in enumerate(every):
         target = tmp_path / f"{n}.html"
         page = result.to_html(target)
         assert target.read_text(encoding="utf-8") == page
@@ -1201,7 +1323,50 @@ def test_to_html_refuses_an_existing_file_unless_forced(
             result.to_html(target)
         assert "\n" not in str(info.value) and target.read_text(encoding="utf-8") == "mine"
         assert result.to_html(target, force=True) == target.read_text(encoding="utf-8")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.html", "1.html", "2.html"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{n}.html" for n in range(len(every))]
+
+
+def test_overwrite_is_the_deprecated_name_of_force(
+    results: dict[str, Any], more_results: dict[str, Any], tmp_path: Path
+) -> None:
+    # Only the results whose to_html took overwrite= before keep it, for one release.
+    every = _every_result(results, more_results)
+    older = [every[n] for n in (0, 1, 2, 3, 7)]
+    for n, result in enumerate(older):
+        target = tmp_path / f"{n}.html"
+        target.write_text("mine", encoding="utf-8")
+        with pytest.warns(DeprecationWarning, match=r"overwrite=True\) is deprecated: use force=T"):
+            page = result.to_html(target, overwrite=True)
+        assert target.read_text(encoding="utf-8") == page
+        target.write_text("mine", encoding="utf-8")
+        with (
+            pytest.warns(DeprecationWarning, match="use force=False") as caught,
+            pytest.raises(ViewError, match="exists"),
+        ):
+            result.to_html(target, overwrite=False)
+        assert caught[0].filename == __file__  # the warning points at the caller's line
+        with pytest.raises(ViewError, match=r"^force=True and overwrite=False disagree"):
+            result.to_html(target, force=True, overwrite=False)
+        assert target.read_text(encoding="utf-8") == "mine"
+    for result in every[4:7]:
+        with pytest.raises(TypeError, match="overwrite"):
+            result.to_html(tmp_path / "new.html", overwrite=True)
+
+
+def test_the_names_a_notebook_needs_are_public() -> None:
+    from introspect import _atp, _views
+    from introspect._sae import _features
+
+    for module, names in (
+        (_atp, ["PatchingResult", "patching_result"]),
+        (_features, ["SAEFeatures", "top_features"]),
+        (
+            _views,
+            ["check_page_budget", "patching_view", "sae_evaluation_view", "sae_features_view"],
+        ),
+    ):
+        for name in names:
+            assert name in introspect.__all__ and getattr(introspect, name) is getattr(module, name)
 
 
 def test_a_single_evaluation_and_its_payload(more_results: dict[str, Any]) -> None:
