@@ -546,6 +546,16 @@ def _plan(
     extra: list[str] = []
     for name, loc in locs.items():
         site = head_site(loc)
+        part = ("block" if loc.sub is None else loc.sub) if loc.is_block else loc.part
+        stack = insp.adapter.stack(insp.view.stack_key(loc.stack))
+        if loc.side == "output" and loc.sae is None and part in stack.outputs_changed_in_place:
+            # The capture keeps a copy of what the module returned; the model goes on with
+            # the tensor it then changes, so no gradient would ever reach the copy.
+            raise InterventionError(
+                f"{name}'s output is changed in place by {insp.adapter.name} after the module "
+                "returns, so its record is a copy no gradient reaches and every cell would be "
+                "0: measure it with patching_sweep"
+            )
         if site in QUERY_KEY_SITES and positions_given:
             raise InterventionError(
                 f"{name} is [batch, heads, query, key], so positions= cannot be placed on it: "

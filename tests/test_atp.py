@@ -22,6 +22,8 @@ from torch import nn
 from transformers import (
     BloomConfig,
     BloomForCausalLM,
+    FalconConfig,
+    FalconForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -499,6 +501,28 @@ def test_qk_fix_is_refused_where_attention_is_computed_inline() -> None:
     assert linear.shape == (2, 4)
     # Sites that do not reach the metric through a softmax of their own take no fix.
     assert attribution_patching(insp, *inputs, METRIC, locators="block[:].attn.z").shape == (2, 6)
+
+
+def test_a_site_the_model_changes_in_place_is_refused_not_estimated_as_zero() -> None:
+    """Falcon's parallel block adds the attention output into the MLP's output in place: the
+    MLP's record is a copy no gradient reaches, so AtP would give 0 for every cell."""
+    config = FalconConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        vocab_size=64,
+        parallel_attn=True,
+        new_decoder_architecture=False,
+    )
+    model = build_tiny(FalconForCausalLM, config).double()
+    insp = Inspector(model)
+    inputs = ({"input_ids": CLEAN}, {"input_ids": CORRUPTED})
+    with _forwards(model) as calls, pytest.raises(InterventionError) as caught:
+        attribution_patching(insp, *inputs, METRIC, locators="block[:].mlp")
+    assert not calls and "\n" not in str(caught.value)
+    assert "block[0].mlp's output is changed in place" in str(caught.value)
+    assert "patching_sweep" in str(caught.value)
+    assert attribution_patching(insp, *inputs, METRIC, locators="block[:].attn").abs().sum() > 0
 
 
 def test_qk_fix_is_refused_when_the_scores_do_not_reproduce_the_pattern(
