@@ -135,8 +135,9 @@ def attribution_patching(
     ``|metric(clean) - metric(corrupted)|``. It works with ``positions``, ``heads`` and every
     site, and with ``qk_fix`` (each pass's pattern gradient through the exact softmax). It
     costs the same two forwards and one backward pass per block after the earliest swept
-    value's block, plus one plain one (``L`` for a sweep of every block). A model of one block
-    has no other block and is refused, as are encoder-decoder models (two stacks).
+    value's block, plus one without a drop where a value has blocks before its own (``L`` for
+    a sweep of every block). A model of one block has no other block and is refused, as are
+    encoder-decoder models (two stacks).
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
