@@ -799,8 +799,9 @@ class Inspector:
     ) -> torch.Tensor:
         """:meth:`patching_sweep`'s table estimated to first order from two forwards and one
         backward (AtP; with ``qk_fix=True`` the query and key cells through the exact softmax,
-        AtP*): same arguments, shape and order, so the two compare cell by cell. See
-        :func:`introspect._atp.attribution_patching`.
+        AtP*): same arguments, shape and order, so the two compare cell by cell.
+        ``grad_drop=True`` adds AtP*'s GradDrop (one backward pass per block; magnitudes, to
+        compare with ``|exact|``). See :func:`introspect._atp.attribution_patching`.
 
         Example:
             >>> from transformers import GPT2Config, GPT2LMHeadModel
