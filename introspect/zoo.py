@@ -717,6 +717,10 @@ def load_model(
     attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if entry is not None:
         model, tokenizer = entry.build(progress)
+        if tokenizer is not None:
+            # Titles and reports name a model by its tokenizer's name_or_path: the short name
+            # given, not a cache folder (smollm2's) or nothing (the toys').
+            tokenizer.name_or_path = name.lower()
         if attn_implementation is not None:
             _set_attention(model, attn_implementation)
     elif device_map is not None:

@@ -470,7 +470,7 @@ def test_patterns_and_scores_record_the_model_the_prompt_and_byte_labels() -> No
     assert by_ids.prompt == tok.decode(ids) == "I like🙂 a"
     assert by_ids.labels == ["I", " like", "<0xF0><0x9F>", "<0x99><0x82>", " a"]
     assert by_ids.tokens[2:4] == ["\ufffd", "\ufffd\ufffd"]  # the text itself is unchanged
-    assert by_ids.model_name == "GPT2LMHeadModel (gpt2 adapter)"  # no name_or_path: the class
+    assert by_ids.model_name == "toy-gpt2"  # the zoo names its tokenizer after the model
     # Without a tokenizer: no prompt text, ids as tokens.
     bare = attention_patterns(insp, torch.tensor([ids]), 0)
     assert bare.prompt is None and bare.token_labels == bare.tokens

@@ -553,10 +553,11 @@ def test_titles_name_the_model_and_the_prompt() -> None:
     assert _title(att.plot(model="SmolLM2", prompt=prompt)) == (
         f"attention of block[1], {len(att.heads)} heads: SmolLM2 on {prompt!r}"
     )
-    # By default, what the patterns recorded: the name the lens would give, and the prompt.
+    # By default, what the patterns recorded: the name the lens would give (a zoo model's
+    # tokenizer carries its short name), and the prompt.
+    assert _title(read.plot()) == f"logit lens: toy-gpt2 on {prompt!r}"
     assert _title(att.plot()) == (
-        f"attention of block[1], {len(att.heads)} heads: GPT2LMHeadModel (gpt2 adapter) on "
-        f"{prompt!r}"
+        f"attention of block[1], {len(att.heads)} heads: toy-gpt2 on {prompt!r}"
     )
     scores = head_scores(insp, "induction", seq_len=6, batch=1)
     assert _title(scores.plot(model="SmolLM2")) == "induction heads: SmolLM2"
