@@ -6,7 +6,7 @@ Example:
     >>> from introspect.zoo import load_model
     >>> model, tok = load_model("toy-gpt2", progress=False)
     >>> page = build_report(Inspector(model), "Hi there", tokenizer=tok, targets=[" the"])
-    >>> page.count('data-kind="'), "logit lens: toy-gpt2 on 'Hi there'" in page
+    >>> page.count('data-kind="'), "logit lens: toy-gpt2 on" in page
     (4, True)
 """
 
