@@ -98,30 +98,6 @@ def test_plot_writes_a_bar_chart(capsys: pytest.CaptureFixture[str], tmp_path: P
     assert [p.name for p in tmp_path.iterdir()] == ["dla.png"]  # no temporary file left
 
 
-@pytest.mark.usefixtures("no_model")
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["--prompt", "", "--target", "5"], "the prompt is empty"),
-        (["--prompt", "Hi", "--target", ""], "--target is empty"),
-        (["--prompt", "Hi", "--target", "5", "--plot", "dla.txt"], "must end in .png"),
-        (["--prompt", "Hi", "--target", "5", "--adapter", "nope"], "no adapter named 'nope'"),
-    ],
-)
-def test_bad_arguments_are_one_line_before_the_model_loads(
-    capsys: pytest.CaptureFixture[str],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    argv: list[str],
-    message: str,
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    code, out, err = run_command(capsys, "dla", "toy-gpt2", *argv)
-    assert code == 1 and out == ""
-    assert message in error_line(err)
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_a_position_outside_the_prompt_is_one_line(
     capsys: pytest.CaptureFixture[str], toy: Any
 ) -> None:

@@ -46,6 +46,16 @@ def _capture(out: Path) -> list[str]:
             "the prompt is empty",
         ),
         (["verify", "toy-gpt2", "--prompt", ""], "the prompt is empty"),
+        (["dla", "toy-gpt2", "--prompt", "", "--target", "5"], "the prompt is empty"),
+        (["dla", "toy-gpt2", "--prompt", "Hi", "--target", ""], "--target is empty"),
+        (
+            ["dla", "toy-gpt2", "--prompt", "Hi", "--target", "5", "--plot", "dla.txt"],
+            "must end in .png",
+        ),
+        (
+            ["dla", "toy-gpt2", "--prompt", "Hi", "--target", "5", "--adapter", "nope"],
+            "no adapter named 'nope'",
+        ),
     ],
 )
 def test_bad_options_are_one_line_before_loading(
