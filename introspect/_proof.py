@@ -465,6 +465,7 @@ class Proof:
 
 
 _MEMO: dict[tuple[AdapterSpec, type, str], Proof] = {}
+_DEFERRED: dict[tuple[Any, ...], Proof] = {}
 _LOCK = threading.Lock()
 _WARNED: set[tuple[str, type, str]] = set()
 
@@ -559,6 +560,17 @@ def prove_at_first_use(
     return verdict(model, spec, BLOCKS, run)
 
 
+def _config_key(model: nn.Module) -> str:
+    """What tells one config of a class from another (its JSON; empty without a config)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_string"):
+        return ""
+    try:
+        return str(config.to_json_string(use_diff=False))
+    except (TypeError, ValueError):
+        return repr(config)
+
+
 def verdict(
     model: nn.Module,
     spec: AdapterSpec,
@@ -597,10 +609,20 @@ def verdict(
     memo = (spec, model_class, facts)
     with _LOCK:
         found = _MEMO.get(memo)
+    deferred_key: tuple[Any, ...] | None = None
+    if found is None:
+        # A deferred verdict is about this model's config (one the shrink cannot build), not
+        # its class: another config of the class may prove, so it is kept per config.
+        deferred_key = (*memo, _config_key(model))
+        with _LOCK:
+            found = _DEFERRED.get(deferred_key)
     if found is None:
         found = _prove(model, spec, facts, run)
         with _LOCK:
-            _MEMO[memo] = found
+            if found.status == "deferred":
+                _DEFERRED[deferred_key] = found
+            else:
+                _MEMO[memo] = found
     if found.status == "failed":
         raise fact_error(spec, model_class, found.checks, facts)
     return found
@@ -658,6 +680,7 @@ def forget() -> None:
     """
     with _LOCK:
         _MEMO.clear()
+        _DEFERRED.clear()
         _WARNED.clear()
 
 

@@ -161,6 +161,22 @@ def _first_int(values: dict[str, Any], overrides: dict[str, Any], attrs: tuple[s
     return 0
 
 
+def _keep_state_space_heads(values: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Keep Mamba-2's tie ``num_heads * head_dim == hidden_size * expand`` where it held.
+
+    The generic shrink cuts heads, head size and width on their own; a state-space mixer whose
+    heads tile its expanded width gets as many heads as the shrunk width needs.
+    """
+    width, expand = _config_int(values.get("hidden_size")), _config_int(values.get("expand"))
+    heads, size = _config_int(values.get("num_heads")), _config_int(values.get("head_dim"))
+    if not (width and expand and heads and size) or heads * size != width * expand:
+        return
+    new_width = _config_int(overrides.get("hidden_size", width)) or width
+    new_size = _config_int(overrides.get("head_dim", size)) or size
+    if (new_width * expand) % new_size == 0:
+        overrides["num_heads"] = new_width * expand // new_size
+
+
 def _shrink(values: dict[str, Any], wanted: dict[str, int]) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     for size, attrs in _ATTRS.items():
@@ -205,6 +221,7 @@ def _shrink(values: dict[str, Any], wanted: dict[str, int]) -> dict[str, Any]:
                     if int(k) in renumber
                 }
                 lists_done.add(key)
+    _keep_state_space_heads(values, overrides)
     if "head_dim" in values and values["head_dim"] is None:
         width = _first_int(values, overrides, _ATTRS["hidden"])
         head_count = _first_int(values, overrides, _ATTRS["heads"])
@@ -279,12 +296,14 @@ EXTRA_OVERRIDES: dict[str, dict[str, Any]] = {
     "gpt_neo": {"attention_types": [[["global", "local"], 2]]},
     # Its last num_kv_shared_layers layers reuse the caches of layers the shrink drops.
     "gemma3n_text": {"num_kv_shared_layers": 0},
-    "mamba2": {"num_heads": 8, "head_dim": 16, "n_groups": 1},
+    # One group of B/C projections, as the small checkpoints have (the heads follow the width:
+    # _keep_state_space_heads).
+    "mamba2": {"n_groups": 1},
     "reformer": {"axial_pos_embds_dim": [32, 32]},
 }
 """Overrides some model types need on top of :func:`tiny_config`'s generic shrink.
 
-Their configs tie sizes together in ways the shrink cannot see (Mamba-2 wants
-``hidden_size * expand == num_heads * head_dim``): pass
+Their configs tie sizes together in ways the shrink cannot see, or their defaults do not run:
+pass
 ``tiny_config(model_type, **EXTRA_OVERRIDES.get(model_type, {}))``.
 """

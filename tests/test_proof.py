@@ -212,3 +212,39 @@ def test_a_head_layout_is_proven_the_first_time_a_head_locator_is_used(cache: Pa
     ):
         other.capture("block[0].attn.q")
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_a_config_the_shrink_cannot_build_defers_only_that_config(cache: Path) -> None:
+    """A deferred verdict is about one config: another model of the class still proves."""
+    import transformers
+
+    unbuildable = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=2, n_embd=96, n_head=3, vocab_size=64)
+    )
+    # 96 wide with 3 heads shrinks to 64 wide with 3 heads, which GPT-2 refuses: no clone.
+    assert Inspector(unbuildable).proof.status == "deferred"
+    fine = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64)
+    )
+    assert Inspector(fine).proof.status == "proven"
+
+
+def test_a_small_mamba2_keeps_its_heads_tied_to_its_width_when_shrunk() -> None:
+    """Mamba-2 needs num_heads * head_dim == hidden_size * expand; the clone keeps the tie."""
+    import transformers
+
+    config = transformers.Mamba2Config(
+        num_hidden_layers=2,
+        hidden_size=32,
+        state_size=8,
+        expand=2,
+        head_dim=8,
+        num_heads=8,
+        n_groups=1,
+        conv_kernel=4,
+        vocab_size=96,
+        chunk_size=4,
+    )
+    clone = _proof.build_clone(transformers.Mamba2Model(config))
+    assert clone.config.num_heads * clone.config.head_dim == 32 * 2
+    assert Inspector(transformers.Mamba2Model(config)).proof.status == "proven"
