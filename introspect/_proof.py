@@ -619,7 +619,7 @@ def verdict(
     if found is None:
         found = _prove(model, spec, facts, run)
         with _LOCK:
-            if found.status == "deferred":
+            if found.status == "deferred" and deferred_key is not None:
                 _DEFERRED[deferred_key] = found
             else:
                 _MEMO[memo] = found
