@@ -38,8 +38,8 @@ import torch
 
 from introspect import Inspector, extract
 from introspect._batching import pad_batch
-from introspect._corpus import read_inputs
-from introspect._extract import _tokenizer_fn, _windows
+from introspect._scale.corpus import read_inputs
+from introspect._scale.windows import _tokenizer_fn, _windows
 from introspect.zoo import load_model
 
 DEFAULT_DOCS = {"toy-llama": 1024, "smollm2": 96}

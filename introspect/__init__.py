@@ -42,7 +42,6 @@ if TYPE_CHECKING:
     )
     from introspect._capture import Capture, Record
     from introspect._circuits import FactoredMatrix, RotaryWarning
-    from introspect._dataset import ActivationDataset
     from introspect._describe import describe
     from introspect._detect import DetectedAdapterWarning, detect_adapter
     from introspect._errors import (
@@ -68,7 +67,6 @@ if TYPE_CHECKING:
         ViewError,
     )
     from introspect._export import capture_to_file, load_capture, save_tensors
-    from introspect._extract import extract
     from introspect._hookspecs import hookimpl
     from introspect._inspector import Inspector, get_hidden_state
     from introspect._interventions import Intervention, mean_activation
@@ -85,6 +83,8 @@ if TYPE_CHECKING:
     from introspect._report import build_report
     from introspect._sae import SAEEvaluation, SparseAutoencoder, evaluate_sae, load_sae, train_sae
     from introspect._sae._features import SAEFeatures, top_features
+    from introspect._scale.dataset import ActivationDataset
+    from introspect._scale.run import extract
     from introspect._spec import (
         AdapterSpec,
         HeadSpec,
@@ -131,11 +131,9 @@ _EXPORTS: dict[str, str] = {
     ),
     **dict.fromkeys(["Capture", "Record"], "_capture"),
     **dict.fromkeys(["FactoredMatrix", "RotaryWarning"], "_circuits"),
-    "ActivationDataset": "_dataset",
     "describe": "_describe",
     **dict.fromkeys(["DetectedAdapterWarning", "detect_adapter"], "_detect"),
     **dict.fromkeys(["capture_to_file", "load_capture", "save_tensors"], "_export"),
-    "extract": "_extract",
     **dict.fromkeys(
         [
             "AdapterConflictError",
@@ -197,6 +195,8 @@ _EXPORTS: dict[str, str] = {
         ["SAEEvaluation", "SparseAutoencoder", "evaluate_sae", "load_sae", "train_sae"], "_sae"
     ),
     **dict.fromkeys(["SAEFeatures", "top_features"], "_sae._features"),
+    "ActivationDataset": "_scale.dataset",
+    "extract": "_scale.run",
     **dict.fromkeys(["TunedLens", "train_tuned_lens"], "_tuned"),
 }
 

@@ -1555,7 +1555,7 @@ def _count(n: int, noun: str) -> str:
 
 def _interrupted(out: str, settings: dict[str, Any] | None, total: int | None, force: bool) -> str:
     """What an interrupted extraction kept in ``out``, and how to go on from there."""
-    from introspect._extract import kept
+    from introspect._scale.records import kept
 
     if settings is None:
         return ""  # stopped before the inputs were read: nothing known yet
@@ -1577,17 +1577,14 @@ def _interrupted(out: str, settings: dict[str, Any] | None, total: int | None, f
     _extract_options,
 )
 def _extract(args: argparse.Namespace) -> int:
-    from introspect._corpus import read_inputs
-    from introspect._dataset import MANIFEST, read_json
     from introspect._errors import IntrospectError
-    from introspect._extract import (
-        as_ranks,
-        check_output_dir,
-        extract,
-        settings_of,
-        weights_fingerprint,
-    )
     from introspect._locators import Locator
+    from introspect._scale.corpus import read_inputs
+    from introspect._scale.dataset import MANIFEST, read_json
+    from introspect._scale.distributed import as_ranks
+    from introspect._scale.records import check_output_dir
+    from introspect._scale.run import extract
+    from introspect._scale.settings import settings_of, weights_fingerprint
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -1810,11 +1807,11 @@ def _same_model(given: str, recorded: str) -> bool:
     _train_sae_options,
 )
 def _train_sae(args: argparse.Namespace) -> int:
-    from introspect._dataset import ActivationDataset
     from introspect._errors import SAEError
     from introspect._locators import Locator
     from introspect._sae import train_sae
     from introspect._sae._model import SAELENS_CONFIG
+    from introspect._scale.dataset import ActivationDataset
 
     # Everything that can be checked without training is checked first.
     Locator.parse(args.at)
@@ -2033,10 +2030,10 @@ _SAE_METRICS = (
 def _sae_eval(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from introspect._corpus import read_inputs
     from introspect._errors import ModelLoadError
     from introspect._locators import Locator
     from introspect._sae import evaluate_sae, load_sae, site_locator
+    from introspect._scale.corpus import read_inputs
 
     # The inputs, the locator and the SAE are checked before the model loads.
     if args.at is not None:
@@ -2272,9 +2269,9 @@ def _check_lens_data(args: argparse.Namespace, ds: Any) -> None:
     _tune_lens_options,
 )
 def _tune_lens(args: argparse.Namespace) -> int:
-    from introspect._dataset import ActivationDataset
     from introspect._errors import DatasetError
     from introspect._locators import Locator
+    from introspect._scale.dataset import ActivationDataset
     from introspect._tuned import CHECKPOINT, CONFIG, train_tuned_lens
 
     # Everything that can be checked without the model is checked before it loads.

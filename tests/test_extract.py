@@ -22,10 +22,7 @@ from _support.models import llama_config
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import introspect._extract as extract_module
 from introspect import ActivationDataset, Inspector, extract
-from introspect._corpus import read_inputs
-from introspect._dataset import MANIFEST, PROGRESS
 from introspect._errors import (
     CorpusError,
     DatasetError,
@@ -33,7 +30,12 @@ from introspect._errors import (
     LocatorError,
     MissingDependencyError,
 )
-from introspect._extract import _remaining, _share
+from introspect._scale import engine, threads
+from introspect._scale.corpus import read_inputs
+from introspect._scale.dataset import MANIFEST, PROGRESS
+from introspect._scale.settings import weights_fingerprint
+from introspect._scale.shards import _Done, _remaining, _share
+from introspect._scale.windows import _anchors, _runs, _tokenizer_fn, _windows
 from introspect.cli import main
 from introspect.testing import build_tiny
 
@@ -86,7 +88,7 @@ def test_values_equal_a_capture_of_each_document_alone(
     # Documents of every length up to past the limit, and an empty one: padding, batching,
     # sorting by length and shard cuts must all be invisible.
     if positions == "all-gathered":  # the accelerator's way of placing rows, run on the CPU
-        monkeypatch.setattr(extract_module, "_copies_rows", lambda device: False)
+        monkeypatch.setattr(engine, "_copies_rows", lambda device: False)
         positions = "all"
     lines = [*_lines(23), "", "x" * 70]
     insp = Inspector(lm)
@@ -261,7 +263,7 @@ def test_unfinished_and_foreign_folders_are_refused(tmp_path: Path) -> None:
 @contextlib.contextmanager
 def _disk_full_after_one_shard(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """While inside, the second shard write fails as a full disk does."""
-    real = extract_module._save_file
+    real = threads._save_file
     calls = []
 
     def dies(tensors: Any, path: str, metadata: Any) -> None:
@@ -271,7 +273,7 @@ def _disk_full_after_one_shard(monkeypatch: pytest.MonkeyPatch) -> Iterator[None
         real(tensors, path, metadata)
 
     with monkeypatch.context() as patch:
-        patch.setattr(extract_module, "_save_file", dies)
+        patch.setattr(threads, "_save_file", dies)
         yield
 
 
@@ -290,10 +292,10 @@ def test_other_weights_under_the_same_name_are_refused(
     a = Inspector(build_tiny(LlamaForCausalLM, llama_config(), seed=0))
     b = Inspector(build_tiny(LlamaForCausalLM, llama_config(), seed=1))
     fa, fb = (
-        extract_module.weights_fingerprint(a.model),
-        extract_module.weights_fingerprint(b.model),
+        weights_fingerprint(a.model),
+        weights_fingerprint(b.model),
     )
-    assert fa != fb and fa == extract_module.weights_fingerprint(a.model)
+    assert fa != fb and fa == weights_fingerprint(a.model)
     corpus = _corpus(tmp_path, _lines(12, seed=4))
 
     def refused(folder: Path) -> str:
@@ -371,22 +373,22 @@ def test_a_checkpoint_changed_in_place_is_not_resumed_on_the_command_line(
 def test_the_weights_fingerprint_is_the_same_wherever_the_weights_are() -> None:
     accelerate = pytest.importorskip("accelerate")
     model = build_tiny(LlamaForCausalLM, llama_config(), seed=0)
-    plain = extract_module.weights_fingerprint(model)
+    plain = weights_fingerprint(model)
     copy = build_tiny(LlamaForCausalLM, llama_config(), seed=0)
-    assert extract_module.weights_fingerprint(copy) == plain
+    assert weights_fingerprint(copy) == plain
     # Offloaded by accelerate: the weights are on the meta device, their values in its hooks.
     accelerate.cpu_offload(copy, execution_device=torch.device("cpu"))
     assert any(p.is_meta for p in copy.parameters())
-    assert extract_module.weights_fingerprint(copy) == plain
+    assert weights_fingerprint(copy) == plain
     as_bf16 = build_tiny(LlamaForCausalLM, llama_config(), seed=0).to(torch.bfloat16)
-    assert extract_module.weights_fingerprint(as_bf16) != plain
+    assert weights_fingerprint(as_bf16) != plain
 
 
 def test_shares_cover_the_remaining_documents_once() -> None:
     weights = torch.tensor([5, 1, 1, 1, 30, 2, 2, 2, 2, 2, 9, 1], dtype=torch.long)
     done = [
-        extract_module._Done("a", 2, 4, 0, [], [], {}),
-        extract_module._Done("b", 7, 9, 0, [], [], {}),
+        _Done("a", 2, 4, 0, [], [], {}),
+        _Done("b", 7, 9, 0, [], [], {}),
     ]
     remaining = _remaining(done, 12)
     assert remaining == [(0, 2), (4, 7), (9, 12)]
@@ -402,23 +404,21 @@ def test_every_rank_cuts_its_shards_where_one_process_does(tmp_path: Path) -> No
     lines = _lines(90, seed=7, longest=60)
     docs = read_inputs([_corpus(tmp_path, lines)])
     sizes = docs.weights()
-    tokenize = extract_module._tokenizer_fn(CharTokenizer())
+    tokenize = _tokenizer_fn(CharTokenizer())
 
     def cuts(share: list[tuple[int, int]], remaining: list[tuple[int, int]], every: int) -> Any:
-        anchors = extract_module._anchors(sizes, every)
-        runs = extract_module._runs(share, remaining, anchors)
-        windows = extract_module._windows(runs, docs, tokenize, 30, False, 50, anchors)
+        anchors = _anchors(sizes, every)
+        runs = _runs(share, remaining, anchors)
+        windows = _windows(runs, docs, tokenize, 30, False, 50, anchors)
         return [(w.first, w.end, w.ids, w.truncated) for w in windows]
 
     for every in (10**9, 400, 97):  # no anchor; anchors every few documents
         alone = cuts([(0, 90)], [(0, 90)], every)
         assert [w[0] for w in alone[1:]] == [w[1] for w in alone[:-1]]  # contiguous
-        assert extract_module._anchors(sizes, every) <= {w[0] for w in alone}  # cut there
+        assert _anchors(sizes, every) <= {w[0] for w in alone}  # cut there
         # A resumed run: some shards done, the gaps between them remain.
         done = [alone[i] for i in (1, 2, 7)]
-        remaining = _remaining(
-            [extract_module._Done("x", w[0], w[1], 0, [], [], {}) for w in done], 90
-        )
+        remaining = _remaining([_Done("x", w[0], w[1], 0, [], [], {}) for w in done], 90)
         left = [w for w in alone if w not in done]
         for world in (2, 3, 5, 8):
             for gaps, expected in (([(0, 90)], alone), (remaining, left)):
@@ -427,7 +427,7 @@ def test_every_rank_cuts_its_shards_where_one_process_does(tmp_path: Path) -> No
                 ]
                 assert [w for part in parts for w in part] == expected, (every, world, gaps)
                 assert sum(1 for part in parts if part) > 1  # the work is shared
-    assert extract_module._anchors(sizes, 400)  # the cases above did place anchors
+    assert _anchors(sizes, 400)  # the cases above did place anchors
 
 
 def test_the_token_cap_cuts_shards_where_one_process_does(tmp_path: Path) -> None:
@@ -436,14 +436,12 @@ def test_the_token_cap_cuts_shards_where_one_process_does(tmp_path: Path) -> Non
     lines = _lines(90, seed=11, longest=60)
     docs = read_inputs([_corpus(tmp_path, lines)])
     sizes = docs.weights()
-    tokenize = extract_module._tokenizer_fn(CharTokenizer())
+    tokenize = _tokenizer_fn(CharTokenizer())
 
     def cuts(share: list[tuple[int, int]], remaining: list[tuple[int, int]]) -> Any:
-        anchors = extract_module._anchors(sizes, 10**9)
-        runs = extract_module._runs(share, remaining, anchors)
-        windows = extract_module._windows(
-            runs, docs, tokenize, 30, True, 10**9, anchors, shard_tokens=200
-        )
+        anchors = _anchors(sizes, 10**9)
+        runs = _runs(share, remaining, anchors)
+        windows = _windows(runs, docs, tokenize, 30, True, 10**9, anchors, shard_tokens=200)
         return [(w.first, w.end, w.ids, w.tokens) for w in windows]
 
     alone = cuts([(0, 90)], [(0, 90)])
@@ -453,7 +451,7 @@ def test_the_token_cap_cuts_shards_where_one_process_does(tmp_path: Path) -> Non
         assert tokens - len(ids[-1]) < 200  # ...by its last document, not later
     assert [w[0] for w in alone[1:]] == [w[1] for w in alone[:-1]]
     done = [alone[i] for i in (0, 3)]
-    remaining = _remaining([extract_module._Done("x", w[0], w[1], 0, [], [], {}) for w in done], 90)
+    remaining = _remaining([_Done("x", w[0], w[1], 0, [], [], {}) for w in done], 90)
     left = [w for w in alone if w not in done]
     for world in (1, 2, 3):
         parts = [cuts(_share(remaining, sizes, rank, world), remaining) for rank in range(world)]
@@ -471,7 +469,7 @@ def test_ctrl_c_says_what_is_kept_and_the_rerun_counts_its_own_work(
     assert _extract_cli(capsys, *argv, "--out", str(reference))[0] == 0
     shards = ActivationDataset(reference).manifest["shards"]
     out = tmp_path / "acts"
-    real = extract_module._save_file
+    real = threads._save_file
     calls: list[str] = []
 
     def interrupt_at(number: int) -> Any:
@@ -483,7 +481,7 @@ def test_ctrl_c_says_what_is_kept_and_the_rerun_counts_its_own_work(
 
         return save
 
-    monkeypatch.setattr(extract_module, "_save_file", interrupt_at(3))
+    monkeypatch.setattr(threads, "_save_file", interrupt_at(3))
     code, stdout, err = _extract_cli(capsys, *argv, "--out", str(out))
     docs, rows = shards[1]["docs"][1], shards[1]["rows"][1]
     assert (code, stdout) == (130, "")
@@ -493,13 +491,13 @@ def test_ctrl_c_says_what_is_kept_and_the_rerun_counts_its_own_work(
     )
     # With --force the same command would start over: the message says how to resume instead.
     calls.clear()
-    monkeypatch.setattr(extract_module, "_save_file", interrupt_at(4))
+    monkeypatch.setattr(threads, "_save_file", interrupt_at(4))
     code, _, err = _extract_cli(capsys, *argv, "--out", str(out), "--force")
     assert code == 130
     assert err.endswith("rerun the same command without --force to resume from there\n")
     assert f"3 complete shards kept in {out} ({shards[2]['docs'][1]} of 16 documents" in err
     # The rerun resumes, and says what it did apart from what the dataset holds.
-    monkeypatch.setattr(extract_module, "_save_file", real)
+    monkeypatch.setattr(threads, "_save_file", real)
     code, stdout, err = _extract_cli(capsys, *argv, "--out", str(out))
     assert code == 0, err
     _assert_same(ActivationDataset(out), ActivationDataset(reference), exact=True)
@@ -536,7 +534,7 @@ def test_interrupted_before_any_shard_keeps_nothing_and_says_so(
     def interrupted(*args: Any, **kwargs: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(extract_module, "_save_file", interrupted)
+    monkeypatch.setattr(threads, "_save_file", interrupted)
     out = tmp_path / "acts"
     code, _, err = _extract_cli(capsys, "--input", str(corpus), "--text-field", "body", *ARGS,
                                 "--out", str(out))  # fmt: skip
@@ -792,7 +790,7 @@ def test_full_disk_keeps_complete_shards_and_resumes(
     reference = tmp_path / "reference"
     assert _extract_cli(capsys, *argv, "--out", str(reference))[0] == 0
     out = tmp_path / "acts"
-    real = extract_module._save_file
+    real = threads._save_file
     calls = []
 
     def disk_full(tensors: Any, path: str, metadata: Any) -> None:
@@ -803,7 +801,7 @@ def test_full_disk_keeps_complete_shards_and_resumes(
             raise OSError(28, "No space left on device")
         real(tensors, path, metadata)
 
-    monkeypatch.setattr(extract_module, "_save_file", disk_full)
+    monkeypatch.setattr(threads, "_save_file", disk_full)
     code, _, err = _extract_cli(capsys, *argv, "--out", str(out))
     line = error_line(err)
     assert code == 1
@@ -814,7 +812,7 @@ def test_full_disk_keeps_complete_shards_and_resumes(
     assert not list((out / ".partial").iterdir())  # the half-written file is gone too
     with pytest.raises(DatasetError, match="unfinished extraction"):
         ActivationDataset(out)
-    monkeypatch.setattr(extract_module, "_save_file", real)
+    monkeypatch.setattr(threads, "_save_file", real)
     code, _, err = _extract_cli(capsys, *argv, "--out", str(out))
     assert code == 0, err
     _assert_same(ActivationDataset(out), ActivationDataset(reference), exact=True)
@@ -860,6 +858,6 @@ def test_right_padding_matches_pad_batch() -> None:
     from introspect._batching import pad_batch
 
     sequences = [[5, 6, 7], [8], [9, 10]]
-    fast = extract_module._pad_right(sequences, pad_id=3)
+    fast = engine._pad_right(sequences, pad_id=3)
     slow = pad_batch(sequences, padding_side="right", pad_token_id=3)
     assert {k: v.tolist() for k, v in fast.items()} == {k: v.tolist() for k, v in slow.items()}

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from introspect import ActivationDataset
-from introspect._dataset import MANIFEST, PROGRESS, shard_range
+from introspect._scale.dataset import MANIFEST, PROGRESS, shard_range
 from introspect.cli import main
 
 pytestmark = pytest.mark.skipif(

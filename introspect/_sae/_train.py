@@ -25,13 +25,13 @@ from typing import Any
 
 import torch
 
-from introspect._dataset import ActivationDataset
 from introspect._errors import SAEError
 from introspect._export import write_atomically
 from introspect._progress import progress_enabled
 from introspect._sae._formats import load_sae
 from introspect._sae._model import SAELENS_CONFIG, InputProcessing, SparseAutoencoder
 from introspect._sae._sites import Site, tl_hook_name
+from introspect._scale.dataset import ActivationDataset
 
 __all__ = ["train_sae"]
 
@@ -144,7 +144,7 @@ def train_sae(
 
     Example:
         >>> import tempfile
-        >>> from introspect._dataset import _demo_dataset
+        >>> from introspect._scale.dataset import _demo_dataset
         >>> sae = train_sae(_demo_dataset(), at="block[1]", out=tempfile.mkdtemp(), k=2,
         ...                 d_sae=8, batch_size=2, steps=3)
         >>> sae.locator, sae.d_sae, sae.metadata["training"]["steps"]

@@ -1,6 +1,6 @@
 """Reading an extraction back: :class:`ActivationDataset` over ``manifest.json`` and its shards.
 
-``introspect extract`` (see :mod:`introspect._extract`) writes a folder::
+``introspect extract`` (see :mod:`introspect._scale.run`) writes a folder::
 
     DIR/manifest.json                       what was extracted, from what, the shard list
     DIR/shard-000000000-000000128.safetensors   documents 0..127: per locator a [rows, ...]
