@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from threading import get_ident
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -41,6 +42,7 @@ from introspect._hooks import (
     hidden_of,
     input_device,
     input_of,
+    is_compiling,
     model_changed_message,
     onloaded,
     only_in_thread,
@@ -613,14 +615,15 @@ class Capture(HookSession):
 
     def _install(self, owner: int) -> None:
         for target in self.targets:
-            hook = only_in_thread(owner, self._make_hook(target))
+            hook = self._make_hook(target, owner)
             if target.needs_output and not target.reads_input:
                 handle = target.module.register_forward_hook(hook, with_kwargs=True)
             else:
                 handle = target.module.register_forward_pre_hook(hook, with_kwargs=True)
             self._handles.append(handle)
 
-    def _make_hook(self, target: Target) -> Callable[..., Any]:
+    def _make_hook(self, target: Target, owner: int) -> Callable[..., Any]:
+        """The hook that records ``target`` in the thread ``owner`` (see ``only_in_thread``)."""
         records = self.records
         transform = self.transform
         total = len({t.key for t in self.targets})
@@ -673,11 +676,15 @@ class Capture(HookSession):
             def forward_hook(
                 module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
             ) -> None:
+                if not is_compiling() and get_ident() != owner:
+                    return  # another thread's forward
                 keep(args, kwargs, copy_tensors(output) if copy_output else output, True)
 
             return forward_hook
 
         def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if not is_compiling() and get_ident() != owner:
+                return
             keep(args, kwargs, None, reads_input)
 
         return pre_hook

@@ -50,6 +50,7 @@ __all__ = [
     "input_device",
     "input_of",
     "input_slot",
+    "is_compiling",
     "model_changed_message",
     "onloaded",
     "only_in_thread",
@@ -307,6 +308,8 @@ _CACHE_LAYER_STATES = ("keys", "recurrent_states", "ssm_states", "conv_states")
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):  # the usual case, before the slower Mapping check
+        return value if value.dim() >= 2 and value.numel() > 0 else None
     if isinstance(value, Mapping):
         value = list(value.values())
     if isinstance(value, (list, tuple)):
@@ -581,9 +584,12 @@ def input_device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
 
 
-_is_compiling: Callable[[], bool] = getattr(
+is_compiling: Callable[[], bool] = getattr(
     getattr(torch, "compiler", None), "is_compiling", lambda: False
 )
+"""Whether torch.compile is tracing the current code (a traced graph cannot ask for the
+thread, and runs in one): the hooks' thread checks let it through."""
+_is_compiling = is_compiling
 
 
 def only_in_thread(owner: int, hook: Callable[..., Any]) -> Callable[..., Any]:
@@ -746,15 +752,31 @@ class CallScope:
         (True, 1)
     """
 
-    __slots__ = ("checksum", "current", "depth", "index", "last", "number")
+    __slots__ = ("checksum", "current", "depth", "index", "last", "number", "owner")
 
-    def __init__(self, module: nn.Module, *, checksum: bool = False) -> None:
+    def __init__(self, module: nn.Module, *, checksum: bool = False, owner: int = 0) -> None:
         self.index = _param_index(module)
         self.checksum = checksum
+        self.owner = owner
+        """The thread whose calls are followed (``0``: any; see :func:`only_in_thread`)."""
         self.depth = 0
         self.number = 0
         self.current: ModelCall | None = None
         self.last: ModelCall | None = None
+
+    def pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """:meth:`begin`, in the owner thread only."""
+        if self.owner and not _is_compiling() and get_ident() != self.owner:
+            return
+        self.begin(module, args, kwargs)
+
+    def post_hook(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        """:meth:`end`, in the owner thread only."""
+        if self.owner and not _is_compiling() and get_ident() != self.owner:
+            return
+        self.end(module, args, kwargs, output)
 
     def begin(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Pre-hook: read the call's mask, cache and positions, before the model fills its cache."""
@@ -816,7 +838,7 @@ class CallScope:
             cache = _argument(self.index, args, kwargs, name)
             if cache is not None:
                 break
-        if cache is None and isinstance(output, Mapping):
+        if cache is None and isinstance(output, (dict, Mapping)):  # a ModelOutput is a dict
             cache = next((output[n] for n in CACHE_ARGS if output.get(n) is not None), None)
         state = _cache_state(cache) if cache is not None else None
         version = tensor_version(state) if state is not None else None
@@ -883,7 +905,10 @@ class HookSession:
         self.root_scope: CallScope | None = None
         self._scopes: dict[int, CallScope] = {}
         self._handles: list[RemovableHandle] = []
-        self._uses = contextlib.ExitStack()
+        self._uses: contextlib.ExitStack | None = None
+        # Distinct targets with something to put in place (a head site's tap): most have none,
+        # and then no ExitStack is built at each entry.
+        self._with_uses = list({id(t): t for t in self.targets if t.uses is not None}.values())
 
     # -- what the uses add ------------------------------------------------------------------
 
@@ -915,22 +940,20 @@ class HookSession:
             return self.root_scope
         scope = self._scopes.get(id(within))
         if scope is None:
-            scope = self._scopes[id(within)] = CallScope(within, checksum=self.checksum)
+            scope = CallScope(within, checksum=self.checksum, owner=self.thread)
+            self._scopes[id(within)] = scope
             self._follow(within, scope)
         return scope
 
     def _follow(self, module: nn.Module, scope: CallScope) -> None:
-        owner = self.thread
+        self._handles.append(module.register_forward_pre_hook(scope.pre_hook, with_kwargs=True))
         self._handles.append(
-            module.register_forward_pre_hook(only_in_thread(owner, scope.begin), with_kwargs=True)
-        )
-        self._handles.append(
-            module.register_forward_hook(
-                only_in_thread(owner, scope.end), with_kwargs=True, always_call=True
-            )
+            module.register_forward_hook(scope.post_hook, with_kwargs=True, always_call=True)
         )
 
     def _root_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not _is_compiling() and get_ident() != self.thread:
+            return  # another thread's forward: not this session's
         stale = stale_targets(self.targets)
         if stale:
             # A module replaced while the session is open would silently be missed.
@@ -940,7 +963,8 @@ class HookSession:
         self.root_scope.begin(module, args, kwargs)
 
     def _count_model_call(self, *_: Any) -> None:
-        self.model_calls += 1
+        if _is_compiling() or get_ident() == self.thread:
+            self.model_calls += 1
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -959,26 +983,24 @@ class HookSession:
         self.model_calls = 0
         self._reset()
         self.thread = owner = get_ident()
+        handles = self._handles
         try:
             if self.model is not None and self.model is not self.root:
-                self._handles.append(
-                    self.model.register_forward_pre_hook(
-                        only_in_thread(owner, self._count_model_call)
-                    )
-                )
+                handles.append(self.model.register_forward_pre_hook(self._count_model_call))
             if self.root is not None:
-                scope = self.root_scope = CallScope(self.root, checksum=self.checksum)
-                self._handles.append(
-                    self.root.register_forward_pre_hook(
-                        only_in_thread(owner, self._root_call), with_kwargs=True
-                    )
+                scope = CallScope(self.root, checksum=self.checksum, owner=owner)
+                self.root_scope = scope
+                handles.append(
+                    self.root.register_forward_pre_hook(self._root_call, with_kwargs=True)
                 )
-                self._handles.append(
+                handles.append(
                     self.root.register_forward_hook(
-                        only_in_thread(owner, scope.end), with_kwargs=True, always_call=True
+                        scope.post_hook, with_kwargs=True, always_call=True
                     )
                 )
-            enter_uses(self._uses, {id(t): t for t in self.targets}.values())
+            if self._with_uses:
+                self._uses = contextlib.ExitStack()
+                enter_uses(self._uses, self._with_uses)
             self._install(owner)
         except BaseException:
             self._remove()
@@ -994,7 +1016,10 @@ class HookSession:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._uses.close()
+        uses = self._uses
+        self._uses = None
+        if uses is not None:
+            uses.close()
         self.active = False
 
     def __exit__(

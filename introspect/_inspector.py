@@ -7,7 +7,7 @@ with hooks, and applies what the model applies after its last block.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -305,17 +305,28 @@ class Inspector:
         if not locators:
             raise CaptureError("capture() needs at least one locator, e.g. capture('block[-1]')")
         positions = check_positions(positions)
-        targets = capture_targets(self.expand(locators), self._target, stop, positions)
-        transform = Transform(detach=detach, device=device, dtype=dtype, positions=positions)
+        # Locators given as text (the usual case) resolve once while the model holds them.
+        plan = (
+            (locators, stop, positions is None) if all(type(x) is str for x in locators) else None
+        )
+        targets = self._resolver.planned(plan) if plan is not None else None
+        if targets is None:
+            targets = capture_targets(self.expand(locators), self._target, stop, positions)
+            if plan is not None:
+                self._resolver.plan(plan, cast("tuple[str, ...]", locators), targets)
+        transform = None
+        if detach or device is not None or dtype is not None or positions is not None:
+            transform = Transform(detach=detach, device=device, dtype=dtype, positions=positions)
+            transform = transform if transform.active else None
         return Capture(
             targets,
             stop=stop,
-            transform=transform if transform.active else None,
+            transform=transform,
             key_fn=self._key,
             expand_fn=self._expand_text,
             root=self.view.base,
             model=self.model,
-            keep_raw=not transform.active if keep_raw is None else keep_raw,
+            keep_raw=transform is None if keep_raw is None else keep_raw,
         )
 
     # -- interventions --------------------------------------------------------------------------

@@ -11,7 +11,7 @@ caches are keyed on the parsed locator itself, never on a string two locators co
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from torch import nn
@@ -52,6 +52,7 @@ class Resolver:
         self._blocks: dict[str | None, tuple[nn.ModuleList, Chain]] = {}
         self._resolved: dict[str | Locator, tuple[Locator, int]] = {}
         self._targets: dict[tuple[Locator, bool], tuple[Target, Chain]] = {}
+        self._plans: dict[Any, tuple[list[Target], tuple[tuple[str | None, int], ...]]] = {}
         self._paths: dict[int, str] | None = None
         self.sae_sites: dict[str, nn.Module] = {}
         """The feature sites of the SAEs spliced now, by the site they are spliced at
@@ -477,6 +478,39 @@ class Resolver:
         return root, base_chain + chain
 
     # -- capture targets ------------------------------------------------------------------------
+
+    def planned(self, key: Any) -> list[Target] | None:
+        """The targets kept under ``key`` by :meth:`plan`, if the model still holds them.
+
+        A kept list stands while every target's module is where it was found and every stack
+        it counted blocks in has as many blocks as then (``block[-1]`` names another block
+        once one is added). Repeated captures of the same locators so skip their resolution.
+        """
+        found = self._plans.get(key)
+        if found is None:
+            return None
+        targets, counts = found
+        for stack_key, n in counts:
+            if len(self.blocks(stack_key)) != n:
+                return None
+        for target in targets:
+            holds = target.holds
+            if holds is not None and not holds():
+                return None
+        return targets
+
+    def plan(self, key: Any, locators: Sequence[str], targets: list[Target]) -> None:
+        """Keep ``targets`` (what ``locators`` resolved to) under ``key``; see :meth:`planned`.
+
+        Targets of an SAE's features are not kept: their site lives while the splice does.
+        """
+        if any(".sae" in text for text in locators):
+            return
+        stacks = {self.stack_key(Locator.parse(text).stack) for text in locators}
+        if len(self._plans) >= _CACHE_LIMIT:
+            self._plans.clear()
+        counts = tuple((stack, len(self.blocks(stack))) for stack in stacks)
+        self._plans[key] = (targets, counts)
 
     def target(self, loc: Locator, needs_output: bool) -> Target:
         """The capture target of a single resolved locator, built once while the model holds."""

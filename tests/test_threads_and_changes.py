@@ -203,3 +203,37 @@ def test_an_edit_on_a_compiled_model_is_refused_unless_run_eagerly() -> None:
         with insp.steer("block[0]", torch.ones(64)):
             steered = model(ids, output_hidden_states=True).hidden_states[1]
     assert torch.allclose(steered - plain, torch.ones_like(plain), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_repeated_capture_follows_the_model_as_it_is_now(family: str) -> None:
+    """Captures of the same locators reuse their resolution only while the model holds it."""
+    model = _model(family)
+    insp = Inspector(model)
+    blocks = insp.view.resolver.blocks(None)
+    ids = torch.tensor([[5, 17, 42, 9]])
+    for _ in range(2):  # the second capture reuses the first one's resolution
+        with torch.no_grad(), insp.capture("block[-1]") as cap:
+            model(ids, use_cache=False)
+        assert cap.targets[0].module is blocks[-1]
+    # A block added at the end: block[-1] is the new block.
+    blocks.append(copy.deepcopy(blocks[-1]))
+    with torch.no_grad(), insp.capture("block[-1]") as cap:
+        model(ids, use_cache=False)
+    assert cap.targets[0].module is blocks[-1] and insp.num_blocks == len(blocks)
+    # An MLP replaced: the capture records the new one (not an error: it was built now).
+    for _ in range(2):
+        with torch.no_grad(), insp.capture("block[0].mlp") as cap:
+            before = model(ids, use_cache=False).logits
+    blocks[0].mlp = copy.deepcopy(blocks[0].mlp)
+    with torch.no_grad(), insp.capture("block[0].mlp") as cap:
+        after = model(ids, use_cache=False).logits
+    assert cap.targets[0].module is blocks[0].mlp and "block[0].mlp" in cap
+    assert torch.equal(before, after)
+    # stop= resolves its own targets (with stop, block[0].input needs no output).
+    with torch.no_grad(), insp.capture("block[0].input", stop=True) as cap:
+        model(ids, use_cache=False)
+    assert cap.stopped and not cap.targets[0].needs_output
+    with torch.no_grad(), insp.capture("block[0].input") as cap:
+        model(ids, use_cache=False)
+    assert cap.targets[0].needs_output
