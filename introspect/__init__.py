@@ -68,6 +68,20 @@ if TYPE_CHECKING:
     )
     from introspect._export import capture_to_file, load_capture, save_tensors
     from introspect._hookspecs import hookimpl
+    from introspect._html import (
+        View,
+        attention_view,
+        attribution_view,
+        check_page_budget,
+        head_scores_view,
+        lens_view,
+        patching_view,
+        report_header,
+        report_page,
+        sae_evaluation_view,
+        sae_features_view,
+        write_page,
+    )
     from introspect._inspector import Inspector, get_hidden_state
     from introspect._interventions import Intervention, mean_activation
     from introspect._lens import LensResult, logit_lens
@@ -94,20 +108,6 @@ if TYPE_CHECKING:
         VersionFacts,
     )
     from introspect._tuned import TunedLens, train_tuned_lens
-    from introspect._views import (
-        View,
-        attention_view,
-        attribution_view,
-        check_page_budget,
-        head_scores_view,
-        lens_view,
-        patching_view,
-        report_header,
-        report_page,
-        sae_evaluation_view,
-        sae_features_view,
-        write_page,
-    )
     from introspect.zoo import ByteTokenizerWarning, load_model
 
 # Where each public name lives (one flat namespace over private parts, as httpx does).
@@ -189,7 +189,7 @@ _EXPORTS: dict[str, str] = {
             "sae_features_view",
             "write_page",
         ],
-        "_views",
+        "_html",
     ),
     **dict.fromkeys(
         ["SAEEvaluation", "SparseAutoencoder", "evaluate_sae", "load_sae", "train_sae"], "_sae"

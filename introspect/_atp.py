@@ -63,9 +63,9 @@ from introspect._heads import (
     attn_part,
     head_site,
 )
+from introspect._html import patching_view, save_view
 from introspect._lens import _save_atomically
 from introspect._locators import QUERY_KEY_SITES, Locator
-from introspect._views import patching_view, save_view
 
 if TYPE_CHECKING:
     from introspect._view import Analysable

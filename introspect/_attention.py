@@ -45,10 +45,7 @@ import torch
 from introspect._batching import as_int, max_positions
 from introspect._errors import AttentionToolError, LocatorError, MissingDependencyError
 from introspect._hooks import input_device
-from introspect._lens import _plain, _save_atomically, main_blocks
-from introspect._locators import Locator
-from introspect._text import model_inputs_of, token_strings
-from introspect._views import (
+from introspect._html import (
     attention_view,
     byte_labels,
     forced,
@@ -58,6 +55,9 @@ from introspect._views import (
     prompt_title,
     save_view,
 )
+from introspect._lens import _plain, _save_atomically, main_blocks
+from introspect._locators import Locator
+from introspect._text import model_inputs_of, token_strings
 
 if TYPE_CHECKING:
     from introspect._inspector import Inspector

@@ -37,9 +37,9 @@ from torch import nn
 
 from introspect._errors import CaptureError
 from introspect._hooks import onloaded
+from introspect._html import attribution_view, forced, save_view
 from introspect._spec import LogitOp
 from introspect._text import as_token_id, model_inputs_of
-from introspect._views import attribution_view, forced, save_view
 
 if TYPE_CHECKING:
     from introspect._view import Analysable

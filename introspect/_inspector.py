@@ -7,7 +7,7 @@ with hooks, and applies what the model applies after its last block.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -15,7 +15,7 @@ from torch import nn
 from introspect._atp import attribution_patching
 from introspect._attribution import Attribution, direct_logit_attribution
 from introspect._batching import PaddingSide, Positions, check_positions, encode_batch
-from introspect._capture import Capture, Record, Target, Transform, capture_targets
+from introspect._capture import Capture, Record, Target, Transform
 from introspect._circuits import FactoredMatrix, composition_scores, head_ov, head_qk
 from introspect._errors import CaptureError, InterventionError
 from introspect._headproof import FirstUse
@@ -305,15 +305,7 @@ class Inspector:
         if not locators:
             raise CaptureError("capture() needs at least one locator, e.g. capture('block[-1]')")
         positions = check_positions(positions)
-        # Locators given as text (the usual case) resolve once while the model holds them.
-        plan = (
-            (locators, stop, positions is None) if all(type(x) is str for x in locators) else None
-        )
-        targets = self._resolver.planned(plan) if plan is not None else None
-        if targets is None:
-            targets = capture_targets(self.expand(locators), self._target, stop, positions)
-            if plan is not None:
-                self._resolver.plan(plan, cast("tuple[str, ...]", locators), targets)
+        targets = self._resolver.capture_targets(locators, stop, positions, self._target)
         transform = None
         if detach or device is not None or dtype is not None or positions is not None:
             transform = Transform(detach=detach, device=device, dtype=dtype, positions=positions)

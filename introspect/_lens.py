@@ -34,15 +34,7 @@ import torch
 from introspect._batching import as_int
 from introspect._errors import CaptureError, LocatorError, MissingDependencyError, ViewError
 from introspect._export import write_atomically
-from introspect._locators import Locator
-from introspect._text import (
-    TokenLike,
-    as_token_id,
-    model_inputs_of,
-    show_token,
-    token_strings,
-)
-from introspect._views import (
+from introspect._html import (
     byte_label,
     forced,
     lens_view,
@@ -50,6 +42,14 @@ from introspect._views import (
     prompt_text,
     prompt_title,
     save_view,
+)
+from introspect._locators import Locator
+from introspect._text import (
+    TokenLike,
+    as_token_id,
+    model_inputs_of,
+    show_token,
+    token_strings,
 )
 
 if TYPE_CHECKING:

@@ -18,9 +18,7 @@ from typing import TYPE_CHECKING, Any
 from introspect._attention import attention_patterns, head_scores
 from introspect._attribution import direct_logit_attribution
 from introspect._errors import CaptureError
-from introspect._lens import logit_lens, main_blocks
-from introspect._text import encode_prompt, token_strings
-from introspect._views import (
+from introspect._html import (
     PAGE_BUDGET,
     View,
     attention_view,
@@ -31,6 +29,8 @@ from introspect._views import (
     report_header,
     report_page,
 )
+from introspect._lens import logit_lens, main_blocks
+from introspect._text import encode_prompt, token_strings
 
 if TYPE_CHECKING:
     from introspect._inspector import Inspector

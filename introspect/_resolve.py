@@ -11,12 +11,12 @@ caches are keyed on the parsed locator itself, never on a string two locators co
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, cast
 
 from torch import nn
 
-from introspect._capture import Target
+from introspect._capture import Target, capture_targets
 from introspect._errors import LocatorError, MissingPartError
 from introspect._heads import SITES, HeadSite, HeadTap, head_tap
 from introspect._locators import Locator
@@ -478,6 +478,25 @@ class Resolver:
         return root, base_chain + chain
 
     # -- capture targets ------------------------------------------------------------------------
+
+    def capture_targets(
+        self,
+        locators: Sequence[str | Locator],
+        stop: bool,
+        positions: Any,
+        target: Callable[[Locator, bool], Target],
+    ) -> list[Target]:
+        """The targets of a capture of ``locators`` (see :func:`capture_targets`), resolved
+        once while the model holds them when the locators are given as text (the usual case).
+        """
+        key = (tuple(locators), stop, positions is None)
+        as_text = all(type(x) is str for x in locators)
+        found = self.planned(key) if as_text else None
+        if found is None:
+            found = capture_targets(self.expand(locators), target, stop, positions)
+            if as_text:
+                self.plan(key, cast("Sequence[str]", locators), found)
+        return found
 
     def planned(self, key: Any) -> list[Target] | None:
         """The targets kept under ``key`` by :meth:`plan`, if the model still holds them.

@@ -730,8 +730,8 @@ def _report_out(text: str, force: bool) -> Path:
 def _report(args: argparse.Namespace) -> int:
     import shlex
 
+    from introspect._html import write_page
     from introspect._report import build_report
-    from introspect._views import write_page
 
     out = _report_out(args.out, args.force)
     blocks = _report_blocks(args.blocks)

@@ -451,7 +451,7 @@ def _suptitle(figure: Any) -> str:
 
 
 def test_patterns_and_scores_record_the_model_the_prompt_and_byte_labels() -> None:
-    from introspect._views import attention_view, head_scores_view
+    from introspect._html import attention_view, head_scores_view
 
     model, tok = load_model("toy-gpt2", progress=False)
     insp = Inspector(model)

@@ -58,7 +58,7 @@ from introspect import (
     top_features,
     write_page,
 )
-from introspect._views import PAGE_BUDGET, SCALE, _number, byte_label, page_bytes, visible
+from introspect._html import PAGE_BUDGET, SCALE, _number, byte_label, page_bytes, visible
 from introspect.zoo import load_model
 
 IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
@@ -1354,14 +1354,14 @@ def test_overwrite_is_the_deprecated_name_of_force(
 
 
 def test_the_names_a_notebook_needs_are_public() -> None:
-    from introspect import _atp, _views
+    from introspect import _atp, _html
     from introspect._sae import _features
 
     for module, names in (
         (_atp, ["PatchingResult", "patching_result"]),
         (_features, ["SAEFeatures", "top_features"]),
         (
-            _views,
+            _html,
             ["check_page_budget", "patching_view", "sae_evaluation_view", "sae_features_view"],
         ),
     ):

@@ -23,7 +23,7 @@ import torch
 
 from introspect._batching import as_int
 from introspect._errors import SAEError
-from introspect._views import sae_features_view, save_view
+from introspect._html import sae_features_view, save_view
 
 __all__ = ["SAEFeatures", "top_features"]
 

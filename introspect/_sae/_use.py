@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from introspect._errors import IntrospectError, SAEError
+from introspect._html import sae_evaluation_view, save_view
 from introspect._locators import Locator
 from introspect._sae._model import SparseAutoencoder
-from introspect._views import sae_evaluation_view, save_view
 
 if TYPE_CHECKING:
     from types import TracebackType
