@@ -20,19 +20,23 @@ from introspect._version import __version__, check_transformers
 check_transformers()
 
 if TYPE_CHECKING:
-    from introspect._atp import (
+    from introspect._analysis.atp import (
         PatchingResult,
         attribution_patching,
         patching_agreement,
         patching_result,
     )
-    from introspect._attention import (
+    from introspect._analysis.attention import (
         AttentionPatterns,
         HeadScores,
         attention_patterns,
         head_scores,
     )
-    from introspect._attribution import Attribution
+    from introspect._analysis.attribution import Attribution
+    from introspect._analysis.circuits import FactoredMatrix, RotaryWarning
+    from introspect._analysis.lens import LensResult, logit_lens
+    from introspect._analysis.patching import logit_difference
+    from introspect._analysis.tuned import TunedLens, train_tuned_lens
     from introspect._batching import (
         encode_batch,
         last_token_positions,
@@ -40,8 +44,6 @@ if TYPE_CHECKING:
         position_ids_from_mask,
         real_token_positions,
     )
-    from introspect._capture import Capture, Record
-    from introspect._circuits import FactoredMatrix, RotaryWarning
     from introspect._describe import describe
     from introspect._detect import DetectedAdapterWarning, detect_adapter
     from introspect._errors import (
@@ -67,6 +69,8 @@ if TYPE_CHECKING:
         ViewError,
     )
     from introspect._export import capture_to_file, load_capture, save_tensors
+    from introspect._hooks.capture import Capture, Record
+    from introspect._hooks.edits import Intervention, mean_activation
     from introspect._hookspecs import hookimpl
     from introspect._html import (
         View,
@@ -83,10 +87,7 @@ if TYPE_CHECKING:
         write_page,
     )
     from introspect._inspector import Inspector, get_hidden_state
-    from introspect._interventions import Intervention, mean_activation
-    from introspect._lens import LensResult, logit_lens
     from introspect._locators import Locator
-    from introspect._patching import logit_difference
     from introspect._plugins import (
         PluginWarning,
         get_plugin_manager,
@@ -107,18 +108,19 @@ if TYPE_CHECKING:
         StreamOp,
         VersionFacts,
     )
-    from introspect._tuned import TunedLens, train_tuned_lens
     from introspect.zoo import ByteTokenizerWarning, load_model
 
 # Where each public name lives (one flat namespace over private parts, as httpx does).
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
-        ["AttentionPatterns", "HeadScores", "attention_patterns", "head_scores"], "_attention"
+        ["AttentionPatterns", "HeadScores", "attention_patterns", "head_scores"],
+        "_analysis.attention",
     ),
     **dict.fromkeys(
-        ["PatchingResult", "attribution_patching", "patching_agreement", "patching_result"], "_atp"
+        ["PatchingResult", "attribution_patching", "patching_agreement", "patching_result"],
+        "_analysis.atp",
     ),
-    "Attribution": "_attribution",
+    "Attribution": "_analysis.attribution",
     **dict.fromkeys(
         [
             "encode_batch",
@@ -129,8 +131,8 @@ _EXPORTS: dict[str, str] = {
         ],
         "_batching",
     ),
-    **dict.fromkeys(["Capture", "Record"], "_capture"),
-    **dict.fromkeys(["FactoredMatrix", "RotaryWarning"], "_circuits"),
+    **dict.fromkeys(["Capture", "Record"], "_hooks.capture"),
+    **dict.fromkeys(["FactoredMatrix", "RotaryWarning"], "_analysis.circuits"),
     "describe": "_describe",
     **dict.fromkeys(["DetectedAdapterWarning", "detect_adapter"], "_detect"),
     **dict.fromkeys(["capture_to_file", "load_capture", "save_tensors"], "_export"),
@@ -159,9 +161,9 @@ _EXPORTS: dict[str, str] = {
     ),
     "hookimpl": "_hookspecs",
     **dict.fromkeys(["Inspector", "get_hidden_state"], "_inspector"),
-    **dict.fromkeys(["Intervention", "mean_activation"], "_interventions"),
-    "logit_difference": "_patching",
-    **dict.fromkeys(["LensResult", "logit_lens"], "_lens"),
+    **dict.fromkeys(["Intervention", "mean_activation"], "_hooks.edits"),
+    "logit_difference": "_analysis.patching",
+    **dict.fromkeys(["LensResult", "logit_lens"], "_analysis.lens"),
     "UnprovenWarning": "_proof",
     "Locator": "_locators",
     **dict.fromkeys(["ByteTokenizerWarning", "load_model"], "zoo"),
@@ -197,7 +199,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["SAEFeatures", "top_features"], "_sae._features"),
     "ActivationDataset": "_scale.dataset",
     "extract": "_scale.run",
-    **dict.fromkeys(["TunedLens", "train_tuned_lens"], "_tuned"),
+    **dict.fromkeys(["TunedLens", "train_tuned_lens"], "_analysis.tuned"),
 }
 
 __all__ = [

@@ -27,11 +27,11 @@ import torch
 from torch import nn
 
 from introspect._errors import IntrospectError, NoAdapterError
-from introspect._hooks import hidden_of, input_device
+from introspect._hooks.session import hidden_of, input_device
 from introspect._hookspecs import hookimpl
 from introspect._inspector import Inspector
-from introspect._paths import base_model as _base_model
-from introspect._paths import get_path as _get_path
+from introspect._model.paths import base_model as _base_model
+from introspect._model.paths import get_path as _get_path
 from introspect._plugins import (
     AUTHORING_HINT,
     IntrospectPluginManager,

@@ -30,7 +30,7 @@ from introspect._version import __version__
 
 if TYPE_CHECKING:
     from introspect._locators import Locator
-    from introspect._view import Analysable
+    from introspect._model.view import Analysable
 
 __all__ = [
     "capture_to_file",

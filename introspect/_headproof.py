@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from introspect._errors import MissingPartError
-from introspect._heads import (
+from introspect._hooks.heads import (
     CORE_SITES,
     HeadTap,
     attention_pattern,

@@ -12,16 +12,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from introspect._atp import attribution_patching
-from introspect._attribution import Attribution, direct_logit_attribution
+from introspect._analysis.atp import attribution_patching
+from introspect._analysis.attribution import Attribution, direct_logit_attribution
+from introspect._analysis.circuits import FactoredMatrix, composition_scores, head_ov, head_qk
+from introspect._analysis.lens import logit_lens
+from introspect._analysis.patching import patching_sweep
 from introspect._batching import PaddingSide, Positions, check_positions, encode_batch
-from introspect._capture import Capture, Record, Target, Transform
-from introspect._circuits import FactoredMatrix, composition_scores, head_ov, head_qk
 from introspect._errors import CaptureError, InterventionError
 from introspect._headproof import FirstUse
-from introspect._heads import HEAD_AXIS, Heads, head_site
-from introspect._hooks import input_device
-from introspect._interventions import (
+from introspect._hooks.capture import Capture, Record, Target, Transform
+from introspect._hooks.edits import (
     EditOp,
     Intervention,
     as_factor,
@@ -30,18 +30,18 @@ from introspect._interventions import (
     edits_at,
     mean_activation,
 )
-from introspect._lens import logit_lens
+from introspect._hooks.heads import HEAD_AXIS, Heads, head_site
+from introspect._hooks.session import input_device
 from introspect._locators import Locator
-from introspect._patching import patching_sweep
+from introspect._model.resolve import Resolver
+from introspect._model.view import ModelView
 from introspect._plugins import AUTHORING_HINT, IntrospectPluginManager, resolve_adapter
 from introspect._proof import Proof
-from introspect._resolve import Resolver
 from introspect._sae import SAEEvaluation, SparseAutoencoder, Splice, evaluate_sae, splice
 from introspect._spec import AdapterSpec
-from introspect._view import ModelView
 
 if TYPE_CHECKING:
-    from introspect._lens import LensResult, Translators
+    from introspect._analysis.lens import LensResult, Translators
 
 __all__ = ["Inspector", "get_hidden_state", "resolve_adapter"]
 
@@ -72,7 +72,7 @@ class Inspector:
         self.adapter = resolve_adapter(model, adapter, plugin_manager, detect=detect)
         self._resolver = Resolver(model, self.adapter, AUTHORING_HINT)
         self.view = ModelView(model, self.adapter, self._resolver)
-        """What the analyses read about this model (:class:`~introspect._view.ModelView`)."""
+        """What the analyses read about this model (:class:`~introspect._model.view.ModelView`)."""
         spec = self.adapter
         self._first_use = FirstUse(
             model, spec, lambda clone: type(self)(clone, spec, prove=False), prove=prove
@@ -95,7 +95,7 @@ class Inspector:
         """
         return self._first_use.proof
 
-    # -- resolution (introspect._resolve owns it; the model may change between two calls) -----
+    # -- resolution (introspect._model.resolve owns it; the model may change between two calls) -----
 
     @property
     def num_blocks(self) -> int:
@@ -739,7 +739,7 @@ class Inspector:
         last block reproduces the model's own logits. ``targets`` are tokens to follow through
         the blocks (ids, or their exact text with a tokenizer). ``tuned`` (a
         :class:`~introspect.TunedLens`) reads each row through its trained translator first:
-        the tuned lens. See :func:`introspect._lens.logit_lens`.
+        the tuned lens. See :func:`introspect._analysis.lens.logit_lens`.
 
         Example:
             >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -780,7 +780,7 @@ class Inspector:
         this forward's value and through the unembedding; the values sum to the model's own
         logit (checked at every call). Architectures whose stream is not such a sum (post-norm
         BERT, Mamba, RWKV) or whose head is not linear after the norm (soft-capping) are refused
-        with the reason. See :mod:`introspect._attribution`.
+        with the reason. See :mod:`introspect._analysis.attribution`.
 
         Example:
             >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -804,7 +804,7 @@ class Inspector:
         backward (AtP; with ``qk_fix=True`` the query and key cells through the exact softmax,
         AtP*): same arguments, shape and order, so the two compare cell by cell.
         ``grad_drop=True`` adds AtP*'s GradDrop (one backward pass per block; magnitudes, to
-        compare with ``|exact|``). See :func:`introspect._atp.attribution_patching`.
+        compare with ``|exact|``). See :func:`introspect._analysis.atp.attribution_patching`.
 
         Example:
             >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -818,7 +818,7 @@ class Inspector:
         """
         return attribution_patching(self, clean, corrupted, metric, **options)
 
-    # -- weight-based head circuits (introspect._circuits owns them) ------------------------------
+    # -- weight-based head circuits (introspect._analysis.circuits owns them) ------------------------------
 
     def ov(self, block: int, head: int, *, fold_norm: bool = True) -> FactoredMatrix:
         """Head ``head`` of ``block``: ``W_OV = W_V @ W_O`` ``[d_model, d_model]``, factored.
@@ -826,7 +826,7 @@ class Inspector:
         ``x @ ov.AB`` is what the head writes to the stream for value input ``x`` (row
         vectors, biases ignored); ``fold_norm`` folds the gain of the norm the attention reads
         into ``W_V``. Read from the model's own q/k/v and ``o`` (any projection layout, grouped
-        key/value heads included). See :mod:`introspect._circuits`.
+        key/value heads included). See :mod:`introspect._analysis.circuits`.
 
         Example:
             >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -842,7 +842,7 @@ class Inspector:
 
         ``x_q @ qk.AB @ x_k`` is ``q · k`` before the attention's scaling, mask and position
         bias. On rotary models it is the form before the rotation (relative position 0), and a
-        :class:`~introspect._circuits.RotaryWarning` says so. See :mod:`introspect._circuits`.
+        :class:`~introspect._analysis.circuits.RotaryWarning` says so. See :mod:`introspect._analysis.circuits`.
 
         Example:
             >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -855,7 +855,7 @@ class Inspector:
     def composition_scores(self, kind: str, *, fold_norm: bool = True) -> torch.Tensor:
         """Q-, K- or V-composition (``kind``) of every earlier head with every later one,
         ``[blocks, heads, blocks, heads]`` (0 unless the second block is later), as
-        TransformerLens's ``all_composition_scores``. See :mod:`introspect._circuits`.
+        TransformerLens's ``all_composition_scores``. See :mod:`introspect._analysis.circuits`.
 
         Example:
             >>> from transformers import GPT2Config, GPT2LMHeadModel

@@ -15,8 +15,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from introspect._attention import attention_patterns, head_scores
-from introspect._attribution import direct_logit_attribution
+from introspect._analysis.attention import attention_patterns, head_scores
+from introspect._analysis.attribution import direct_logit_attribution
+from introspect._analysis.lens import logit_lens, main_blocks
 from introspect._errors import CaptureError
 from introspect._html import (
     PAGE_BUDGET,
@@ -29,7 +30,6 @@ from introspect._html import (
     report_header,
     report_page,
 )
-from introspect._lens import logit_lens, main_blocks
 from introspect._text import encode_prompt, token_strings
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ from torch import nn
 
 from introspect._batching import as_int
 from introspect._errors import LocatorError, ModelLoadError
-from introspect._hooks import input_device
+from introspect._hooks.session import input_device
 
 __all__ = [
     "TokenLike",

@@ -567,7 +567,7 @@ def _plot_path(text: str | None) -> Path | None:
 
 def _lens_target_summary(lens: Any, target: int, position: int) -> str:
     """One line on where a followed token rises through the blocks."""
-    from introspect._lens import show_token
+    from introspect._analysis.lens import show_token
     from introspect._text import token_strings
 
     name = show_token(token_strings(lens.tokenizer, [target])[0])
@@ -590,8 +590,8 @@ def _lens_target_summary(lens: Any, target: int, position: int) -> str:
     _lens_options,
 )
 def _lens(args: argparse.Namespace) -> int:
-    from introspect._lens import logit_lens, show_token
-    from introspect._tuned import TunedLens
+    from introspect._analysis.lens import logit_lens, show_token
+    from introspect._analysis.tuned import TunedLens
 
     plot = _plot_path(args.plot)
     positions = args.position or [-1]
@@ -788,7 +788,7 @@ def _whole_number(minimum: int) -> Callable[[str], int]:
 
 
 def _cell(tokens: Sequence[str], key: int, weight: float) -> str:
-    from introspect._lens import show_token
+    from introspect._analysis.lens import show_token
 
     return f"{key} {show_token(tokens[key], 14)} {weight:.3f}"
 
@@ -839,8 +839,8 @@ def _attention_options(parser: argparse.ArgumentParser) -> None:
     _attention_options,
 )
 def _attention(args: argparse.Namespace) -> int:
-    from introspect._attention import attention_patterns
-    from introspect._lens import show_token
+    from introspect._analysis.attention import attention_patterns
+    from introspect._analysis.lens import show_token
 
     plot = _plot_path(args.plot)
     _, tokenizer, insp = _load(args)
@@ -938,7 +938,7 @@ def _heads_options(parser: argparse.ArgumentParser) -> None:
     _heads_options,
 )
 def _heads(args: argparse.Namespace) -> int:
-    from introspect._attention import SCORES, head_scores
+    from introspect._analysis.attention import SCORES, head_scores
     from introspect._errors import AttentionToolError
 
     plot = _plot_path(args.plot)
@@ -1090,10 +1090,10 @@ def _attribute(args: argparse.Namespace) -> int:
 
     import torch
 
-    from introspect._atp import attribution_patching, patching_agreement, plot_patching
+    from introspect._analysis.atp import attribution_patching, patching_agreement, plot_patching
+    from introspect._analysis.patching import logit_difference
     from introspect._errors import InterventionError
     from introspect._locators import Locator
-    from introspect._patching import logit_difference
     from introspect._text import as_token_id, encode_prompt, show_token, token_strings
 
     plot = _plot_path(args.plot)
@@ -1265,7 +1265,7 @@ def _plot_dla(labels: Sequence[str], values: Sequence[float], path: Path, title:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from introspect._lens import _save_atomically
+    from introspect._analysis.lens import _save_atomically
 
     count = len(labels)
     width = min(18.0, max(5.0, 0.25 * count + 1.5))
@@ -1301,7 +1301,7 @@ def _dla(args: argparse.Namespace) -> int:
         raise CaptureError("--target is empty: pass a token's text (e.g. ' Paris') or its id")
     plot = _plot_path(args.plot)
 
-    from introspect._attribution import direct_logit_attribution
+    from introspect._analysis.attribution import direct_logit_attribution
     from introspect._text import encode_prompt, show_token, token_strings
 
     model, tokenizer, insp = _load(args)
@@ -1977,7 +1977,7 @@ def _sae_batches(
 ) -> list[dict[str, Any]]:
     """The texts as padded batches of token ids (right-padded, as extract pads them)."""
     from introspect._batching import context_length, pad_batch
-    from introspect._hooks import input_device
+    from introspect._hooks.session import input_device
     from introspect._text import encode_prompt
 
     if tokenizer is None:
@@ -2003,7 +2003,7 @@ def _sae_batches(
 
 def _site_device(insp: Any, loc: Any) -> Any:
     """Where the values at ``loc`` are computed: its module's device, else the model's."""
-    from introspect._hooks import input_device
+    from introspect._hooks.session import input_device
 
     path = insp.path(loc).split(":")[0]  # block[0].attn.z is a part of the attention module
     try:
@@ -2269,10 +2269,10 @@ def _check_lens_data(args: argparse.Namespace, ds: Any) -> None:
     _tune_lens_options,
 )
 def _tune_lens(args: argparse.Namespace) -> int:
+    from introspect._analysis.tuned import CHECKPOINT, CONFIG, train_tuned_lens
     from introspect._errors import DatasetError
     from introspect._locators import Locator
     from introspect._scale.dataset import ActivationDataset
-    from introspect._tuned import CHECKPOINT, CONFIG, train_tuned_lens
 
     # Everything that can be checked without the model is checked before it loads.
     for text in args.at or ():

@@ -29,8 +29,8 @@ from accelerate.hooks import (
 )
 
 from introspect import Inspector, InterventionError
-from introspect._capture import onloaded
 from introspect._errors import CaptureError
+from introspect._hooks.capture import onloaded
 from introspect.cli import main
 from introspect.testing import build_tiny
 

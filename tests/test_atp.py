@@ -40,7 +40,7 @@ from introspect import (
     attribution_patching,
     logit_difference,
 )
-from introspect._atp import patching_agreement, patching_result
+from introspect._analysis.atp import patching_agreement, patching_result
 from introspect.testing import build_tiny
 
 CLEAN = torch.tensor([[5, 17, 42, 9, 33, 3], [8, 1, 60, 23, 4, 11]])

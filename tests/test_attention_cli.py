@@ -36,7 +36,7 @@ from introspect import (
     attention_patterns,
     head_scores,
 )
-from introspect._lens import show_token
+from introspect._analysis.lens import show_token
 from introspect.cli import main
 from introspect.testing import build_tiny
 from introspect.zoo import load_model
@@ -699,7 +699,7 @@ def test_a_model_built_for_sdpa_is_reloaded_eager_to_show_patterns(
     load, which the command does by itself, saying so (5.x switches per call: no reload)."""
     from transformers import BertConfig, BertForMaskedLM
 
-    from introspect._heads import fixed_implementation
+    from introspect._hooks.heads import fixed_implementation
 
     folder = tmp_path / "bert"
     config = BertConfig(

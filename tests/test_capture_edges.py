@@ -14,7 +14,8 @@ from torch import nn
 from transformers import GPT2LMHeadModel, GPT2Model, LlamaForCausalLM, LlamaModel
 
 from introspect import Inspector
-from introspect._capture import (
+from introspect._errors import CaptureError
+from introspect._hooks.capture import (
     Capture,
     Target,
     Transform,
@@ -22,7 +23,6 @@ from introspect._capture import (
     call_attention_mask,
     check_not_compiled,
 )
-from introspect._errors import CaptureError
 from introspect.testing import build_tiny
 
 ATOL = 1e-5

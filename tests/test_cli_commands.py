@@ -15,8 +15,8 @@ from _support.cli import error_line, run_command
 
 from introspect import Inspector
 from introspect._export import load_capture
+from introspect._model.view import ModelView
 from introspect._text import encode_prompt
-from introspect._view import ModelView
 from introspect.zoo import gpt2_bpe_files, load_model
 
 TOKYO = "Tokyo is the capital of Japan."

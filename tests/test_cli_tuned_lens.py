@@ -16,8 +16,8 @@ import pytest
 import torch
 from _support.cli import error_line
 
-import introspect._lens
-import introspect._tuned
+import introspect._analysis.lens
+import introspect._analysis.tuned
 import introspect.zoo
 from introspect import Inspector, TunedLens, logit_lens
 from introspect.cli import main
@@ -95,8 +95,8 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("nothing must run")
 
-    monkeypatch.setattr(introspect._tuned, "train_tuned_lens", refuse)
-    monkeypatch.setattr(introspect._lens, "logit_lens", refuse)
+    monkeypatch.setattr(introspect._analysis.tuned, "train_tuned_lens", refuse)
+    monkeypatch.setattr(introspect._analysis.lens, "logit_lens", refuse)
 
 
 def _params(folder: Path) -> dict[str, torch.Tensor]:
@@ -177,13 +177,13 @@ def test_an_interrupted_run_resumes_and_force_starts_over(
     work: Work, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out_dir = tmp_path / "lens"
-    train = introspect._tuned.train_tuned_lens
+    train = introspect._analysis.tuned.train_tuned_lens
 
     def interrupted(*args: Any, **kwargs: Any) -> TunedLens:
         return train(*args, **kwargs, stop_after=2)
 
     with monkeypatch.context() as patch:
-        patch.setattr(introspect._tuned, "train_tuned_lens", interrupted)
+        patch.setattr(introspect._analysis.tuned, "train_tuned_lens", interrupted)
         code, out, err = _printed(*work.tune(out_dir))
     assert code == 0, err
     assert out.splitlines() == [

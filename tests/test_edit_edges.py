@@ -21,9 +21,9 @@ from torch import nn
 from transformers import GPT2LMHeadModel, LlamaForCausalLM, LlamaModel
 
 from introspect import Inspector
-from introspect._capture import Target, hidden_of
 from introspect._errors import CaptureError, InterventionError
-from introspect._interventions import Edit, EditOp, Intervention
+from introspect._hooks.capture import Target, hidden_of
+from introspect._hooks.edits import Edit, EditOp, Intervention
 from introspect.testing import build_tiny
 
 HIDDEN = 64

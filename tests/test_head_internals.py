@@ -20,9 +20,9 @@ from _support.registry_cases import CASES, SPECS
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 from introspect import CaptureError, Inspector, InterventionError, LocatorError, MissingPartError
-from introspect._heads import _PATCHED, _ROTATING
+from introspect._hooks.heads import _PATCHED, _ROTATING
+from introspect._hooks.norms import NORM_FORMS, NormForm, norm_form
 from introspect._locators import Locator
-from introspect._norms import NORM_FORMS, NormForm, norm_form
 from introspect.testing import build_tiny
 
 IDS = torch.tensor([[5, 17, 42, 9, 77, 3], [8, 1, 99, 23, 4, 60]])

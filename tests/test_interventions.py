@@ -14,7 +14,7 @@ from _support.models import hook_state
 from torch import nn
 
 from introspect import Inspector, InterventionError, Record, logit_difference
-from introspect._interventions import Intervention
+from introspect._hooks.edits import Intervention
 
 HIDDEN = 64
 TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5

@@ -18,8 +18,8 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from introspect import HeadScores, Inspector, attention_patterns, head_scores, lens_view
+from introspect._analysis.lens import LensResult, _plain, _token_label, logit_lens
 from introspect._errors import CaptureError, LocatorError, MissingPartError, ViewError
-from introspect._lens import LensResult, _plain, _token_label, logit_lens
 from introspect._plugins import get_registry
 from introspect.testing import EXTRA_OVERRIDES, build_tiny, example_inputs, tiny_config
 from introspect.zoo import gpt2_bpe_files, load_model

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from introspect import AdapterSpec, Inspector, MissingPartError
-from introspect._capture import Capture, Target
+from introspect._hooks.capture import Capture, Target
 from introspect._hookspecs import hookimpl
 from introspect._plugins import get_registry, new_plugin_manager
 from introspect._spec import LogitOp, StackSpec, StreamOp

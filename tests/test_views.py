@@ -1354,7 +1354,8 @@ def test_overwrite_is_the_deprecated_name_of_force(
 
 
 def test_the_names_a_notebook_needs_are_public() -> None:
-    from introspect import _atp, _html
+    from introspect import _html
+    from introspect._analysis import atp as _atp
     from introspect._sae import _features
 
     for module, names in (

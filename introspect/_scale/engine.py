@@ -17,7 +17,7 @@ import torch
 
 from introspect._batching import pad_batch, position_ids_from_mask
 from introspect._errors import ExtractionError
-from introspect._hooks import input_device
+from introspect._hooks.session import input_device
 from introspect._locators import Locator
 from introspect._scale.dataset import FORMAT, TOKEN_COLUMNS
 from introspect._scale.windows import _Window

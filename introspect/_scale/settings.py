@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from introspect._errors import ExtractionError
-from introspect._hooks import onloaded
+from introspect._hooks.session import onloaded
 from introspect._scale.corpus import Inputs
 
 if TYPE_CHECKING:

@@ -36,7 +36,7 @@ recording what that ``forward`` returns, before any forward hook runs; older loo
 - an edit of a block *input* is a forward pre-hook registered with ``prepend=True``, so it runs
   before every other pre-hook and every forward hook sees the edited arguments.
 
-Captures read an :class:`~introspect._capture.EditNote` the edit leaves on the module, so a
+Captures read an :class:`~introspect._hooks.capture.EditNote` the edit leaves on the module, so a
 record of the edited module says which edits its values include and keeps the values before
 them. Everything is removed on every exit path, including an exception raised by an edit.
 """
@@ -58,10 +58,17 @@ import torch
 from torch import nn
 
 from introspect._batching import call_positions, check_positions
-from introspect._capture import Record
 from introspect._errors import InterventionError
-from introspect._heads import HEAD_AXIS, Heads, attn_part, check_heads, head_site, heads_in_range
-from introspect._hooks import (
+from introspect._hooks.capture import Record
+from introspect._hooks.heads import (
+    HEAD_AXIS,
+    Heads,
+    attn_part,
+    check_heads,
+    head_site,
+    heads_in_range,
+)
+from introspect._hooks.session import (
     CallScope,
     EditNote,
     HookSession,
@@ -567,7 +574,7 @@ class _EditedForward:
         """Edits that apply only while their stack runs (no call of it: the module ran in
         another stack)."""
         self.edit_notes: dict[int, EditNote] = {}
-        """Each thread's note of its latest call (read through :func:`~introspect._capture.edit_note`;
+        """Each thread's note of its latest call (read through :func:`~introspect._hooks.capture.edit_note`;
         a plain attribute, so a ``functools.wraps`` wrapper of this forward carries it)."""
         self.pre_handle: RemovableHandle | None = None
         self.__wrapped__ = self.inner

@@ -36,13 +36,13 @@ import torch
 from torch import nn
 
 from introspect._errors import CaptureError
-from introspect._hooks import onloaded
+from introspect._hooks.session import onloaded
 from introspect._html import attribution_view, forced, save_view
 from introspect._spec import LogitOp
 from introspect._text import as_token_id, model_inputs_of
 
 if TYPE_CHECKING:
-    from introspect._view import Analysable
+    from introspect._model.view import Analysable
 
 __all__ = ["Attribution", "FrozenNorm", "direct_logit_attribution", "frozen_norm"]
 

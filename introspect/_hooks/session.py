@@ -1,6 +1,6 @@
 """The one hook engine's machinery: the model calls it follows, the modules it hooks, its exit.
 
-Captures (:mod:`introspect._capture`) and edits (:mod:`introspect._interventions`) are two uses
+Captures (:mod:`introspect._hooks.capture`) and edits (:mod:`introspect._hooks.edits`) are two uses
 of one :class:`HookSession`: one reader of a model call's arguments (mask, KV cache, cache
 position, where its positions start), one scoping of the calls of an encoder or a decoder
 stack, one enter/exit with the thread scope, the staleness and compile checks, and the
@@ -870,8 +870,8 @@ class HookSession:
     watches is compiled and that every target is still where its locator found it (and again
     at each call of the root); enters what the targets need in place (``Target.uses``);
     removes every hook on every exit path, and puts back what accelerate loaded for a forward
-    an exception interrupted. :class:`~introspect._capture.Capture` and
-    :class:`~introspect._interventions.Intervention` are its two uses: ``_install`` adds their
+    an exception interrupted. :class:`~introspect._hooks.capture.Capture` and
+    :class:`~introspect._hooks.edits.Intervention` are its two uses: ``_install`` adds their
     own hooks, ``_at_call`` their own check at each call of the root.
 
     Example:

@@ -54,8 +54,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from introspect._analysis.lens import _save_atomically
 from introspect._errors import InterventionError, MissingDependencyError
-from introspect._heads import (
+from introspect._hooks.heads import (
     HEAD_AXIS,
     HeadTap,
     attention_pattern,
@@ -64,11 +65,10 @@ from introspect._heads import (
     head_site,
 )
 from introspect._html import patching_view, save_view
-from introspect._lens import _save_atomically
 from introspect._locators import QUERY_KEY_SITES, Locator
 
 if TYPE_CHECKING:
-    from introspect._view import Analysable
+    from introspect._model.view import Analysable
 
 __all__ = [
     "Agreement",

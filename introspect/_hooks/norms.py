@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from introspect._errors import CaptureError, InterventionError, MissingPartError
-from introspect._heads import ValueFrom, in_graph
-from introspect._hooks import edit_note, onloaded
+from introspect._hooks.heads import ValueFrom, in_graph
+from introspect._hooks.session import edit_note, onloaded
 
 __all__ = ["NORM_FORMS", "NormForm", "ScaleSite", "ScaleTap", "norm_form", "scale_tap"]
 

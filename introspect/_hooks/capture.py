@@ -1,6 +1,6 @@
 """Captures: record what modules receive and return while the model runs.
 
-A :class:`Capture` is one use of the hook engine (:class:`~introspect._hooks.HookSession`),
+A :class:`Capture` is one use of the hook engine (:class:`~introspect._hooks.session.HookSession`),
 edits the other: it adds one forward hook (or pre-hook) per ``Target`` and keeps a
 :class:`Record` of each call. Hooks are removed on every exit path; a capture with
 ``stop=True`` ends the forward as soon as every target has been recorded.
@@ -24,7 +24,7 @@ from introspect._batching import (
     real_token_positions,
 )
 from introspect._errors import CaptureError
-from introspect._hooks import (
+from introspect._hooks.session import (
     CACHE_ARGS,
     EditNote,
     HookSession,

@@ -86,12 +86,12 @@ import torch
 from torch import nn
 
 from introspect._errors import AttentionToolError, LocatorError, MissingPartError
-from introspect._heads import HeadTap, _weight_per_head
-from introspect._hooks import input_device, onloaded
+from introspect._hooks.heads import HeadTap, _weight_per_head
+from introspect._hooks.session import input_device, onloaded
 from introspect._proof import example_inputs
 
 if TYPE_CHECKING:
-    from introspect._view import Analysable
+    from introspect._model.view import Analysable
 
 __all__ = [
     "KINDS",

@@ -53,7 +53,7 @@ from introspect._text import (
 )
 
 if TYPE_CHECKING:
-    from introspect._view import Analysable
+    from introspect._model.view import Analysable
 
 __all__ = ["LensResult", "Translators", "logit_lens", "main_blocks", "show_token"]
 

@@ -43,15 +43,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from introspect._analysis.lens import main_blocks
 from introspect._errors import CaptureError, DatasetError, LocatorError, ModelLoadError
 from introspect._export import write_atomically
-from introspect._lens import main_blocks
 from introspect._locators import Locator
 from introspect._progress import progress_enabled
 from introspect._scale.dataset import ActivationDataset
 
 if TYPE_CHECKING:
-    from introspect._view import Analysable
+    from introspect._model.view import Analysable
 
 __all__ = ["CONFIG", "LENS_TYPE", "PARAMS", "TRAINING", "TunedLens", "train_tuned_lens"]
 

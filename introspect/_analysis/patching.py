@@ -2,7 +2,7 @@
 
 :func:`patching_sweep` patches one site at a time from a clean run into a corrupted one and
 measures a metric (:func:`logit_difference`, say); it stands on the facade's captures and
-edits (typed as :class:`~introspect._view.Analysable`).
+edits (typed as :class:`~introspect._model.view.Analysable`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from introspect._errors import InterventionError
 
 if TYPE_CHECKING:
-    from introspect._view import Analysable
+    from introspect._model.view import Analysable
 
 __all__ = ["logit_difference", "patching_sweep"]
 

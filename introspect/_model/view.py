@@ -19,16 +19,16 @@ from torch import nn
 
 from introspect._batching import Positions
 from introspect._errors import CaptureError, LocatorError, MissingPartError
-from introspect._heads import HEAD_AXIS, Heads, head_site
-from introspect._layout import hidden_layout
+from introspect._hooks.heads import HEAD_AXIS, Heads, head_site
 from introspect._locators import KV_SITES, Locator
-from introspect._paths import get_path
+from introspect._model.layout import hidden_layout
+from introspect._model.paths import get_path
 from introspect._spec import AdapterSpec, LogitOp, StackSpec
 
 if TYPE_CHECKING:
-    from introspect._capture import Capture, Record
-    from introspect._interventions import Intervention
-    from introspect._resolve import Resolver
+    from introspect._hooks.capture import Capture, Record
+    from introspect._hooks.edits import Intervention
+    from introspect._model.resolve import Resolver
 
 __all__ = ["Analysable", "ModelView"]
 

@@ -42,9 +42,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from introspect._analysis.lens import _plain, _save_atomically, main_blocks
 from introspect._batching import as_int, max_positions
 from introspect._errors import AttentionToolError, LocatorError, MissingDependencyError
-from introspect._hooks import input_device
+from introspect._hooks.session import input_device
 from introspect._html import (
     attention_view,
     byte_labels,
@@ -55,7 +56,6 @@ from introspect._html import (
     prompt_title,
     save_view,
 )
-from introspect._lens import _plain, _save_atomically, main_blocks
 from introspect._locators import Locator
 from introspect._text import model_inputs_of, token_strings
 

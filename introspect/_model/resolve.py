@@ -3,7 +3,7 @@
 Resolving is cached, because a capture per forward must stay cheap next to a small forward,
 but the model may change between two uses (``model.transformer.h[0] = new_block``,
 ``del h[3]``, a new ``ModuleList``). Every cached answer keeps the chain of module links it
-followed (:func:`introspect._paths.walk`) and is used only while that chain still holds;
+followed (:func:`introspect._model.paths.walk`) and is used only while that chain still holds;
 otherwise it is resolved again. So a locator always names what the model holds *now*, and
 caches are keyed on the parsed locator itself, never on a string two locators could share.
 """
@@ -16,12 +16,12 @@ from typing import Any, cast
 
 from torch import nn
 
-from introspect._capture import Target, capture_targets
 from introspect._errors import LocatorError, MissingPartError
-from introspect._heads import SITES, HeadSite, HeadTap, head_tap
+from introspect._hooks.capture import Target, capture_targets
+from introspect._hooks.heads import SITES, HeadSite, HeadTap, head_tap
+from introspect._hooks.norms import ScaleSite, scale_tap
 from introspect._locators import Locator
-from introspect._norms import ScaleSite, scale_tap
-from introspect._paths import Chain, base_model, chain_holds, walk
+from introspect._model.paths import Chain, base_model, chain_holds, walk
 from introspect._spec import AdapterSpec, HeadSpec, StackSpec
 
 __all__ = ["Resolver"]

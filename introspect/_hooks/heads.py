@@ -61,9 +61,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from introspect._errors import CaptureError, InterventionError, MissingPartError
-from introspect._hooks import onloaded
+from introspect._hooks.session import onloaded
 from introspect._locators import KV_SITES, QUERY_KEY_SITES, Locator
-from introspect._paths import get_path
+from introspect._model.paths import get_path
 from introspect._spec import HeadSpec
 
 __all__ = [
