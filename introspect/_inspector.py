@@ -305,13 +305,14 @@ class Inspector:
         if not locators:
             raise CaptureError("capture() needs at least one locator, e.g. capture('block[-1]')")
         positions = check_positions(positions)
-        targets = self._resolver.capture_targets(locators, stop, positions, self._target)
+        plan = self._resolver.capture_targets(locators, stop, positions, self._target)
         transform = None
         if detach or device is not None or dtype is not None or positions is not None:
             transform = Transform(detach=detach, device=device, dtype=dtype, positions=positions)
             transform = transform if transform.active else None
         return Capture(
-            targets,
+            plan.targets,
+            links=plan.links,
             stop=stop,
             transform=transform,
             key_fn=self._key,

@@ -237,3 +237,12 @@ def test_a_repeated_capture_follows_the_model_as_it_is_now(family: str) -> None:
     with torch.no_grad(), insp.capture("block[0].input") as cap:
         model(ids, use_cache=False)
     assert cap.targets[0].needs_output
+    # The whole base model replaced: captures resolve in the new one.
+    prefix = model.base_model_prefix
+    setattr(model, prefix, copy.deepcopy(getattr(model, prefix)))
+    new_blocks = insp.view.resolver.blocks(None)
+    assert new_blocks is not blocks
+    with torch.no_grad(), insp.capture("block[0]") as cap:
+        model(ids, use_cache=False)
+    assert cap.targets[0].module is new_blocks[0] and "block[0]" in cap
+    assert insp.view.base is getattr(model, prefix)

@@ -55,6 +55,8 @@ from introspect._locators import Locator, query_key_site
 if TYPE_CHECKING:
     from types import TracebackType
 
+    from introspect._model.paths import Chain
+
 # The engine's names stay importable from here, where they were defined first.
 __all__ = [
     "CACHE_ARGS",
@@ -599,8 +601,9 @@ class Capture(HookSession):
         keep_raw: bool = True,
         model: nn.Module | None = None,
         expand_fn: Callable[[str], list[str]] | None = None,
+        links: Chain | None = None,
     ) -> None:
-        super().__init__(targets, root=root, model=model)
+        super().__init__(targets, root=root, model=model, links=links)
         self._expand_fn = expand_fn
         self.stop = stop
         self.transform = transform
@@ -614,6 +617,7 @@ class Capture(HookSession):
         self.stopped = False
 
     def _install(self, owner: int) -> None:
+        self._total = len({t.key for t in self.targets})
         for target in self.targets:
             hook = self._make_hook(target, owner)
             if target.needs_output and not target.reads_input:
@@ -626,7 +630,7 @@ class Capture(HookSession):
         """The hook that records ``target`` in the thread ``owner`` (see ``only_in_thread``)."""
         records = self.records
         transform = self.transform
-        total = len({t.key for t in self.targets})
+        total = self._total
         key = target.key
         module = target.module
         input_kwarg = target.input_kwarg

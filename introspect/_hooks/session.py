@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from introspect._errors import CaptureError
+from introspect._model.paths import Chain, links_hold, links_of
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -442,6 +443,9 @@ class Target:
     reads_input: bool = False
     """The value is what ``module`` receives (the MLP's ``post``: its down-projection's
     input): recorded as the record's output, edited before the module runs."""
+    chain: Chain | None = field(default=None, compare=False, repr=False)
+    """The links from the model to ``module`` where ``holds`` checks exactly them: sessions
+    then check the links all their targets share once (see :func:`links_hold`)."""
 
 
 def enter_uses(stack: contextlib.ExitStack, targets: Iterable[Target]) -> None:
@@ -893,8 +897,19 @@ class HookSession:
         *,
         root: nn.Module | None = None,
         model: nn.Module | None = None,
+        links: Chain | None = None,
     ) -> None:
         self.targets = list(targets)
+        # What the staleness check walks: the links of the targets' chains, each once (given
+        # by the resolver where it knows them), and the checks of targets without a chain.
+        self._links = (
+            links
+            if links is not None
+            else links_of(t.chain for t in self.targets if t.chain is not None)
+        )
+        self._other_holds = [
+            t.holds for t in self.targets if t.chain is None and t.holds is not None
+        ]
         self.root = root
         self.model = model
         """The whole model when ``root`` is a part of it: checked for compilation, and its
@@ -951,10 +966,16 @@ class HookSession:
             module.register_forward_hook(scope.post_hook, with_kwargs=True, always_call=True)
         )
 
+    def _stale(self) -> list[str]:
+        """The keys of the targets the model no longer holds (see :func:`stale_targets`)."""
+        if links_hold(self._links) and all(holds() for holds in self._other_holds):
+            return []
+        return stale_targets(self.targets)
+
     def _root_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not _is_compiling() and get_ident() != self.thread:
             return  # another thread's forward: not this session's
-        stale = stale_targets(self.targets)
+        stale = self._stale()
         if stale:
             # A module replaced while the session is open would silently be missed.
             raise self.error(model_changed_message(stale, self.what))
@@ -973,7 +994,7 @@ class HookSession:
             raise self.error(
                 f"this {self.what} is already active: build a new one to enter it again"
             )
-        stale = stale_targets(self.targets)
+        stale = self._stale()
         if stale:
             raise self.error(model_changed_message(stale, self.what))
         for watched in (self.model, self.root):

@@ -9,11 +9,12 @@ to the cached block, and the cache knows to resolve again.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
 
-__all__ = ["Chain", "base_model", "chain_holds", "get_path", "walk"]
+__all__ = ["Chain", "base_model", "chain_holds", "get_path", "links_hold", "links_of", "walk"]
 
 Link = tuple[nn.Module, str, nn.Module]
 Chain = tuple[Link, ...]
@@ -105,5 +106,39 @@ def chain_holds(chain: Chain) -> bool:
         if found is None:
             found = getattr(parent, key, None)
         if found is not child:
+            return False
+    return True
+
+
+def links_of(chains: Iterable[Chain]) -> Chain:
+    """The distinct links of several chains, in first-seen order (chains share their start).
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2Model
+        >>> m = GPT2Model(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+        >>> len(links_of([walk(m, "h.0")[1], walk(m, "h.1")[1]]))
+        3
+    """
+    seen: dict[tuple[int, str], Link] = {}
+    for chain in chains:
+        for link in chain:
+            seen.setdefault((id(link[0]), link[1]), link)
+    return tuple(seen.values())
+
+
+def links_hold(links: Chain) -> bool:
+    """:func:`chain_holds` for the links of several chains at once (see :func:`links_of`).
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2Model
+        >>> m = GPT2Model(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+        >>> links = links_of([walk(m, "h.0")[1]])
+        >>> before = links_hold(links)
+        >>> del m.h[0]
+        >>> before, links_hold(links)
+        (True, False)
+    """
+    for parent, key, child in links:
+        if parent._modules.get(key) is not child and getattr(parent, key, None) is not child:
             return False
     return True

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, cast
+from typing import Any, NamedTuple
 
 from torch import nn
 
@@ -21,7 +21,7 @@ from introspect._hooks.capture import Target, capture_targets
 from introspect._hooks.heads import SITES, HeadSite, HeadTap, head_tap
 from introspect._hooks.norms import ScaleSite, scale_tap
 from introspect._locators import Locator
-from introspect._model.paths import Chain, base_model, chain_holds, walk
+from introspect._model.paths import Chain, base_model, chain_holds, links_hold, links_of, walk
 from introspect._spec import AdapterSpec, HeadSpec, StackSpec
 
 __all__ = ["Resolver"]
@@ -31,6 +31,20 @@ _CACHE_LIMIT = 4096
 
 HEAD_SITES = (*SITES, "o")
 """What follows an attention part as a head value (``o``: its output projection)."""
+
+
+class CapturePlan(NamedTuple):
+    """The targets of one capture, the links that say the model still holds them, and, for a
+    kept plan, what else must hold for it to stand (see :meth:`Resolver.capture_targets`)."""
+
+    targets: list[Target]
+    links: Chain
+    kept_links: Chain = ()
+    counts: tuple[tuple[nn.ModuleList, int], ...] = ()
+
+    def holds(self) -> bool:
+        """Whether the model still holds every link and block count of this plan."""
+        return links_hold(self.kept_links) and all(len(b) == n for b, n in self.counts)
 
 
 class Resolver:
@@ -52,7 +66,8 @@ class Resolver:
         self._blocks: dict[str | None, tuple[nn.ModuleList, Chain]] = {}
         self._resolved: dict[str | Locator, tuple[Locator, int]] = {}
         self._targets: dict[tuple[Locator, bool], tuple[Target, Chain]] = {}
-        self._plans: dict[Any, tuple[list[Target], tuple[tuple[str | None, int], ...]]] = {}
+        self._plans: dict[Any, CapturePlan] = {}
+        self._base: tuple[nn.Module, Chain] | None = None
         self._paths: dict[int, str] | None = None
         self.sae_sites: dict[str, nn.Module] = {}
         """The feature sites of the SAEs spliced now, by the site they are spliced at
@@ -63,14 +78,24 @@ class Resolver:
     # -- the model's parts ----------------------------------------------------------------------
 
     def base(self) -> tuple[nn.Module, Chain]:
-        """The base model and the link to it from the top-level model (none if it is itself)."""
+        """The base model and the link to it from the top-level model (none if it is itself).
+
+        Kept while that link holds (a capture asks at every build); a base that is neither the
+        model nor one of its children is looked up each time.
+        """
+        cached = self._base
+        if cached is not None and chain_holds(cached[1]):
+            return cached
+        found: tuple[nn.Module, Chain] = (self.model, ())
         base = base_model(self.model)
-        if base is self.model:
-            return base, ()
-        for key, child in self.model._modules.items():
-            if child is base:
-                return base, ((self.model, key, base),)
-        return base, ()
+        if base is not self.model:
+            found = (base, ())
+            for key, child in self.model._modules.items():
+                if child is base:
+                    found = (base, ((self.model, key, base),))
+                    break
+        self._base = found if base is self.model or found[1] else None
+        return found
 
     def blocks(self, stack_key: str | None) -> nn.ModuleList:
         """The block list of a stack as the model holds it now."""
@@ -485,51 +510,34 @@ class Resolver:
         stop: bool,
         positions: Any,
         target: Callable[[Locator, bool], Target],
-    ) -> list[Target]:
-        """The targets of a capture of ``locators`` (see :func:`capture_targets`), resolved
-        once while the model holds them when the locators are given as text (the usual case).
+    ) -> CapturePlan:
+        """The targets of a capture of ``locators`` (see :func:`capture_targets`) and the links
+        that say the model still holds them.
+
+        Locators given as text (the usual case) resolve once: the plan is kept under the call's
+        arguments and stands while every link holds and every stack it counted blocks in has as
+        many blocks as then (``block[-1]`` names another block once one is added).
         """
         key = (tuple(locators), stop, positions is None)
         as_text = all(type(x) is str for x in locators)
-        found = self.planned(key) if as_text else None
-        if found is None:
-            found = capture_targets(self.expand(locators), target, stop, positions)
-            if as_text:
-                self.plan(key, cast("Sequence[str]", locators), found)
-        return found
-
-    def planned(self, key: Any) -> list[Target] | None:
-        """The targets kept under ``key`` by :meth:`plan`, if the model still holds them.
-
-        A kept list stands while every target's module is where it was found and every stack
-        it counted blocks in has as many blocks as then (``block[-1]`` names another block
-        once one is added). Repeated captures of the same locators so skip their resolution.
-        """
-        found = self._plans.get(key)
-        if found is None:
-            return None
-        targets, counts = found
-        for stack_key, n in counts:
-            if len(self.blocks(stack_key)) != n:
-                return None
-        for target in targets:
-            holds = target.holds
-            if holds is not None and not holds():
-                return None
-        return targets
-
-    def plan(self, key: Any, locators: Sequence[str], targets: list[Target]) -> None:
-        """Keep ``targets`` (what ``locators`` resolved to) under ``key``; see :meth:`planned`.
-
-        Targets of an SAE's features are not kept: their site lives while the splice does.
-        """
-        if any(".sae" in text for text in locators):
-            return
-        stacks = {self.stack_key(Locator.parse(text).stack) for text in locators}
-        if len(self._plans) >= _CACHE_LIMIT:
-            self._plans.clear()
-        counts = tuple((stack, len(self.blocks(stack))) for stack in stacks)
-        self._plans[key] = (targets, counts)
+        if as_text:
+            found = self._plans.get(key)
+            if found is not None and found.holds():
+                return found
+        targets = capture_targets(self.expand(locators), target, stop, positions)
+        plan = CapturePlan(targets, links_of(t.chain for t in targets if t.chain is not None))
+        if as_text and all(t.chain is not None for t in targets):
+            stacks = {self.stack_key(Locator.parse(str(text)).stack) for text in locators}
+            counts = []
+            for stack in stacks:
+                blocks = self.blocks(stack)
+                counts.append((blocks, len(blocks)))
+            chains = [self._blocks[stack][1] for stack in stacks]
+            links = links_of([plan.links, *chains])
+            if len(self._plans) >= _CACHE_LIMIT:
+                self._plans.clear()
+            self._plans[key] = CapturePlan(targets, plan.links, links, tuple(counts))
+        return plan
 
     def target(self, loc: Locator, needs_output: bool) -> Target:
         """The capture target of a single resolved locator, built once while the model holds."""
@@ -597,6 +605,7 @@ class Resolver:
             needs_output=needs_output,
             within=within,
             copy_output=name in stack.outputs_changed_in_place,
+            chain=chain if loc.sae is None else None,
             holds=(
                 (lambda: chain_holds(chain))
                 if loc.sae is None
