@@ -503,6 +503,8 @@ def _check_continues(
             f"{where} has a batch of {batch}, step {number - 1} of {previous_batch}: rows "
             f"do not line up across steps; {_STEPS_INSTEAD}"
         )
+    if call.same_rows_as is not None and call.same_rows_as == before.index:
+        return  # this step began with the very cache rows the previous one left
     if before.after is None or call.before is None:
         if batch <= 1:
             return  # a single row cannot be reordered

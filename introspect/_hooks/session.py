@@ -687,6 +687,7 @@ class ModelCall:
         "cached",
         "empty_cache",
         "index",
+        "same_rows_as",
         "seq",
     )
 
@@ -700,6 +701,7 @@ class ModelCall:
         *,
         attention_mask: torch.Tensor | None = None,
         checksum: bool = False,
+        continues: tuple[torch.Tensor, int, int] | None = None,
     ) -> None:
         self.index = index
         self._offset = offset
@@ -713,7 +715,20 @@ class ModelCall:
         self.empty_cache = state is None and _known_cache(cache)
         """A cache of a known layout holding no state yet (an unknown object is not known
         to be empty)."""
-        self.before = _checksum(state) if checksum and state is not None else None
+        self.same_rows_as: int | None = None
+        """The index of the previous call when this one began with exactly the cache rows that
+        call left (the very state tensor, not changed in place since): the steps join without
+        a checksum."""
+        self.before: torch.Tensor | None = None
+        if checksum and state is not None:
+            if (
+                continues is not None
+                and continues[0] is state
+                and tensor_version(state) == continues[1]
+            ):
+                self.same_rows_as = continues[2]
+            else:
+                self.before = _checksum(state)
         self.after: torch.Tensor | None = None
         # The cache state at the end of the call and its version counter, held only until the
         # next call begins (see CallScope.begin); the checksum is taken then, if at all.
@@ -729,7 +744,7 @@ class ModelCall:
         """Tokens before this call's first one (the cache's length); ``None``: unknown."""
         if isinstance(self._offset, torch.Tensor):
             # cache_position, read only when asked (reading waits for the device).
-            self._offset = int(self._offset.item())
+            self._offset = int(self._offset.reshape(-1)[0].item())
         return self._offset
 
     def holds(self, cache: Any) -> bool:
@@ -797,20 +812,31 @@ class CallScope:
                 break
         shape = tokens.shape if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 else None
         previous = self.last
+        kept: tuple[torch.Tensor, int, int] | None = None
         if previous is not None and previous._after_state is not None:
             state, version = previous._after_state
             previous._after_state = None
-            if tensor_version(state) == version:  # untouched since that call ended
-                previous.after = _checksum(state)
+            kept = (state, version, previous.index)
+        # cache_position as passed: its first element is read only when asked (ModelCall.offset).
+        has_position = isinstance(position, torch.Tensor) and position.numel() > 0
         call = ModelCall(
             self.number,
-            cache_offset(cache, position),
+            position if has_position else cache_offset(cache, position),
             shape[1] if shape is not None else None,
             shape[0] if shape is not None else None,
             cache,
             attention_mask=mask,
             checksum=self.checksum,
+            continues=kept,
         )
+        if (
+            previous is not None
+            and kept is not None
+            and call.same_rows_as is None
+            and tensor_version(kept[0]) == kept[1]  # untouched since that call ended
+        ):
+            # Another state tensor now (a beam reorder replaces it): compare checksums.
+            previous.after = _checksum(kept[0])
         if call._offset is None and cache is not None:
             # A cache that counts no positions (a state-space model's): an empty one starts
             # at 0, the very cache object of the previous call continues where it ended.
