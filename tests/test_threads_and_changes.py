@@ -216,11 +216,16 @@ def test_a_repeated_capture_follows_the_model_as_it_is_now(family: str) -> None:
         with torch.no_grad(), insp.capture("block[-1]") as cap:
             model(ids, use_cache=False)
         assert cap.targets[0].module is blocks[-1]
-    # A block added at the end: block[-1] is the new block.
-    blocks.append(copy.deepcopy(blocks[-1]))
+    # A block added at the end: block[-1] is the new block (not run: the model's config does not
+    # know it), and again the old last block once it is removed.
+    last = blocks[-1]
+    blocks.append(copy.deepcopy(last))
+    assert insp.capture("block[-1]").targets[0].module is blocks[-1] is not last
+    assert insp.num_blocks == len(blocks)
+    del blocks[-1]
     with torch.no_grad(), insp.capture("block[-1]") as cap:
         model(ids, use_cache=False)
-    assert cap.targets[0].module is blocks[-1] and insp.num_blocks == len(blocks)
+    assert cap.targets[0].module is last and "block[-1]" in cap
     # An MLP replaced: the capture records the new one (not an error: it was built now).
     for _ in range(2):
         with torch.no_grad(), insp.capture("block[0].mlp") as cap:
