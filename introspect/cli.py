@@ -1061,6 +1061,12 @@ def _attribute_options(parser: argparse.ArgumentParser) -> None:
         help="plain AtP: q and k cells to first order too (default: AtP*, their softmax exact)",
     )
     parser.add_argument(
+        "--grad-drop",
+        action="store_true",
+        help="AtP*'s GradDrop: one more backward per block, each with the gradient through that "
+        "block's update stopped, averaged (catches effects that cancel along one path)",
+    )
+    parser.add_argument(
         "--exact",
         action="store_true",
         help="also run exact activation patching (one forward per cell) and compare",
@@ -1124,7 +1130,13 @@ def _attribute(args: argparse.Namespace) -> int:
 
     def estimate() -> Any:
         return attribution_patching(
-            insp, clean, corrupted, metric, qk_fix=not args.no_qk_fix, **options
+            insp,
+            clean,
+            corrupted,
+            metric,
+            qk_fix=not args.no_qk_fix,
+            grad_drop=args.grad_drop,
+            **options,
         )
 
     start = time.perf_counter()
@@ -1144,7 +1156,7 @@ def _attribute(args: argparse.Namespace) -> int:
         seconds["exact"] = time.perf_counter() - start
     with torch.no_grad():
         scores = [float(metric(model(**inputs))) for inputs in (clean, corrupted)]
-    method = "AtP" if args.no_qk_fix else "AtP*"
+    method = ("AtP" if args.no_qk_fix else "AtP*") + (" + GradDrop" if args.grad_drop else "")
     tokens = token_strings(tokenizer, clean["input_ids"][0])
     columns = [str(h) for h in range(values.shape[1])] if args.heads else tokens
     agreement = patching_agreement(values, exact, top=args.top) if exact is not None else None

@@ -118,3 +118,19 @@ def test_a_target_of_several_tokens_is_refused(capsys: pytest.CaptureFixture[str
     code, _, err = _run(capsys, "toy-gpt2", *pair, "--target", " Mary Ann", "--versus", " John")
     assert code == 1
     assert "target ' Mary Ann' is 2 tokens for this tokenizer, not one" in err.splitlines()[0]
+
+
+def test_grad_drop_gives_the_library_estimate(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(capsys, *_ioi("toy-gpt2", "--at", "block[:]", "--grad-drop", "--json"))
+    assert code == 0, err
+    payload = json.loads(out)
+    model, tokenizer = load_model("toy-gpt2", progress=False)
+    insp = Inspector(model)
+    clean, corrupted = (encode_prompt(tokenizer, text, model) for text in (CLEAN, CORRUPTED))
+    metric = logit_difference(tokenizer.encode(" Mary")[0], tokenizer.encode(" John")[0])
+    options: dict[str, Any] = {"locators": "block[:]"}
+    dropped = attribution_patching(insp, clean, corrupted, metric, grad_drop=True, **options)
+    plain = attribution_patching(insp, clean, corrupted, metric, **options)
+    assert payload["method"] == "AtP* + GradDrop"
+    assert torch.allclose(torch.tensor(payload["estimate"]), dropped, atol=1e-5)
+    assert not torch.allclose(dropped, plain, atol=1e-5)  # the flag reached the library
