@@ -119,10 +119,12 @@ def links_of(chains: Iterable[Chain]) -> Chain:
         >>> len(links_of([walk(m, "h.0")[1], walk(m, "h.1")[1]]))
         3
     """
-    seen: dict[tuple[int, str], Link] = {}
+    # Keyed by the child too: two targets resolved at different times may disagree on a link,
+    # and then both must be checked.
+    seen: dict[tuple[int, str, int], Link] = {}
     for chain in chains:
         for link in chain:
-            seen.setdefault((id(link[0]), link[1]), link)
+            seen.setdefault((id(link[0]), link[1], id(link[2])), link)
     return tuple(seen.values())
 
 
