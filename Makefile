@@ -22,12 +22,13 @@ install:
 dev: install
 	$(PIP) install -q --no-deps -e tests/plugins/introspect-testplugin -e examples/introspect-toylm
 
-# Test processes (pytest-xdist): one per core by default; JOBS=0 runs the tests in this
+# Test processes (pytest-xdist): one per core by default, an idle one taking tests queued for
+# another (worksteal: a few tests take a minute); JOBS=0 runs the tests in this
 # process. Each test process computes on one thread (tests/_support/threads.py).
 JOBS ?= auto
 
 test: dev
-	INTROSPECT_REQUIRE_TEST_PLUGIN=1 $(PYTHON) -m pytest -q -n $(JOBS) --durations=5 --doctest-modules introspect tests examples/introspect-toylm/tests
+	INTROSPECT_REQUIRE_TEST_PLUGIN=1 $(PYTHON) -m pytest -q -n $(JOBS) --dist worksteal --durations=5 --doctest-modules introspect tests examples/introspect-toylm/tests
 
 # The stateful property test of captures and edits with many more examples than the suite runs.
 stateful:
