@@ -163,7 +163,7 @@ def test_bad_uses_are_refused_before_any_forward(
     # A capture built while the splice was active refuses to run after it ended.
     with insp.splice(sae, "block[0]"):
         stale = insp.capture("block[0].sae.features")
-    with pytest.raises(Exception, match="model changed"), stale:
+    with pytest.raises(Exception, match=r"belongs to an SAE splice that has ended"), stale:
         pass
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert not insp._resolver.sae_sites

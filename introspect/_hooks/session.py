@@ -478,10 +478,23 @@ def stale_targets(targets: Iterable[Target]) -> list[str]:
 def model_changed_message(keys: Sequence[str], what: str) -> str:
     """The error text for a capture or edit whose modules the model no longer holds.
 
+    A spliced SAE's sites (``<site>.sae...``) exist only while their splice is active: the
+    text says so rather than that the model changed.
+
     Example:
         >>> model_changed_message(["block[0]"], "capture")[:40]
         'the model changed since this capture was'
+        >>> model_changed_message(["block[0].sae.features"], "capture")[:52]
+        'block[0].sae.features belongs to an SAE splice that '
     """
+    spliced = [key for key in keys if ".sae" in key]
+    if spliced and len(spliced) == len(keys):
+        return (
+            f"{', '.join(spliced)} belong{'s' if len(spliced) == 1 else ''} to an SAE splice "
+            f"that has ended: an SAE's sites exist only inside its 'with insp.splice(...)' "
+            f"block, so the {what} would record or change nothing there. Build and run the "
+            f"{what} inside the splice's block"
+        )
     return (
         f"the model changed since this {what} was built: {', '.join(keys)} "
         f"{'is' if len(keys) == 1 else 'are'} no longer where the locator found "
