@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from threading import get_ident
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -38,14 +37,13 @@ from introspect._hooks.session import (
     check_not_compiled,
     copy_tensors,
     edit_note,
+    elsewhere,
     enter_uses,
     hidden_of,
     input_device,
     input_of,
-    is_compiling,
     model_changed_message,
     onloaded,
-    only_in_thread,
     settle_offloaded,
     stale_targets,
     tensor_version,
@@ -78,7 +76,6 @@ __all__ = [
     "input_device",
     "model_changed_message",
     "onloaded",
-    "only_in_thread",
     "settle_offloaded",
     "stale_targets",
     "tensor_version",
@@ -629,7 +626,8 @@ class Capture(HookSession):
             self._handles.append(handle)
 
     def _make_hook(self, target: Target, owner: int) -> Callable[..., Any]:
-        """The hook that records ``target`` in the thread ``owner`` (see ``only_in_thread``)."""
+        """The hook that records ``target`` in the thread ``owner`` only (see
+        :func:`~introspect._hooks.session.elsewhere`)."""
         records = self.records
         transform = self.transform
         total = self._total
@@ -682,14 +680,14 @@ class Capture(HookSession):
             def forward_hook(
                 module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
             ) -> None:
-                if not is_compiling() and get_ident() != owner:
+                if elsewhere(owner):
                     return  # another thread's forward
                 keep(args, kwargs, copy_tensors(output) if copy_output else output, True)
 
             return forward_hook
 
         def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if not is_compiling() and get_ident() != owner:
+            if elsewhere(owner):
                 return
             keep(args, kwargs, None, reads_input)
 

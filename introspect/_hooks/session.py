@@ -46,6 +46,7 @@ __all__ = [
     "check_not_compiled",
     "copy_tensors",
     "edit_note",
+    "elsewhere",
     "enter_uses",
     "hidden_of",
     "input_device",
@@ -54,7 +55,6 @@ __all__ = [
     "is_compiling",
     "model_changed_message",
     "onloaded",
-    "only_in_thread",
     "settle_offloaded",
     "stale_targets",
     "tensor_version",
@@ -604,35 +604,26 @@ def input_device(model: nn.Module) -> torch.device:
 is_compiling: Callable[[], bool] = getattr(
     getattr(torch, "compiler", None), "is_compiling", lambda: False
 )
-"""Whether torch.compile is tracing the current code (a traced graph cannot ask for the
-thread, and runs in one): the hooks' thread checks let it through."""
-_is_compiling = is_compiling
+"""Whether torch.compile is tracing the current code."""
 
 
-def only_in_thread(owner: int, hook: Callable[..., Any]) -> Callable[..., Any]:
-    """``hook``, run only in the thread ``owner`` (a forward in another thread is left alone).
+def elsewhere(owner: int) -> bool:
+    """Whether the code running now is another thread than ``owner`` (a hook then does nothing).
 
     Captures and edits are scoped to the thread that entered them: hooks belong to the module,
     which every thread shares, so without this a capture in one thread would record (or stop)
-    another thread's forward.
+    another thread's forward. A graph being traced by torch.compile cannot ask for the thread
+    (and runs in one): it is never elsewhere. ``owner`` 0 means any thread.
 
     Example:
         >>> import threading
-        >>> calls = []
-        >>> hook = only_in_thread(threading.get_ident(), lambda *a: calls.append(a))
-        >>> thread = threading.Thread(target=hook, args=("elsewhere",))
-        >>> thread.start(); thread.join(); _ = hook("here")
-        >>> calls
-        [('here',)]
+        >>> here, seen = threading.get_ident(), []
+        >>> thread = threading.Thread(target=lambda: seen.append(elsewhere(here)))
+        >>> thread.start(); thread.join()
+        >>> seen, elsewhere(here), elsewhere(0)
+        ([True], False, False)
     """
-
-    def scoped(*args: Any, **kwargs: Any) -> Any:
-        # A graph being traced by torch.compile cannot ask for the thread (and runs in one).
-        if _is_compiling() or get_ident() == owner:
-            return hook(*args, **kwargs)
-        return None
-
-    return scoped
+    return bool(owner) and not is_compiling() and get_ident() != owner
 
 
 @dataclass
@@ -790,7 +781,7 @@ class CallScope:
         self.index = _param_index(module)
         self.checksum = checksum
         self.owner = owner
-        """The thread whose calls are followed (``0``: any; see :func:`only_in_thread`)."""
+        """The thread whose calls are followed (``0``: any; see :func:`elsewhere`)."""
         self.depth = 0
         self.number = 0
         self.current: ModelCall | None = None
@@ -798,7 +789,7 @@ class CallScope:
 
     def pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """:meth:`begin`, in the owner thread only."""
-        if self.owner and not _is_compiling() and get_ident() != self.owner:
+        if elsewhere(self.owner):
             return
         self.begin(module, args, kwargs)
 
@@ -806,7 +797,7 @@ class CallScope:
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> None:
         """:meth:`end`, in the owner thread only."""
-        if self.owner and not _is_compiling() and get_ident() != self.owner:
+        if elsewhere(self.owner):
             return
         self.end(module, args, kwargs, output)
 
@@ -1012,7 +1003,7 @@ class HookSession:
         return stale_targets(self.targets)
 
     def _root_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if not _is_compiling() and get_ident() != self.thread:
+        if elsewhere(self.thread):
             return  # another thread's forward: not this session's
         stale = self._stale()
         if stale:
@@ -1023,7 +1014,7 @@ class HookSession:
         self.root_scope.begin(module, args, kwargs)
 
     def _count_model_call(self, *_: Any) -> None:
-        if _is_compiling() or get_ident() == self.thread:
+        if not elsewhere(self.thread):
             self.model_calls += 1
 
     # -- lifetime ---------------------------------------------------------------------------
