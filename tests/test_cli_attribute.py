@@ -37,16 +37,22 @@ def _ioi(model: str, *extra: str) -> list[str]:
     return [model, *pair, "--target", " Mary", "--versus", " John", *extra]
 
 
+def _library(model_name: str) -> tuple[Inspector, Any, Any, Any, Any]:
+    """The zoo model's Inspector, the two prompts' inputs and the metric the command uses."""
+    model, tokenizer = load_model(model_name, progress=False)
+    clean, corrupted = (encode_prompt(tokenizer, text, model) for text in (CLEAN, CORRUPTED))
+    metric = logit_difference(tokenizer.encode(" Mary")[0], tokenizer.encode(" John")[0])
+    return Inspector(model), clean, corrupted, metric, tokenizer
+
+
 def test_json_holds_the_library_estimate_and_the_exact_table(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     code, out, err = _run(capsys, *_ioi("toy-llama", "--heads", "--exact", "--json"))
     assert code == 0, err
     payload = json.loads(out)
-    model, tokenizer = load_model("toy-llama", progress=False)
-    insp = Inspector(model)
-    clean, corrupted = (encode_prompt(tokenizer, text, model) for text in (CLEAN, CORRUPTED))
-    metric = logit_difference(tokenizer.encode(" Mary")[0], tokenizer.encode(" John")[0])
+    insp, clean, corrupted, metric, tokenizer = _library("toy-llama")
+    model = insp.model
     options: dict[str, Any] = {"locators": "block[:].attn.z", "heads": "each"}
     estimate = attribution_patching(insp, clean, corrupted, metric, **options)
     exact = insp.patching_sweep(clean, corrupted, metric, **options)
@@ -124,10 +130,7 @@ def test_grad_drop_gives_the_library_estimate(capsys: pytest.CaptureFixture[str]
     code, out, err = _run(capsys, *_ioi("toy-gpt2", "--at", "block[:]", "--grad-drop", "--json"))
     assert code == 0, err
     payload = json.loads(out)
-    model, tokenizer = load_model("toy-gpt2", progress=False)
-    insp = Inspector(model)
-    clean, corrupted = (encode_prompt(tokenizer, text, model) for text in (CLEAN, CORRUPTED))
-    metric = logit_difference(tokenizer.encode(" Mary")[0], tokenizer.encode(" John")[0])
+    insp, clean, corrupted, metric, _ = _library("toy-gpt2")
     options: dict[str, Any] = {"locators": "block[:]"}
     dropped = attribution_patching(insp, clean, corrupted, metric, grad_drop=True, **options)
     plain = attribution_patching(insp, clean, corrupted, metric, **options)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from _support.models import gpt2_config, llama_config
+from _support.models import gpt2_config, llama_config, mamba2_config
 from transformers import GPT2LMHeadModel, GPT2Model, LlamaForCausalLM
 
 from introspect import FactError, Inspector, UnprovenWarning, _proof
@@ -233,18 +233,7 @@ def test_a_small_mamba2_keeps_its_heads_tied_to_its_width_when_shrunk() -> None:
     """Mamba-2 needs num_heads * head_dim == hidden_size * expand; the clone keeps the tie."""
     import transformers
 
-    config = transformers.Mamba2Config(
-        num_hidden_layers=2,
-        hidden_size=32,
-        state_size=8,
-        expand=2,
-        head_dim=8,
-        num_heads=8,
-        n_groups=1,
-        conv_kernel=4,
-        vocab_size=96,
-        chunk_size=4,
-    )
+    config = mamba2_config()
     clone = _proof.build_clone(transformers.Mamba2Model(config))
     assert clone.config.num_heads * clone.config.head_dim == 32 * 2
     assert Inspector(transformers.Mamba2Model(config)).proof.status == "proven"

@@ -1,4 +1,4 @@
-"""The tiny GPT-2 and Llama configurations the tests build (nothing downloads), and a helper
+"""The tiny GPT-2, Llama and Mamba-2 configurations the tests build (nothing downloads), and a helper
 that reads every hook a model holds."""
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     LlamaModel,
+    Mamba2Config,
 )
 
-__all__ = ["FAMILIES", "gpt2_config", "hook_state", "llama_config"]
+__all__ = ["FAMILIES", "gpt2_config", "hook_state", "llama_config", "mamba2_config"]
 
 
 def gpt2_config(layers: int = 3) -> GPT2Config:
@@ -44,6 +45,22 @@ def llama_config(layers: int = 3) -> LlamaConfig:
         bos_token_id=0,
         eos_token_id=0,
         pad_token_id=0,
+    )
+
+
+def mamba2_config() -> Mamba2Config:
+    """A Mamba-2 narrower than the generic tiny size (32 wide), chunked every 4 tokens."""
+    return Mamba2Config(
+        num_hidden_layers=2,
+        hidden_size=32,
+        state_size=8,
+        expand=2,
+        head_dim=8,
+        num_heads=8,
+        n_groups=1,
+        conv_kernel=4,
+        vocab_size=96,
+        chunk_size=4,
     )
 
 

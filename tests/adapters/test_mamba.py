@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
+from _support.models import mamba2_config
 from packaging.version import Version
 
 from introspect import Inspector, MissingPartError
@@ -22,21 +23,6 @@ def mamba_config() -> transformers.MambaConfig:
 def falcon_mamba_config() -> transformers.FalconMambaConfig:
     return transformers.FalconMambaConfig(
         num_hidden_layers=2, hidden_size=32, state_size=8, expand=2, conv_kernel=4, vocab_size=96
-    )
-
-
-def mamba2_config() -> transformers.Mamba2Config:
-    return transformers.Mamba2Config(
-        num_hidden_layers=2,
-        hidden_size=32,
-        state_size=8,
-        expand=2,
-        head_dim=8,
-        num_heads=8,
-        n_groups=1,
-        conv_kernel=4,
-        vocab_size=96,
-        chunk_size=4,
     )
 
 
