@@ -10,6 +10,7 @@ like a fresh spec (``model_copy(update=...)`` would skip validation: don't use i
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -380,12 +381,17 @@ _NOT_VERSIONED = frozenset({"name", "by_version", "model_types", "architectures"
 
 
 def installed_transformers() -> str:
-    """The installed transformers version (``"0"`` where it is not installed).
+    """The installed transformers version (``"0"`` where it is not installed): the version of
+    the transformers this process imported, once it did (the code that runs, even where
+    another version was installed since), else the one installed.
 
     Example:
         >>> installed_transformers()[0].isdigit()
         True
     """
+    imported = getattr(sys.modules.get("transformers"), "__version__", None)
+    if isinstance(imported, str):
+        return imported
     try:
         from importlib.metadata import version
 
