@@ -249,9 +249,17 @@ def new_plugin_manager(
     blocked = set(block)
     if load_entry_points:
         allowed = _split_env("INTROSPECT_LOAD_PLUGINS")
+        # A distribution's name and version parse its metadata file: once per distribution,
+        # not once per entry point (introspect-lm alone has one per adapter).
+        # (Each entry keeps its distribution alive, so no other object takes its id.)
+        named: dict[int, tuple[object, str, str]] = {}
         for ep in _entry_points():
-            dist = ep.dist.name if ep.dist is not None else None
-            version = ep.dist.version if ep.dist is not None else None
+            dist: str | None = None
+            version: str | None = None
+            if ep.dist is not None:
+                if id(ep.dist) not in named:
+                    named[id(ep.dist)] = (ep.dist, ep.dist.name, ep.dist.version)
+                _, dist, version = named[id(ep.dist)]
             builtin = dist == DISTRIBUTION
             if ep.name in blocked or (dist is not None and dist in blocked):
                 continue
