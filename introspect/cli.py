@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -2401,6 +2402,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@functools.lru_cache(maxsize=1)
+def _parser_for(commands: tuple[_Command, ...]) -> argparse.ArgumentParser:
+    del commands  # the cache key: build_parser reads the same registry
+    return build_parser()
+
+
+def _parser() -> argparse.ArgumentParser:
+    """:func:`build_parser`, built once per set of registered commands: :func:`main` is called
+    many times in one process (a notebook, a test suite), and building the parser of every
+    sub-command costs tens of milliseconds. Parsing does not change a parser."""
+    return _parser_for(tuple(_COMMANDS.values()))
+
+
 def _show_warning(
     message: Warning | str,
     category: type[Warning],
@@ -2445,7 +2459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     debug = False
     try:
-        parser = build_parser()
+        parser = _parser()
         args = parser.parse_args(argv)
         debug = bool(args.debug)
         run = getattr(args, "_run", None)

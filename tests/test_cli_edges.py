@@ -91,6 +91,24 @@ def test_debug_after_the_command_shows_the_traceback(
     assert "Traceback (most recent call last)" in err and "ModelLoadError" in err
 
 
+def test_a_command_registered_after_a_run_is_known_to_the_next(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # main() keeps its parser between calls, as long as the registered commands are the same.
+    import introspect.cli
+
+    assert main(["adapters"]) == 0
+    monkeypatch.setattr(introspect.cli, "_COMMANDS", dict(introspect.cli._COMMANDS))
+    introspect.cli.command("late", "registered late")(lambda args: print("late ran") or 0)
+    capsys.readouterr()
+    assert main(["late"]) == 0
+    assert capsys.readouterr().out == "late ran\n"
+    monkeypatch.undo()
+    with pytest.raises(SystemExit):  # argparse's usage error
+        main(["late"])
+    assert "invalid choice: 'late'" in capsys.readouterr().err
+
+
 # -- model names: checked before torch and transformers import --------------------------------
 
 SCRIPT = Path(sys.executable).with_name("introspect")
