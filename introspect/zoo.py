@@ -220,36 +220,53 @@ class ByteTokenizerWarning(UserWarning):
     """
 
 
-def _byte_level_tokenizer(bpe: Any) -> Any:
-    import transformers
-    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+@functools.lru_cache(maxsize=2)
+def _byte_level_json(files: tuple[Path, Path] | None) -> str:
+    """The toy tokenizer's ``tokenizers`` backend, serialised: GPT-2's BPE read from ``files``,
+    or one token per byte. Built once per process (reading GPT-2's 50k merges takes a sixth of
+    a second)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-    fast: Any = transformers.PreTrainedTokenizerFast
+    if files is not None:
+        bpe = models.BPE.from_file(str(files[0]), str(files[1]))
+    else:
+        alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+        byte_vocab = {symbol: i for i, symbol in enumerate(alphabet)}
+        byte_vocab["<|endoftext|>"] = len(byte_vocab)
+        bpe = models.BPE(vocab=byte_vocab, merges=[])
     backend = Tokenizer(bpe)
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    return fast(
-        tokenizer_object=backend,
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-        # GPT-2 adds token_type_ids to the embeddings when given: never send them.
-        model_input_names=["input_ids", "attention_mask"],
-    )
+    return str(backend.to_str())
+
+
+def _byte_level_tokenizer(files: tuple[Path, Path] | None) -> Any:
+    import transformers
+
+    fast: Any = transformers.PreTrainedTokenizerFast
+    # From a file transformers parses the backend once; a backend object it would copy
+    # (serialise and parse again), which takes twice as long. The file lives only here.
+    with tempfile.TemporaryDirectory(prefix="introspect-tokenizer-") as folder:
+        path = Path(folder) / "tokenizer.json"
+        path.write_text(_byte_level_json(files), encoding="utf-8")
+        tokenizer = fast(
+            tokenizer_file=str(path),
+            bos_token="<|endoftext|>",
+            eos_token="<|endoftext|>",
+            unk_token="<|endoftext|>",
+            # GPT-2 adds token_type_ids to the embeddings when given: never send them.
+            model_input_names=["input_ids", "attention_mask"],
+        )
+    tokenizer.init_kwargs.pop("tokenizer_file", None)  # gone: nothing may read it later
+    return tokenizer
 
 
 def _toy_tokenizer() -> Any:
     """GPT-2's BPE when the files are installed, else one token per byte (same pre-tokenizer)."""
     files = gpt2_bpe_files()
     if files is not None:
-        from tokenizers import models
-
-        encoder, merges = files
-        return _byte_level_tokenizer(models.BPE.from_file(str(encoder), str(merges)))
-    from tokenizers import models
-    from tokenizers.pre_tokenizers import ByteLevel
-
+        return _byte_level_tokenizer(files)
     # Shown once per process by Python's default filter (one source line).
     warnings.warn(
         "the toy models tokenize byte by byte: GPT-2's BPE files come with the "
@@ -258,10 +275,7 @@ def _toy_tokenizer() -> Any:
         ByteTokenizerWarning,
         stacklevel=1,
     )
-    alphabet = sorted(ByteLevel.alphabet())
-    byte_vocab = {symbol: i for i, symbol in enumerate(alphabet)}
-    byte_vocab["<|endoftext|>"] = len(byte_vocab)
-    return _byte_level_tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
+    return _byte_level_tokenizer(None)
 
 
 # -- the toy models ---------------------------------------------------------------------------

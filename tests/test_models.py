@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from importlib import metadata
 from pathlib import Path
 
@@ -62,6 +63,28 @@ def test_toy_tokenizer_is_gpt2s_bpe() -> None:
     assert token_strings(tokenizer, TOKYO_IDS)[-2:] == [" Japan", "."]
     text = "naïve café, 日本 and\n\ttabs  and  spaces"
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+def test_toy_tokenizers_share_nothing_a_user_can_change() -> None:
+    # The BPE files are read once per process; each tokenizer holds its own copy of them.
+    (_, first), (_, second) = (load_model("toy-gpt2", progress=False) for _ in range(2))
+    assert first.backend_tokenizer is not second.backend_tokenizer
+    first.add_tokens(["<only-in-first>"])
+    first.backend_tokenizer.pre_tokenizer = None
+    assert len(first) == 50258 and len(second) == 50257
+    assert second(TOKYO)["input_ids"] == TOKYO_IDS
+    _, third = load_model("toy-llama", progress=False)
+    assert len(third) == 50257 and third(TOKYO)["input_ids"] == TOKYO_IDS
+
+
+def test_a_saved_toy_tokenizer_names_no_file_of_its_making(tmp_path: Path) -> None:
+    # It is built from a file that exists only while it is built.
+    from transformers import AutoTokenizer
+
+    _, tokenizer = load_model("toy-gpt2", progress=False)
+    tokenizer.save_pretrained(tmp_path)
+    assert "tokenizer_file" not in json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert AutoTokenizer.from_pretrained(tmp_path)(TOKYO)["input_ids"] == TOKYO_IDS
 
 
 @needs_bpe
