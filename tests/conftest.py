@@ -1,27 +1,52 @@
-"""Shared fixtures: tiny random GPT-2 and Llama models (nothing downloads)."""
+"""Shared fixtures: tiny random GPT-2 and Llama models (nothing downloads).
+
+Nothing heavy is imported at the top: under pytest-xdist the controlling process loads this
+file too, and runs no test; torch and transformers load in the processes that run tests.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-import torch
-from _support.models import FAMILIES
-from _support.threads import ALL_THREADS
-from torch import nn
+from _support import FAMILY_NAMES
 
-import introspect.zoo
-from introspect.testing import build_tiny
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+def _runs_tests(config: pytest.Config) -> bool:
+    # pytest-xdist's controlling process hands the tests to its workers.
+    controls = bool(getattr(config.option, "numprocesses", None))
+    return not controls or hasattr(config, "workerinput")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     """Tiny models compute on one thread (why: ``_support.threads``)."""
-    torch.set_num_threads(1)
+    if _runs_tests(config):
+        import torch
+        from _support.threads import ALL_THREADS  # torch's own choice, read before changing it
+
+        assert ALL_THREADS >= 1
+        torch.set_num_threads(1)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    torch.set_num_threads(ALL_THREADS)
+    if _runs_tests(config):
+        import torch
+        from _support.threads import ALL_THREADS
+
+        torch.set_num_threads(ALL_THREADS)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that drives Chromium (test_views' ``browser_runs``, used directly or through
+    another fixture) is ``slow``: `make test` leaves it to `make test-slow`."""
+    for item in items:
+        if "browser_runs" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -39,25 +64,35 @@ def _proof_cache(tmp_path_factory: pytest.TempPathFactory) -> Any:
         os.environ["INTROSPECT_PROOF_CACHE"] = before
 
 
-@pytest.fixture(params=sorted(FAMILIES))
+@pytest.fixture(params=FAMILY_NAMES)
 def family(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
 @pytest.fixture
 def lm(family: str) -> nn.Module:
+    from _support.models import FAMILIES
+
+    from introspect.testing import build_tiny
+
     config_fn, head_cls, _ = FAMILIES[family]
     return build_tiny(head_cls, config_fn())
 
 
 @pytest.fixture
 def base_model(family: str) -> nn.Module:
+    from _support.models import FAMILIES
+
+    from introspect.testing import build_tiny
+
     config_fn, _, base_cls = FAMILIES[family]
     return build_tiny(base_cls, config_fn())
 
 
 @pytest.fixture
 def inputs() -> dict[str, torch.Tensor]:
+    import torch
+
     ids = torch.tensor([[5, 17, 42, 9, 77, 3], [8, 1, 99, 23, 4, 60]])
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
@@ -66,6 +101,8 @@ class CharTokenizer:
     """A stand-in tokenizer with the call signature the notebook uses (no files needed)."""
 
     def __call__(self, text: str, return_tensors: str = "pt") -> dict[str, torch.Tensor]:
+        import torch
+
         ids = torch.tensor([[ord(c) % 120 + 4 for c in text]])
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
@@ -81,6 +118,8 @@ def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model must not load")
+
+    import introspect.zoo
 
     monkeypatch.setattr(introspect.zoo, "load_model", refuse)
 

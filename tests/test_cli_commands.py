@@ -305,6 +305,7 @@ def test_lens_bad_position(capsys: pytest.CaptureFixture[str]) -> None:
     assert "position 5" in error_line(err)
 
 
+@pytest.mark.slow  # the installed command, in a process of its own
 def test_lens_plot_through_the_installed_command(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib", reason="--plot needs matplotlib (introspect-lm[demo])")
     env = {**os.environ, "INTROSPECT_PROGRESS": "0"}

@@ -37,6 +37,7 @@ def test_plugins_lists_built_ins_with_all(capsys: pytest.CaptureFixture[str]) ->
     assert all(not p["builtin"] for p in third_party)
 
 
+@pytest.mark.slow  # a process of its own
 def test_console_script_runs() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "introspect.cli", "plugins", "--all"],
@@ -53,6 +54,7 @@ def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert "plugins" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a process of its own
 def test_a_closed_pipe_is_not_an_error() -> None:
     # stdout is a pipe whose reader is gone, as in `introspect adapters --json | head -1`.
     code = (

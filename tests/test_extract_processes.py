@@ -25,9 +25,10 @@ from introspect import ActivationDataset
 from introspect._scale.dataset import MANIFEST, PROGRESS, shard_range
 from introspect.cli import main
 
-pytestmark = pytest.mark.skipif(
-    sys.platform != "linux", reason="reads /proc and sends SIGKILL (Linux)"
-)
+pytestmark = [
+    pytest.mark.slow,  # torchrun ranks, killed and resumed
+    pytest.mark.skipif(sys.platform != "linux", reason="reads /proc and sends SIGKILL (Linux)"),
+]
 
 WORDS = "the of and to in is that for it as with was on be by this are at from or".split()  # noqa: SIM905
 ARGS = ["--at", "block[:]", "--dtype", "float32", "--batch-size", "8", "--shard-rows", "64"]

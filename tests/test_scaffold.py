@@ -39,6 +39,7 @@ def test_spec_source_round_trips_every_registered_spec() -> None:
         assert rebuilt(spec_source(spec)) == spec, spec.name
 
 
+@pytest.mark.slow  # the scaffolded package's own pytest, in a process of its own
 def test_scaffolded_package_round_trips_and_passes_its_test(tmp_path: Path) -> None:
     pm, _ = without_builtin("gpt2")
     result = scaffold("gpt2", tmp_path / "introspect-gpt2", plugin_manager=pm)

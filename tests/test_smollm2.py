@@ -36,6 +36,7 @@ def _missing() -> str | None:
 
 
 needs_smollm2 = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
+pytestmark = pytest.mark.slow  # the real 135M weights
 ROOT = Path(__file__).resolve().parent.parent
 
 FRANCE = "The capital of France is"

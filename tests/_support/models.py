@@ -17,6 +17,8 @@ from transformers import (
     Mamba2Config,
 )
 
+from _support import FAMILY_NAMES
+
 __all__ = ["FAMILIES", "gpt2_config", "hook_state", "llama_config", "mamba2_config"]
 
 
@@ -68,6 +70,7 @@ FAMILIES: dict[str, tuple[Callable[[], Any], type[nn.Module], type[nn.Module]]] 
     "gpt2": (gpt2_config, GPT2LMHeadModel, GPT2Model),
     "llama": (llama_config, LlamaForCausalLM, LlamaModel),
 }
+assert tuple(FAMILIES) == FAMILY_NAMES, "name a new family in _support.FAMILY_NAMES too"
 
 
 def hook_state(model: nn.Module) -> dict[str, tuple[list[Any], list[Any], list[Any], list[Any]]]:

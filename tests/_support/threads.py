@@ -10,6 +10,7 @@ its tests run inside :func:`all_threads`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -17,8 +18,11 @@ import torch
 
 __all__ = ["ALL_THREADS", "all_threads"]
 
-ALL_THREADS = torch.get_num_threads()
-"""torch's own choice before the tests change it (the cores, or ``OMP_NUM_THREADS``)."""
+ALL_THREADS = max(1, torch.get_num_threads() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1)))
+"""This test process's share of torch's own choice (the cores, or ``OMP_NUM_THREADS``): all of
+it in one test process, a worker's share under pytest-xdist. Two workers on two threads each
+share two cores badly: OpenMP's threads wait for each other (a SmolLM2 page took 80 s so, and
+32 s on one thread each)."""
 
 
 @contextmanager
