@@ -2461,6 +2461,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = _parser()
         args = parser.parse_args(argv)
+        # An option not given holds its default itself: a list a command appended to would be
+        # the next call's default. Each call gets copies.
+        for key, value in vars(args).items():
+            if isinstance(value, list | dict | set):
+                setattr(args, key, type(value)(value))
         debug = bool(args.debug)
         run = getattr(args, "_run", None)
         if run is None:

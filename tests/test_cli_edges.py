@@ -109,6 +109,30 @@ def test_a_command_registered_after_a_run_is_known_to_the_next(
     assert "invalid choice: 'late'" in capsys.readouterr().err
 
 
+def test_a_command_that_changes_a_default_list_changes_it_for_itself_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import argparse
+
+    import introspect.cli
+
+    seen = []
+
+    def configure(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--item", action="append", default=[])
+
+    def run(args: argparse.Namespace) -> int:
+        seen.append(list(args.item))
+        args.item.append("added by the command")
+        return 0
+
+    monkeypatch.setattr(introspect.cli, "_COMMANDS", dict(introspect.cli._COMMANDS))
+    introspect.cli.command("collect", "appends to its list", configure)(run)
+    assert main(["collect"]) == 0 and main(["collect"]) == 0
+    assert main(["collect", "--item", "x"]) == 0
+    assert seen == [[], [], ["x"]]
+
+
 # -- model names: checked before torch and transformers import --------------------------------
 
 SCRIPT = Path(sys.executable).with_name("introspect")
