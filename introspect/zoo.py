@@ -293,6 +293,20 @@ def _seeded(build: Callable[[], nn.Module]) -> nn.Module:
         return build()
 
 
+_BUILT: dict[tuple[str, str], nn.Module] = {}
+"""The toy models this process built, by class and config (:func:`_toy_model`)."""
+
+
+def _toy_model(cls: Callable[[Any], nn.Module], config: Any) -> nn.Module:
+    """``cls(config)`` with a fixed seed, built once per process per config; each call gets a
+    copy of it, which shares nothing with it. Drawing the 50k x 64 embeddings at random again
+    took 0.1 s; a copy takes 0.01 to 0.04 s."""
+    key = (getattr(cls, "__qualname__", repr(cls)), config.to_json_string())
+    if key not in _BUILT:
+        _BUILT[key] = _seeded(lambda: cls(config))
+    return copy.deepcopy(_BUILT[key])
+
+
 def _toy_gpt2(progress: bool) -> tuple[nn.Module, Any]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -308,7 +322,7 @@ def _toy_gpt2(progress: bool) -> tuple[nn.Module, Any]:
         eos_token_id=eos,
         initializer_range=_TOY_INIT,
     )
-    return _seeded(lambda: GPT2LMHeadModel(config)), tokenizer
+    return _toy_model(GPT2LMHeadModel, config), tokenizer
 
 
 def _toy_llama(progress: bool) -> tuple[nn.Module, Any]:
@@ -329,7 +343,7 @@ def _toy_llama(progress: bool) -> tuple[nn.Module, Any]:
         pad_token_id=eos,
         initializer_range=_TOY_INIT,
     )
-    return _seeded(lambda: LlamaForCausalLM(config)), tokenizer
+    return _toy_model(LlamaForCausalLM, config), tokenizer
 
 
 # -- SmolLM2 from its GGUF file ---------------------------------------------------------------

@@ -39,15 +39,30 @@ def test_short_names() -> None:
 def test_toy_models_are_deterministic_conformant_and_leave_the_rng_alone(
     name: str, adapter: str
 ) -> None:
+    zoo._BUILT.clear()  # built here, not copied from an earlier test's model
     torch.manual_seed(123)
     expected_next = torch.rand(1)
     torch.manual_seed(123)
     first, tokenizer = load_model(name, progress=False)
     assert torch.equal(torch.rand(1), expected_next)  # the caller's random stream is untouched
+    zoo._BUILT.clear()
     second, _ = load_model(name, progress=False)
     for a, b in zip(first.parameters(), second.parameters(), strict=True):
         assert torch.equal(a, b)
     assert not first.training
+    # A later load is a copy of the model this process built: equal, and its own.
+    third, _ = load_model(name, progress=False)
+    for (key, a), (_, b) in zip(
+        first.state_dict().items(), third.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), key
+    with torch.no_grad():
+        third.get_input_embeddings().weight.zero_()
+    fourth, _ = load_model(name, progress=False)
+    assert torch.equal(fourth.get_input_embeddings().weight, first.get_input_embeddings().weight)
+    assert (third.lm_head.weight is third.get_input_embeddings().weight) == (
+        first.lm_head.weight is first.get_input_embeddings().weight
+    )
     insp = Inspector(first)
     assert (insp.adapter.name, insp.num_blocks) == (adapter, 4)
     assert_conformant(first, encode_prompt(tokenizer, TOKYO, first))
